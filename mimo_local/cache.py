@@ -1,0 +1,123 @@
+"""Preallocated KV caches: full-length for global layers, a ring buffer for sliding-window layers.
+
+Every cache is written at absolute token positions. `ModelCache.length` is the number of committed
+tokens; speculative decoding rolls back by lowering it (`truncate`): entries past it are ignored
+and overwritten by the next write. The ring buffer keeps `spare_slots` slots beyond the window so
+that a write of up to that many speculative tokens never overwrites a key a rollback still needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import AttentionSpec, MiMoConfig
+
+EMPTY_SLOT = -(2**40)
+
+
+class FullKVCache:
+    def __init__(self, spec: AttentionSpec, capacity: int, batch: int, dtype, device):
+        self.spec = spec
+        self.capacity = capacity
+        self.keys = torch.zeros(batch, spec.num_kv_heads, capacity, spec.head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(batch, spec.num_kv_heads, capacity, spec.v_head_dim, dtype=dtype, device=device)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int):
+        """Store keys/values of positions start..start+T-1; return all keys, values and the mask
+        (True = may attend, shape [T, S]; None when every query sees every key)."""
+        steps = keys.shape[2]
+        end = start + steps
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        if steps == 1:
+            return self.keys[:, :, :end], self.values[:, :, :end], None
+        query_pos = torch.arange(start, end, device=keys.device)
+        key_pos = torch.arange(end, device=keys.device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+        return self.keys[:, :, :end], self.values[:, :, :end], mask
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+class SlidingWindowKVCache:
+    """Ring buffer of the last `window + spare_slots` positions of one sliding-window layer."""
+
+    def __init__(self, spec: AttentionSpec, spare_slots: int, batch: int, dtype, device):
+        self.spec = spec
+        self.window = spec.sliding_window
+        self.capacity = self.window + spare_slots
+        self.keys = torch.zeros(batch, spec.num_kv_heads, self.capacity, spec.head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(
+            batch, spec.num_kv_heads, self.capacity, spec.v_head_dim, dtype=dtype, device=device
+        )
+        self.slot_pos = torch.full((self.capacity,), EMPTY_SLOT, dtype=torch.long, device=device)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int):
+        steps = keys.shape[2]
+        device = keys.device
+        query_pos = torch.arange(start, start + steps, device=device)
+        # Stored slots are valid only below `start`: anything at or past it was rolled back.
+        stored_pos = torch.where(self.slot_pos < start, self.slot_pos, EMPTY_SLOT)
+        all_keys = torch.cat([self.keys, keys], dim=2)
+        all_values = torch.cat([self.values, values], dim=2)
+        key_pos = torch.cat([stored_pos, query_pos])
+        offset = query_pos[:, None] - key_pos[None, :]
+        mask = (offset >= 0) & (offset <= self.window)
+
+        kept = min(steps, self.capacity)
+        slots = query_pos[-kept:] % self.capacity
+        self.keys[:, :, slots] = keys[:, :, -kept:]
+        self.values[:, :, slots] = values[:, :, -kept:]
+        self.slot_pos[slots] = query_pos[-kept:]
+        return all_keys, all_values, mask
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.slot_pos.nbytes
+
+
+def make_layer_cache(spec: AttentionSpec, max_tokens: int, spare_slots: int, batch: int, dtype, device):
+    if spec.is_sliding:
+        return SlidingWindowKVCache(spec, spare_slots, batch, dtype, device)
+    return FullKVCache(spec, max_tokens, batch, dtype, device)
+
+
+class ModelCache:
+    """The caches of every decoder layer (and of each MTP layer) plus the committed length."""
+
+    def __init__(self, layers: list, mtp_layers: list | None = None):
+        self.layers = layers
+        self.mtp_layers = mtp_layers or []
+        self.length = 0
+
+    @classmethod
+    def allocate(
+        cls,
+        config: MiMoConfig,
+        max_tokens: int,
+        dtype,
+        device,
+        batch: int = 1,
+        spare_slots: int = 8,
+        mtp_specs: list[AttentionSpec] | None = None,
+    ) -> "ModelCache":
+        layers = [
+            make_layer_cache(config.attention(i), max_tokens, spare_slots, batch, dtype, device)
+            for i in range(config.num_layers)
+        ]
+        mtp = [make_layer_cache(s, max_tokens, spare_slots, batch, dtype, device) for s in mtp_specs or []]
+        return cls(layers, mtp)
+
+    @property
+    def max_tokens(self) -> int:
+        full = [c.capacity for c in self.layers if isinstance(c, FullKVCache)]
+        return min(full) if full else 2**62
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers + self.mtp_layers)

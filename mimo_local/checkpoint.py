@@ -1,0 +1,213 @@
+"""Reading hub safetensors checkpoints tensor by tensor, with validation and FP8 block dequant.
+
+The header is parsed here instead of mmap-ing whole shards, so that each tensor is read with one
+`readinto` straight into memory we own: peak RSS stays at the loaded weights plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MimoError
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> list[TensorEntry]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise MimoError(f"{path.name}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, 100_000_000):
+                raise MimoError(f"{path.name}: corrupt safetensors header (length {header_len})")
+            header = json.loads(handle.read(header_len))
+    except FileNotFoundError:
+        raise MimoError(f"checkpoint shard not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MimoError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+    data_start = 8 + header_len
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise MimoError(f"{path.name}: corrupt header entry for tensor '{name}'") from None
+        expected = dtype.itemsize * _numel(shape)
+        if end - begin != expected or begin < 0:
+            raise MimoError(
+                f"{path.name}: tensor '{name}' has {end - begin} bytes, shape {list(shape)} needs {expected}"
+            )
+        if data_start + end > size:
+            raise MimoError(
+                f"{path.name}: truncated (tensor '{name}' ends at byte {data_start + end}, file has {size})"
+            )
+        entries.append(TensorEntry(name, path, dtype, shape, data_start + begin, end - begin))
+    return entries
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+class Checkpoint:
+    """All tensors of a checkpoint directory (sharded through the index, or a single file)."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index_path = self.dir / INDEX_FILE
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                raise MimoError(f"{index_path}: corrupt index (no weight_map)") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.dir / SINGLE_FILE).exists():
+            weight_map, files = None, [SINGLE_FILE]
+        else:
+            raise MimoError(f"{self.dir}: no {INDEX_FILE} or {SINGLE_FILE}")
+        self.entries: dict[str, TensorEntry] = {}
+        for file in files:
+            for entry in read_header(self.dir / file):
+                self.entries[entry.name] = entry
+        if weight_map is not None:
+            for name, file in weight_map.items():
+                entry = self.entries.get(name)
+                if entry is None or entry.file.name != file:
+                    raise MimoError(f"{file}: tensor '{name}' listed in the index is missing from the shard")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor as stored (dtype and shape of the file)."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise MimoError(f"{self.dir}: missing tensor '{name}'")
+        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        self._read_bytes(entry, tensor)
+        return tensor
+
+    @staticmethod
+    def _read_bytes(entry: TensorEntry, out: torch.Tensor) -> None:
+        if not entry.nbytes:
+            return
+        buffer = out.view(-1).view(torch.uint8).numpy()
+        with open(entry.file, "rb") as handle:
+            handle.seek(entry.offset)
+            if handle.readinto(buffer) != entry.nbytes:
+                raise MimoError(f"{entry.file.name}: truncated while reading tensor '{entry.name}'")
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Fill `out` with the tensor, converting dtype and dequantizing FP8 block weights.
+
+        Same dtype into contiguous CPU memory reads straight from the file: no temporary copy.
+        """
+        entry = self.entries.get(name)
+        if entry is None:
+            raise MimoError(f"{self.dir}: missing tensor '{name}'")
+        if entry.shape != tuple(out.shape):
+            raise MimoError(
+                f"{entry.file.name}: tensor '{name}' has shape {list(entry.shape)}, expected {list(out.shape)}"
+            )
+        if entry.dtype == out.dtype and out.is_contiguous() and out.device.type == "cpu":
+            self._read_bytes(entry, out)
+            return
+        tensor = self.read(name)
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + "_scale_inv"
+            if scale_name not in self.entries:
+                raise MimoError(f"{self.dir}: FP8 tensor '{name}' has no '{scale_name}'")
+            tensor = dequantize_fp8_blocks(tensor, self.read(scale_name))
+        out.copy_(tensor)
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """w = fp8 * scale_inv, one scale per (block_out x block_in) tile; edge tiles may be partial."""
+    out_features, in_features = weight.shape
+    rows, cols = scale_inv.shape
+    block_out, block_in = -(-out_features // rows), -(-in_features // cols)
+    scales = scale_inv.float().repeat_interleave(block_out, 0)[:out_features]
+    scales = scales.repeat_interleave(block_in, 1)[:, :in_features]
+    return weight.float() * scales
+
+
+def quantize_fp8_blocks(weight: torch.Tensor, block: tuple[int, int] = (128, 128)):
+    """The inverse used to make FP8 checkpoints: (fp8 weight, float32 scale_inv per block)."""
+    out_features, in_features = weight.shape
+    rows, cols = -(-out_features // block[0]), -(-in_features // block[1])
+    padded = torch.zeros(rows * block[0], cols * block[1], dtype=torch.float32)
+    padded[:out_features, :in_features] = weight.float()
+    tiles = padded.view(rows, block[0], cols, block[1])
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    quantized = (tiles / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn)
+    return quantized.view_as(padded)[:out_features, :in_features].contiguous(), scale_inv
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Write a safetensors file atomically (temp file + rename)."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                handle.write(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(temporary, path)

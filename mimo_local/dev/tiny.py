@@ -1,0 +1,276 @@
+"""Generate small random-weight checkpoints in the exact hub layout of both MiMo families.
+
+Config keys, tensor names, shapes, dtypes, sharding with model.safetensors.index.json, FP8 e4m3
+weights with 128x128 `weight_scale_inv` blocks and tokenizer files all follow the real
+XiaomiMiMo repositories, so the loader is tested on what it will meet. The layout is written out
+here independently of the model code on purpose.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import INDEX_FILE, quantize_fp8_blocks, write_safetensors
+from ..errors import MimoError
+from .tokenizer_files import train_tokenizer, write_tokenizer_files
+
+PRESETS = {
+    "mimo": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, mtp_layers=1),
+    "mimo-bench": dict(vocab_size=151680, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                       num_key_value_heads=4, intermediate_size=2816, mtp_layers=1),
+    "mimo_v2_flash": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                          num_key_value_heads=1, swa_num_key_value_heads=2, head_dim=32, v_head_dim=16,
+                          intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+                          moe_intermediate_size=32, sliding_window_size=8, mtp_layers=3),
+    "mimo_v2_flash-bench": dict(vocab_size=152576, hidden_size=1024, num_hidden_layers=12, num_attention_heads=16,
+                                num_key_value_heads=2, swa_num_key_value_heads=4, head_dim=96, v_head_dim=64,
+                                intermediate_size=2816, n_routed_experts=64, num_experts_per_tok=8,
+                                moe_intermediate_size=256, sliding_window_size=128, mtp_layers=3),
+}
+TOKENIZER_VOCAB = 1024
+
+
+def hub_config(family: str, shape: dict, fp8: bool) -> dict:
+    common = {
+        "vocab_size": shape["vocab_size"],
+        "hidden_size": shape["hidden_size"],
+        "num_hidden_layers": shape["num_hidden_layers"],
+        "num_attention_heads": shape["num_attention_heads"],
+        "num_key_value_heads": shape["num_key_value_heads"],
+        "intermediate_size": shape["intermediate_size"],
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+    }
+    if family == "mimo":
+        config = {
+            "architectures": ["MiMoForCausalLM"],
+            "model_type": "mimo",
+            **common,
+            "attention_bias": True,
+            "attention_dropout": 0.0,
+            "max_position_embeddings": 32768,
+            "max_window_layers": shape["num_hidden_layers"],
+            "num_nextn_predict_layers": shape["mtp_layers"],
+            "rms_norm_eps": 1e-5,
+            "rope_scaling": None,
+            "rope_theta": 640000,
+            "sliding_window": 32768,
+            "use_sliding_window": False,
+            "use_mrope": False,
+        }
+    else:
+        layers = shape["num_hidden_layers"]
+        config = {
+            "architectures": ["MiMoV2FlashForCausalLM"],
+            "model_type": "mimo_v2_flash",
+            **common,
+            "head_dim": shape["head_dim"],
+            "v_head_dim": shape["v_head_dim"],
+            "swa_num_attention_heads": shape["num_attention_heads"],
+            "swa_num_key_value_heads": shape["swa_num_key_value_heads"],
+            "swa_head_dim": shape["head_dim"],
+            "swa_v_head_dim": shape["v_head_dim"],
+            "hybrid_layer_pattern": [0 if i == 0 or (i + 1) % 6 == 0 else 1 for i in range(layers)],
+            "moe_layer_freq": [0] + [1] * (layers - 1),
+            "sliding_window_size": shape["sliding_window_size"],
+            "add_swa_attention_sink_bias": True,
+            "add_full_attention_sink_bias": False,
+            "attention_value_scale": 0.707,
+            "partial_rotary_factor": 0.334,
+            "rope_theta": 5000000,
+            "swa_rope_theta": 10000,
+            "max_position_embeddings": 262144,
+            "layernorm_epsilon": 1e-5,
+            "attention_bias": False,
+            "n_routed_experts": shape["n_routed_experts"],
+            "num_experts_per_tok": shape["num_experts_per_tok"],
+            "n_shared_experts": None,
+            "moe_intermediate_size": shape["moe_intermediate_size"],
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": None,
+        }
+    if fp8:
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
+    return config
+
+
+def _attention_shapes(prefix: str, hidden: int, heads: int, kv: int, dim: int, v_dim: int, bias: bool, sink: bool):
+    shapes = {
+        prefix + "q_proj.weight": (heads * dim, hidden),
+        prefix + "k_proj.weight": (kv * dim, hidden),
+        prefix + "v_proj.weight": (kv * v_dim, hidden),
+        prefix + "o_proj.weight": (hidden, heads * v_dim),
+    }
+    if bias:
+        shapes.update({prefix + "q_proj.bias": (heads * dim,), prefix + "k_proj.bias": (kv * dim,),
+                       prefix + "v_proj.bias": (kv * v_dim,)})
+    if sink:
+        shapes[prefix + "attention_sink_bias"] = (heads,)
+    return shapes
+
+
+def _mlp_shapes(prefix: str, hidden: int, inter: int):
+    return {prefix + "gate_proj.weight": (inter, hidden), prefix + "up_proj.weight": (inter, hidden),
+            prefix + "down_proj.weight": (hidden, inter)}
+
+
+def tensor_shapes(config: dict, mtp_layers: int) -> dict[str, tuple]:
+    """Every tensor of the hub checkpoint, in the order the real shards list them."""
+    hidden = config["hidden_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    norms = ("input_layernorm.weight", "post_attention_layernorm.weight")
+    if config["model_type"] == "mimo":
+        dim = hidden // heads
+
+        def block(prefix):
+            out = {prefix + n: (hidden,) for n in norms}
+            out.update(_attention_shapes(prefix + "self_attn.", hidden, heads, kv, dim, dim, True, False))
+            out.update(_mlp_shapes(prefix + "mlp.", hidden, config["intermediate_size"]))
+            return out
+
+        for i in range(config["num_hidden_layers"]):
+            shapes.update(block(f"model.layers.{i}."))
+        for k in range(mtp_layers):
+            p = f"model.mtp_layers.{k}."
+            shapes.update({p + "token_layernorm.weight": (hidden,), p + "hidden_layernorm.weight": (hidden,),
+                           p + "input_proj.weight": (hidden, 2 * hidden)})
+            shapes.update(block(p))
+            shapes[p + "final_layernorm.weight"] = (hidden,)
+    else:
+        dim, v_dim = config["head_dim"], config["v_head_dim"]
+        swa_kv = config["swa_num_key_value_heads"]
+        experts, inter = config["n_routed_experts"], config["moe_intermediate_size"]
+        for i in range(config["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            sliding = config["hybrid_layer_pattern"][i] == 1
+            shapes.update({p + n: (hidden,) for n in norms})
+            shapes.update(_attention_shapes(p + "self_attn.", hidden, heads, swa_kv if sliding else kv, dim, v_dim,
+                                            False, sliding))
+            if config["moe_layer_freq"][i]:
+                shapes[p + "mlp.gate.weight"] = (experts, hidden)
+                shapes[p + "mlp.gate.e_score_correction_bias"] = (experts,)
+                for e in range(experts):
+                    shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", hidden, inter))
+            else:
+                shapes.update(_mlp_shapes(p + "mlp.", hidden, config["intermediate_size"]))
+        for k in range(mtp_layers):
+            p = f"model.mtp.layers.{k}."
+            shapes.update({p + "enorm.weight": (hidden,), p + "hnorm.weight": (hidden,),
+                           p + "eh_proj.weight": (hidden, 2 * hidden), p + "input_layernorm.weight": (hidden,)})
+            shapes.update(_attention_shapes(p + "self_attn.", hidden, heads, swa_kv, dim, v_dim, False, True))
+            shapes[p + "pre_mlp_layernorm.weight"] = (hidden,)
+            shapes.update(_mlp_shapes(p + "mlp.", hidden, config["intermediate_size"]))
+            shapes[p + "final_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    return shapes
+
+
+def random_tensor(name: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if name.endswith("e_score_correction_bias"):
+        return 0.05 * torch.randn(shape, generator=generator)
+    if name.endswith("attention_sink_bias") or name.endswith(".bias"):
+        return 0.5 * torch.randn(shape, generator=generator)
+    if name == "model.embed_tokens.weight":
+        return torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator) / shape[-1] ** 0.5
+
+
+def is_fp8_weight(name: str) -> bool:
+    """Which tensors the official FP8 checkpoints store in e4m3 (o_proj, router, norms, embeddings,
+    lm_head and sinks stay bf16)."""
+    return name.endswith("_proj.weight") and not any(
+        part in name for part in ("o_proj", "input_proj", "eh_proj")
+    ) and name.startswith("model.")
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(vocab: int):
+    return train_tokenizer(vocab)
+
+
+def make_checkpoint(
+    out_dir: str | Path,
+    preset: str = "mimo",
+    fp8: bool = False,
+    shards: int = 2,
+    seed: int = 0,
+    overrides: dict | None = None,
+) -> Path:
+    """Write a random-weight checkpoint; returns its directory. Written to a temp dir, then renamed."""
+    if preset not in PRESETS:
+        raise MimoError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    shape = {**PRESETS[preset], **(overrides or {})}
+    family = "mimo" if preset.startswith("mimo") and not preset.startswith("mimo_v2") else "mimo_v2_flash"
+    out_dir = Path(out_dir)
+    temporary = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+
+    config = hub_config(family, shape, fp8)
+    special = write_tokenizer_files(temporary, _tokenizer(min(TOKENIZER_VOCAB, shape["vocab_size"])))
+    config.update(bos_token_id=None, eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"])
+    (temporary / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]], "transformers_version": "4.51.0"}
+    (temporary / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor_shape in tensor_shapes(config, shape["mtp_layers"]).items():
+        tensor = random_tensor(name, tensor_shape, generator)
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = tensor.float()
+        elif fp8 and is_fp8_weight(name):
+            tensors[name], tensors[name + "_scale_inv"] = quantize_fp8_blocks(tensor)
+        else:
+            tensors[name] = tensor.to(torch.bfloat16)
+    _write_shards(temporary, tensors, shards)
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(temporary, out_dir)
+    return out_dir
+
+
+def _write_shards(out_dir: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    if shards <= 1:
+        write_safetensors(out_dir / "model.safetensors", tensors)
+        return
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    per_shard = total / shards
+    groups: list[dict] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        if size >= per_shard * len(groups) and len(groups) < shards:
+            groups.append({})
+        groups[-1][name] = tensor
+        size += tensor.numel() * tensor.element_size()
+    weight_map = {}
+    for number, group in enumerate(groups, start=1):
+        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        write_safetensors(out_dir / file, group)
+        weight_map.update({name: file for name in group})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))

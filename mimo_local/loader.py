@@ -1,0 +1,102 @@
+"""Build a model for a checkpoint directory and stream its weights in, tensor by tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .checkpoint import Checkpoint
+from .config import MiMoConfig, load_config
+from .errors import MimoError
+from .models import mimo, mimo_v2_flash
+from .models.layers import RotaryEmbedding, Router
+from .models.model import MiMoForCausalLM
+
+FAMILY_MODULES = {"mimo": mimo, "mimo_v2_flash": mimo_v2_flash}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MimoError("--device cuda: no CUDA device is available (use --device cpu)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise MimoError(f"unknown device '{name}' (auto, cpu, cuda)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MimoError(f"unknown dtype '{name}' (auto, float32, bfloat16, float16)") from None
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    show_progress: bool = False,
+) -> MiMoForCausalLM:
+    config = load_config(model_dir)
+    checkpoint = Checkpoint(model_dir)
+    family = FAMILY_MODULES[config.family]
+    num_mtp = family.count_mtp_layers(config, checkpoint.names())
+    config = dataclasses.replace(config, num_mtp_layers=num_mtp)
+    device = torch.device(device)
+
+    with torch.device("meta"):
+        model = family.build(config, num_mtp).to(dtype)
+        for router in (m for m in model.modules() if isinstance(m, Router)):
+            router.float()  # routing is computed in fp32, as in the reference
+    model.to_empty(device=device)
+    model.requires_grad_(False)
+    for rope in (m for m in model.modules() if isinstance(m, RotaryEmbedding)):
+        rope.inv_freq = rope.compute_inv_freq(device)
+
+    _stream_weights(model, family.weight_map(model).targets, checkpoint, show_progress)
+    return model.eval()
+
+
+def _stream_weights(model: MiMoForCausalLM, targets: dict, checkpoint: Checkpoint, show_progress: bool) -> None:
+    params = dict(model.named_parameters())
+    filled = {name: 0 for name in params}
+    for hub_name in targets:
+        if hub_name not in checkpoint:
+            raise MimoError(f"{checkpoint.dir}: missing tensor '{hub_name}'")
+    total = sum(checkpoint.entries[name].nbytes for name in targets)
+    progress = Progress(
+        TextColumn("loading"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        disable=not show_progress,
+    )
+    with progress, torch.no_grad():
+        task = progress.add_task("load", total=total)
+        for hub_name, target in targets.items():
+            destination = params[target.param][target.index] if target.index else params[target.param]
+            checkpoint.read_into(hub_name, destination)
+            filled[target.param] += destination.numel()
+            progress.advance(task, checkpoint.entries[hub_name].nbytes)
+    for name, param in params.items():
+        if filled[name] != param.numel():
+            raise MimoError(f"{checkpoint.dir}: checkpoint does not provide all of '{name}'")
+
+
+def describe(config: MiMoConfig) -> str:
+    return f"{config.display_family} ({config.num_layers} layers, hidden {config.hidden_size})"

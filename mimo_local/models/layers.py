@@ -1,0 +1,197 @@
+"""Blocks shared by both MiMo families: RMSNorm, partial rotate-half RoPE, attention with optional
+sinks and sliding windows, SwiGLU MLP and the sigmoid-routed MoE.
+
+Projections are fused on load (q|k|v, gate|up) so a decode step issues few large matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AttentionSpec, MoESpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half (NeoX) RoPE on the first `rope_dim` dims of each head."""
+
+    def __init__(self, rope_dim: int, theta: float):
+        super().__init__()
+        self.rope_dim = rope_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.rope_dim, 2, dtype=torch.float32, device=device) / self.rope_dim
+        return 1.0 / (self.theta**exponents)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, heads, T, head_dim]; cos/sin: [T, rope_dim]."""
+        rotated, passed = x[..., : self.rope_dim], x[..., self.rope_dim :]
+        half = self.rope_dim // 2
+        rotate_half = torch.cat([-rotated[..., half:], rotated[..., :half]], dim=-1)
+        rotated = rotated * cos + rotate_half * sin
+        return torch.cat([rotated, passed], dim=-1) if passed.shape[-1] else rotated
+
+
+def attend(q, k, v, mask, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped-query attention. q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv], mask [T,S] bool or None.
+
+    Sinks add a per-head logit to the softmax denominator only:
+    p_ij = exp(a_ij) / (exp(sink_h) + sum_j exp(a_ij)).
+    """
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    batch, heads, steps, _ = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    grouped_q = q.reshape(batch, kv_heads, group * steps, q.shape[-1])
+    scores = torch.matmul(grouped_q, k.transpose(-1, -2)).float() * scale
+    scores = scores.view(batch, kv_heads, group, steps, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink_logits = sinks.float().view(1, kv_heads, group, 1, 1).expand(batch, kv_heads, group, steps, 1)
+    probs = torch.softmax(torch.cat([scores, sink_logits], dim=-1), dim=-1)[..., :-1]
+    probs = probs.to(v.dtype).reshape(batch, kv_heads, group * steps, -1)
+    return torch.matmul(probs, v).view(batch, heads, steps, v.shape[-1])
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, spec: AttentionSpec):
+        super().__init__()
+        self.spec = spec
+        self.q_size = spec.num_heads * spec.head_dim
+        self.k_size = spec.num_kv_heads * spec.head_dim
+        self.v_size = spec.num_kv_heads * spec.v_head_dim
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + self.k_size + self.v_size, bias=spec.bias)
+        self.o_proj = nn.Linear(spec.num_heads * spec.v_head_dim, hidden_size, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(spec.num_heads)) if spec.has_sink else None
+        self.rope = RotaryEmbedding(spec.rope_dim, spec.rope_theta)
+        self.scale = spec.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        spec = self.spec
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.k_size, self.v_size], dim=-1)
+        q = q.view(batch, steps, spec.num_heads, spec.head_dim).transpose(1, 2)
+        k = k.view(batch, steps, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        v = v.view(batch, steps, spec.num_kv_heads, spec.v_head_dim).transpose(1, 2)
+        if spec.value_scale != 1.0:
+            v = v * spec.value_scale
+        cos, sin = self.rope.cos_sin(torch.arange(start, start + steps, device=x.device), x.dtype)
+        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        keys, values, mask = cache.update(k, v, start)
+        out = attend(q, keys, values, mask, self.scale, self.sinks)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Router(nn.Module):
+    """Sigmoid router: experts chosen on score + correction bias, weighted by the unbiased score."""
+
+    def __init__(self, hidden_size: int, spec: MoESpec):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.zeros(spec.num_experts, hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        spec = self.spec
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if spec.n_group > 1:
+            grouped = choice.view(-1, spec.n_group, spec.num_experts // spec.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(spec.topk_group, dim=-1).indices, 1)
+            choice = grouped.masked_fill(keep[..., None] == 0, float("-inf")).view(-1, spec.num_experts)
+        experts = choice.topk(spec.experts_per_token, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if spec.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return experts, weights * spec.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts stored stacked: gate_up [E, 2I, H], down [E, H, I]."""
+
+    def __init__(self, hidden_size: int, spec: MoESpec):
+        super().__init__()
+        self.spec = spec
+        self.gate = Router(hidden_size, spec)
+        inter = spec.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(spec.num_experts, 2 * inter, hidden_size))
+        self.down_proj = nn.Parameter(torch.zeros(spec.num_experts, hidden_size, inter))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        experts, weights = self.gate(tokens)
+        out = torch.zeros_like(tokens, dtype=torch.float32)
+        if tokens.shape[0] == 1:
+            # Decode: one token, a handful of experts; skip the sort and gather.
+            for slot, expert in enumerate(experts[0].tolist()):
+                out += self.expert(tokens, expert) * weights[0, slot]
+            return out.to(x.dtype).view(shape)
+        flat_experts = experts.view(-1)
+        order = flat_experts.argsort()
+        counts = torch.bincount(flat_experts, minlength=self.spec.num_experts).tolist()
+        token_of = order // self.spec.experts_per_token
+        begin = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[begin : begin + count]
+            picks = order[begin : begin + count]
+            contribution = self.expert(tokens[rows], expert) * weights.view(-1)[picks, None]
+            out.index_add_(0, rows, contribution.float())
+            begin += count
+        return out.to(x.dtype).view(shape)
+
+    def expert(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[index]).float()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, attention: AttentionSpec, mlp: nn.Module):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.self_attn = Attention(hidden_size, attention)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), start, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,38 @@
+"""MiMo-7B (model_type "mimo"): a Qwen2 decoder with q/k/v biases plus one MTP layer."""
+
+from __future__ import annotations
+
+from ..config import MiMoConfig
+from .layers import MLP, DecoderLayer
+from .model import MiMoForCausalLM, MTPLayer
+from .weights import WeightMap
+
+
+def build(config: MiMoConfig, num_mtp_layers: int) -> MiMoForCausalLM:
+    size, eps = config.hidden_size, config.rms_norm_eps
+    layers = [
+        DecoderLayer(size, eps, config.global_attention, MLP(size, config.intermediate_size))
+        for _ in range(config.num_layers)
+    ]
+    mtp = [MTPLayer(config, config.global_attention, embedding_first=False) for _ in range(num_mtp_layers)]
+    return MiMoForCausalLM(config, layers, mtp)
+
+
+def count_mtp_layers(config: MiMoConfig, tensor_names: list[str]) -> int:
+    present = {int(n.split(".")[2]) for n in tensor_names if n.startswith("model.mtp_layers.")}
+    return min(config.num_mtp_layers, len(present))
+
+
+def weight_map(model: MiMoForCausalLM) -> WeightMap:
+    weights = WeightMap(model)
+    weights.add_shell("model.", tied=model.config.tie_word_embeddings)
+    for i, layer in enumerate(model.layers):
+        weights.add_decoder_layer(f"model.layers.{i}.", f"layers.{i}.", layer)
+    for k, layer in enumerate(model.mtp_layers):
+        hub, ours = f"model.mtp_layers.{k}.", f"mtp_layers.{k}."
+        weights.add(hub + "token_layernorm.weight", ours + "token_norm.weight")
+        weights.add(hub + "hidden_layernorm.weight", ours + "hidden_norm.weight")
+        weights.add(hub + "input_proj.weight", ours + "input_proj.weight")
+        weights.add_decoder_layer(hub, ours + "block.", layer.block)
+        weights.add(hub + "final_layernorm.weight", ours + "final_norm.weight")
+    return weights

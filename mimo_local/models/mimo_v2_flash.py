@@ -1,0 +1,43 @@
+"""MiMo-V2-Flash (model_type "mimo_v2_flash"): hybrid global/sliding attention with sinks,
+sigmoid-routed MoE after a dense layer 0, and three MTP layers (counted from the checkpoint)."""
+
+from __future__ import annotations
+
+import re
+
+from ..config import MiMoConfig
+from .layers import MLP, DecoderLayer, MoE
+from .model import MiMoForCausalLM, MTPLayer
+from .weights import WeightMap
+
+MTP_KEY = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
+
+
+def build(config: MiMoConfig, num_mtp_layers: int) -> MiMoForCausalLM:
+    size, eps = config.hidden_size, config.rms_norm_eps
+    layers = []
+    for i in range(config.num_layers):
+        mlp = MoE(size, config.moe) if config.layer_is_moe[i] else MLP(size, config.intermediate_size)
+        layers.append(DecoderLayer(size, eps, config.attention(i), mlp))
+    mtp_attention = config.sliding_attention or config.global_attention
+    mtp = [MTPLayer(config, mtp_attention, embedding_first=True) for _ in range(num_mtp_layers)]
+    return MiMoForCausalLM(config, layers, mtp)
+
+
+def count_mtp_layers(config: MiMoConfig, tensor_names: list[str]) -> int:
+    return len({m.group(1) for n in tensor_names if (m := MTP_KEY.match(n))})
+
+
+def weight_map(model: MiMoForCausalLM) -> WeightMap:
+    weights = WeightMap(model)
+    weights.add_shell("model.", tied=model.config.tie_word_embeddings)
+    for i, layer in enumerate(model.layers):
+        weights.add_decoder_layer(f"model.layers.{i}.", f"layers.{i}.", layer)
+    for k, layer in enumerate(model.mtp_layers):
+        hub, ours = f"model.mtp.layers.{k}.", f"mtp_layers.{k}."
+        weights.add(hub + "enorm.weight", ours + "token_norm.weight")
+        weights.add(hub + "hnorm.weight", ours + "hidden_norm.weight")
+        weights.add(hub + "eh_proj.weight", ours + "input_proj.weight")
+        weights.add_decoder_layer(hub, ours + "block.", layer.block, post_norm="pre_mlp_layernorm")
+        weights.add(hub + "final_layernorm.weight", ours + "final_norm.weight")
+    return weights

@@ -1,0 +1,91 @@
+"""The decoder shell both families share: embeddings, decoder layers, final norm, lm_head, MTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..cache import ModelCache
+from ..config import AttentionSpec, MiMoConfig
+from .layers import MLP, DecoderLayer, RMSNorm
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [B, T', vocab] (T' = 1 when only the last position was asked for)
+    hidden: torch.Tensor  # [B, T, hidden]: last decoder layer output before the final norm (MTP input)
+
+
+class MTPLayer(nn.Module):
+    """One multi-token-prediction layer: fuse (hidden state, next-token embedding), run one decoder
+    block with its own KV cache, predict with the shared lm_head.
+
+    MiMo-7B concatenates [hidden, embedding]; V2-Flash [embedding, hidden] (`embedding_first`).
+    """
+
+    def __init__(self, config: MiMoConfig, attention: AttentionSpec, embedding_first: bool):
+        super().__init__()
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.embedding_first = embedding_first
+        self.token_norm = RMSNorm(size, eps)
+        self.hidden_norm = RMSNorm(size, eps)
+        self.input_proj = nn.Linear(2 * size, size, bias=False)
+        self.block = DecoderLayer(size, eps, attention, MLP(size, config.intermediate_size))
+        self.final_norm = RMSNorm(size, eps)
+
+    def forward(self, hidden: torch.Tensor, token_embeddings: torch.Tensor, start: int, cache) -> torch.Tensor:
+        parts = [self.hidden_norm(hidden), self.token_norm(token_embeddings)]
+        if self.embedding_first:
+            parts.reverse()
+        x = self.input_proj(torch.cat(parts, dim=-1))
+        return self.final_norm(self.block(x, start, cache))
+
+
+class MiMoForCausalLM(nn.Module):
+    def __init__(self, config: MiMoConfig, layers: list[DecoderLayer], mtp_layers: list[MTPLayer]):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp_layers = nn.ModuleList(mtp_layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def mtp_attention_specs(self) -> list[AttentionSpec]:
+        return [layer.block.self_attn.spec for layer in self.mtp_layers]
+
+    def new_cache(self, max_tokens: int, spare_slots: int = 8) -> ModelCache:
+        return ModelCache.allocate(
+            self.config,
+            max_tokens,
+            self.dtype,
+            self.device,
+            spare_slots=spare_slots,
+            mtp_specs=self.mtp_attention_specs(),
+        )
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache, all_logits: bool = False) -> ForwardOutput:
+        """Run `input_ids` [B, T] at positions cache.length.. and commit them to the cache."""
+        start = cache.length
+        steps = input_ids.shape[1]
+        if start + steps > cache.max_tokens:
+            raise ValueError(f"context full: {start + steps} tokens > cache of {cache.max_tokens}")
+        x = self.embed_tokens(input_ids)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer(x, start, layer_cache)
+        cache.length = start + steps
+        last = x if all_logits else x[:, -1:]
+        return ForwardOutput(logits=self.lm_head(self.norm(last)).float(), hidden=x)

@@ -1,0 +1,68 @@
+"""Where each hub tensor goes in our modules: a parameter, or a slice of a fused/stacked one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .layers import MLP, Attention, DecoderLayer, MoE
+
+
+@dataclass(frozen=True)
+class Target:
+    param: str
+    index: tuple = ()  # ints/slices selecting the part of the parameter this tensor fills
+
+
+class WeightMap:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.targets: dict[str, Target] = {}
+
+    def add(self, hub_name: str, param: str, *index) -> None:
+        self.targets[hub_name] = Target(param, tuple(index))
+
+    def add_shell(self, prefix: str, tied: bool) -> None:
+        self.add(prefix + "embed_tokens.weight", "embed_tokens.weight")
+        self.add(prefix + "norm.weight", "norm.weight")
+        if not tied:  # a tied lm_head shares the embedding parameter
+            self.add("lm_head.weight", "lm_head.weight")
+
+    def add_decoder_layer(self, hub: str, ours: str, layer: DecoderLayer, post_norm="post_attention_layernorm"):
+        self.add(hub + "input_layernorm.weight", ours + "input_layernorm.weight")
+        self.add(hub + post_norm + ".weight", ours + "post_attention_layernorm.weight")
+        self._add_attention(hub + "self_attn.", ours + "self_attn.", layer.self_attn)
+        if isinstance(layer.mlp, MoE):
+            self._add_moe(hub + "mlp.", ours + "mlp.", layer.mlp)
+        else:
+            self._add_mlp(hub + "mlp.", ours + "mlp.", layer.mlp)
+
+    def _add_attention(self, hub: str, ours: str, attention: Attention) -> None:
+        sizes = {"q": attention.q_size, "k": attention.k_size, "v": attention.v_size}
+        begin = 0
+        for name, size in sizes.items():
+            part = slice(begin, begin + size)
+            self.add(f"{hub}{name}_proj.weight", ours + "qkv_proj.weight", part)
+            if attention.spec.bias:
+                self.add(f"{hub}{name}_proj.bias", ours + "qkv_proj.bias", part)
+            begin += size
+        self.add(hub + "o_proj.weight", ours + "o_proj.weight")
+        if attention.sinks is not None:
+            self.add(hub + "attention_sink_bias", ours + "sinks")
+
+    def _add_mlp(self, hub: str, ours: str, mlp: MLP) -> None:
+        inter = mlp.intermediate_size
+        self.add(hub + "gate_proj.weight", ours + "gate_up_proj.weight", slice(0, inter))
+        self.add(hub + "up_proj.weight", ours + "gate_up_proj.weight", slice(inter, 2 * inter))
+        self.add(hub + "down_proj.weight", ours + "down_proj.weight")
+
+    def _add_moe(self, hub: str, ours: str, moe: MoE) -> None:
+        self.add(hub + "gate.weight", ours + "gate.weight")
+        self.add(hub + "gate.e_score_correction_bias", ours + "gate.e_score_correction_bias")
+        inter = moe.spec.intermediate_size
+        for e in range(moe.spec.num_experts):
+            expert = f"{hub}experts.{e}."
+            self.add(expert + "gate_proj.weight", ours + "gate_up_proj", e, slice(0, inter))
+            self.add(expert + "up_proj.weight", ours + "gate_up_proj", e, slice(inter, 2 * inter))
+            self.add(expert + "down_proj.weight", ours + "down_proj", e)
