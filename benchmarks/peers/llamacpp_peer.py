@@ -121,7 +121,7 @@ def convert(checkpoint, outtype, out_path, llamacpp_dir, python):
             json.dump(config, f, indent=2)
         partial = out_path.with_name(out_path.name + ".partial")
         cmd = [python, "-c", CONVERT_SHIM, llamacpp_dir, drop_prefix, staging,
-               "--outtype", outtype, "--outfile", str(partial), *extra_args]
+               "--outtype", outtype, "--outfile", str(partial), "--model-name", checkpoint.name, *extra_args]
         result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]

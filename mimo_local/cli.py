@@ -1,0 +1,136 @@
+"""The `mimo` command line. Front ends only print what the one generator yields."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import MimoError
+
+app = typer.Typer(
+    help="Run Xiaomi MiMo models locally.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+dev_app = typer.Typer(help="Developer tools (tiny checkpoints for tests and experiments).", no_args_is_help=True)
+app.add_typer(dev_app, name="dev")
+
+
+def _fail(error: BaseException, debug: bool) -> None:
+    if debug:
+        raise error
+    message = str(error) if isinstance(error, MimoError) else f"{type(error).__name__}: {error}"
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _silence_stdout() -> None:
+    """After the reader of our stdout went away: drop further output instead of raising at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _read_prompt(prompt: Optional[str]) -> str:
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if prompt is None:
+        raise typer.BadParameter("give a PROMPT, '-' or pipe text on stdin", param_hint="PROMPT")
+    return prompt
+
+
+@app.command()
+def run(
+    prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or omitted with a pipe reads stdin."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model directory in hub layout."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.6, help="0 = greedy (exact argmax)."),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off."),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of text."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Generate a completion for PROMPT and stream it to stdout."""
+    from .engine import Engine
+    from .generate import DoneEvent
+    from .sampling import SamplingSettings
+
+    text = _read_prompt(prompt)
+    settings = SamplingSettings(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=list(stop),
+    )
+    try:
+        settings.validate()
+        engine = Engine.load(model, device=device, dtype=dtype, show_progress=sys.stderr.isatty())
+        events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings)
+        stats = None
+        for event in events:
+            if isinstance(event, DoneEvent):
+                stats = event.stats
+            elif not as_json and event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        if as_json:
+            sys.stdout.write(json.dumps(stats.as_dict(), ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write("\n")
+            typer.echo(
+                f"[{engine.config.display_family} {engine.path.name}] prompt {stats.prompt_tokens} tok "
+                f"{stats.prefill_tokens_per_s:.1f} tok/s | generated {stats.completion_tokens} tok "
+                f"{stats.decode_tokens_per_s:.1f} tok/s | finish: {stats.finish_reason}",
+                err=True,
+            )
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130)
+    except (MimoError, OSError, RuntimeError, ValueError) as error:
+        _fail(error, debug)
+
+
+@dev_app.command("make-tiny")
+def make_tiny(
+    out: Path = typer.Argument(..., help="Directory to write."),
+    preset: str = typer.Option("mimo", help="mimo | mimo_v2_flash | mimo-bench | mimo_v2_flash-bench"),
+    fp8: bool = typer.Option(False, "--fp8", help="FP8 e4m3 weights with 128x128 block scales."),
+    shards: int = typer.Option(2, help="Number of safetensors shards (1 = model.safetensors)."),
+    seed: int = typer.Option(0),
+):
+    """Write a random-weight checkpoint in the exact hub layout (for tests and benchmarks)."""
+    from .dev.tiny import make_checkpoint
+
+    try:
+        path = make_checkpoint(out, preset, fp8=fp8, shards=shards, seed=seed)
+    except MimoError as error:
+        _fail(error, False)
+    typer.echo(str(path))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""What a front end holds: a loaded model with its tokenizer, turning text into a token stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import generate
+from .loader import load_model, resolve_device, resolve_dtype
+from .models.model import MiMoForCausalLM
+from .sampling import SamplingSettings
+from .tokenizer import ChatTokenizer
+
+
+@dataclass
+class Engine:
+    model: MiMoForCausalLM
+    tokenizer: ChatTokenizer
+    path: Path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", show_progress: bool = False):
+        torch_device = resolve_device(device)
+        tokenizer = ChatTokenizer(path)
+        model = load_model(path, resolve_dtype(dtype, torch_device), torch_device, show_progress=show_progress)
+        return cls(model, tokenizer, Path(path))
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def prompt_ids(self, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
+        if raw:
+            return self.tokenizer.encode(prompt)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+
+    def stream(self, prompt_ids: list[int], settings: SamplingSettings, cache=None) -> Iterator:
+        return generate.stream(self.model, self.tokenizer, prompt_ids, settings, cache=cache)
