@@ -53,8 +53,10 @@ def read_header(path: Path) -> list[TensorEntry]:
             if len(prefix) < 8:
                 raise MimoError(f"{path.name}: truncated safetensors file (no header)")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, 100_000_000):
+            if header_len > 100_000_000:
                 raise MimoError(f"{path.name}: corrupt safetensors header (length {header_len})")
+            if header_len > size - 8:
+                raise MimoError(f"{path.name}: truncated (header needs {header_len + 8} bytes, file has {size})")
             header = json.loads(handle.read(header_len))
     except FileNotFoundError:
         raise MimoError(f"checkpoint shard not found: {path}") from None
@@ -94,8 +96,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 class Checkpoint:
     """All tensors of a checkpoint directory (sharded through the index, or a single file)."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, fp8_block: tuple[int, int] | None = None):
         self.dir = Path(model_dir)
+        self.fp8_block = fp8_block or (128, 128)
         index_path = self.dir / INDEX_FILE
         if index_path.exists():
             try:
@@ -162,15 +165,21 @@ class Checkpoint:
             scale_name = name + "_scale_inv"
             if scale_name not in self.entries:
                 raise MimoError(f"{self.dir}: FP8 tensor '{name}' has no '{scale_name}'")
-            tensor = dequantize_fp8_blocks(tensor, self.read(scale_name))
+            try:
+                tensor = dequantize_fp8_blocks(tensor, self.read(scale_name), self.fp8_block)
+            except MimoError as error:
+                raise MimoError(f"{self.dir}: tensor '{name}': {error}") from None
         out.copy_(tensor)
 
 
-def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+def dequantize_fp8_blocks(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
     """w = fp8 * scale_inv, one scale per (block_out x block_in) tile; edge tiles may be partial."""
     out_features, in_features = weight.shape
-    rows, cols = scale_inv.shape
-    block_out, block_in = -(-out_features // rows), -(-in_features // cols)
+    block_out, block_in = block
+    if scale_inv.shape != (-(-out_features // block_out), -(-in_features // block_in)):
+        raise MimoError(f"FP8 scales of shape {list(scale_inv.shape)} do not match {block} blocks of {list(weight.shape)}")
     scales = scale_inv.float().repeat_interleave(block_out, 0)[:out_features]
     scales = scales.repeat_interleave(block_in, 1)[:, :in_features]
     return weight.float() * scales

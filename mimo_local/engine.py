@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from . import generate
+from .errors import MimoError
 from .loader import load_model, resolve_device, resolve_dtype
 from .models.model import MiMoForCausalLM
 from .sampling import SamplingSettings
@@ -23,6 +24,8 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", show_progress: bool = False):
+        if not Path(path).is_dir():
+            raise MimoError(f"model directory not found: {path}")
         torch_device = resolve_device(device)
         tokenizer = ChatTokenizer(path)
         model = load_model(path, resolve_dtype(dtype, torch_device), torch_device, show_progress=show_progress)

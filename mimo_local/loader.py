@@ -52,7 +52,7 @@ def load_model(
     show_progress: bool = False,
 ) -> MiMoForCausalLM:
     config = load_config(model_dir)
-    checkpoint = Checkpoint(model_dir)
+    checkpoint = Checkpoint(model_dir, config.fp8_block_size)
     family = FAMILY_MODULES[config.family]
     num_mtp = family.count_mtp_layers(config, checkpoint.names())
     config = dataclasses.replace(config, num_mtp_layers=num_mtp)

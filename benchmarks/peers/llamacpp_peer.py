@@ -187,7 +187,7 @@ def benchmark(llama_cpp, args, gguf):
 
     llm = Llama(model_path=str(gguf), n_ctx=args.prompt_tokens + args.gen_tokens + 1,
                 n_batch=args.prompt_tokens, n_ubatch=args.prompt_tokens, n_threads=args.threads,
-                n_threads_batch=args.threads, flash_attn=args.flash_attn, verbose=False)
+                n_threads_batch=args.threads, flash_attn=args.flash_attn, verbose=args.verbose)
     n_vocab = llm.n_vocab()
     if n_vocab <= FIRST_PROMPT_ID:
         raise PeerError(f"vocabulary of {n_vocab} tokens is too small")
@@ -202,6 +202,14 @@ def benchmark(llama_cpp, args, gguf):
     return args.prompt_tokens / min(r[0] for r in runs), args.gen_tokens / min(r[1] for r in runs)
 
 
+def silence_llama_logs(llama_cpp):
+    """Drop llama.cpp's log lines (load notes, quantization progress). Llama(verbose=False) alone
+    does not: llama-cpp-python maps this llama.cpp's warning level to logging.ERROR and prints it."""
+    global _log_callback  # must outlive the call: llama.cpp keeps the pointer
+    _log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="hub-layout MiMo checkpoint directory")
@@ -211,6 +219,7 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=physical_cores(), help="default: physical cores")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best one is reported")
     parser.add_argument("--flash-attn", action="store_true", help="enable llama.cpp flash attention")
+    parser.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
     parser.add_argument("--cache-dir", default=".cache/llamacpp_peer", help="where GGUF files are kept")
     parser.add_argument("--llamacpp-dir", help="llama.cpp source tree with convert_hf_to_gguf.py "
                         "(default: /tmp/llx/*/vendor/llama.cpp)")
@@ -231,6 +240,8 @@ def main():
             os.execv(args.python, [args.python, os.path.abspath(__file__), *sys.argv[1:]])
         print(f"error: llama_cpp is not importable by {sys.executable}", file=sys.stderr)
         return 1
+    if not args.verbose:
+        silence_llama_logs(llama_cpp)
     try:
         checkpoint = Path(args.checkpoint).resolve()
         if not (checkpoint / "config.json").is_file():

@@ -22,12 +22,12 @@ from .tokenizer_files import train_tokenizer, write_tokenizer_files
 
 PRESETS = {
     "mimo": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, mtp_layers=1),
+                 num_key_value_heads=2, intermediate_size=160, mtp_layers=1),
     "mimo-bench": dict(vocab_size=151680, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                        num_key_value_heads=4, intermediate_size=2816, mtp_layers=1),
     "mimo_v2_flash": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
                           num_key_value_heads=1, swa_num_key_value_heads=2, head_dim=32, v_head_dim=16,
-                          intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+                          intermediate_size=160, n_routed_experts=8, num_experts_per_tok=2,
                           moe_intermediate_size=32, sliding_window_size=8, mtp_layers=3),
     "mimo_v2_flash-bench": dict(vocab_size=152576, hidden_size=1024, num_hidden_layers=12, num_attention_heads=16,
                                 num_key_value_heads=2, swa_num_key_value_heads=4, head_dim=96, v_head_dim=64,

@@ -1,0 +1,105 @@
+"""Real `mimo` invocations in a subprocess: output streams, --json, stdin, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def mimo(*args, stdin=None, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "mimo_local.cli", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return checkpoints("mimo_v2_flash", fp8=True)
+
+
+def test_run_json_greedy_is_deterministic(model):
+    first = mimo("run", "--model", model, "--temperature", "0", "-n", "12", "--json", "Hello")
+    second = mimo("run", "--model", model, "--temperature", "0", "-n", "12", "--json", "Hello")
+    assert first.returncode == 0, first.stderr
+    result = json.loads(first.stdout)
+    assert set(result) >= {"text", "token_ids", "prompt_tokens", "completion_tokens", "prefill_tokens_per_s",
+                           "decode_tokens_per_s", "finish_reason"}
+    assert result["completion_tokens"] == len(result["token_ids"]) <= 12
+    assert result == {**json.loads(second.stdout), "prefill_tokens_per_s": result["prefill_tokens_per_s"],
+                      "decode_tokens_per_s": result["decode_tokens_per_s"]}
+    assert first.stderr == ""
+
+
+def test_text_goes_to_stdout_and_stats_to_stderr(model):
+    json_run = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "8", "--json", "Hi").stdout)
+    text_run = mimo("run", "-m", model, "--temperature", "0", "-n", "8", "Hi")
+    assert text_run.returncode == 0
+    assert text_run.stdout == json_run["text"] + "\n"
+    assert "tok/s" in text_run.stderr and "MiMo-V2-Flash" in text_run.stderr
+
+
+def test_prompt_from_stdin_and_dash(model):
+    argument = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "6", "--json", "Tell me").stdout)
+    piped = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "6", "--json", stdin="Tell me").stdout)
+    dash = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "6", "--json", "-", stdin="Tell me").stdout)
+    assert argument["token_ids"] == piped["token_ids"] == dash["token_ids"]
+
+
+def test_raw_and_system_change_the_prompt(model):
+    chat = json.loads(mimo("run", "-m", model, "-n", "1", "--json", "Hi").stdout)
+    raw = json.loads(mimo("run", "-m", model, "-n", "1", "--json", "--raw", "Hi").stdout)
+    system = json.loads(mimo("run", "-m", model, "-n", "1", "--json", "--system", "Be brief", "Hi").stdout)
+    assert raw["prompt_tokens"] < chat["prompt_tokens"] < system["prompt_tokens"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "/nonexistent/model"], "model directory not found"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--dtype", "int3"], "unknown dtype 'int3'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1(model, args, message):
+    result = mimo("run", "--model", model, *args, "Hi")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_checkpoint_is_one_line_exit_1(model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    result = mimo("run", "--model", broken, "Hi")
+    assert result.returncode == 1 and "truncated" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_usage_error_exits_2(model):
+    assert mimo("run", "Hi").returncode == 2  # no --model
+    assert mimo("run", "--model", model, "--max-tokens", "many", "Hi").returncode == 2
+
+
+def test_closed_pipe_is_quiet(model):
+    pipeline = f"{sys.executable} -m mimo_local.cli run -m {model} -n 300 --temperature 0 Hello | head -c 5"
+    result = subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, timeout=120)
+    assert len(result.stdout.encode()) <= 5
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_make_tiny_writes_a_runnable_checkpoint(tmp_path):
+    out = tmp_path / "made"
+    made = mimo("dev", "make-tiny", out, "--preset", "mimo", "--shards", "1")
+    assert made.returncode == 0 and (out / "model.safetensors").exists()
+    assert mimo("run", "-m", out, "-n", "3", "Hi").returncode == 0

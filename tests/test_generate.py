@@ -1,0 +1,99 @@
+"""The one generator: sampling controls, stop strings, EOS, incremental UTF-8 text."""
+
+import pytest
+import torch
+
+from mimo_local.generate import DoneEvent, StopMatcher, TokenEvent, stream
+from mimo_local.loader import load_model
+from mimo_local.sampling import SamplingSettings, penalize_repetition, probabilities
+from mimo_local.tokenizer import ChatTokenizer, IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoints):
+    directory = checkpoints("mimo")
+    return load_model(directory), ChatTokenizer(directory)
+
+
+def run(tiny, settings, prompt="Hello world", eos_ids=()):
+    model, tokenizer = tiny
+    events = list(stream(model, tokenizer, tokenizer.encode(prompt), settings, eos_ids=eos_ids))
+    assert isinstance(events[-1], DoneEvent)
+    return events[:-1], events[-1].stats
+
+
+def test_seeded_sampling_is_reproducible_and_differs_by_seed(tiny):
+    _, a = run(tiny, SamplingSettings(temperature=1.0, top_p=1.0, seed=7, max_tokens=24))
+    _, b = run(tiny, SamplingSettings(temperature=1.0, top_p=1.0, seed=7, max_tokens=24))
+    _, c = run(tiny, SamplingSettings(temperature=1.0, top_p=1.0, seed=8, max_tokens=24))
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_top_k_one_is_greedy(tiny):
+    _, greedy = run(tiny, SamplingSettings(temperature=0, max_tokens=16))
+    _, top1 = run(tiny, SamplingSettings(temperature=1.5, top_k=1, seed=3, max_tokens=16))
+    assert greedy.token_ids == top1.token_ids and greedy.finish_reason == "length"
+
+
+def test_streamed_text_is_the_decoded_tokens(tiny):
+    events, stats = run(tiny, SamplingSettings(temperature=0.8, seed=1, max_tokens=40))
+    text = "".join(e.text for e in events)
+    assert text == stats.text == tiny[1].decode(stats.token_ids)
+    assert stats.completion_tokens == 40 and stats.decode_tokens_per_s > 0 and stats.prefill_tokens_per_s > 0
+
+
+def test_eos_stops_and_is_reported(tiny):
+    _, free = run(tiny, SamplingSettings(temperature=0, max_tokens=10))
+    eos = free.token_ids[3]
+    _, stopped = run(tiny, SamplingSettings(temperature=0, max_tokens=10), eos_ids=(eos,))
+    assert stopped.token_ids == free.token_ids[:4] and stopped.finish_reason == "stop"
+
+
+def test_stop_string_cuts_text_and_is_never_shown(tiny):
+    _, free = run(tiny, SamplingSettings(temperature=0, max_tokens=30))
+    stop = free.text[10:14]
+    events, stopped = run(tiny, SamplingSettings(temperature=0, max_tokens=30, stop=[stop]))
+    shown = "".join(e.text for e in events)
+    assert stopped.finish_reason == "stop"
+    assert shown == stopped.text == free.text[: free.text.find(stop)]
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    matcher = StopMatcher(["</end>"])
+    assert matcher.feed("abc</e") == ("abc", False)
+    assert matcher.feed("x") == ("</ex", False)
+    assert matcher.feed("</en") == ("", False)
+    assert matcher.feed("d>tail") == ("", True)
+    assert matcher.text == "abc</ex"
+
+
+def test_incremental_detokenizer_waits_for_complete_utf8(checkpoints):
+    tokenizer = ChatTokenizer(checkpoints("mimo"))
+    text = "naïve café — 日本語 ok"
+    ids = tokenizer.encode(text)
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.add(i) for i in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    top_k = probabilities(logits, SamplingSettings(temperature=1.0, top_k=2, top_p=1.0))
+    assert top_k[2:].sum() == 0 and torch.isclose(top_k.sum(), torch.tensor(1.0))
+    top_p = probabilities(logits, SamplingSettings(temperature=1.0, top_p=0.7))
+    assert top_p[0] > 0 and top_p[1] > 0 and top_p[2:].sum() == 0
+    min_p = probabilities(logits, SamplingSettings(temperature=1.0, top_p=1.0, min_p=0.3))
+    assert (min_p > 0).tolist() == [True, True, False, False]
+    penalized = penalize_repetition(torch.tensor([2.0, -2.0, 1.0]), torch.tensor([0, 1]), 2.0)
+    assert penalized.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_chat_template_renders_chatml(checkpoints):
+    tokenizer = ChatTokenizer(checkpoints("mimo"))
+    text = tokenizer.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<think>hi"}])
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<think>hi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer.encode(text)
+    assert ids[0] == tokenizer.token_id("<|im_start|>")
+    # <think> is plain text: several ordinary tokens, not one special token.
+    assert tokenizer.token_id("<think>") is None
