@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 DEFAULT_PYTHON = "/work/llvenv/bin/python"
+DEFAULT_LLAMACPP_GLOB = "/tmp/llx/*/vendor/llama.cpp"
+DEFAULT_CACHE_DIR = "~/.cache/mimo-local/llamacpp_peer"
 FIRST_PROMPT_ID = 100
 # Quantized types the converter writes directly; the others are made from a bf16 GGUF by llama.cpp.
 CONVERTER_OUTTYPES = ("f32", "bf16", "q8_0")
@@ -84,11 +86,12 @@ def physical_cores():
     return len(cores) or os.cpu_count() or 1
 
 
-def find_llamacpp_dir():
-    for candidate in sorted(glob.glob("/tmp/llx/*/vendor/llama.cpp")):
+def find_llamacpp_dir(explicit):
+    candidates = [explicit] if explicit else sorted(glob.glob(DEFAULT_LLAMACPP_GLOB))
+    for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, "convert_hf_to_gguf.py")):
-            return candidate
-    raise PeerError("llama.cpp source not found under /tmp/llx/*/vendor/llama.cpp; pass --llamacpp-dir")
+            return os.path.abspath(candidate)
+    raise PeerError(f"no convert_hf_to_gguf.py in {explicit or DEFAULT_LLAMACPP_GLOB}; pass --llamacpp-dir")
 
 
 def converter_config(config):
@@ -112,6 +115,8 @@ def converter_config(config):
 def convert(checkpoint, outtype, out_path, llamacpp_dir, python):
     with open(checkpoint / "config.json") as f:
         config, drop_prefix, extra_args = converter_config(json.load(f))
+    if not any(checkpoint.glob("*.safetensors")):
+        raise PeerError(f"{checkpoint} has no *.safetensors files")
     with tempfile.TemporaryDirectory(prefix="llamacpp_peer_") as staging:
         # Same files (symlinked) but the rewritten config.json.
         for entry in checkpoint.iterdir():
@@ -120,8 +125,8 @@ def convert(checkpoint, outtype, out_path, llamacpp_dir, python):
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         partial = out_path.with_name(out_path.name + ".partial")
-        cmd = [python, "-c", CONVERT_SHIM, llamacpp_dir, drop_prefix, staging,
-               "--outtype", outtype, "--outfile", str(partial), "--model-name", checkpoint.name, *extra_args]
+        cmd = [python, "-c", CONVERT_SHIM, llamacpp_dir, drop_prefix, staging, "--outtype", outtype,
+               "--outfile", str(partial), "--model-name", checkpoint.name, *extra_args]
         result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -152,12 +157,12 @@ def gguf_path(checkpoint, cache_dir, outtype):
 
 
 def ensure_gguf(llama_cpp, args, checkpoint):
-    cache_dir = Path(args.cache_dir).resolve()
+    cache_dir = Path(args.cache_dir).expanduser().resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    llamacpp_dir = args.llamacpp_dir or find_llamacpp_dir()
     target = gguf_path(checkpoint, cache_dir, args.outtype)
     if is_fresh(target, checkpoint):
         return target
+    llamacpp_dir = find_llamacpp_dir(args.llamacpp_dir)
     if args.outtype in CONVERTER_OUTTYPES:
         convert(checkpoint, args.outtype, target, llamacpp_dir, args.python)
     else:
@@ -202,6 +207,9 @@ def benchmark(llama_cpp, args, gguf):
     return args.prompt_tokens / min(r[0] for r in runs), args.gen_tokens / min(r[1] for r in runs)
 
 
+_log_callback = None
+
+
 def silence_llama_logs(llama_cpp):
     """Drop llama.cpp's log lines (load notes, quantization progress). Llama(verbose=False) alone
     does not: llama-cpp-python maps this llama.cpp's warning level to logging.ERROR and prints it."""
@@ -220,9 +228,9 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best one is reported")
     parser.add_argument("--flash-attn", action="store_true", help="enable llama.cpp flash attention")
     parser.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
-    parser.add_argument("--cache-dir", default=".cache/llamacpp_peer", help="where GGUF files are kept")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF files are kept")
     parser.add_argument("--llamacpp-dir", help="llama.cpp source tree with convert_hf_to_gguf.py "
-                        "(default: /tmp/llx/*/vendor/llama.cpp)")
+                        f"(default: {DEFAULT_LLAMACPP_GLOB})")
     parser.add_argument("--python", default=DEFAULT_PYTHON,
                         help="interpreter with llama_cpp, torch, transformers (runs the converter)")
     args = parser.parse_args()
@@ -236,7 +244,8 @@ def main():
     try:
         import llama_cpp
     except ImportError:
-        if os.path.exists(args.python) and not os.path.samefile(args.python, sys.executable):
+        # A venv is told apart by its interpreter's path, not by the binary it links to.
+        if os.path.exists(args.python) and os.path.abspath(args.python) != os.path.abspath(sys.executable):
             os.execv(args.python, [args.python, os.path.abspath(__file__), *sys.argv[1:]])
         print(f"error: llama_cpp is not importable by {sys.executable}", file=sys.stderr)
         return 1

@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AttentionSpec, MoESpec
+from ..kernels import cpu as cpu_kernels
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose few-token CPU case (decode) goes through the bandwidth-bound kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -34,15 +42,20 @@ class RotaryEmbedding(nn.Module):
         self.rope_dim = rope_dim
         self.theta = theta
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+        self._last = None  # (key, tables): every layer of a step asks for the same positions
 
     def compute_inv_freq(self, device=None) -> torch.Tensor:
         exponents = torch.arange(0, self.rope_dim, 2, dtype=torch.float32, device=device) / self.rope_dim
         return 1.0 / (self.theta**exponents)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        angles = torch.cat([freqs, freqs], dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+    def cos_sin(self, start: int, steps: int, dtype: torch.dtype):
+        key = (start, steps, dtype)
+        if self._last is None or self._last[0] != key:
+            positions = torch.arange(start, start + steps, device=self.inv_freq.device, dtype=torch.float32)
+            freqs = positions[:, None] * self.inv_freq[None, :]
+            angles = torch.cat([freqs, freqs], dim=-1)
+            self._last = (key, (angles.cos().to(dtype), angles.sin().to(dtype)))
+        return self._last[1]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, heads, T, head_dim]; cos/sin: [T, rope_dim]."""
@@ -53,39 +66,59 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([rotated, passed], dim=-1) if passed.shape[-1] else rotated
 
 
+class RopeSet:
+    """One RotaryEmbedding per (rope_dim, theta), shared by the layers that use it."""
+
+    def __init__(self):
+        self.by_key: dict[tuple, RotaryEmbedding] = {}
+
+    def __call__(self, spec: AttentionSpec) -> RotaryEmbedding:
+        key = (spec.rope_dim, spec.rope_theta)
+        if key not in self.by_key:
+            self.by_key[key] = RotaryEmbedding(*key)
+        return self.by_key[key]
+
+
+MANUAL_ATTENTION_STEPS = 16  # up to this many queries (decode, verify) two small matmuls beat SDPA
+
+
 def attend(q, k, v, mask, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped-query attention. q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv], mask [T,S] bool or None.
 
     Sinks add a per-head logit to the softmax denominator only:
     p_ij = exp(a_ij) / (exp(sink_h) + sum_j exp(a_ij)).
     """
-    if sinks is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     batch, heads, steps, _ = q.shape
+    if sinks is None and steps > MANUAL_ATTENTION_STEPS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    grouped_q = q.reshape(batch, kv_heads, group * steps, q.shape[-1])
-    scores = torch.matmul(grouped_q, k.transpose(-1, -2)).float() * scale
+    # fp32 throughout: torch's CPU bf16 batched matmul is slow, and these tensors are small.
+    grouped_q = q.float().reshape(batch, kv_heads, group * steps, q.shape[-1])
+    scores = torch.matmul(grouped_q, k.float().transpose(-1, -2)) * scale
     scores = scores.view(batch, kv_heads, group, steps, -1)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    sink_logits = sinks.float().view(1, kv_heads, group, 1, 1).expand(batch, kv_heads, group, steps, 1)
-    probs = torch.softmax(torch.cat([scores, sink_logits], dim=-1), dim=-1)[..., :-1]
-    probs = probs.to(v.dtype).reshape(batch, kv_heads, group * steps, -1)
-    return torch.matmul(probs, v).view(batch, heads, steps, v.shape[-1])
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        sink_logits = sinks.float().view(1, kv_heads, group, 1, 1).expand(batch, kv_heads, group, steps, 1)
+        probs = torch.softmax(torch.cat([scores, sink_logits], dim=-1), dim=-1)[..., :-1]
+    probs = probs.reshape(batch, kv_heads, group * steps, -1)
+    return torch.matmul(probs, v.float()).to(v.dtype).view(batch, heads, steps, v.shape[-1])
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, spec: AttentionSpec):
+    def __init__(self, hidden_size: int, spec: AttentionSpec, rope: RotaryEmbedding):
         super().__init__()
         self.spec = spec
         self.q_size = spec.num_heads * spec.head_dim
         self.k_size = spec.num_kv_heads * spec.head_dim
         self.v_size = spec.num_kv_heads * spec.v_head_dim
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + self.k_size + self.v_size, bias=spec.bias)
-        self.o_proj = nn.Linear(spec.num_heads * spec.v_head_dim, hidden_size, bias=False)
+        self.qkv_proj = Linear(hidden_size, self.q_size + self.k_size + self.v_size, bias=spec.bias)
+        self.o_proj = Linear(spec.num_heads * spec.v_head_dim, hidden_size, bias=False)
         self.sinks = nn.Parameter(torch.zeros(spec.num_heads)) if spec.has_sink else None
-        self.rope = RotaryEmbedding(spec.rope_dim, spec.rope_theta)
+        self.rope = rope
         self.scale = spec.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
@@ -97,7 +130,7 @@ class Attention(nn.Module):
         v = v.view(batch, steps, spec.num_kv_heads, spec.v_head_dim).transpose(1, 2)
         if spec.value_scale != 1.0:
             v = v * spec.value_scale
-        cos, sin = self.rope.cos_sin(torch.arange(start, start + steps, device=x.device), x.dtype)
+        cos, sin = self.rope.cos_sin(start, steps, x.dtype)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         keys, values, mask = cache.update(k, v, start)
         out = attend(q, keys, values, mask, self.scale, self.sinks)
@@ -110,8 +143,8 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -180,15 +213,15 @@ class MoE(nn.Module):
         return out.to(x.dtype).view(shape)
 
     def expert(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[index]).float()
+        gate, up = cpu_kernels.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
+        return cpu_kernels.linear(F.silu(gate) * up, self.down_proj[index]).float()
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, attention: AttentionSpec, mlp: nn.Module):
+    def __init__(self, hidden_size: int, eps: float, attention: AttentionSpec, mlp: nn.Module, rope: RotaryEmbedding):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps)
-        self.self_attn = Attention(hidden_size, attention)
+        self.self_attn = Attention(hidden_size, attention, rope)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = mlp
 

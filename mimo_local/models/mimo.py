@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from ..config import MiMoConfig
-from .layers import MLP, DecoderLayer
+from .layers import MLP, DecoderLayer, RopeSet
 from .model import MiMoForCausalLM, MTPLayer
 from .weights import WeightMap
 
 
 def build(config: MiMoConfig, num_mtp_layers: int) -> MiMoForCausalLM:
     size, eps = config.hidden_size, config.rms_norm_eps
+    ropes = RopeSet()
+    attention = config.global_attention
     layers = [
-        DecoderLayer(size, eps, config.global_attention, MLP(size, config.intermediate_size))
+        DecoderLayer(size, eps, attention, MLP(size, config.intermediate_size), ropes(attention))
         for _ in range(config.num_layers)
     ]
-    mtp = [MTPLayer(config, config.global_attention, embedding_first=False) for _ in range(num_mtp_layers)]
+    mtp = [MTPLayer(config, attention, ropes(attention), embedding_first=False) for _ in range(num_mtp_layers)]
     return MiMoForCausalLM(config, layers, mtp)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from ..config import MiMoConfig
-from .layers import MLP, DecoderLayer, MoE
+from .layers import MLP, DecoderLayer, MoE, RopeSet
 from .model import MiMoForCausalLM, MTPLayer
 from .weights import WeightMap
 
@@ -15,12 +15,15 @@ MTP_KEY = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
 
 def build(config: MiMoConfig, num_mtp_layers: int) -> MiMoForCausalLM:
     size, eps = config.hidden_size, config.rms_norm_eps
+    ropes = RopeSet()
     layers = []
     for i in range(config.num_layers):
         mlp = MoE(size, config.moe) if config.layer_is_moe[i] else MLP(size, config.intermediate_size)
-        layers.append(DecoderLayer(size, eps, config.attention(i), mlp))
+        layers.append(DecoderLayer(size, eps, config.attention(i), mlp, ropes(config.attention(i))))
     mtp_attention = config.sliding_attention or config.global_attention
-    mtp = [MTPLayer(config, mtp_attention, embedding_first=True) for _ in range(num_mtp_layers)]
+    mtp = [
+        MTPLayer(config, mtp_attention, ropes(mtp_attention), embedding_first=True) for _ in range(num_mtp_layers)
+    ]
     return MiMoForCausalLM(config, layers, mtp)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..cache import ModelCache
 from ..config import AttentionSpec, MiMoConfig
-from .layers import MLP, DecoderLayer, RMSNorm
+from .layers import MLP, DecoderLayer, Linear, RMSNorm, RotaryEmbedding
 
 
 @dataclass
@@ -25,14 +25,14 @@ class MTPLayer(nn.Module):
     MiMo-7B concatenates [hidden, embedding]; V2-Flash [embedding, hidden] (`embedding_first`).
     """
 
-    def __init__(self, config: MiMoConfig, attention: AttentionSpec, embedding_first: bool):
+    def __init__(self, config: MiMoConfig, attention: AttentionSpec, rope: RotaryEmbedding, embedding_first: bool):
         super().__init__()
         size, eps = config.hidden_size, config.rms_norm_eps
         self.embedding_first = embedding_first
         self.token_norm = RMSNorm(size, eps)
         self.hidden_norm = RMSNorm(size, eps)
-        self.input_proj = nn.Linear(2 * size, size, bias=False)
-        self.block = DecoderLayer(size, eps, attention, MLP(size, config.intermediate_size))
+        self.input_proj = Linear(2 * size, size, bias=False)
+        self.block = DecoderLayer(size, eps, attention, MLP(size, config.intermediate_size), rope)
         self.final_norm = RMSNorm(size, eps)
 
     def forward(self, hidden: torch.Tensor, token_embeddings: torch.Tensor, start: int, cache) -> torch.Tensor:
@@ -50,7 +50,7 @@ class MiMoForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp_layers = nn.ModuleList(mtp_layers)

@@ -1,0 +1,161 @@
+"""Decode and prefill speed at batch 1: mimo-local vs transformers vs llama.cpp, in one run.
+
+    python benchmarks/bench_decode.py --shape 7b --dtype float32 [--peers transformers,llamacpp]
+
+Each engine runs in its own subprocess, one after the other, on the same bench checkpoint
+(random weights in hub layout, made once under benchmarks/cache/). Prompt: 128 fixed token ids;
+then --gen-tokens greedy tokens with EOS ignored. Prints a table and, with --record, appends rows to
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache"
+SHAPES = {"7b": ("mimo-bench", "mimo-bench"), "v2": ("mimo_v2_flash-bench", "v2-bench")}
+LLAMACPP_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def checkpoint_for(shape: str) -> Path:
+    preset, name = SHAPES[shape]
+    path = CACHE / name
+    if not (path / "config.json").exists():
+        from mimo_local.dev.tiny import make_checkpoint
+
+        make_checkpoint(path, preset, shards=2)
+    return path
+
+
+def prompt(length: int) -> list[int]:
+    return [100 + (i * 7) % 800 for i in range(length)]
+
+
+def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+    import torch
+
+    from mimo_local.generate import stream
+    from mimo_local.loader import load_model
+    from mimo_local.sampling import SamplingSettings
+    from mimo_local.tokenizer import ChatTokenizer
+
+    model = load_model(path, getattr(torch, dtype))
+    tokenizer = ChatTokenizer(path)
+    settings = SamplingSettings(temperature=0, max_tokens=gen_tokens)
+    best = None
+    for _ in range(repeats + 1):  # the first run warms up
+        stats = list(stream(model, tokenizer, prompt(prompt_tokens), settings, eos_ids=()))[-1].stats
+        if best is None or stats.decode_tokens_per_s > best.decode_tokens_per_s:
+            best = stats
+    return {"prefill_tokens_per_s": best.prefill_tokens_per_s, "decode_tokens_per_s": best.decode_tokens_per_s}
+
+
+def run_transformers(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+    import torch
+    import transformers
+
+    config = json.loads((path / "config.json").read_text())
+    cls = transformers.Qwen2ForCausalLM if config["model_type"] == "mimo" else transformers.MiMoV2FlashForCausalLM
+    model = cls.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    ids = torch.tensor([prompt(prompt_tokens)])
+    best = {"prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            model(ids, use_cache=True)
+            prefill = time.perf_counter() - started
+            started = time.perf_counter()
+            model.generate(ids, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)
+            total = time.perf_counter() - started
+            decode = (gen_tokens - 1) / max(total - prefill, 1e-9)
+            best["prefill_tokens_per_s"] = max(best["prefill_tokens_per_s"], prompt_tokens / prefill)
+            best["decode_tokens_per_s"] = max(best["decode_tokens_per_s"], decode)
+    return best
+
+
+def run_llamacpp(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+    python = os.environ.get("LLAMACPP_PYTHON", "/work/llvenv/bin/python")
+    command = [python, str(HERE / "peers" / "llamacpp_peer.py"), "--checkpoint", str(path),
+               "--outtype", LLAMACPP_TYPES[dtype], "--prompt-tokens", str(prompt_tokens),
+               "--gen-tokens", str(gen_tokens), "--repeats", str(repeats)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama.cpp peer failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+ENGINES = {"mimo-local": run_ours, "transformers": run_transformers, "llama.cpp": run_llamacpp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=SHAPES, default="7b")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--peers", default="transformers,llamacpp")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    path = checkpoint_for(args.shape)
+
+    if args.worker:
+        result = ENGINES[args.worker](path, args.dtype, args.prompt_tokens, args.gen_tokens, args.repeats)
+        print(json.dumps(result))
+        return
+
+    engines = ["mimo-local"] + [{"llamacpp": "llama.cpp"}.get(p, p) for p in args.peers.split(",") if p]
+    results = {}
+    for engine in engines:
+        command = [sys.executable, __file__, "--worker", engine, "--shape", args.shape, "--dtype", args.dtype,
+                   "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
+                   "--repeats", str(args.repeats)]
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{engine}: failed: {out.stderr.strip()[-800:]}", file=sys.stderr)
+            continue
+        results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    from rich.console import Console
+    from rich.table import Table
+
+    ours = results.get("mimo-local", {})
+    table = Table(title=f"{args.shape}-shape {args.dtype}: prompt {args.prompt_tokens}, generate {args.gen_tokens}")
+    for column in ("engine", "prefill tok/s", "decode tok/s", "decode: ours / peer", "prefill: ours / peer"):
+        table.add_column(column, justify="right")
+    rows = []
+    for engine, figures in results.items():
+        decode_ratio = ours.get("decode_tokens_per_s", 0) / max(figures["decode_tokens_per_s"], 1e-9)
+        prefill_ratio = ours.get("prefill_tokens_per_s", 0) / max(figures["prefill_tokens_per_s"], 1e-9)
+        table.add_row(engine, f"{figures['prefill_tokens_per_s']:.1f}", f"{figures['decode_tokens_per_s']:.2f}",
+                      f"{decode_ratio:.2f}x", f"{prefill_ratio:.2f}x")
+        rows.append((engine, figures, decode_ratio, prefill_ratio))
+    Console().print(table)
+
+    if args.record:
+        command = "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]).replace("--record", "").strip()
+        machine = f"{platform.machine()} {os.cpu_count()} cores, CPU"
+        with open(HERE / "RESULTS.md", "a") as handle:
+            for engine, figures, decode_ratio, prefill_ratio in rows:
+                if engine == "mimo-local":
+                    continue
+                handle.write(
+                    f"| {date.today()} | {machine} | `{command}` | {args.shape} {args.dtype} | "
+                    f"{ours['decode_tokens_per_s']:.2f} / {ours['prefill_tokens_per_s']:.1f} | {engine} "
+                    f"{figures['decode_tokens_per_s']:.2f} / {figures['prefill_tokens_per_s']:.1f} | "
+                    f"{decode_ratio:.2f}x / {prefill_ratio:.2f}x |\n"
+                )
+
+
+if __name__ == "__main__":
+    main()
