@@ -52,7 +52,7 @@ def library() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
             temporary = handle.name
-        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", temporary]
+        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", temporary, "-lm"]
         if subprocess.run(command, capture_output=True).returncode != 0:
             os.unlink(temporary)
             return None
@@ -62,6 +62,15 @@ def library() -> ctypes.CDLL | None:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.linear_f32.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64]
     lib.linear_bf16.argtypes = [pointer, pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64]
+    for moe in (lib.moe_f32, lib.moe_bf16):
+        moe.argtypes = [pointer] * 6 + [ctypes.c_int, pointer, pointer, pointer, i64, i64]
+    for norm in (lib.rmsnorm_f32, lib.rmsnorm_bf16):
+        norm.argtypes = [pointer, pointer, pointer, ctypes.c_int, i64, ctypes.c_float]
+    integer, real = ctypes.c_int, ctypes.c_float
+    for attention in (lib.attention_f32, lib.attention_bf16):
+        attention.argtypes = [pointer, i64, integer, i64, pointer, pointer, pointer, pointer, pointer, i64, i64,
+                              pointer, integer, integer, integer, integer, integer, real, real, pointer, pointer,
+                              pointer]
     return lib
 
 
@@ -106,3 +115,90 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def moe_supports(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    return supports(x, gate_up[0])
+
+
+def moe(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Routed SwiGLU experts for a few tokens: x [M, H], experts/weights [M, k] -> float32 [M, H].
+
+    gate_up [E, 2I, H] (gate rows first), down [E, H, I]. One call per layer instead of a few
+    dozen torch ops per expert."""
+    if not moe_supports(x, gate_up):
+        return reference_moe(x, gate_up, down, experts, weights)
+    tokens, top_k = experts.shape
+    hidden, inter = down.shape[1], down.shape[2]
+    order = experts.reshape(-1).argsort(stable=True)
+    flat_experts = experts.reshape(-1)[order].contiguous()
+    flat_tokens = (order // top_k).contiguous()
+    flat_weights = weights.reshape(-1)[order].float().contiguous()
+    x = x.contiguous()
+    out = torch.zeros(tokens, hidden, dtype=torch.float32)
+    act = torch.empty(inter, dtype=x.dtype)
+    gate_up_out = torch.empty(2 * inter, dtype=torch.float32)
+    kernel = library().moe_f32 if x.dtype == torch.float32 else library().moe_bf16
+    kernel(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), flat_experts.data_ptr(), flat_tokens.data_ptr(),
+           flat_weights.data_ptr(), flat_experts.numel(), out.data_ptr(), act.data_ptr(), gate_up_out.data_ptr(),
+           hidden, inter)
+    return out
+
+
+def reference_moe(x, gate_up, down, experts, weights) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32, device=x.device)
+    for token in range(x.shape[0]):
+        for expert, weight in zip(experts[token].tolist(), weights[token]):
+            gate, up = F.linear(x[token], gate_up[expert]).chunk(2, dim=-1)
+            out[token] += weight.float() * F.linear(F.silu(gate) * up, down[expert]).float()
+    return out
+
+
+def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return supports(x, weight) and x.is_contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * cast(x * rsqrt(mean(x^2) + eps)) for a few rows."""
+    out = torch.empty_like(x)
+    kernel = library().rmsnorm_f32 if x.dtype == torch.float32 else library().rmsnorm_bf16
+    kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return out
+
+
+def attention_supports(qkv: torch.Tensor, cache, steps: int) -> bool:
+    """Batch 1, CPU, and for ring buffers few enough new tokens that writing them first overwrites
+    nothing a query of this step still sees."""
+    spec = cache.spec
+    return (
+        qkv.device.type == "cpu"
+        and qkv.dtype == cache.keys.dtype
+        and qkv.dtype in (torch.float32, torch.bfloat16)
+        and cache.keys.shape[0] == 1
+        and steps <= MAX_ROWS
+        and max(spec.head_dim, spec.v_head_dim) <= 1024
+        and (not spec.is_sliding or steps <= cache.capacity - cache.window)
+        and library() is not None
+    )
+
+
+def decode_attention(qkv, start: int, cos, sin, cache, sinks, scale: float) -> torch.Tensor:
+    """Rotate, cache and attend for `steps` new tokens in one call. qkv [steps, q+k+v] (row-strided
+    view allowed); cos/sin float32 [steps, rope_dim]. Returns [steps, heads * v_head_dim]."""
+    spec = cache.spec
+    steps = qkv.shape[0]
+    slots = cache.capacity if spec.is_sliding else start + steps
+    q_scratch = torch.empty(steps * spec.num_heads * spec.head_dim, dtype=torch.float32)
+    score_scratch = torch.empty(steps * spec.num_heads * slots, dtype=torch.float32)
+    out = torch.empty(steps, spec.num_heads * spec.v_head_dim, dtype=qkv.dtype)
+    kernel = library().attention_f32 if qkv.dtype == torch.float32 else library().attention_bf16
+    kernel(
+        qkv.data_ptr(), qkv.stride(0), steps, start, cos.data_ptr(), sin.data_ptr(), cache.keys.data_ptr(),
+        cache.values.data_ptr(), cache.slot_pos.data_ptr() if spec.is_sliding else None, cache.capacity,
+        spec.sliding_window if spec.is_sliding else -1, None if sinks is None else sinks.data_ptr(),
+        spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim, spec.rope_dim, scale, spec.value_scale,
+        q_scratch.data_ptr(), score_scratch.data_ptr(), out.data_ptr(),
+    )
+    return out

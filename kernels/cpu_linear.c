@@ -7,6 +7,7 @@
  * loaded, so torch's ops and these share one thread pool.
  */
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -106,5 +107,140 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, flo
         }
     }
 }
+
+/* ---------------------------------------------------------------- routed SwiGLU experts
+ * out[t] += w * down_e(silu(gate_e(x_t)) * up_e(x_t)) for each (token t, expert e, weight w)
+ * assignment. gate_up is [E, 2I, H] (gate rows first), down is [E, H, I]; out is float32 [M, H].
+ * Rows of each expert matmul are split across threads, so no two threads write the same output. */
+#define MOE_KERNEL(NAME, T, DOT, TO_F32, FROM_F32)                                                      \
+    void NAME(const T *x, const T *gate_up, const T *down, const int64_t *experts, const int64_t *tokens,  \
+              const float *weights, int assignments, float *out, T *act, float *gate_up_out,               \
+              int64_t hidden, int64_t inter) {                                                            \
+        for (int a = 0; a < assignments; a++) {                                                           \
+            const T *xt = x + tokens[a] * hidden;                                                         \
+            const T *gu = gate_up + experts[a] * 2 * inter * hidden;                                      \
+            const T *dn = down + experts[a] * hidden * inter;                                             \
+            float *ot = out + tokens[a] * hidden;                                                         \
+            float w = weights[a];                                                                         \
+            _Pragma("omp parallel for schedule(static)")                                                  \
+            for (int64_t r = 0; r < 2 * inter; r++) {                                                     \
+                prefetch_ahead(gu + r * hidden, hidden * (int64_t)sizeof(T));                             \
+                gate_up_out[r] = TO_F32(FROM_F32(DOT(gu + r * hidden, xt, hidden)));                      \
+            }                                                                                             \
+            for (int64_t i = 0; i < inter; i++) {                                                         \
+                float g = gate_up_out[i];                                                                 \
+                act[i] = FROM_F32(TO_F32(FROM_F32(g / (1.f + expf(-g)))) * gate_up_out[inter + i]);       \
+            }                                                                                             \
+            _Pragma("omp parallel for schedule(static)")                                                  \
+            for (int64_t r = 0; r < hidden; r++) {                                                        \
+                prefetch_ahead(dn + r * inter, inter * (int64_t)sizeof(T));                               \
+                ot[r] += w * TO_F32(FROM_F32(DOT(dn + r * inter, act, inter)));                           \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+static inline float identity_f32(float v) { return v; }
+MOE_KERNEL(moe_f32, float, dot_f32, identity_f32, identity_f32)
+MOE_KERNEL(moe_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)
+
+/* ---------------------------------------------------------------- RMSNorm
+ * out = weight * cast(x * rsqrt(mean(x^2) + eps)), the cast to the model dtype before the weight
+ * multiply as in the reference implementations. */
+#define RMSNORM_KERNEL(NAME, T, TO_F32, FROM_F32)                                                      \
+    void NAME(const T *x, const T *weight, T *out, int m, int64_t size, float eps) {                     \
+        for (int i = 0; i < m; i++) {                                                                    \
+            const T *xi = x + i * size;                                                                  \
+            double sum = 0.0;                                                                            \
+            for (int64_t j = 0; j < size; j++) { float v = TO_F32(xi[j]); sum += (double)v * v; }        \
+            float inv = 1.f / sqrtf((float)(sum / size) + eps);                                          \
+            for (int64_t j = 0; j < size; j++)                                                           \
+                out[i * size + j] = FROM_F32(TO_F32(weight[j]) * TO_F32(FROM_F32(TO_F32(xi[j]) * inv))); \
+        }                                                                                                \
+    }
+RMSNORM_KERNEL(rmsnorm_f32, float, identity_f32, identity_f32)
+RMSNORM_KERNEL(rmsnorm_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* ---------------------------------------------------------------- decode attention
+ * For M new tokens at positions start..start+M-1, from the fused qkv rows: rotate q and k
+ * (rotate-half on the first rope_dim dims), scale v, store k/v in the cache, and attend.
+ * Cache: keys [Hkv, capacity, D], values [Hkv, capacity, Dv]. Global layers (slot_pos NULL) store
+ * position p in slot p; sliding layers store it in slot p % capacity, record it in slot_pos, and a
+ * query at p sees stored positions p - window .. p. Sinks (per head, optional) join the softmax
+ * denominator only. q/k/v are taken in float32; out is [M, H * Dv]. */
+#define ATTENTION_KERNEL(NAME, T, TO_F32, FROM_F32)                                                     \
+    void NAME(const T *qkv, int64_t qkv_stride, int m, int64_t start, const float *cos, const float *sin, \
+              T *keys, T *values, int64_t *slot_pos, int64_t capacity, int64_t window, const float *sinks, \
+              int heads, int kv_heads, int dim, int v_dim, int rope_dim, float scale, float value_scale,   \
+              float *q_scratch, float *score_scratch, T *out) {                                          \
+        int half = rope_dim / 2, group = heads / kv_heads;                                               \
+        int64_t k_offset = (int64_t)heads * dim, v_offset = k_offset + (int64_t)kv_heads * dim;          \
+        for (int i = 0; i < m; i++) {                                                                    \
+            const T *row = qkv + i * qkv_stride;                                                         \
+            const float *c = cos + i * rope_dim, *s = sin + i * rope_dim;                                \
+            int64_t pos = start + i, slot = slot_pos ? pos % capacity : pos;                             \
+            for (int h = 0; h < heads + kv_heads; h++) {                                                 \
+                const T *src = row + (int64_t)h * dim;                                                   \
+                float rotated[1024];                                                                     \
+                for (int d = 0; d < dim; d++) rotated[d] = TO_F32(src[d]);                               \
+                for (int d = 0; d < half; d++) {                                                         \
+                    float a = rotated[d], b = rotated[d + half];                                         \
+                    rotated[d] = a * c[d] - b * s[d];                                                    \
+                    rotated[d + half] = b * c[d + half] + a * s[d + half];                               \
+                }                                                                                        \
+                if (h < heads) {                                                                         \
+                    float *q = q_scratch + ((int64_t)i * heads + h) * dim;                               \
+                    for (int d = 0; d < dim; d++) q[d] = TO_F32(FROM_F32(rotated[d]));                   \
+                } else {                                                                                 \
+                    T *k = keys + ((int64_t)(h - heads) * capacity + slot) * dim;                        \
+                    for (int d = 0; d < dim; d++) k[d] = FROM_F32(rotated[d]);                           \
+                }                                                                                        \
+            }                                                                                            \
+            for (int g = 0; g < kv_heads; g++) {                                                         \
+                const T *src = row + v_offset + (int64_t)g * v_dim;                                      \
+                T *v = values + ((int64_t)g * capacity + slot) * v_dim;                                  \
+                for (int d = 0; d < v_dim; d++)                                                          \
+                    v[d] = value_scale == 1.f ? src[d] : FROM_F32(TO_F32(src[d]) * value_scale);         \
+            }                                                                                            \
+            if (slot_pos) slot_pos[slot] = pos;                                                          \
+        }                                                                                                \
+        int64_t slots = slot_pos ? capacity : start + m;                                                 \
+        _Pragma("omp parallel for schedule(static)")                                                     \
+        for (int64_t task = 0; task < (int64_t)m * heads; task++) {                                      \
+            int i = (int)(task / heads), h = (int)(task % heads), g = h / group;                         \
+            int64_t pos = start + i;                                                                     \
+            const float *q = q_scratch + task * dim;                                                     \
+            float *score = score_scratch + task * slots;                                                 \
+            float top = sinks ? sinks[h] : -INFINITY;                                                    \
+            for (int64_t j = 0; j < slots; j++) {                                                        \
+                int64_t key_pos = slot_pos ? slot_pos[j] : j;                                            \
+                if (key_pos > pos || key_pos < 0 || (window >= 0 && key_pos < pos - window)) {           \
+                    score[j] = -INFINITY;                                                                \
+                    continue;                                                                            \
+                }                                                                                        \
+                const T *k = keys + ((int64_t)g * capacity + j) * dim;                                   \
+                float dot = 0.f;                                                                         \
+                for (int d = 0; d < dim; d++) dot += q[d] * TO_F32(k[d]);                                \
+                score[j] = dot * scale;                                                                  \
+                if (score[j] > top) top = score[j];                                                      \
+            }                                                                                            \
+            float total = sinks ? expf(sinks[h] - top) : 0.f;                                            \
+            for (int64_t j = 0; j < slots; j++) {                                                        \
+                score[j] = score[j] == -INFINITY ? 0.f : expf(score[j] - top);                           \
+                total += score[j];                                                                       \
+            }                                                                                            \
+            float acc[1024];                                                                             \
+            for (int d = 0; d < v_dim; d++) acc[d] = 0.f;                                                \
+            for (int64_t j = 0; j < slots; j++) {                                                        \
+                if (score[j] == 0.f) continue;                                                           \
+                const T *v = values + ((int64_t)g * capacity + j) * v_dim;                               \
+                float p = score[j] / total;                                                              \
+                for (int d = 0; d < v_dim; d++) acc[d] += p * TO_F32(v[d]);                              \
+            }                                                                                            \
+            T *o = out + ((int64_t)i * heads + h) * v_dim;                                               \
+            for (int d = 0; d < v_dim; d++) o[d] = FROM_F32(acc[d]);                                     \
+        }                                                                                                \
+    }
+ATTENTION_KERNEL(attention_f32, float, identity_f32, identity_f32)
+ATTENTION_KERNEL(attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
 int max_rows(void) { return MAX_M; }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
@@ -64,11 +67,38 @@ def load_model(
             router.float()  # routing is computed in fp32, as in the reference
     model.to_empty(device=device)
     model.requires_grad_(False)
+    if device.type == "cpu":
+        for param in model.parameters():
+            advise_huge_pages(param)
     for rope in (m for m in model.modules() if isinstance(m, RotaryEmbedding)):
         rope.inv_freq = rope.compute_inv_freq(device)
 
     _stream_weights(model, family.weight_map(model).targets, checkpoint, show_progress)
     return model.eval()
+
+
+HUGE_PAGE = 2 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to back a large, not yet touched CPU tensor with 2 MiB pages: decode streams every
+    weight once per token, and fewer TLB misses let the prefetchers run ahead (a few % measured)."""
+    libc = _libc()
+    if libc is None or tensor.nbytes < 4 * HUGE_PAGE:
+        return
+    begin = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    end = (tensor.data_ptr() + tensor.nbytes) // HUGE_PAGE * HUGE_PAGE
+    libc.madvise(begin, end - begin, 14)  # MADV_HUGEPAGE; a refusal only costs speed
 
 
 def _stream_weights(model: MiMoForCausalLM, targets: dict, checkpoint: Checkpoint, show_progress: bool) -> None:

@@ -28,6 +28,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.rms_norm_supports(x, self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -56,6 +58,9 @@ class RotaryEmbedding(nn.Module):
             angles = torch.cat([freqs, freqs], dim=-1)
             self._last = (key, (angles.cos().to(dtype), angles.sin().to(dtype)))
         return self._last[1]
+
+    def tables_f32(self, start: int, steps: int):
+        return self.cos_sin(start, steps, torch.float32)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, heads, T, head_dim]; cos/sin: [T, rope_dim]."""
@@ -124,7 +129,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
         batch, steps, _ = x.shape
         spec = self.spec
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.k_size, self.v_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if cpu_kernels.attention_supports(qkv, cache, steps):  # decode / verify: one fused call
+            cos, sin = self.rope.tables_f32(start, steps)
+            sinks = None if self.sinks is None else self.sinks.float()
+            out = cpu_kernels.decode_attention(qkv.view(steps, -1), start, cos, sin, cache, sinks, self.scale)
+            return self.o_proj(out.view(batch, steps, -1))
+        q, k, v = qkv.split([self.q_size, self.k_size, self.v_size], dim=-1)
         q = q.view(batch, steps, spec.num_heads, spec.head_dim).transpose(1, 2)
         k = k.view(batch, steps, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         v = v.view(batch, steps, spec.num_kv_heads, spec.v_head_dim).transpose(1, 2)
@@ -191,12 +202,10 @@ class MoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         experts, weights = self.gate(tokens)
-        out = torch.zeros_like(tokens, dtype=torch.float32)
-        if tokens.shape[0] == 1:
-            # Decode: one token, a handful of experts; skip the sort and gather.
-            for slot, expert in enumerate(experts[0].tolist()):
-                out += self.expert(tokens, expert) * weights[0, slot]
+        if cpu_kernels.moe_supports(tokens, self.gate_up_proj):  # decode / verify: one fused call
+            out = cpu_kernels.moe(tokens, self.gate_up_proj, self.down_proj, experts, weights)
             return out.to(x.dtype).view(shape)
+        out = torch.zeros_like(tokens, dtype=torch.float32)
         flat_experts = experts.view(-1)
         order = flat_experts.argsort()
         counts = torch.bincount(flat_experts, minlength=self.spec.num_experts).tolist()
@@ -213,8 +222,8 @@ class MoE(nn.Module):
         return out.to(x.dtype).view(shape)
 
     def expert(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        gate, up = cpu_kernels.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
-        return cpu_kernels.linear(F.silu(gate) * up, self.down_proj[index]).float()
+        gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[index]).float()
 
 
 class DecoderLayer(nn.Module):
