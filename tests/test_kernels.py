@@ -1,0 +1,75 @@
+"""CPU decode kernels against their pure-torch references."""
+
+import pytest
+import torch
+
+from mimo_local.kernels import cpu
+from mimo_local.loader import load_model
+
+pytestmark = pytest.mark.skipif(cpu.library() is None, reason="no C compiler on this machine")
+
+
+def ulp_close(got, expected, dtype):
+    tolerance = 1e-4 if dtype == torch.float32 else 2 ** -7
+    return ((got.float() - expected.float()).abs() <= tolerance * (1 + expected.float().abs())).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,out_features,in_features", [(1, 512, 256), (3, 130, 200), (16, 77, 1000)])
+def test_linear_matches_reference(dtype, rows, out_features, in_features):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype) / in_features**0.5
+    bias = torch.randn(out_features, generator=generator).to(dtype)
+    assert cpu.supports(x, weight)
+    assert ulp_close(cpu.linear(x, weight, bias), cpu.reference_linear(x, weight, bias), dtype)
+    assert ulp_close(cpu.linear(x, weight), cpu.reference_linear(x, weight), dtype)
+
+
+def test_linear_falls_back_for_many_rows():
+    x, weight = torch.randn(40, 64), torch.randn(32, 64)
+    assert not cpu.supports(x, weight)
+    assert torch.allclose(cpu.linear(x, weight), x @ weight.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_matches_reference(dtype):
+    generator = torch.Generator().manual_seed(0)
+    experts, inter, hidden, tokens, top_k = 8, 48, 96, 3, 2
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=generator) / 10).to(dtype)
+    down = (torch.randn(experts, hidden, inter, generator=generator) / 7).to(dtype)
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    chosen = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=generator)
+    got = cpu.moe(x, gate_up, down, chosen, weights)
+    expected = cpu.reference_moe(x, gate_up, down, chosen, weights)
+    assert torch.allclose(got, expected, atol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_reference(dtype):
+    from mimo_local.models.layers import RMSNorm
+
+    norm = RMSNorm(200, 1e-5).to(dtype)
+    norm.weight.data = torch.rand(200).to(dtype) + 0.5
+    x = torch.randn(2, 200).to(dtype) * 3
+    fused = norm(x)
+    reference = norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert ulp_close(fused, reference, dtype)
+
+
+@pytest.mark.parametrize("family", ["mimo", "mimo_v2_flash"])
+def test_decode_identical_with_and_without_kernels(checkpoints, monkeypatch, family):
+    """The fused decode path (kernels) and the plain torch path give the same logits step by step."""
+    model = load_model(checkpoints(family))
+    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(2))
+
+    def decode(use_kernels):
+        monkeypatch.setattr(cpu, "MAX_ROWS", 16 if use_kernels else 0)
+        cache = model.new_cache(64)
+        model(ids[:, :20], cache)
+        steps = [model(ids[:, i : i + 1], cache).logits for i in range(20, 26)]
+        steps.append(model(ids[:, 26:30], cache, all_logits=True).logits)  # a 4-token verify-sized step
+        return torch.cat(steps, dim=1)
+
+    assert (decode(True) - decode(False)).abs().max().item() < 1e-4
