@@ -63,7 +63,7 @@ def library() -> ctypes.CDLL | None:
     lib.linear_f32.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64]
     lib.linear_bf16.argtypes = [pointer, pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64]
     for moe in (lib.moe_f32, lib.moe_bf16):
-        moe.argtypes = [pointer] * 6 + [ctypes.c_int, pointer, pointer, pointer, i64, i64]
+        moe.argtypes = [pointer] * 6 + [ctypes.c_int, ctypes.c_int, pointer, pointer, pointer, i64, i64]
     for norm in (lib.rmsnorm_f32, lib.rmsnorm_bf16):
         norm.argtypes = [pointer, pointer, pointer, ctypes.c_int, i64, ctypes.c_float]
     integer, real = ctypes.c_int, ctypes.c_float
@@ -137,13 +137,14 @@ def moe(
     flat_tokens = (order // top_k).contiguous()
     flat_weights = weights.reshape(-1)[order].float().contiguous()
     x = x.contiguous()
-    out = torch.zeros(tokens, hidden, dtype=torch.float32)
-    act = torch.empty(inter, dtype=x.dtype)
-    gate_up_out = torch.empty(2 * inter, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    out = torch.empty(tokens, hidden, dtype=torch.float32)
+    partial = torch.empty(threads, tokens, hidden, dtype=torch.float32)
+    scratch = torch.empty(threads, 3 * inter, dtype=torch.float32)  # 2I floats + I activations each
     kernel = library().moe_f32 if x.dtype == torch.float32 else library().moe_bf16
     kernel(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), flat_experts.data_ptr(), flat_tokens.data_ptr(),
-           flat_weights.data_ptr(), flat_experts.numel(), out.data_ptr(), act.data_ptr(), gate_up_out.data_ptr(),
-           hidden, inter)
+           flat_weights.data_ptr(), flat_experts.numel(), tokens, out.data_ptr(), partial.data_ptr(),
+           scratch.data_ptr(), hidden, inter)
     return out
 
 

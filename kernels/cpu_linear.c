@@ -8,6 +8,7 @@
  */
 #include <stdint.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -111,31 +112,48 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, flo
 /* ---------------------------------------------------------------- routed SwiGLU experts
  * out[t] += w * down_e(silu(gate_e(x_t)) * up_e(x_t)) for each (token t, expert e, weight w)
  * assignment. gate_up is [E, 2I, H] (gate rows first), down is [E, H, I]; out is float32 [M, H].
- * Rows of each expert matmul are split across threads, so no two threads write the same output. */
+ * Experts are small, so threads split the assignments (each streams whole experts, one parallel
+ * region per layer) and add into their own partial output; the partials are summed at the end.
+ * scratch: per thread, I activations (T) + 2I floats; partial: threads * M * H floats. */
 #define MOE_KERNEL(NAME, T, DOT, TO_F32, FROM_F32)                                                      \
     void NAME(const T *x, const T *gate_up, const T *down, const int64_t *experts, const int64_t *tokens,  \
-              const float *weights, int assignments, float *out, T *act, float *gate_up_out,               \
+              const float *weights, int assignments, int m, float *out, float *partial, float *scratch,    \
               int64_t hidden, int64_t inter) {                                                            \
-        for (int a = 0; a < assignments; a++) {                                                           \
-            const T *xt = x + tokens[a] * hidden;                                                         \
-            const T *gu = gate_up + experts[a] * 2 * inter * hidden;                                      \
-            const T *dn = down + experts[a] * hidden * inter;                                             \
-            float *ot = out + tokens[a] * hidden;                                                         \
-            float w = weights[a];                                                                         \
-            _Pragma("omp parallel for schedule(static)")                                                  \
-            for (int64_t r = 0; r < 2 * inter; r++) {                                                     \
-                prefetch_ahead(gu + r * hidden, hidden * (int64_t)sizeof(T));                             \
-                gate_up_out[r] = TO_F32(FROM_F32(DOT(gu + r * hidden, xt, hidden)));                      \
+        int threads = 1;                                                                                  \
+        _Pragma("omp parallel")                                                                           \
+        {                                                                                                 \
+            _Pragma("omp single") threads = omp_get_num_threads();                                        \
+            int id = omp_get_thread_num();                                                                \
+            float *mine = partial + (int64_t)id * m * hidden;                                             \
+            float *gate_up_out = scratch + (int64_t)id * 3 * inter;                                       \
+            T *act = (T *)(gate_up_out + 2 * inter);                                                      \
+            for (int64_t j = 0; j < (int64_t)m * hidden; j++) mine[j] = 0.f;                              \
+            int first = (int)((int64_t)assignments * id / threads);                                       \
+            int last = (int)((int64_t)assignments * (id + 1) / threads);                                  \
+            for (int a = first; a < last; a++) {                                                          \
+                const T *xt = x + tokens[a] * hidden;                                                     \
+                const T *gu = gate_up + experts[a] * 2 * inter * hidden;                                  \
+                const T *dn = down + experts[a] * hidden * inter;                                         \
+                float *ot = mine + tokens[a] * hidden;                                                    \
+                float w = weights[a];                                                                     \
+                for (int64_t r = 0; r < 2 * inter; r++) {                                                 \
+                    prefetch_ahead(gu + r * hidden, hidden * (int64_t)sizeof(T));                         \
+                    gate_up_out[r] = TO_F32(FROM_F32(DOT(gu + r * hidden, xt, hidden)));                  \
+                }                                                                                         \
+                for (int64_t i = 0; i < inter; i++) {                                                     \
+                    float g = gate_up_out[i];                                                             \
+                    act[i] = FROM_F32(TO_F32(FROM_F32(g / (1.f + expf(-g)))) * gate_up_out[inter + i]);   \
+                }                                                                                         \
+                for (int64_t r = 0; r < hidden; r++) {                                                    \
+                    prefetch_ahead(dn + r * inter, inter * (int64_t)sizeof(T));                           \
+                    ot[r] += w * TO_F32(FROM_F32(DOT(dn + r * inter, act, inter)));                       \
+                }                                                                                         \
             }                                                                                             \
-            for (int64_t i = 0; i < inter; i++) {                                                         \
-                float g = gate_up_out[i];                                                                 \
-                act[i] = FROM_F32(TO_F32(FROM_F32(g / (1.f + expf(-g)))) * gate_up_out[inter + i]);       \
-            }                                                                                             \
-            _Pragma("omp parallel for schedule(static)")                                                  \
-            for (int64_t r = 0; r < hidden; r++) {                                                        \
-                prefetch_ahead(dn + r * inter, inter * (int64_t)sizeof(T));                               \
-                ot[r] += w * TO_F32(FROM_F32(DOT(dn + r * inter, act, inter)));                           \
-            }                                                                                             \
+        }                                                                                                 \
+        for (int64_t j = 0; j < (int64_t)m * hidden; j++) {                                               \
+            float sum = 0.f;                                                                              \
+            for (int t = 0; t < threads; t++) sum += partial[(int64_t)t * m * hidden + j];                \
+            out[j] = sum;                                                                                 \
         }                                                                                                 \
     }
 

@@ -58,6 +58,13 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    mtp: Optional[bool] = typer.Option(
+        None, "--mtp/--no-mtp", help="Speculative decoding with the MTP layers (default: on when the checkpoint has them)."
+    ),
+    draft_tokens: int = typer.Option(0, "--draft-tokens", help="Tokens drafted per step (default: one per MTP layer)."),
+    draft_vocab: int = typer.Option(
+        0, "--draft-vocab", help="Draft over the first N token ids only (cheaper drafts, still lossless; 0 = all)."
+    ),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of text."),
@@ -81,8 +88,11 @@ def run(
     )
     try:
         settings.validate()
+        if draft_tokens < 0 or draft_vocab < 0:
+            raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
         engine = Engine.load(model, device=device, dtype=dtype, show_progress=sys.stderr.isatty())
-        events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings)
+        speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
+        events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings, **speculation)
         stats = None
         for event in events:
             if isinstance(event, DoneEvent):

@@ -43,5 +43,15 @@ class Engine:
         ]
         return self.tokenizer.encode(self.tokenizer.render_chat(messages))
 
-    def stream(self, prompt_ids: list[int], settings: SamplingSettings, cache=None) -> Iterator:
-        return generate.stream(self.model, self.tokenizer, prompt_ids, settings, cache=cache)
+    def speculation(self, mtp: bool | None, draft_tokens: int = 0, draft_vocab: int = 0) -> dict:
+        """stream() arguments for MTP speculation: on by default when the checkpoint has MTP layers,
+        one draft per MTP layer unless `draft_tokens` says otherwise."""
+        layers = len(self.model.mtp_layers)
+        if mtp and not layers:
+            raise MimoError(f"{self.path.name} has no MTP layers: --mtp is not possible")
+        if mtp is False or not layers:
+            return {"draft_tokens": 0}
+        return {"draft_tokens": draft_tokens or layers, "draft_vocab": draft_vocab or None}
+
+    def stream(self, prompt_ids: list[int], settings: SamplingSettings, cache=None, **speculation) -> Iterator:
+        return generate.stream(self.model, self.tokenizer, prompt_ids, settings, cache=cache, **speculation)

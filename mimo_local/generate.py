@@ -12,6 +12,7 @@ from .cache import ModelCache
 from .errors import MimoError
 from .models.model import MiMoForCausalLM
 from .sampling import Sampler, SamplingSettings
+from .speculative import MTPDrafter, SpeculationStats, accept_drafts
 from .tokenizer import ChatTokenizer, IncrementalDetokenizer
 
 PREFILL_CHUNK = 512
@@ -33,6 +34,7 @@ class GenerationStats:
     finish_reason: str = "length"
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    speculation: SpeculationStats | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -52,6 +54,15 @@ class GenerationStats:
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "finish_reason": self.finish_reason,
+            **(
+                {
+                    "mtp_draft_tokens": self.speculation.drafted,
+                    "mtp_accepted_tokens": self.speculation.accepted,
+                    "mean_accepted_length": round(self.speculation.mean_accepted_length, 3),
+                }
+                if self.speculation
+                else {}
+            ),
         }
 
 
@@ -97,14 +108,62 @@ class StopMatcher:
         return longest
 
 
-def prefill(model: MiMoForCausalLM, cache: ModelCache, ids: list[int]):
-    """Run the prompt in chunks; returns the last ForwardOutput."""
+def prefill(model: MiMoForCausalLM, cache: ModelCache, ids: list[int], observe=None):
+    """Run the prompt in chunks; returns the last position's logits."""
     device = model.device
     out = None
     for begin in range(0, len(ids), PREFILL_CHUNK):
-        chunk = torch.tensor([ids[begin : begin + PREFILL_CHUNK]], device=device)
-        out = model(chunk, cache)
-    return out
+        start = cache.length
+        out = model(torch.tensor([ids[begin : begin + PREFILL_CHUNK]], device=device), cache)
+        if observe is not None:
+            observe(out.hidden, start)
+    return out.logits[0, -1]
+
+
+class PlainDecoder:
+    """One target forward per token."""
+
+    def __init__(self, model: MiMoForCausalLM, cache: ModelCache, sampler: Sampler):
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.forwards = 0
+
+    def first(self, prompt_ids: list[int], history: torch.Tensor) -> list[int]:
+        logits = prefill(self.model, self.cache, prompt_ids)
+        return [self.sampler.pick(self.sampler.adjust(logits, history))]
+
+    def next(self, tokens: list[int], history: torch.Tensor) -> list[int]:
+        logits = self.model(history[-1:].view(1, 1), self.cache).logits[0, -1]
+        self.forwards += 1
+        return [self.sampler.pick(self.sampler.adjust(logits, history))]
+
+
+class SpeculativeDecoder(PlainDecoder):
+    """Draft with the MTP layers, verify all drafts in one target forward (see speculative.py)."""
+
+    def __init__(self, model, cache, sampler, draft_tokens: int, vocab_limit: int | None = None):
+        super().__init__(model, cache, sampler)
+        self.drafter = MTPDrafter(model, cache, draft_tokens, vocab_limit)
+        self.stats = SpeculationStats()
+
+    def first(self, prompt_ids, history):
+        logits = prefill(self.model, self.cache, prompt_ids, observe=self.drafter.observe)
+        return [self.sampler.pick(self.sampler.adjust(logits, history))]
+
+    def next(self, tokens, history):
+        processed = self.cache.length
+        drafts, distributions = self.drafter.draft(tokens, processed, self.sampler, history)
+        ids = torch.tensor([[tokens[-1]] + drafts], device=self.model.device)
+        out = self.model(ids, self.cache, all_logits=True)
+        kept = accept_drafts(out.logits[0], drafts, distributions, self.sampler, history)
+        accepted = len(kept) - 1
+        self.cache.truncate(processed + 1 + accepted)
+        self.drafter.observe(out.hidden[:, : accepted + 1], processed)
+        self.forwards += 1
+        self.stats.drafted += len(drafts)
+        self.stats.accepted += accepted
+        self.stats.verify_forwards += 1
+        self.stats.produced += len(kept)
+        return kept
 
 
 def stream(
@@ -114,16 +173,24 @@ def stream(
     settings: SamplingSettings,
     cache: ModelCache | None = None,
     eos_ids: tuple[int, ...] | None = None,
+    draft_tokens: int = 0,
+    draft_vocab: int | None = None,
 ) -> Iterator[TokenEvent | DoneEvent]:
     """Generate after `prompt_ids`. With a `cache` holding earlier turns, only the new ids are
-    prefilled. Yields a TokenEvent per token, then one DoneEvent with the stats."""
+    prefilled. `draft_tokens` > 0 decodes speculatively with the model's MTP layers.
+    Yields a TokenEvent per token, then one DoneEvent with the stats."""
     settings.validate()
     if not prompt_ids:
         raise MimoError("the prompt is empty")
+    if draft_tokens and not model.mtp_layers:
+        raise MimoError("this checkpoint has no MTP layers (use --no-mtp)")
     eos_ids = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
     if cache is None:
-        cache = model.new_cache(min(len(prompt_ids) + settings.max_tokens, model.config.max_position_embeddings))
-    room = cache.max_tokens - cache.length - len(prompt_ids)
+        cache = model.new_cache(
+            min(len(prompt_ids) + settings.max_tokens + draft_tokens + 1, model.config.max_position_embeddings),
+            spare_slots=max(8, draft_tokens + 2),
+        )
+    room = cache.max_tokens - cache.length - len(prompt_ids) - draft_tokens
     if room < 1:
         raise MimoError(
             f"the prompt ({len(prompt_ids)} tokens) does not fit the context ({cache.max_tokens - cache.length} left)"
@@ -132,35 +199,48 @@ def stream(
 
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     sampler = Sampler(settings, model.device)
+    decoder = (
+        SpeculativeDecoder(model, cache, sampler, draft_tokens, draft_vocab)
+        if draft_tokens
+        else PlainDecoder(model, cache, sampler)
+    )
     detokenizer = IncrementalDetokenizer(tokenizer)
     stops = StopMatcher(settings.stop)
     history = torch.tensor(prompt_ids, device=model.device)
+    tokens = list(prompt_ids)
 
     started = time.perf_counter()
-    logits = prefill(model, cache, prompt_ids).logits[0, -1]
-    token = sampler.pick(sampler.adjust(logits, history))
+    pending = decoder.first(prompt_ids, history)
     stats.prefill_seconds = time.perf_counter() - started
 
     decode_started = time.perf_counter()
     hit_stop_string = False
-    while True:
-        stats.token_ids.append(token)
-        stats.completion_tokens += 1
-        if token in eos_ids:
-            stats.finish_reason = "stop"
-            break
-        text, hit_stop_string = stops.feed(detokenizer.add(token))
-        yield TokenEvent(text, token)
-        if hit_stop_string:
-            stats.finish_reason = "stop"
-            break
-        if stats.completion_tokens >= max_tokens:
-            break
-        history = torch.cat([history, history.new_tensor([token])])
-        logits = model(history[-1:].view(1, 1), cache).logits[0, -1]
-        stats.decode_steps += 1
-        token = sampler.pick(sampler.adjust(logits, history))
+    finished = False
+    while not finished:
+        for token in pending:
+            stats.token_ids.append(token)
+            stats.completion_tokens += 1
+            tokens.append(token)
+            if token in eos_ids:
+                stats.finish_reason = "stop"
+                finished = True
+                break
+            text, hit_stop_string = stops.feed(detokenizer.add(token))
+            yield TokenEvent(text, token)
+            if hit_stop_string:
+                stats.finish_reason = "stop"
+                finished = True
+                break
+            if stats.completion_tokens >= max_tokens:
+                finished = True
+                break
+        if not finished:
+            history = torch.cat([history, history.new_tensor(pending)])
+            pending = decoder.next(tokens, history)
     stats.decode_seconds = time.perf_counter() - decode_started
+    stats.decode_steps = decoder.forwards
+    if isinstance(decoder, SpeculativeDecoder):
+        stats.speculation = decoder.stats
     if not hit_stop_string:
         tail, hit_stop_string = stops.feed(detokenizer.flush())
         if not hit_stop_string:

@@ -103,3 +103,24 @@ def test_make_tiny_writes_a_runnable_checkpoint(tmp_path):
     made = mimo("dev", "make-tiny", out, "--preset", "mimo", "--shards", "1")
     assert made.returncode == 0 and (out / "model.safetensors").exists()
     assert mimo("run", "-m", out, "-n", "3", "Hi").returncode == 0
+
+
+def test_mtp_is_on_by_default_and_lossless(model):
+    on = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "20", "--json", "Hello").stdout)
+    off = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "20", "--json", "--no-mtp", "Hello").stdout)
+    two = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "20", "--json", "--draft-tokens", "2",
+                          "Hello").stdout)
+    assert on["token_ids"] == off["token_ids"] == two["token_ids"]
+    assert "mean_accepted_length" not in off
+    assert on["mtp_draft_tokens"] % 3 == 0  # V2-Flash: one draft per MTP layer by default
+    assert two["mtp_draft_tokens"] % 2 == 0 and 1.0 <= two["mean_accepted_length"] <= 3.0
+    assert {"mtp_accepted_tokens", "decode_tokens_per_s"} <= set(on)
+
+
+def test_mtp_on_a_checkpoint_without_mtp_layers(tmp_path):
+    from mimo_local.dev.tiny import make_checkpoint
+
+    plain = make_checkpoint(tmp_path / "no-mtp", "mimo", shards=1, overrides={"mtp_layers": 0})
+    result = mimo("run", "-m", plain, "--mtp", "Hi")
+    assert result.returncode == 1 and "has no MTP layers" in result.stderr
+    assert mimo("run", "-m", plain, "-n", "3", "Hi").returncode == 0

@@ -274,3 +274,45 @@ def _write_shards(out_dir: Path, tensors: dict[str, torch.Tensor], shards: int) 
         weight_map.update({name: file for name in group})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def make_bigram_with_oracle_mtp(source: str | Path, out_dir: str | Path, mtp: str = "copy") -> Path:
+    """A copy of a checkpoint whose target is a bigram model (every attention output and FFN
+    output projection zeroed, so logits depend on the current token only) and whose MTP layers
+    predict exactly what the target will (`mtp="copy"`: every draft is accepted) or the target's
+    least likely token (`mtp="negate"`: every draft is rejected). For testing and measuring the
+    speculative loop at known acceptance."""
+    from ..checkpoint import Checkpoint
+
+    source, out_dir = Path(source), Path(out_dir)
+    config = json.loads((source / "config.json").read_text())
+    config.pop("quantization_config", None)
+    hidden = config["hidden_size"]
+    checkpoint = Checkpoint(source, (128, 128))
+    tensors = {}
+    for name, entry in checkpoint.entries.items():
+        if name.endswith("_scale_inv"):
+            continue
+        tensor = torch.empty(entry.shape, dtype=torch.float32)
+        checkpoint.read_into(name, tensor)
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor.zero_()
+        elif name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        elif name.endswith(("input_proj.weight", "eh_proj.weight")):
+            # Keep only the token-embedding half: 7B concatenates [hidden, embedding], V2 [embedding, hidden].
+            eye = torch.eye(hidden) * (1.0 if mtp == "copy" else -1.0)
+            zero = torch.zeros(hidden, hidden)
+            tensor = torch.cat([zero, eye] if name.endswith("input_proj.weight") else [eye, zero], dim=1)
+        tensors[name] = tensor.to(torch.bfloat16) if entry.dtype != torch.float32 else tensor
+    temporary = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(source / name, temporary / name)
+    (temporary / "config.json").write_text(json.dumps(config, indent=2))
+    _write_shards(temporary, tensors, 1)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(temporary, out_dir)
+    return out_dir

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..cache import ModelCache
 from ..config import AttentionSpec, MiMoConfig
+from ..kernels.cpu import linear as cpu_linear
 from .layers import MLP, DecoderLayer, Linear, RMSNorm, RotaryEmbedding
 
 
@@ -36,11 +37,12 @@ class MTPLayer(nn.Module):
         self.final_norm = RMSNorm(size, eps)
 
     def forward(self, hidden: torch.Tensor, token_embeddings: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """The block output before `final_norm` (what a chained draft step takes as its hidden)."""
         parts = [self.hidden_norm(hidden), self.token_norm(token_embeddings)]
         if self.embedding_first:
             parts.reverse()
         x = self.input_proj(torch.cat(parts, dim=-1))
-        return self.final_norm(self.block(x, start, cache))
+        return self.block(x, start, cache)
 
 
 class MiMoForCausalLM(nn.Module):
@@ -89,3 +91,17 @@ class MiMoForCausalLM(nn.Module):
         cache.length = start + steps
         last = x if all_logits else x[:, -1:]
         return ForwardOutput(logits=self.lm_head(self.norm(last)).float(), hidden=x)
+
+    @torch.inference_mode()
+    def mtp_hidden(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """Run MTP layer `layer` on (hidden [B, T, H], next token ids [B, T]) at positions start.."""
+        return self.mtp_layers[layer](hidden, self.embed_tokens(token_ids), start, cache)
+
+    @torch.inference_mode()
+    def mtp_logits(self, layer: int, hidden: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
+        """Logits of MTP layer `layer` through the shared lm_head, optionally over the first
+        `vocab_limit` token ids only (the frequent ones: cheaper drafts, still lossless)."""
+        normed = self.mtp_layers[layer].final_norm(hidden)
+        if vocab_limit is None or vocab_limit >= self.config.vocab_size:
+            return self.lm_head(normed).float()
+        return cpu_linear(normed, self.lm_head.weight[:vocab_limit]).float()

@@ -1,0 +1,138 @@
+"""Multi-token-prediction (MTP) speculative decoding: draft with the checkpoint's MTP layers,
+verify every draft in one target forward, keep the longest valid prefix.
+
+Indexing: the target has processed positions 0..P-1 (hidden states h_i) and the newest token x_P
+is known. MTP layer k at position i reads (h_i, x_{i+k+1}) and predicts x_{i+k+2}, so drafting
+x_{P+1+k} runs layer k at position P-1. Layer k's cache entries are final once x_{i+k+1} is
+accepted; later ones are provisional and recomputed next round. With more drafts than layers
+(MiMo-7B has one), the last layer is chained: its own output hidden and the newest draft, at the
+next position (EAGLE style).
+
+Acceptance: greedy keeps drafts while they equal the target's argmax, so the output is exactly
+the non-speculative one. Sampling uses standard speculative rejection sampling (accept d with
+probability min(1, p(d)/q(d)), else draw from max(0, p - q)), so tokens follow the target's
+distribution exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import ModelCache
+from .models.model import MiMoForCausalLM
+from .sampling import Sampler, probabilities
+
+CATCH_UP_CHUNK = 512
+
+
+@dataclass
+class SpeculationStats:
+    drafted: int = 0
+    accepted: int = 0
+    verify_forwards: int = 0
+    produced: int = 0  # tokens from verify forwards: accepted drafts + one target token each
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.produced / self.verify_forwards if self.verify_forwards else 0.0
+
+
+class MTPDrafter:
+    def __init__(self, model: MiMoForCausalLM, cache: ModelCache, draft_tokens: int, vocab_limit: int | None = None):
+        self.model = model
+        self.cache = cache
+        self.draft_tokens = draft_tokens
+        self.vocab_limit = vocab_limit
+        self.final = [0] * len(model.mtp_layers)  # per layer: leading cache positions that are final
+        self.hidden: dict[int, torch.Tensor] = {}  # target hidden states [H] by position, still needed
+
+    def observe(self, hidden: torch.Tensor, start: int) -> None:
+        """Keep the target's hidden states [1, T, H] of positions start..start+T-1."""
+        for offset in range(hidden.shape[1]):
+            self.hidden[start + offset] = hidden[0, offset]
+        for position in [p for p in self.hidden if p >= start + hidden.shape[1]]:
+            del self.hidden[position]  # from rejected drafts of an earlier verify
+
+    def draft(self, tokens: list[int], processed: int, sampler: Sampler, history: torch.Tensor):
+        """Draft tokens after `tokens` (x_0..x_P, P = processed). Returns (draft ids, the draft
+        distributions [n, V] when sampling, else None)."""
+        model, layers = self.model, len(self.model.mtp_layers)
+        sequence = list(tokens)
+        drafts, distributions = [], []
+        previous = None
+        for j in range(self.draft_tokens):
+            layer = min(j, layers - 1)
+            chain = j - layer
+            if chain == 0:
+                last = self._catch_up(layer, sequence, processed)
+            else:
+                ids = torch.tensor([[sequence[-1]]], device=model.device)
+                last = model.mtp_hidden(layer, previous, ids, processed - 1 + chain, self.cache.mtp_layers[layer])
+            logits = model.mtp_logits(layer, last, self.vocab_limit)[0, -1]
+            logits = sampler.adjust(logits, torch.cat([history, history.new_tensor(drafts)]))
+            if sampler.settings.greedy:
+                token = int(logits.argmax())
+            else:
+                distribution = probabilities(logits, sampler.settings)
+                token = int(torch.multinomial(distribution, 1, generator=sampler.generator))
+                distributions.append(distribution)
+            drafts.append(token)
+            sequence.append(token)
+            previous = last
+        self._forget_before(min(self.final, default=processed))
+        return drafts, (torch.stack(distributions) if distributions else None)
+
+    def _catch_up(self, layer: int, sequence: list[int], processed: int) -> torch.Tensor:
+        """Run `layer` from its first non-final position to P-1; returns the output at P-1."""
+        model, cache = self.model, self.cache.mtp_layers[layer]
+        begin = self.final[layer]
+        out = None
+        for chunk in range(begin, processed, CATCH_UP_CHUNK):
+            end = min(chunk + CATCH_UP_CHUNK, processed)
+            hidden = torch.stack([self.hidden[i] for i in range(chunk, end)])[None]
+            ids = torch.tensor([sequence[chunk + layer + 1 : end + layer + 1]], device=model.device)
+            out = model.mtp_hidden(layer, hidden, ids, chunk, cache)
+        self.final[layer] = max(begin, processed - layer)  # entries whose token x_{i+k+1} is accepted
+        return out[:, -1:]
+
+    def _forget_before(self, position: int) -> None:
+        for old in [p for p in self.hidden if p < position]:
+            del self.hidden[old]
+
+
+def accept_drafts(
+    target_logits: torch.Tensor,
+    drafts: list[int],
+    draft_distributions: torch.Tensor | None,
+    sampler: Sampler,
+    history: torch.Tensor,
+) -> list[int]:
+    """Tokens to keep from one verify forward: accepted drafts, then one token from the target.
+
+    target_logits [n+1, V]: row j is the target's prediction after the j-th draft (row 0 after
+    the last committed token)."""
+    kept: list[int] = []
+    for j, draft in enumerate(drafts + [None]):
+        logits = sampler.adjust(target_logits[j], torch.cat([history, history.new_tensor(kept)]))
+        if sampler.settings.greedy:
+            target = int(logits.argmax())
+            if draft is not None and target == draft:
+                kept.append(draft)
+                continue
+            return kept + [target]
+        p = probabilities(logits, sampler.settings)
+        if draft is None:
+            return kept + [int(torch.multinomial(p, 1, generator=sampler.generator))]
+        q = torch.zeros_like(p)
+        q[: draft_distributions.shape[1]] = draft_distributions[j]
+        ratio = (p[draft] / q[draft]).item() if q[draft] > 0 else 0.0
+        if torch.rand((), generator=sampler.generator, device=p.device).item() < ratio:
+            kept.append(draft)
+            continue
+        residual = (p - q).clamp(min=0)
+        if residual.sum() <= 0:  # p == q: any rejection is impossible in exact arithmetic
+            residual = p
+        return kept + [int(torch.multinomial(residual / residual.sum(), 1, generator=sampler.generator))]
+    raise AssertionError("unreachable: the loop always returns at the bonus row")
