@@ -104,12 +104,7 @@ def run(
             sys.stdout.write(json.dumps(stats.as_dict(), ensure_ascii=False) + "\n")
         else:
             sys.stdout.write("\n")
-            typer.echo(
-                f"[{engine.config.display_family} {engine.path.name}] prompt {stats.prompt_tokens} tok "
-                f"{stats.prefill_tokens_per_s:.1f} tok/s | generated {stats.completion_tokens} tok "
-                f"{stats.decode_tokens_per_s:.1f} tok/s | finish: {stats.finish_reason}",
-                err=True,
-            )
+            typer.echo(_stats_line(engine, stats), err=True)
         sys.stdout.flush()
     except BrokenPipeError:
         _silence_stdout()
@@ -118,6 +113,21 @@ def run(
         raise typer.Exit(130)
     except (MimoError, OSError, RuntimeError, ValueError) as error:
         _fail(error, debug)
+
+
+def _stats_line(engine, stats) -> str:
+    config, itemsize = engine.config, engine.model.dtype.itemsize
+    kv = f"KV {config.kv_bytes_per_token(itemsize) / 1024:.1f} KiB/token"
+    if config.kv_fixed_bytes(itemsize):
+        kv += f" + {config.kv_fixed_bytes(itemsize) / 1e6:.1f} MB sliding"
+    line = (
+        f"[{config.display_family} {engine.path.name}] prompt {stats.prompt_tokens} tok "
+        f"{stats.prefill_tokens_per_s:.1f} tok/s | generated {stats.completion_tokens} tok "
+        f"{stats.decode_tokens_per_s:.1f} tok/s | {kv} | finish: {stats.finish_reason}"
+    )
+    if stats.speculation:
+        line += f" | MTP accepted length {stats.speculation.mean_accepted_length:.2f}"
+    return line
 
 
 @dev_app.command("make-tiny")

@@ -30,7 +30,6 @@ class GenerationStats:
     completion_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    decode_steps: int = 0  # target forwards after prefill
     finish_reason: str = "length"
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -125,15 +124,15 @@ class PlainDecoder:
 
     def __init__(self, model: MiMoForCausalLM, cache: ModelCache, sampler: Sampler):
         self.model, self.cache, self.sampler = model, cache, sampler
-        self.forwards = 0
+
+    observe = None  # called with the hidden states of every prefill chunk
 
     def first(self, prompt_ids: list[int], history: torch.Tensor) -> list[int]:
-        logits = prefill(self.model, self.cache, prompt_ids)
+        logits = prefill(self.model, self.cache, prompt_ids, observe=self.observe)
         return [self.sampler.pick(self.sampler.adjust(logits, history))]
 
     def next(self, tokens: list[int], history: torch.Tensor) -> list[int]:
         logits = self.model(history[-1:].view(1, 1), self.cache).logits[0, -1]
-        self.forwards += 1
         return [self.sampler.pick(self.sampler.adjust(logits, history))]
 
 
@@ -144,10 +143,7 @@ class SpeculativeDecoder(PlainDecoder):
         super().__init__(model, cache, sampler)
         self.drafter = MTPDrafter(model, cache, draft_tokens, vocab_limit)
         self.stats = SpeculationStats()
-
-    def first(self, prompt_ids, history):
-        logits = prefill(self.model, self.cache, prompt_ids, observe=self.drafter.observe)
-        return [self.sampler.pick(self.sampler.adjust(logits, history))]
+        self.observe = self.drafter.observe
 
     def next(self, tokens, history):
         processed = self.cache.length
@@ -158,7 +154,6 @@ class SpeculativeDecoder(PlainDecoder):
         accepted = len(kept) - 1
         self.cache.truncate(processed + 1 + accepted)
         self.drafter.observe(out.hidden[:, : accepted + 1], processed)
-        self.forwards += 1
         self.stats.drafted += len(drafts)
         self.stats.accepted += accepted
         self.stats.verify_forwards += 1
@@ -238,7 +233,6 @@ def stream(
             history = torch.cat([history, history.new_tensor(pending)])
             pending = decoder.next(tokens, history)
     stats.decode_seconds = time.perf_counter() - decode_started
-    stats.decode_steps = decoder.forwards
     if isinstance(decoder, SpeculativeDecoder):
         stats.speculation = decoder.stats
     if not hit_stop_string:

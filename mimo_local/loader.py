@@ -12,7 +12,7 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .checkpoint import Checkpoint
-from .config import MiMoConfig, load_config
+from .config import load_config
 from .errors import MimoError
 from .models import mimo, mimo_v2_flash
 from .models.layers import RotaryEmbedding, Router
@@ -127,6 +127,3 @@ def _stream_weights(model: MiMoForCausalLM, targets: dict, checkpoint: Checkpoin
         if filled[name] != param.numel():
             raise MimoError(f"{checkpoint.dir}: checkpoint does not provide all of '{name}'")
 
-
-def describe(config: MiMoConfig) -> str:
-    return f"{config.display_family} ({config.num_layers} layers, hidden {config.hidden_size})"

@@ -124,3 +124,17 @@ def test_mtp_on_a_checkpoint_without_mtp_layers(tmp_path):
     result = mimo("run", "-m", plain, "--mtp", "Hi")
     assert result.returncode == 1 and "has no MTP layers" in result.stderr
     assert mimo("run", "-m", plain, "-n", "3", "Hi").returncode == 0
+
+
+def test_ctrl_c_stops_cleanly(model):
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mimo_local.cli", "run", "-m", str(model), "-n", "20000", "--no-mtp", "Hello"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert process.stdout.read(1)  # generation has started
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert b"Traceback" not in stderr and b"interrupted" in stderr

@@ -276,12 +276,18 @@ def _write_shards(out_dir: Path, tensors: dict[str, torch.Tensor], shards: int) 
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
-def make_bigram_with_oracle_mtp(source: str | Path, out_dir: str | Path, mtp: str = "copy") -> Path:
+def make_bigram_with_oracle_mtp(
+    source: str | Path, out_dir: str | Path, mtp: str = "copy", frequent_ids: int | None = None
+) -> Path:
     """A copy of a checkpoint whose target is a bigram model (every attention output and FFN
     output projection zeroed, so logits depend on the current token only) and whose MTP layers
     predict exactly what the target will (`mtp="copy"`: every draft is accepted) or the target's
     least likely token (`mtp="negate"`: every draft is rejected). For testing and measuring the
-    speculative loop at known acceptance."""
+    speculative loop at known acceptance.
+
+    `frequent_ids`: shrink the lm_head rows of later ids to a quarter, so the most likely token is
+    among the first `frequent_ids` ids, as in trained byte-level BPE models whose low ids are the
+    frequent merges (what `--draft-vocab` relies on)."""
     from ..checkpoint import Checkpoint
 
     source, out_dir = Path(source), Path(out_dir)
@@ -304,6 +310,8 @@ def make_bigram_with_oracle_mtp(source: str | Path, out_dir: str | Path, mtp: st
             eye = torch.eye(hidden) * (1.0 if mtp == "copy" else -1.0)
             zero = torch.zeros(hidden, hidden)
             tensor = torch.cat([zero, eye] if name.endswith("input_proj.weight") else [eye, zero], dim=1)
+        if name == "lm_head.weight" and frequent_ids:
+            tensor[frequent_ids:] *= 0.25
         tensors[name] = tensor.to(torch.bfloat16) if entry.dtype != torch.float32 else tensor
     temporary = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(temporary, ignore_errors=True)
