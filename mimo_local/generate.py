@@ -179,6 +179,9 @@ def stream(
         raise MimoError("the prompt is empty")
     if draft_tokens and not model.mtp_layers:
         raise MimoError("this checkpoint has no MTP layers (use --no-mtp)")
+    if draft_tokens and cache is not None and cache.length:
+        # The drafter indexes tokens and hidden states from position 0.
+        raise MimoError("speculative decoding needs a fresh cache (earlier turns are not tracked by the drafter)")
     eos_ids = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
     if cache is None:
         cache = model.new_cache(

@@ -26,15 +26,6 @@ def count_mtp_layers(config: MiMoConfig, tensor_names: list[str]) -> int:
 
 
 def weight_map(model: MiMoForCausalLM) -> WeightMap:
-    weights = WeightMap(model)
-    weights.add_shell("model.", tied=model.config.tie_word_embeddings)
-    for i, layer in enumerate(model.layers):
-        weights.add_decoder_layer(f"model.layers.{i}.", f"layers.{i}.", layer)
-    for k, layer in enumerate(model.mtp_layers):
-        hub, ours = f"model.mtp_layers.{k}.", f"mtp_layers.{k}."
-        weights.add(hub + "token_layernorm.weight", ours + "token_norm.weight")
-        weights.add(hub + "hidden_layernorm.weight", ours + "hidden_norm.weight")
-        weights.add(hub + "input_proj.weight", ours + "input_proj.weight")
-        weights.add_decoder_layer(hub, ours + "block.", layer.block)
-        weights.add(hub + "final_layernorm.weight", ours + "final_norm.weight")
-    return weights
+    return WeightMap(model).add_model(
+        "model.mtp_layers.", {"token_norm": "token_layernorm", "hidden_norm": "hidden_layernorm", "input_proj": "input_proj"}, mtp_post_norm="post_attention_layernorm"
+    )

@@ -32,15 +32,6 @@ def count_mtp_layers(config: MiMoConfig, tensor_names: list[str]) -> int:
 
 
 def weight_map(model: MiMoForCausalLM) -> WeightMap:
-    weights = WeightMap(model)
-    weights.add_shell("model.", tied=model.config.tie_word_embeddings)
-    for i, layer in enumerate(model.layers):
-        weights.add_decoder_layer(f"model.layers.{i}.", f"layers.{i}.", layer)
-    for k, layer in enumerate(model.mtp_layers):
-        hub, ours = f"model.mtp.layers.{k}.", f"mtp_layers.{k}."
-        weights.add(hub + "enorm.weight", ours + "token_norm.weight")
-        weights.add(hub + "hnorm.weight", ours + "hidden_norm.weight")
-        weights.add(hub + "eh_proj.weight", ours + "input_proj.weight")
-        weights.add_decoder_layer(hub, ours + "block.", layer.block, post_norm="pre_mlp_layernorm")
-        weights.add(hub + "final_layernorm.weight", ours + "final_norm.weight")
-    return weights
+    return WeightMap(model).add_model(
+        "model.mtp.layers.", {"token_norm": "enorm", "hidden_norm": "hnorm", "input_proj": "eh_proj"}, mtp_post_norm="pre_mlp_layernorm"
+    )

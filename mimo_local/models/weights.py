@@ -23,6 +23,22 @@ class WeightMap:
     def add(self, hub_name: str, param: str, *index) -> None:
         self.targets[hub_name] = Target(param, tuple(index))
 
+    def add_model(self, mtp_prefix: str, mtp_names: dict[str, str], mtp_post_norm: str) -> "WeightMap":
+        """Everything of a MiMo checkpoint: embeddings, decoder layers, final norm, lm_head, and the
+        MTP layers under `mtp_prefix`{k}., whose hub names for token_norm / hidden_norm /
+        input_proj / the block's post-attention norm differ between the families."""
+        model = self.model
+        self.add_shell("model.", tied=model.config.tie_word_embeddings)
+        for i, layer in enumerate(model.layers):
+            self.add_decoder_layer(f"model.layers.{i}.", f"layers.{i}.", layer)
+        for k, layer in enumerate(model.mtp_layers):
+            hub, ours = f"{mtp_prefix}{k}.", f"mtp_layers.{k}."
+            for name, hub_name in mtp_names.items():
+                self.add(f"{hub}{hub_name}.weight", f"{ours}{name}.weight")
+            self.add_decoder_layer(hub, ours + "block.", layer.block, post_norm=mtp_post_norm)
+            self.add(hub + "final_layernorm.weight", ours + "final_norm.weight")
+        return self
+
     def add_shell(self, prefix: str, tied: bool) -> None:
         self.add(prefix + "embed_tokens.weight", "embed_tokens.weight")
         self.add(prefix + "norm.weight", "norm.weight")
