@@ -64,6 +64,8 @@ def library() -> ctypes.CDLL | None:
     lib.linear_bf16.argtypes = [pointer, pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64]
     for moe in (lib.moe_f32, lib.moe_bf16):
         moe.argtypes = [pointer] * 6 + [ctypes.c_int, ctypes.c_int, pointer, pointer, pointer, i64, i64]
+    for swiglu in (lib.swiglu_f32, lib.swiglu_bf16):
+        swiglu.argtypes = [pointer, pointer, ctypes.c_int, i64]
     for norm in (lib.rmsnorm_f32, lib.rmsnorm_bf16):
         norm.argtypes = [pointer, pointer, pointer, ctypes.c_int, i64, ctypes.c_float]
     integer, real = ctypes.c_int, ctypes.c_float
@@ -154,6 +156,18 @@ def reference_moe(x, gate_up, down, experts, weights) -> torch.Tensor:
         for expert, weight in zip(experts[token].tolist(), weights[token]):
             gate, up = F.linear(x[token], gate_up[expert]).chunk(2, dim=-1)
             out[token] += weight.float() * F.linear(F.silu(gate) * up, down[expert]).float()
+    return out
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for [..., gate | up] rows: one call instead of chunk, silu and mul."""
+    inter = gate_up.shape[-1] // 2
+    if not (supports(gate_up, gate_up) and gate_up.is_contiguous()):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype)
+    kernel = library().swiglu_f32 if gate_up.dtype == torch.float32 else library().swiglu_bf16
+    kernel(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inter)
     return out
 
 

@@ -22,6 +22,8 @@ static inline float bf16_to_f32(uint16_t v) {
     return out;
 }
 
+static inline float identity_f32(float v) { return v; }
+
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
     uint32_t bits;
     memcpy(&bits, &f, 4);
@@ -145,9 +147,22 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, flo
         }                                                                                                 \
     }
 
-static inline float identity_f32(float v) { return v; }
 MOE_KERNEL(moe_f32, float, dot_f32, identity_f32, identity_f32)
 MOE_KERNEL(moe_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)
+
+/* ---------------------------------------------------------------- SwiGLU activation
+ * out[i, j] = silu(gate[i, j]) * up[i, j] for rows [gate | up] of 2 * inter, rounded as torch does. */
+#define SWIGLU_KERNEL(NAME, T, TO_F32, FROM_F32)                                                       \
+    void NAME(const T *gate_up, T *out, int m, int64_t inter) {                                          \
+        for (int i = 0; i < m; i++)                                                                      \
+            for (int64_t j = 0; j < inter; j++) {                                                        \
+                float g = TO_F32(gate_up[i * 2 * inter + j]);                                            \
+                out[i * inter + j] = FROM_F32(TO_F32(FROM_F32(g / (1.f + expf(-g)))) *                  \
+                                              TO_F32(gate_up[i * 2 * inter + inter + j]));               \
+            }                                                                                            \
+    }
+SWIGLU_KERNEL(swiglu_f32, float, identity_f32, identity_f32)
+SWIGLU_KERNEL(swiglu_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
 /* ---------------------------------------------------------------- RMSNorm
  * out = weight * cast(x * rsqrt(mean(x^2) + eps)), the cast to the model dtype before the weight

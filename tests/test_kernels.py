@@ -73,3 +73,10 @@ def test_decode_identical_with_and_without_kernels(checkpoints, monkeypatch, fam
         return torch.cat(steps, dim=1)
 
     assert (decode(True) - decode(False)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_reference(dtype):
+    gate_up = (torch.randn(3, 2 * 96) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert ulp_close(cpu.swiglu(gate_up), torch.nn.functional.silu(gate) * up, dtype)
