@@ -71,7 +71,8 @@ class MTPDrafter:
                 ids = torch.tensor([[sequence[-1]]], device=model.device)
                 last = model.mtp_hidden(layer, previous, ids, processed - 1 + chain, self.cache.mtp_layers[layer])
             logits = model.mtp_logits(layer, last, self.vocab_limit)[0, -1]
-            logits = sampler.adjust(logits, torch.cat([history, history.new_tensor(drafts)]))
+            seen = torch.cat([history, history.new_tensor(drafts)])
+            logits = sampler.adjust(logits, seen[seen < logits.shape[-1]])  # a draft vocab may be smaller
             if sampler.settings.greedy:
                 token = int(logits.argmax())
             else:

@@ -18,10 +18,10 @@ PROMPTS = [
 ]
 
 
-def generate(model, tokenizer, prompt, draft_tokens=0, max_tokens=40, cache=None, **sampling):
+def generate(model, tokenizer, prompt, draft_tokens=0, max_tokens=40, cache=None, draft_vocab=None, **sampling):
     settings = SamplingSettings(max_tokens=max_tokens, **({"temperature": 0} | sampling))
     events = list(stream(model, tokenizer, tokenizer.encode(prompt), settings, cache=cache, eos_ids=(),
-                         draft_tokens=draft_tokens))
+                         draft_tokens=draft_tokens, draft_vocab=draft_vocab))
     return events[-1].stats
 
 
@@ -112,3 +112,14 @@ def test_sampling_with_mtp_is_seeded_and_valid(family_model):
     first = generate(model, tokenizer, PROMPTS[0], draft_tokens=2, temperature=0.8, seed=5)
     second = generate(model, tokenizer, PROMPTS[0], draft_tokens=2, temperature=0.8, seed=5)
     assert first.token_ids == second.token_ids and len(first.token_ids) == 40
+
+
+def test_draft_vocabulary_is_lossless(family_model):
+    _, _, model, tokenizer = family_model
+    for prompt in PROMPTS:
+        plain = generate(model, tokenizer, prompt, repetition_penalty=1.3)
+        limited = generate(model, tokenizer, prompt, draft_tokens=2, draft_vocab=300, repetition_penalty=1.3)
+        assert limited.token_ids == plain.token_ids
+    sampled = generate(model, tokenizer, PROMPTS[1], draft_tokens=2, draft_vocab=300, temperature=0.9,
+                       repetition_penalty=1.3, seed=1)
+    assert len(sampled.token_ids) == 40
