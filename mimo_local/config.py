@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MimoError
@@ -63,7 +63,6 @@ class MiMoConfig:
     num_mtp_layers: int
     eos_token_ids: tuple[int, ...] = ()
     fp8_block_size: tuple[int, int] | None = None
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     def attention(self, layer: int) -> AttentionSpec:
         return self.sliding_attention if self.layer_is_sliding[layer] else self.global_attention
@@ -226,7 +225,6 @@ def parse_config(raw: dict, source: str = "config.json", generation_config: dict
         tie_word_embeddings=bool(keys.get("tie_word_embeddings", False)),
         eos_token_ids=_eos_ids(raw, generation_config or {}),
         fp8_block_size=_fp8_block(raw),
-        raw=raw,
         **family_fields,
     )
 

@@ -34,10 +34,6 @@ class ChatTokenizer:
                 (t["template"] for t in self.chat_template if t.get("name") == "default"), None
             )
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
