@@ -102,7 +102,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     flat = x.reshape(-1, in_features).contiguous()
     rows = flat.shape[0]
     out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
-    bias = None if bias is None else bias.to(weight.dtype).contiguous()
     if weight.dtype == torch.float32:
         lib.linear_f32(flat.data_ptr(), weight.data_ptr(), _address(bias), out.data_ptr(), rows, out_features, in_features)
     else:
@@ -119,6 +118,11 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.to(x.dtype)
 
 
+def supports_contiguous(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`supports`, for the kernels that also need x itself contiguous (norms, activations)."""
+    return supports(x, weight) and x.is_contiguous()
+
+
 def moe_supports(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
     return supports(x, gate_up[0])
 
@@ -129,9 +133,7 @@ def moe(
     """Routed SwiGLU experts for a few tokens: x [M, H], experts/weights [M, k] -> float32 [M, H].
 
     gate_up [E, 2I, H] (gate rows first), down [E, H, I]. One call per layer instead of a few
-    dozen torch ops per expert."""
-    if not moe_supports(x, gate_up):
-        return reference_moe(x, gate_up, down, experts, weights)
+    dozen torch ops per expert. Callers check `moe_supports` first."""
     tokens, top_k = experts.shape
     hidden, inter = down.shape[1], down.shape[2]
     order = experts.reshape(-1).argsort(stable=True)
@@ -162,7 +164,7 @@ def reference_moe(x, gate_up, down, experts, weights) -> torch.Tensor:
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for [..., gate | up] rows: one call instead of chunk, silu and mul."""
     inter = gate_up.shape[-1] // 2
-    if not (supports(gate_up, gate_up) and gate_up.is_contiguous()):
+    if not supports_contiguous(gate_up, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
     out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype)
@@ -171,12 +173,8 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return supports(x, weight) and x.is_contiguous()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * cast(x * rsqrt(mean(x^2) + eps)) for a few rows."""
+    """weight * cast(x * rsqrt(mean(x^2) + eps)) for a few rows. Callers check `supports_contiguous`."""
     out = torch.empty_like(x)
     kernel = library().rmsnorm_f32 if x.dtype == torch.float32 else library().rmsnorm_bf16
     kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)

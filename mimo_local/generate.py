@@ -131,7 +131,7 @@ class PlainDecoder:
         logits = prefill(self.model, self.cache, prompt_ids, observe=self.observe)
         return [self.sampler.pick(self.sampler.adjust(logits, history))]
 
-    def next(self, tokens: list[int], history: torch.Tensor) -> list[int]:
+    def next(self, history: torch.Tensor) -> list[int]:
         logits = self.model(history[-1:].view(1, 1), self.cache).logits[0, -1]
         return [self.sampler.pick(self.sampler.adjust(logits, history))]
 
@@ -145,10 +145,10 @@ class SpeculativeDecoder(PlainDecoder):
         self.stats = SpeculationStats()
         self.observe = self.drafter.observe
 
-    def next(self, tokens, history):
+    def next(self, history):
         processed = self.cache.length
-        drafts, distributions = self.drafter.draft(tokens, processed, self.sampler, history)
-        ids = torch.tensor([[tokens[-1]] + drafts], device=self.model.device)
+        drafts, distributions = self.drafter.draft(history, self.sampler)
+        ids = torch.cat([history[-1:], history.new_tensor(drafts)])[None]
         out = self.model(ids, self.cache, all_logits=True)
         kept = accept_drafts(out.logits[0], drafts, distributions, self.sampler, history)
         accepted = len(kept) - 1
@@ -204,8 +204,10 @@ def stream(
     )
     detokenizer = IncrementalDetokenizer(tokenizer)
     stops = StopMatcher(settings.stop)
-    history = torch.tensor(prompt_ids, device=model.device)
-    tokens = list(prompt_ids)
+    # Prompt and generated ids, preallocated: `history` is a view of its filled part.
+    ids = torch.empty(len(prompt_ids) + max_tokens + draft_tokens + 1, dtype=torch.long, device=model.device)
+    ids[: len(prompt_ids)] = torch.tensor(prompt_ids)
+    history = ids[: len(prompt_ids)]
 
     started = time.perf_counter()
     pending = decoder.first(prompt_ids, history)
@@ -218,7 +220,6 @@ def stream(
         for token in pending:
             stats.token_ids.append(token)
             stats.completion_tokens += 1
-            tokens.append(token)
             if token in eos_ids:
                 stats.finish_reason = "stop"
                 finished = True
@@ -233,8 +234,10 @@ def stream(
                 finished = True
                 break
         if not finished:
-            history = torch.cat([history, history.new_tensor(pending)])
-            pending = decoder.next(tokens, history)
+            filled = len(history)
+            ids[filled : filled + len(pending)] = history.new_tensor(pending)
+            history = ids[: filled + len(pending)]
+            pending = decoder.next(history)
     stats.decode_seconds = time.perf_counter() - decode_started
     if isinstance(decoder, SpeculativeDecoder):
         stats.speculation = decoder.stats

@@ -46,21 +46,24 @@ class MTPDrafter:
         self.draft_tokens = draft_tokens
         self.vocab_limit = vocab_limit
         self.final = [0] * len(model.mtp_layers)  # per layer: leading cache positions that are final
-        self.hidden: dict[int, torch.Tensor] = {}  # target hidden states [H] by position, still needed
+        self.hidden = None  # target hidden states [T, H] of positions hidden_start.., still needed
+        self.hidden_start = 0
 
     def observe(self, hidden: torch.Tensor, start: int) -> None:
-        """Keep the target's hidden states [1, T, H] of positions start..start+T-1."""
-        for offset in range(hidden.shape[1]):
-            self.hidden[start + offset] = hidden[0, offset]
-        for position in [p for p in self.hidden if p >= start + hidden.shape[1]]:
-            del self.hidden[position]  # from rejected drafts of an earlier verify
+        """Keep the target's hidden states [1, T, H] of positions start..start+T-1 (anything kept
+        from `start` on came from rejected drafts and is replaced)."""
+        if self.hidden is None:
+            self.hidden, self.hidden_start = hidden[0], start
+        else:
+            self.hidden = torch.cat([self.hidden[: start - self.hidden_start], hidden[0]])
 
-    def draft(self, tokens: list[int], processed: int, sampler: Sampler, history: torch.Tensor):
-        """Draft tokens after `tokens` (x_0..x_P, P = processed). Returns (draft ids, the draft
-        distributions [n, V] when sampling, else None)."""
+    def draft(self, history: torch.Tensor, sampler: Sampler):
+        """Draft tokens after `history` (x_0..x_P; the target has processed P = cache.length
+        positions). Returns (draft ids, the draft distributions [n, V] when sampling, else None)."""
         model, layers = self.model, len(self.model.mtp_layers)
-        sequence = list(tokens)
-        drafts, distributions = [], []
+        processed = self.cache.length
+        sequence = history
+        distributions = []
         previous = None
         for j in range(self.draft_tokens):
             layer = min(j, layers - 1)
@@ -68,39 +71,39 @@ class MTPDrafter:
             if chain == 0:
                 last = self._catch_up(layer, sequence, processed)
             else:
-                ids = torch.tensor([[sequence[-1]]], device=model.device)
+                ids = sequence[-1:].view(1, 1)
                 last = model.mtp_hidden(layer, previous, ids, processed - 1 + chain, self.cache.mtp_layers[layer])
             logits = model.mtp_logits(layer, last, self.vocab_limit)[0, -1]
-            seen = torch.cat([history, history.new_tensor(drafts)])
-            logits = sampler.adjust(logits, seen[seen < logits.shape[-1]])  # a draft vocab may be smaller
+            logits = sampler.adjust(logits, sequence[sequence < logits.shape[-1]])  # a draft vocab may be smaller
             if sampler.settings.greedy:
                 token = int(logits.argmax())
             else:
                 distribution = probabilities(logits, sampler.settings)
                 token = int(torch.multinomial(distribution, 1, generator=sampler.generator))
                 distributions.append(distribution)
-            drafts.append(token)
-            sequence.append(token)
+            sequence = torch.cat([sequence, sequence.new_tensor([token])])
             previous = last
         self._forget_before(min(self.final, default=processed))
+        drafts = sequence[len(history) :].tolist()
         return drafts, (torch.stack(distributions) if distributions else None)
 
-    def _catch_up(self, layer: int, sequence: list[int], processed: int) -> torch.Tensor:
+    def _catch_up(self, layer: int, sequence: torch.Tensor, processed: int) -> torch.Tensor:
         """Run `layer` from its first non-final position to P-1; returns the output at P-1."""
         model, cache = self.model, self.cache.mtp_layers[layer]
         begin = self.final[layer]
         out = None
         for chunk in range(begin, processed, CATCH_UP_CHUNK):
             end = min(chunk + CATCH_UP_CHUNK, processed)
-            hidden = torch.stack([self.hidden[i] for i in range(chunk, end)])[None]
-            ids = torch.tensor([sequence[chunk + layer + 1 : end + layer + 1]], device=model.device)
+            hidden = self.hidden[chunk - self.hidden_start : end - self.hidden_start][None]
+            ids = sequence[chunk + layer + 1 : end + layer + 1][None]
             out = model.mtp_hidden(layer, hidden, ids, chunk, cache)
         self.final[layer] = max(begin, processed - layer)  # entries whose token x_{i+k+1} is accepted
         return out[:, -1:]
 
     def _forget_before(self, position: int) -> None:
-        for old in [p for p in self.hidden if p < position]:
-            del self.hidden[old]
+        if position > self.hidden_start:
+            self.hidden = self.hidden[position - self.hidden_start :]
+            self.hidden_start = position
 
 
 def accept_drafts(
@@ -115,8 +118,9 @@ def accept_drafts(
     target_logits [n+1, V]: row j is the target's prediction after the j-th draft (row 0 after
     the last committed token)."""
     kept: list[int] = []
+    candidates = torch.cat([history, history.new_tensor(drafts)])
     for j, draft in enumerate(drafts + [None]):
-        logits = sampler.adjust(target_logits[j], torch.cat([history, history.new_tensor(kept)]))
+        logits = sampler.adjust(target_logits[j], candidates[: len(history) + j])  # kept == drafts[:j]
         if sampler.settings.greedy:
             target = int(logits.argmax())
             if draft is not None and target == draft:

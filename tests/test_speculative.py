@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mimo_local.dev.tiny import make_bigram_with_oracle_mtp
-from mimo_local.generate import stream
+from mimo_local.generate import SpeculativeDecoder, stream
 from mimo_local.loader import load_model
 from mimo_local.sampling import Sampler, SamplingSettings
 from mimo_local.speculative import accept_drafts
@@ -123,3 +123,30 @@ def test_draft_vocabulary_is_lossless(family_model):
     sampled = generate(model, tokenizer, PROMPTS[1], draft_tokens=2, draft_vocab=300, temperature=0.9,
                        repetition_penalty=1.3, seed=1)
     assert len(sampled.token_ids) == 40
+
+
+def test_draft_vocabulary_limits_the_drafts(family_model):
+    _, _, model, tokenizer = family_model
+    prompt = tokenizer.encode(PROMPTS[1])
+
+    def drafts(vocab_limit):
+        cache = model.new_cache(128)
+        sampler = Sampler(SamplingSettings(temperature=0))
+        decoder = SpeculativeDecoder(model, cache, sampler, 3, vocab_limit)
+        draft, made = decoder.drafter.draft, []
+
+        def recording(history, sampler):
+            tokens, distributions = draft(history, sampler)
+            made.extend(tokens)
+            return tokens, distributions
+
+        decoder.drafter.draft = recording
+        history = torch.tensor(prompt)
+        pending = decoder.first(prompt, history)
+        for _ in range(8):
+            history = torch.cat([history, torch.tensor(pending)])
+            pending = decoder.next(history)
+        return made
+
+    assert all(token < 300 for token in drafts(300))
+    assert any(token >= 300 for token in drafts(None))

@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.rms_norm_supports(x, self.weight):
+        if cpu_kernels.supports_contiguous(x, self.weight):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -58,9 +58,6 @@ class RotaryEmbedding(nn.Module):
             angles = torch.cat([freqs, freqs], dim=-1)
             self._last = (key, (angles.cos().to(dtype), angles.sin().to(dtype)))
         return self._last[1]
-
-    def tables_f32(self, start: int, steps: int):
-        return self.cos_sin(start, steps, torch.float32)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, heads, T, head_dim]; cos/sin: [T, rope_dim]."""
@@ -131,7 +128,7 @@ class Attention(nn.Module):
         spec = self.spec
         qkv = self.qkv_proj(x)
         if cpu_kernels.attention_supports(qkv, cache, steps):  # decode / verify: one fused call
-            cos, sin = self.rope.tables_f32(start, steps)
+            cos, sin = self.rope.cos_sin(start, steps, torch.float32)
             sinks = None if self.sinks is None else self.sinks.float()
             out = cpu_kernels.decode_attention(qkv.view(steps, -1), start, cos, sin, cache, sinks, self.scale)
             return self.o_proj(out.view(batch, steps, -1))
@@ -173,7 +170,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor):
         spec = self.spec
         scores = cpu_kernels.linear(x.float(), self.weight).sigmoid()
-        choice = scores + self.e_score_correction_bias.float()
+        choice = scores + self.e_score_correction_bias
         if spec.n_group > 1:
             grouped = choice.view(-1, spec.n_group, spec.num_experts // spec.n_group)
             group_scores = grouped.topk(2, dim=-1).values.sum(-1)
@@ -221,8 +218,7 @@ class MoE(nn.Module):
         return out.to(x.dtype).view(shape)
 
     def expert(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[index]).float()
+        return F.linear(cpu_kernels.swiglu(F.linear(x, self.gate_up_proj[index])), self.down_proj[index]).float()
 
 
 class DecoderLayer(nn.Module):
