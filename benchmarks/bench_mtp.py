@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_decode import CACHE, checkpoint_for, prompt  # noqa: E402
+from bench_decode import CACHE, checkpoint_for, run_ours  # noqa: E402
 
 FREQUENT_IDS = 16384
 
@@ -36,28 +36,6 @@ def oracle_for(shape: str) -> Path:
     return path
 
 
-def measure(path: Path, dtype: str, draft_tokens: int, draft_vocab: int | None, gen_tokens: int, repeats: int):
-    import torch
-
-    from mimo_local.generate import stream
-    from mimo_local.loader import load_model
-    from mimo_local.sampling import SamplingSettings
-    from mimo_local.tokenizer import ChatTokenizer
-
-    model = load_model(path, getattr(torch, dtype))
-    tokenizer = ChatTokenizer(path)
-    settings = SamplingSettings(temperature=0, max_tokens=gen_tokens)
-    best = None
-    for _ in range(repeats + 1):
-        stats = list(stream(model, tokenizer, prompt(128), settings, eos_ids=(), draft_tokens=draft_tokens,
-                            draft_vocab=draft_vocab))[-1].stats
-        if best is None or stats.decode_tokens_per_s > best.decode_tokens_per_s:
-            best = stats
-    spec = best.speculation
-    return {"decode_tokens_per_s": best.decode_tokens_per_s,
-            "mean_accepted_length": spec.mean_accepted_length if spec else 1.0}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["7b", "v2"], default="7b")
@@ -69,8 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         path, drafts, vocab = args.worker
-        print(json.dumps(measure(Path(path), args.dtype, int(drafts), int(vocab) or None, args.gen_tokens,
-                                 args.repeats)))
+        print(json.dumps(run_ours(Path(path), args.dtype, 128, args.gen_tokens, args.repeats, int(drafts),
+                                  int(vocab) or None)))
         return
 
     layers = 1 if args.shape == "7b" else 3
