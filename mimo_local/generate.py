@@ -141,13 +141,17 @@ class SpeculativeDecoder(PlainDecoder):
 
     def __init__(self, model, cache, sampler, draft_tokens: int, vocab_limit: int | None = None):
         super().__init__(model, cache, sampler)
-        self.drafter = MTPDrafter(model, cache, draft_tokens, vocab_limit)
+        if cache.drafter is None:
+            cache.drafter = MTPDrafter(model, cache)
+        self.drafter = cache.drafter
+        self.drafter.rewind(cache.length)
+        self.draft_tokens, self.vocab_limit = draft_tokens, vocab_limit
         self.stats = SpeculationStats()
         self.observe = self.drafter.observe
 
     def next(self, history):
         processed = self.cache.length
-        drafts, distributions = self.drafter.draft(history, self.sampler)
+        drafts, distributions = self.drafter.draft(history, self.sampler, self.draft_tokens, self.vocab_limit)
         ids = torch.cat([history[-1:], history.new_tensor(drafts)])[None]
         out = self.model(ids, self.cache, all_logits=True)
         kept = accept_drafts(out.logits[0], drafts, distributions, self.sampler, history)
@@ -179,9 +183,8 @@ def stream(
         raise MimoError("the prompt is empty")
     if draft_tokens and not model.mtp_layers:
         raise MimoError("this checkpoint has no MTP layers (use --no-mtp)")
-    if draft_tokens and cache is not None and cache.length:
-        # The drafter indexes tokens and hidden states from position 0.
-        raise MimoError("speculative decoding needs a fresh cache (earlier turns are not tracked by the drafter)")
+    if draft_tokens and cache is not None and cache.length and cache.drafter is None:
+        raise MimoError("MTP was off for the earlier turns on this cache: start from a fresh cache to turn it on")
     eos_ids = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
     if cache is None:
         cache = model.new_cache(
@@ -197,11 +200,11 @@ def stream(
 
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     sampler = Sampler(settings, model.device)
-    decoder = (
-        SpeculativeDecoder(model, cache, sampler, draft_tokens, draft_vocab)
-        if draft_tokens
-        else PlainDecoder(model, cache, sampler)
-    )
+    if draft_tokens:
+        decoder = SpeculativeDecoder(model, cache, sampler, draft_tokens, draft_vocab)
+    else:
+        decoder = PlainDecoder(model, cache, sampler)
+        cache.drafter = None  # it would miss the hidden states of this turn
     detokenizer = IncrementalDetokenizer(tokenizer)
     stops = StopMatcher(settings.stop)
     # Prompt and generated ids, preallocated: `history` is a view of its filled part.

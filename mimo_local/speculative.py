@@ -40,14 +40,26 @@ class SpeculationStats:
 
 
 class MTPDrafter:
-    def __init__(self, model: MiMoForCausalLM, cache: ModelCache, draft_tokens: int, vocab_limit: int | None = None):
+    """Drafting state of one conversation. It lives in `cache.drafter`, so a later turn on the same
+    cache goes on from it after the front end rewound the cache to the common prefix."""
+
+    def __init__(self, model: MiMoForCausalLM, cache: ModelCache):
         self.model = model
         self.cache = cache
-        self.draft_tokens = draft_tokens
-        self.vocab_limit = vocab_limit
         self.final = [0] * len(model.mtp_layers)  # per layer: leading cache positions that are final
         self.hidden = None  # target hidden states [T, H] of positions hidden_start.., still needed
         self.hidden_start = 0
+
+    def rewind(self, length: int) -> None:
+        """The target cache now holds `length` positions; new tokens follow from there. Entry i of
+        MTP layer k read token i+k+1, so entries from length-k-1 on are recomputed. Entries whose
+        target hidden state was already dropped stay as they are: near a deep rewind the drafts
+        may be a little worse, the output never changes."""
+        if self.hidden is not None:
+            self.hidden = self.hidden[: max(0, length - self.hidden_start)]
+        if self.hidden is None or not len(self.hidden):
+            self.hidden, self.hidden_start = None, length
+        self.final = [max(min(final, length - k - 1), self.hidden_start) for k, final in enumerate(self.final)]
 
     def observe(self, hidden: torch.Tensor, start: int) -> None:
         """Keep the target's hidden states [1, T, H] of positions start..start+T-1 (anything kept
@@ -57,45 +69,49 @@ class MTPDrafter:
         else:
             self.hidden = torch.cat([self.hidden[: start - self.hidden_start], hidden[0]])
 
-    def draft(self, history: torch.Tensor, sampler: Sampler):
-        """Draft tokens after `history` (x_0..x_P; the target has processed P = cache.length
+    def draft(self, history: torch.Tensor, sampler: Sampler, draft_tokens: int, vocab_limit: int | None = None):
+        """Draft tokens after x_P = history[-1] (the target has processed P = cache.length
         positions). Returns (draft ids, the draft distributions [n, V] when sampling, else None)."""
         model, layers = self.model, len(self.model.mtp_layers)
         processed = self.cache.length
-        sequence = history
+        base = self.hidden_start
+        sequence = torch.cat([self.cache.token_ids[base:processed], history[-1:]])  # x_base..x_P
+        drafts: list[int] = []
         distributions = []
         previous = None
-        for j in range(self.draft_tokens):
+        for j in range(draft_tokens):
             layer = min(j, layers - 1)
             chain = j - layer
             if chain == 0:
-                last = self._catch_up(layer, sequence, processed)
+                last = self._catch_up(layer, sequence, base, processed)
             else:
                 ids = sequence[-1:].view(1, 1)
                 last = model.mtp_hidden(layer, previous, ids, processed - 1 + chain, self.cache.mtp_layers[layer])
-            logits = model.mtp_logits(layer, last, self.vocab_limit)[0, -1]
-            logits = sampler.adjust(logits, sequence[sequence < logits.shape[-1]])  # a draft vocab may be smaller
+            logits = model.mtp_logits(layer, last, vocab_limit)[0, -1]
+            seen = torch.cat([history, history.new_tensor(drafts)])
+            logits = sampler.adjust(logits, seen[seen < logits.shape[-1]])  # a draft vocab may be smaller
             if sampler.settings.greedy:
                 token = int(logits.argmax())
             else:
                 distribution = probabilities(logits, sampler.settings)
                 token = int(torch.multinomial(distribution, 1, generator=sampler.generator))
                 distributions.append(distribution)
+            drafts.append(token)
             sequence = torch.cat([sequence, sequence.new_tensor([token])])
             previous = last
         self._forget_before(min(self.final, default=processed))
-        drafts = sequence[len(history) :].tolist()
         return drafts, (torch.stack(distributions) if distributions else None)
 
-    def _catch_up(self, layer: int, sequence: torch.Tensor, processed: int) -> torch.Tensor:
-        """Run `layer` from its first non-final position to P-1; returns the output at P-1."""
+    def _catch_up(self, layer: int, sequence: torch.Tensor, base: int, processed: int) -> torch.Tensor:
+        """Run `layer` from its first non-final position to P-1; returns the output at P-1.
+        `sequence` holds the ids of positions base.."""
         model, cache = self.model, self.cache.mtp_layers[layer]
         begin = self.final[layer]
         out = None
         for chunk in range(begin, processed, CATCH_UP_CHUNK):
             end = min(chunk + CATCH_UP_CHUNK, processed)
             hidden = self.hidden[chunk - self.hidden_start : end - self.hidden_start][None]
-            ids = sequence[chunk + layer + 1 : end + layer + 1][None]
+            ids = sequence[chunk + layer + 1 - base : end + layer + 1 - base][None]
             out = model.mtp_hidden(layer, hidden, ids, chunk, cache)
         self.final[layer] = max(begin, processed - layer)  # entries whose token x_{i+k+1} is accepted
         return out[:, -1:]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mimo_local.dev.tiny import make_bigram_with_oracle_mtp
+from mimo_local.errors import MimoError
 from mimo_local.generate import SpeculativeDecoder, stream
 from mimo_local.loader import load_model
 from mimo_local.sampling import Sampler, SamplingSettings
@@ -135,8 +136,8 @@ def test_draft_vocabulary_limits_the_drafts(family_model):
         decoder = SpeculativeDecoder(model, cache, sampler, 3, vocab_limit)
         draft, made = decoder.drafter.draft, []
 
-        def recording(history, sampler):
-            tokens, distributions = draft(history, sampler)
+        def recording(history, sampler, *limits):
+            tokens, distributions = draft(history, sampler, *limits)
             made.extend(tokens)
             return tokens, distributions
 
@@ -150,3 +151,48 @@ def test_draft_vocabulary_limits_the_drafts(family_model):
 
     assert all(token < 300 for token in drafts(300))
     assert any(token >= 300 for token in drafts(None))
+
+
+def test_mtp_continues_a_conversation_on_the_same_cache(family_model):
+    """Later turns (and a rewind to an earlier point, as chat's /regen does) reuse the cache with
+    MTP on: the output equals plain decoding of the whole conversation from scratch."""
+    _, _, model, tokenizer = family_model
+    cache = model.new_cache(512, spare_slots=8)
+    conversation: list[int] = []
+    assert cache.drafter is None
+    for turn, prompt in enumerate(PROMPTS):
+        new_ids = tokenizer.encode(prompt)
+        if turn == 2:  # rewind 3 positions (inside the sliding rings' spare slots) and go on from there
+            conversation = conversation[: cache.length - 3]
+            cache.truncate(len(conversation))
+        prompt_ids = conversation[cache.length :] + new_ids  # starts with the last token never fed back
+        settings = SamplingSettings(max_tokens=12, temperature=0)
+        reused = list(stream(model, tokenizer, prompt_ids, settings, cache=cache, eos_ids=(), draft_tokens=2))
+        reused = reused[-1].stats
+        conversation = conversation + new_ids
+        plain = list(stream(model, tokenizer, conversation, settings, eos_ids=()))[-1].stats
+        assert reused.token_ids == plain.token_ids
+        assert reused.speculation.verify_forwards > 0
+        conversation += reused.token_ids
+        assert cache.length == len(conversation) - 1
+
+
+def test_mtp_refuses_a_cache_filled_without_it(family_model):
+    _, _, model, tokenizer = family_model
+    cache = model.new_cache(256)
+    generate(model, tokenizer, PROMPTS[0], cache=cache, max_tokens=4)
+    with pytest.raises(MimoError, match="MTP was off"):
+        generate(model, tokenizer, PROMPTS[1], cache=cache, draft_tokens=2)
+
+
+def test_drafts_stay_exact_on_a_continued_conversation(oracles):
+    """With an MTP head that copies the target, every draft of a second turn on the same cache is
+    accepted: the drafter picks up the right tokens and hidden states of the earlier turn."""
+    _, made = oracles
+    model, tokenizer = made["copy"]
+    cache = model.new_cache(512, spare_slots=8)
+    first = generate(model, tokenizer, PROMPTS[1], draft_tokens=2, cache=cache, max_tokens=20)
+    settings = SamplingSettings(max_tokens=20, temperature=0)
+    prompt_ids = first.token_ids[-1:] + tokenizer.encode(PROMPTS[3])
+    second = list(stream(model, tokenizer, prompt_ids, settings, cache=cache, eos_ids=(), draft_tokens=2))[-1].stats
+    assert second.speculation.accepted == second.speculation.drafted > 0

@@ -85,6 +85,8 @@ class MiMoForCausalLM(nn.Module):
         steps = input_ids.shape[1]
         if start + steps > cache.max_tokens:
             raise ValueError(f"context full: {start + steps} tokens > cache of {cache.max_tokens}")
+        if cache.token_ids is not None and input_ids.shape[0] == 1:
+            cache.token_ids[start : start + steps] = input_ids[0]
         x = self.embed_tokens(input_ids)
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer(x, start, layer_cache)
