@@ -77,6 +77,12 @@ class SlidingWindowKVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.slot_pos.nbytes
 
+    def holds_window_before(self, length: int) -> bool:
+        """Whether a query at `length` could still see its window: no slot it needs was overwritten
+        by a later position (slots never written are fine: that layer never saw those tokens)."""
+        needed = torch.arange(max(0, length - self.window), length, device=self.slot_pos.device)
+        return bool((self.slot_pos[needed % self.capacity] <= needed).all())
+
 
 def make_layer_cache(spec: AttentionSpec, max_tokens: int, spare_slots: int, batch: int, dtype, device):
     if spec.is_sliding:
@@ -87,10 +93,12 @@ def make_layer_cache(spec: AttentionSpec, max_tokens: int, spare_slots: int, bat
 class ModelCache:
     """The caches of every decoder layer (and of each MTP layer) plus the committed length."""
 
-    def __init__(self, layers: list, mtp_layers: list | None = None):
+    def __init__(self, layers: list, mtp_layers: list | None = None, token_ids: torch.Tensor | None = None):
         self.layers = layers
         self.mtp_layers = mtp_layers or []
         self.length = 0
+        self.token_ids = token_ids  # [max_tokens] ids of the positions written so far (batch 1)
+        self.drafter = None  # MTP drafter state that continues over the turns of a conversation
 
     @classmethod
     def allocate(
@@ -108,15 +116,25 @@ class ModelCache:
             for i in range(config.num_layers)
         ]
         mtp = [make_layer_cache(s, max_tokens, spare_slots, batch, dtype, device) for s in mtp_specs or []]
-        return cls(layers, mtp)
+        return cls(layers, mtp, torch.zeros(max_tokens, dtype=torch.long, device=device))
 
     @property
     def max_tokens(self) -> int:
         full = [c.capacity for c in self.layers if isinstance(c, FullKVCache)]
+        if self.token_ids is not None:
+            full.append(len(self.token_ids))
         return min(full) if full else 2**62
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
+
+    def can_truncate(self, length: int) -> bool:
+        """Whether rewinding to `length` keeps every layer exact. Full caches always do; a ring keeps
+        only window + spare_slots positions, so a rewind further back than its spare slots is not."""
+        if not 0 <= length <= self.length:
+            return False
+        rings = [c for c in self.layers + self.mtp_layers if isinstance(c, SlidingWindowKVCache)]
+        return all(ring.holds_window_before(length) for ring in rings)
 
     @property
     def nbytes(self) -> int:
