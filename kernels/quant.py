@@ -7,13 +7,23 @@ Layouts (row = output channel, so a decode GEMV streams each row once):
   nibble, 2j+1 in the high nibble), `scales` and `zeros` float32 [out, in // group_size];
   W[o, i] = (q[o, i] - zeros[o, i // g]) * scales[o, i // g]. Symmetric int4 (GPTQ sym) has zeros = 8.
 
-Each op has a pure-torch reference (`reference_*`); faster kernels plug in behind the same call.
+Each op has a pure-torch reference (`reference_*`). On CPU, the few-token case (decode, speculative
+verify) runs the C kernels of cpu_quant.c, which stream the packed bytes once per call; everything
+else dequantizes and calls F.linear.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+from . import cpu
+
+SOURCE = Path(__file__).with_name("cpu_quant.c")
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -50,11 +60,59 @@ def reference_int4_linear(x, packed, scales, zeros, group_size: int, bias=None):
     return F.linear(x, dequantize_int4(packed, scales, zeros, group_size, x.dtype), bias)
 
 
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    lib = cpu.load_compiled(SOURCE)
+    if lib is None:
+        return None
+    pointer, i64, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.linear_int8.argtypes = [pointer] * 5 + [integer, i64, i64]
+    lib.linear_int4.argtypes = [pointer] * 7 + [integer, i64, i64, i64]
+    return lib
+
+
+def _kernel_applies(x: torch.Tensor, *packed: torch.Tensor) -> bool:
+    rows = x.numel() // x.shape[-1]
+    return (
+        x.device.type == "cpu"
+        and rows <= cpu.MAX_ROWS
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in packed)
+        and library() is not None
+    )
+
+
+def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.float().contiguous()
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
-    return reference_int8_linear(x, qweight, scales, bias)
+    if not _kernel_applies(x, qweight):
+        return reference_int8_linear(x, qweight, scales, bias)
+    out_features, in_features = qweight.shape
+    flat = x.reshape(-1, in_features).float().contiguous()
+    out = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
+    scales, bias = _float32(scales), _float32(bias)
+    library().linear_int8(
+        flat.data_ptr(), qweight.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
+        out.data_ptr(), flat.shape[0], out_features, in_features,
+    )
+    return out.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
 def int4_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bias=None
 ) -> torch.Tensor:
-    return reference_int4_linear(x, packed, scales, zeros, group_size, bias)
+    in_features = packed.shape[1] * 2
+    if not _kernel_applies(x, packed) or in_features % group_size or group_size % 2:
+        return reference_int4_linear(x, packed, scales, zeros, group_size, bias)
+    out_features = packed.shape[0]
+    flat = x.reshape(-1, in_features).float()
+    x_even, x_odd = flat[:, 0::2].contiguous(), flat[:, 1::2].contiguous()
+    out = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
+    scales, zeros, bias = _float32(scales), _float32(zeros), _float32(bias)
+    library().linear_int4(
+        x_even.data_ptr(), x_odd.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+        bias.data_ptr() if bias is not None else None, out.data_ptr(), flat.shape[0], out_features, in_features,
+        group_size,
+    )
+    return out.view(*x.shape[:-1], out_features).to(x.dtype)

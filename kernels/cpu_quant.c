@@ -1,0 +1,120 @@
+/* Decode matmuls on packed integer weights: y[M,N] = x[M,K] . dequant(W)[N,K]^T, M small (1..16).
+ *
+ * Same plan as cpu_linear.c: threads take chunks of output rows, each row of W is streamed once
+ * and applied to every row of x (float32, from L1). Each block of weights is dequantized once in
+ * registers and used for all M rows of x; the result equals dequantize-then-matmul up to float
+ * rounding. Layouts are documented in quant.py.
+ */
+#include <stdint.h>
+#include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define TOKENS_PER_PASS 4
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* ---------------------------------------------------------------- int8, one scale per row */
+ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int tokens, float *sums) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    __m512 acc[TOKENS_PER_PASS][2];
+    for (int t = 0; t < tokens; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (; j + 32 <= k; j += 32) {
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j))));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j + 16))));
+        for (int t = 0; t < tokens; t++) {
+            acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * k + j), acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * k + j + 16), acc[t][1]);
+        }
+    }
+    for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+#else
+    for (int t = 0; t < tokens; t++) sums[t] = 0.f;
+#endif
+    for (; j < k; j++)
+        for (int t = 0; t < tokens; t++) sums[t] += (float)w[j] * x[t * k + j];
+}
+
+void linear_int8(const float *x, const int8_t *w, const float *scales, const float *bias, float *y, int m,
+                 int64_t n, int64_t k) {
+#pragma omp parallel for schedule(dynamic, 64)
+    for (int64_t row = 0; row < n; row++) {
+        const int8_t *wr = w + row * k;
+        float b = bias ? bias[row] : 0.f;
+        float sums[TOKENS_PER_PASS];
+        for (int first = 0; first < m; first += TOKENS_PER_PASS) {
+            int tokens = m - first < TOKENS_PER_PASS ? m - first : TOKENS_PER_PASS;
+            const float *xs = x + (int64_t)first * k;
+            switch (tokens) { /* constant token counts let the compiler keep accumulators in registers */
+                case 1: int8_row(wr, xs, k, 1, sums); break;
+                case 2: int8_row(wr, xs, k, 2, sums); break;
+                case 3: int8_row(wr, xs, k, 3, sums); break;
+                default: int8_row(wr, xs, k, 4, sums); break;
+            }
+            for (int t = 0; t < tokens; t++) y[(int64_t)(first + t) * n + row] = sums[t] * scales[row] + b;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- int4, groups with scale and zero
+ * Byte j of a row holds inputs 2j (low nibble) and 2j+1 (high nibble). The caller passes x split
+ * into its even inputs (x_even [M, K/2]) and odd inputs (x_odd [M, K/2]) so that a 16-byte block
+ * of weights meets two contiguous 16-float vectors. Within a group, w = q * s - z * s: one fused
+ * multiply-add dequantizes 16 weights. */
+ALWAYS_INLINE void int4_row(const uint8_t *w, const float *scales, const float *zeros, const float *x_even,
+                            const float *x_odd, int64_t k, int64_t group, int tokens, float *sums) {
+    int64_t half = k / 2;
+#if defined(__AVX512F__)
+    if (group % 32 == 0) {
+        const __m512i low_mask = _mm512_set1_epi32(0x0F);
+        __m512 acc[TOKENS_PER_PASS][2];
+        for (int t = 0; t < tokens; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < k / group; g++) {
+            __m512 scale = _mm512_set1_ps(scales[g]);
+            __m512 offset = _mm512_set1_ps(-zeros[g] * scales[g]);
+            for (int64_t j = g * group / 2; j < (g + 1) * group / 2; j += 16) {
+                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + j)));
+                __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low_mask)), scale, offset);
+                __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), scale, offset);
+                for (int t = 0; t < tokens; t++) {
+                    acc[t][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_even + t * half + j), acc[t][0]);
+                    acc[t][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_odd + t * half + j), acc[t][1]);
+                }
+            }
+        }
+        for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+        return;
+    }
+#endif
+    for (int t = 0; t < tokens; t++) sums[t] = 0.f;
+    for (int64_t j = 0; j < half; j++) {
+        int64_t g = 2 * j / group;
+        float lo = ((float)(w[j] & 0x0F) - zeros[g]) * scales[g];
+        float hi = ((float)(w[j] >> 4) - zeros[g]) * scales[g];
+        for (int t = 0; t < tokens; t++) sums[t] += lo * x_even[t * half + j] + hi * x_odd[t * half + j];
+    }
+}
+
+void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, const float *scales,
+                 const float *zeros, const float *bias, float *y, int m, int64_t n, int64_t k, int64_t group) {
+    int64_t groups = k / group, half = k / 2;
+#pragma omp parallel for schedule(dynamic, 64)
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *wr = w + row * half;
+        const float *sr = scales + row * groups, *zr = zeros + row * groups;
+        float b = bias ? bias[row] : 0.f;
+        float sums[TOKENS_PER_PASS];
+        for (int first = 0; first < m; first += TOKENS_PER_PASS) {
+            int tokens = m - first < TOKENS_PER_PASS ? m - first : TOKENS_PER_PASS;
+            const float *xe = x_even + (int64_t)first * half, *xo = x_odd + (int64_t)first * half;
+            switch (tokens) {
+                case 1: int4_row(wr, sr, zr, xe, xo, k, group, 1, sums); break;
+                case 2: int4_row(wr, sr, zr, xe, xo, k, group, 2, sums); break;
+                case 3: int4_row(wr, sr, zr, xe, xo, k, group, 3, sums); break;
+                default: int4_row(wr, sr, zr, xe, xo, k, group, 4, sums); break;
+            }
+            for (int t = 0; t < tokens; t++) y[(int64_t)(first + t) * n + row] = sums[t] + b;
+        }
+    }
+}

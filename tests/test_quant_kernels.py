@@ -1,0 +1,68 @@
+"""Packed int8/int4 matmuls (kernels/quant.py): the C kernels against the pure-torch references."""
+
+import pytest
+import torch
+
+from mimo_local.kernels import quant
+
+SHAPES = [(1, 256, 512, 128), (2, 33, 96, 32), (3, 70, 256, 64), (5, 17, 40, 8), (16, 48, 384, 128)]
+
+
+def close(got, expected, tolerance):
+    return ((got.float() - expected.float()).abs() <= tolerance * (1 + expected.float().abs())).all()
+
+
+def test_the_c_kernels_are_built_here():
+    assert quant.library() is not None  # CI has gcc: the fast path is what the tests below exercise
+
+
+def test_int4_packing_round_trips():
+    values = torch.randint(0, 16, (7, 64), generator=torch.Generator().manual_seed(0))
+    packed = quant.pack_int4(values)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 32)
+    assert torch.equal(quant.unpack_int4(packed), values.to(torch.uint8))
+    assert int(packed[0, 0]) == int(values[0, 0]) | (int(values[0, 1]) << 4)  # low nibble first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,out_features,in_features,group", SHAPES)
+def test_int8_linear_matches_reference(dtype, rows, out_features, in_features, group):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    qweight = torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
+    scales = torch.rand(out_features, generator=generator) / 64
+    bias = torch.randn(out_features, generator=generator)
+    got = quant.int8_linear(x, qweight, scales, bias)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
+    tolerance = 1e-4 if dtype == torch.float32 else 2**-7
+    assert close(got, quant.reference_int8_linear(x.float(), qweight, scales, bias), tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,out_features,in_features,group", SHAPES)
+def test_int4_linear_matches_reference(dtype, rows, out_features, in_features, group):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    packed = quant.pack_int4(torch.randint(0, 16, (out_features, in_features), generator=generator))
+    scales = torch.rand(out_features, in_features // group, generator=generator) / 8
+    zeros = torch.rand(out_features, in_features // group, generator=generator) * 15
+    bias = torch.randn(out_features, generator=generator)
+    got = quant.int4_linear(x, packed, scales, zeros, group, bias)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
+    tolerance = 1e-4 if dtype == torch.float32 else 2**-7
+    expected = quant.reference_int4_linear(x.float(), packed, scales, zeros, group, bias)
+    assert close(got, expected, tolerance)
+    assert close(quant.int4_linear(x, packed, scales, zeros, group), expected - bias, tolerance)
+
+
+def test_many_rows_and_leading_dimensions_take_the_reference_path_with_the_same_result():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 20, 128, generator=generator)  # 40 rows: prefill
+    packed = quant.pack_int4(torch.randint(0, 16, (24, 128), generator=generator))
+    scales, zeros = torch.rand(24, 1, generator=generator), torch.full((24, 1), 8.0)
+    got = quant.int4_linear(x, packed, scales, zeros, 128)
+    assert got.shape == (2, 20, 24)
+    expected = x @ quant.dequantize_int4(packed, scales, zeros, 128).T
+    assert close(got, expected, 1e-4)
+    decode = quant.int4_linear(x[:, :1], packed, scales, zeros, 128)  # [2, 1, 128]: 2 rows, C kernel
+    assert close(decode, expected[:, :1], 1e-4)
