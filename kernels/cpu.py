@@ -37,28 +37,36 @@ def _cpu_signature() -> str:
     return hashlib.sha256((flags + platform.machine()).encode()).hexdigest()[:12]
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built (no gcc, not Linux/x86)."""
+def load_compiled(source_path: Path) -> ctypes.CDLL | None:
+    """Compile a kernel source for this CPU on first use (cached by source and CPU flags) and load
+    it; None where that is impossible (no gcc, kernels turned off with MIMO_CPU_KERNELS=0)."""
     if os.environ.get("MIMO_CPU_KERNELS", "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CC", "gcc"))
     if compiler is None:
         return None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source).hexdigest()[:12]
-    target = cache_dir() / f"cpu_linear-{digest}-{_cpu_signature()}.so"
+    digest = hashlib.sha256(source_path.read_bytes()).hexdigest()[:12]
+    target = cache_dir() / f"{source_path.stem}-{digest}-{_cpu_signature()}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
             temporary = handle.name
-        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", temporary, "-lm"]
+        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source_path), "-o",
+                   temporary, "-lm"]
         if subprocess.run(command, capture_output=True).returncode != 0:
             os.unlink(temporary)
             return None
         os.replace(temporary, target)
     torch.get_num_threads()  # torch's libgomp is loaded first, so the kernels share its threads
-    lib = ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target))
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built (no gcc, not Linux/x86)."""
+    lib = load_compiled(SOURCE)
+    if lib is None:
+        return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.linear_f32.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64]
     lib.linear_bf16.argtypes = [pointer, pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64]
@@ -134,12 +142,25 @@ def moe(
 
     gate_up [E, 2I, H] (gate rows first), down [E, H, I]. One call per layer instead of a few
     dozen torch ops per expert. Callers check `moe_supports` first."""
-    tokens, top_k = experts.shape
-    hidden, inter = down.shape[1], down.shape[2]
+    top_k = experts.shape[1]
     order = experts.reshape(-1).argsort(stable=True)
-    flat_experts = experts.reshape(-1)[order].contiguous()
-    flat_tokens = (order // top_k).contiguous()
-    flat_weights = weights.reshape(-1)[order].float().contiguous()
+    return moe_pairs(x, gate_up, down, experts.reshape(-1)[order], order // top_k, weights.reshape(-1)[order])
+
+
+def moe_pairs(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    pair_experts: torch.Tensor,
+    pair_tokens: torch.Tensor,
+    pair_weights: torch.Tensor,
+) -> torch.Tensor:
+    """`moe` for explicit (expert, token, weight) assignments, sorted by expert: out[token] +=
+    weight * expert(x[token]). The experts of one group of a split layer (offload) come this way."""
+    tokens, hidden, inter = x.shape[0], down.shape[1], down.shape[2]
+    flat_experts = pair_experts.contiguous()
+    flat_tokens = pair_tokens.contiguous()
+    flat_weights = pair_weights.float().contiguous()
     x = x.contiguous()
     threads = torch.get_num_threads()
     out = torch.empty(tokens, hidden, dtype=torch.float32)
