@@ -1,0 +1,1 @@
+"""Quantization recipes shipped with mimo-local (YAML, read by mimo_local.quant.recipes)."""
