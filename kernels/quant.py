@@ -8,8 +8,8 @@ Layouts (row = output channel, so a decode GEMV streams each row once):
   W[o, i] = (q[o, i] - zeros[o, i // g]) * scales[o, i // g]. Symmetric int4 (GPTQ sym) has zeros = 8.
 
 Each op has a pure-torch reference (`reference_*`). On CPU, the few-token case (decode, speculative
-verify) runs the C kernels of cpu_quant.c, which stream the packed bytes once per call; everything
-else dequantizes and calls F.linear.
+verify) runs the C kernels of cpu_quant.c, which stream the packed bytes once per call; on CUDA the
+Triton kernels of triton_quant.py run; everything else dequantizes and calls F.linear.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import cpu
+from . import cpu, triton_quant
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
 
@@ -86,6 +86,8 @@ def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
+    if x.is_cuda and triton_quant.available():
+        return triton_quant.int8_linear(x, qweight, scales, bias)
     if not _kernel_applies(x, qweight):
         return reference_int8_linear(x, qweight, scales, bias)
     out_features, in_features = qweight.shape
@@ -103,6 +105,8 @@ def int4_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bias=None
 ) -> torch.Tensor:
     in_features = packed.shape[1] * 2
+    if x.is_cuda and triton_quant.available():
+        return triton_quant.int4_linear(x, packed, scales, zeros, group_size, bias)
     if not _kernel_applies(x, packed) or in_features % group_size or group_size % 2:
         return reference_int4_linear(x, packed, scales, zeros, group_size, bias)
     out_features = packed.shape[0]
