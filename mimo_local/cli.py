@@ -130,6 +130,54 @@ def _stats_line(engine, stats) -> str:
     return line
 
 
+@app.command()
+def chat(
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Alias, hub repo id, demo model or directory (default: mimo-nano)."
+    ),
+    system: str = typer.Option("", help="System prompt (MiMo's recommendation: none)."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens per answer."),
+    temperature: float = typer.Option(0.6, help="0 = greedy (exact argmax)."),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off."),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason first (shown folded)."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the model's, at most 32768)."),
+    drop_oldest: bool = typer.Option(
+        False, "--drop-oldest", help="When the context is full, drop the oldest turns instead of refusing."
+    ),
+    load: Optional[str] = typer.Option(None, "--load", help="Start from a saved session."),
+    mtp: Optional[bool] = typer.Option(
+        None, "--mtp/--no-mtp", help="Speculative decoding with the MTP layers (default: on when the checkpoint has them)."
+    ),
+    draft_tokens: int = typer.Option(0, "--draft-tokens", help="Tokens drafted per step (default: one per MTP layer)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Chat in the terminal (a plain line REPL when stdin or stdout is not a terminal)."""
+    from .chat.launch import ChatOptions, start_chat
+    from .chat.settings import ChatSettings
+    from .hub import resolve_model
+
+    try:
+        settings = ChatSettings(
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+            seed=seed, max_tokens=max_tokens, think=think, overflow="drop" if drop_oldest else "refuse",
+        ).validate()
+        if draft_tokens < 0:
+            raise MimoError("--draft-tokens must be >= 0")
+        options = ChatOptions(settings, system, mtp, draft_tokens, ctx, device, dtype, load)
+        start_chat(model, lambda name: resolve_model(name, assume_yes=yes), options)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    except (MimoError, OSError, RuntimeError, ValueError) as error:
+        _fail(error, debug)
+
+
 @dev_app.command("make-tiny")
 def make_tiny(
     out: Path = typer.Argument(..., help="Directory to write."),

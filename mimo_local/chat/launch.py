@@ -1,0 +1,61 @@
+"""Start a chat: load the model, build the session, and pick the front end for this terminal."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .controller import ChatController
+from .session import ChatSession
+from .settings import ChatSettings
+
+
+@dataclass
+class ChatOptions:
+    settings: ChatSettings
+    system: str = ""
+    mtp: bool | None = None
+    draft_tokens: int = 0
+    context: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    load_session: str | None = None
+
+
+def start_chat(model_name: str, resolve: Callable[[str], Path], options: ChatOptions) -> None:
+    """`resolve` turns a model name into its directory (the hub's job)."""
+    from ..engine import Engine
+    from . import store
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+
+    def load_engine(name: str):
+        return Engine.load(resolve(name), device=options.device, dtype=options.dtype, show_progress=sys.stderr.isatty())
+
+    engine = load_engine(model_name)
+    session = ChatSession(
+        engine,
+        display_name(model_name, engine),
+        options.settings,
+        system=options.system,
+        mtp=options.mtp,
+        draft_tokens=options.draft_tokens,
+        context=options.context,
+    )
+    if options.load_session:
+        session.restore(store.load_session(options.load_session))
+    controller = ChatController(session, load_engine)
+    if interactive:
+        from .app import ChatApp
+
+        ChatApp(controller, device=str(engine.model.device)).run()
+    else:
+        from .repl import run_repl
+
+        run_repl(controller, sys.stdin, sys.stdout, sys.stderr)
+
+
+def display_name(model_name: str | None, engine) -> str:
+    return model_name if model_name and not Path(model_name).expanduser().is_dir() else engine.path.name
