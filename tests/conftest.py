@@ -19,3 +19,11 @@ def checkpoints(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def scripted_chat(tmp_path_factory):
+    """A tiny chat checkpoint that always thinks THINKING and answers ANSWER (mimo_local/dev/scripted_chat.py)."""
+    from mimo_local.dev.scripted_chat import make_scripted_chat_checkpoint
+
+    return make_scripted_chat_checkpoint(tmp_path_factory.mktemp("chat") / "scripted")
