@@ -6,6 +6,7 @@
  * rounding. Layouts are documented in quant.py.
  */
 #include <stdint.h>
+#include <math.h>
 #include <omp.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -115,6 +116,79 @@ void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, cons
                 default: int4_row(wr, sr, zr, xe, xo, k, group, 4, sums); break;
             }
             for (int t = 0; t < tokens; t++) y[(int64_t)(first + t) * n + row] = sums[t] + b;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- routed SwiGLU experts, quantized
+ * out[t] += w * down_e(silu(gate_e(x_t)) * up_e(x_t)) for each (expert e, token t, weight w)
+ * assignment, with gate_up [E, 2I, H] and down [E, H, I] stacks in the int8 (bits 8) or int4
+ * (bits 4) layout; zeros are unused for int8. x is float32 [M, H]; out float32 [M, H].
+ * Threads split the assignments (each streams whole experts) into their own partial output.
+ * scratch per thread: H + 3I floats. partial: threads * M * H floats. */
+typedef struct {
+    const void *weights; /* int8_t or uint8_t (packed) */
+    const float *scales, *zeros;
+} QuantStack;
+
+static float quant_row(int bits, QuantStack s, int64_t expert, int64_t rows, int64_t row, const float *x,
+                       const float *x_even, const float *x_odd, int64_t k, int64_t group) {
+    float sum;
+    int64_t r = expert * rows + row;
+    if (bits == 8) {
+        int8_row((const int8_t *)s.weights + r * k, x, k, 1, &sum);
+        return sum * s.scales[r];
+    }
+    int4_row((const uint8_t *)s.weights + r * (k / 2), s.scales + r * (k / group), s.zeros + r * (k / group),
+             x_even, x_odd, k, group, 1, &sum);
+    return sum;
+}
+
+static void split_even_odd(const float *x, float *even, float *odd, int64_t k) {
+    for (int64_t j = 0; j < k / 2; j++) { even[j] = x[2 * j]; odd[j] = x[2 * j + 1]; }
+}
+
+void moe_quant(int bits, const float *x, const void *gate_up, const float *gate_up_scales,
+               const float *gate_up_zeros, const void *down, const float *down_scales, const float *down_zeros,
+               const int64_t *experts, const int64_t *tokens, const float *weights, int assignments, int m,
+               float *out, float *partial, float *scratch, int64_t hidden, int64_t inter, int64_t group) {
+    QuantStack gu = {gate_up, gate_up_scales, gate_up_zeros}, dn = {down, down_scales, down_zeros};
+    int threads = 1;
+#pragma omp parallel
+    {
+#pragma omp single
+        threads = omp_get_num_threads();
+        int id = omp_get_thread_num();
+        float *mine = partial + (int64_t)id * m * hidden;
+        float *x_split = scratch + (int64_t)id * (hidden + 3 * inter);
+        float *gate_up_out = x_split + hidden;
+        float *act = gate_up_out + 2 * inter;
+        for (int64_t j = 0; j < (int64_t)m * hidden; j++) mine[j] = 0.f;
+        int first = (int)((int64_t)assignments * id / threads);
+        int last = (int)((int64_t)assignments * (id + 1) / threads);
+        for (int a = first; a < last; a++) {
+            const float *xt = x + tokens[a] * hidden;
+            if (bits == 4) split_even_odd(xt, x_split, x_split + hidden / 2, hidden);
+            for (int64_t r = 0; r < 2 * inter; r++)
+                gate_up_out[r] = quant_row(bits, gu, experts[a], 2 * inter, r, xt, x_split, x_split + hidden / 2,
+                                           hidden, group);
+            float *act_even = act, *act_odd = act + inter / 2;
+            for (int64_t i = 0; i < inter; i++) {
+                float g = gate_up_out[i];
+                float v = g / (1.f + expf(-g)) * gate_up_out[inter + i];
+                if (bits == 4) (i % 2 ? act_odd : act_even)[i / 2] = v;
+                else act[i] = v;
+            }
+            float *ot = mine + tokens[a] * hidden;
+            for (int64_t r = 0; r < hidden; r++)
+                ot[r] += weights[a] * quant_row(bits, dn, experts[a], hidden, r, act, act_even, act_odd, inter, group);
+        }
+#pragma omp barrier
+#pragma omp for
+        for (int64_t j = 0; j < (int64_t)m * hidden; j++) {
+            float sum = 0.f;
+            for (int t = 0; t < threads; t++) sum += partial[(int64_t)t * m * hidden + j];
+            out[j] = sum;
         }
     }
 }

@@ -68,6 +68,7 @@ def library() -> ctypes.CDLL | None:
     pointer, i64, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.linear_int8.argtypes = [pointer] * 5 + [integer, i64, i64]
     lib.linear_int4.argtypes = [pointer] * 7 + [integer, i64, i64, i64]
+    lib.moe_quant.argtypes = [integer] + [pointer] * 10 + [integer, integer] + [pointer] * 3 + [i64, i64, i64]
     return lib
 
 
@@ -120,3 +121,57 @@ def int4_linear(
         group_size,
     )
     return out.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def moe_supports(x: torch.Tensor, *stacks: torch.Tensor) -> bool:
+    return _kernel_applies(x, *stacks)
+
+
+def moe_pairs(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    gate_up: tuple,
+    down: tuple,
+    pair_experts: torch.Tensor,
+    pair_tokens: torch.Tensor,
+    pair_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed SwiGLU experts on quantized stacks, one call per layer: out[token] += weight *
+    down_e(silu(gate_e(x)) * up_e(x)) for each (expert, token, weight) assignment sorted by expert.
+    `gate_up` and `down` are (qweight, scales) for int8 or (packed, scales, zeros) for int4, with a
+    leading expert dimension: gate_up rows [E, 2I, ...], down rows [E, H, ...]. Returns float32
+    [M, H]. Callers check `moe_supports` first."""
+    tokens, hidden = x.shape
+    inter = down[0].shape[2] * (2 if bits == 4 else 1)
+    x = x.float().contiguous()
+    threads = torch.get_num_threads()
+    out = torch.empty(tokens, hidden, dtype=torch.float32)
+    partial = torch.empty(threads, tokens, hidden, dtype=torch.float32)
+    scratch = torch.empty(threads, hidden + 3 * inter, dtype=torch.float32)
+    gate_up_scales, down_scales = _float32(gate_up[1]), _float32(down[1])
+    gate_up_zeros = _float32(gate_up[2]) if bits == 4 else None
+    down_zeros = _float32(down[2]) if bits == 4 else None
+    experts, token_ids = pair_experts.contiguous(), pair_tokens.contiguous()
+    weights = pair_weights.float().contiguous()
+    address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    library().moe_quant(
+        bits, x.data_ptr(), gate_up[0].data_ptr(), gate_up_scales.data_ptr(), address(gate_up_zeros),
+        down[0].data_ptr(), down_scales.data_ptr(), address(down_zeros), experts.data_ptr(), token_ids.data_ptr(),
+        weights.data_ptr(), experts.numel(), tokens, out.data_ptr(), partial.data_ptr(), scratch.data_ptr(),
+        hidden, inter, group_size,
+    )
+    return out
+
+
+def reference_moe_pairs(x, bits, group_size, gate_up, down, pair_experts, pair_tokens, pair_weights):
+    def weight(stack, expert):
+        if bits == 8:
+            return dequantize_int8(stack[0][expert], stack[1][expert])
+        return dequantize_int4(stack[0][expert], stack[1][expert], stack[2][expert], group_size)
+
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for expert, token, w in zip(pair_experts.tolist(), pair_tokens.tolist(), pair_weights.tolist()):
+        gate, up = F.linear(x[token].float(), weight(gate_up, expert)).chunk(2)
+        out[token] += w * F.linear(F.silu(gate) * up, weight(down, expert))
+    return out

@@ -66,3 +66,34 @@ def test_many_rows_and_leading_dimensions_take_the_reference_path_with_the_same_
     assert close(got, expected, 1e-4)
     decode = quant.int4_linear(x[:, :1], packed, scales, zeros, 128)  # [2, 1, 128]: 2 rows, C kernel
     assert close(decode, expected[:, :1], 1e-4)
+
+
+def quantized_stack(bits, experts, out_features, in_features, group, generator):
+    if bits == 8:
+        qweight = torch.randint(-127, 128, (experts, out_features, in_features), generator=generator, dtype=torch.int8)
+        return qweight, torch.rand(experts, out_features, generator=generator) / 256
+    q = torch.randint(0, 16, (experts * out_features, in_features), generator=generator)
+    packed = quant.pack_int4(q).view(experts, out_features, in_features // 2)
+    scales = torch.rand(experts, out_features, in_features // group, generator=generator) / 32
+    zeros = torch.rand(experts, out_features, in_features // group, generator=generator) * 15
+    return packed, scales, zeros
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens,hidden,inter,group", [(1, 128, 64, 32), (3, 96, 64, 32), (2, 40, 24, 8)])
+def test_quantized_moe_matches_reference(bits, tokens, hidden, inter, group):
+    generator = torch.Generator().manual_seed(bits + tokens)
+    experts, top_k = 6, 2
+    gate_up = quantized_stack(bits, experts, 2 * inter, hidden, group, generator)
+    down = quantized_stack(bits, experts, hidden, inter, group, generator)
+    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    chosen = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    flat = chosen.reshape(-1)
+    order = flat.argsort(stable=True)
+    pair_experts, pair_tokens = flat[order], order // top_k
+    pair_weights = torch.rand(tokens * top_k, generator=generator)[order]
+    assert quant.moe_supports(x, gate_up[0], down[0])
+    got = quant.moe_pairs(x, bits, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
+    expected = quant.reference_moe_pairs(x, bits, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
+    assert got.shape == (tokens, hidden)
+    assert close(got, expected, 1e-4)
