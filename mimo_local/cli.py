@@ -47,7 +47,10 @@ def _read_prompt(prompt: Optional[str]) -> str:
 @app.command()
 def run(
     prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or omitted with a pipe reads stdin."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model directory in hub layout."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Alias, hub repo id org/name[@revision], demo model or directory (default: mimo-nano "
+        "or `mimo config default-model`)."
+    ),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.6, help="0 = greedy (exact argmax)."),
     top_p: float = typer.Option(0.95, "--top-p"),
@@ -68,6 +71,7 @@ def run(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of text."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
@@ -90,7 +94,8 @@ def run(
         settings.validate()
         if draft_tokens < 0 or draft_vocab < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
-        engine = Engine.load(model, device=device, dtype=dtype, show_progress=sys.stderr.isatty())
+        model_dir = _resolve_model_for_run(model, yes)
+        engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty())
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
         events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings, **speculation)
         stats = None
@@ -115,6 +120,14 @@ def run(
         _fail(error, debug)
 
 
+def _resolve_model_for_run(model: Optional[str], assume_yes: bool) -> Path:
+    from .hub import default_model, resolve_model
+
+    if model is None:
+        typer.echo(f"model: {default_model()} (default; change with `mimo config default-model NAME`)", err=True)
+    return resolve_model(model, assume_yes=assume_yes)
+
+
 def _stats_line(engine, stats) -> str:
     config, itemsize = engine.config, engine.model.dtype.itemsize
     kv = f"KV {config.kv_bytes_per_token(itemsize) / 1024:.1f} KiB/token"
@@ -128,6 +141,101 @@ def _stats_line(engine, stats) -> str:
     if stats.speculation:
         line += f" | MTP accepted length {stats.speculation.mean_accepted_length:.2f}"
     return line
+
+
+@app.command()
+def pull(
+    name: str = typer.Argument(..., help="Alias (mimo-7b-rl, mimo-v2-flash, ...) or hub repo id org/name[@revision]."),
+    include: list[str] = typer.Option([], "--include", help="Only files matching this glob (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Skip files matching this glob (repeatable)."),
+    retries: int = typer.Option(5, "--retries", help="Attempts per file after the first, with exponential backoff."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Download a model into the local store: resumable, every file verified (sha256 / git hash)."""
+    from .pull import pull as pull_model
+
+    try:
+        if retries < 0:
+            raise MimoError("--retries must be >= 0")
+        pull_model(name, tuple(include), tuple(exclude), retries)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: run `mimo pull {name}` again to resume", err=True)
+        raise typer.Exit(130)
+    except (MimoError, OSError) as error:
+        _fail(error, debug)
+
+
+@app.command("list")
+def list_models(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """Models in the local store and the packaged demo models."""
+    from rich.console import Console
+
+    from .store import list_table
+
+    try:
+        Console().print(list_table())
+    except (MimoError, OSError) as error:
+        _fail(error, debug)
+
+
+@app.command()
+def show(
+    name: str = typer.Argument(..., help="Model name, hub repo id or directory."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Summary of a model's configuration: family, layers, heads, experts, context, KV cache per token."""
+    from rich.console import Console
+
+    from .store import show_table
+
+    try:
+        Console().print(show_table(name))
+    except (MimoError, OSError) as error:
+        _fail(error, debug)
+
+
+@app.command()
+def rm(
+    name: str = typer.Argument(..., help="A pulled model (alias or hub repo id)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Remove a pulled model from the local store."""
+    from .pull import format_bytes
+    from .store import disk_size, remove, removable
+
+    try:
+        ref = removable(name)
+        question = f"Remove {ref.name} ({format_bytes(disk_size(ref.path))}, {ref.path})?"
+        if not yes:
+            if not sys.stdin.isatty():
+                raise MimoError(f"not removing {ref.name} without confirmation: pass --yes")
+            if not typer.confirm(question, err=True):
+                raise typer.Exit(1)
+        remove(ref)
+        typer.echo(f"removed {ref.name}", err=True)
+    except (MimoError, OSError) as error:
+        _fail(error, debug)
+
+
+config_app = typer.Typer(help="Settings kept in the store (MIMO_HOME).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("default-model")
+def config_default_model(
+    name: Optional[str] = typer.Argument(None, help="Model to use when --model is not given; omit to print it."),
+    reset: bool = typer.Option(False, "--reset", help="Go back to the packaged mimo-nano."),
+):
+    """Print or set the model `mimo run` uses without --model."""
+    from .hub import default_model, set_default_model
+
+    try:
+        if reset or name is not None:
+            set_default_model(None if reset else name)
+        typer.echo(default_model())
+    except (MimoError, OSError) as error:
+        _fail(error, False)
 
 
 @app.command()

@@ -1,17 +1,194 @@
-"""Where models live: turn what the user typed (alias, hub repo id, local directory) into a directory."""
+"""Where models live: turn what the user typed (alias, hub repo id, demo model, local directory) into a directory.
+
+The store is `$MIMO_HOME` (default `$XDG_DATA_HOME/mimo-local`, else `~/.local/share/mimo-local`):
+`models/<org>--<name>[@<revision>]/` holds each pulled repository in hub layout, and `config.json`
+holds settings such as the default model.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MimoError
 
+ALIASES = {
+    "mimo-7b-base": "XiaomiMiMo/MiMo-7B-Base",
+    "mimo-7b-sft": "XiaomiMiMo/MiMo-7B-SFT",
+    "mimo-7b-rl": "XiaomiMiMo/MiMo-7B-RL",
+    "mimo-7b-rl-0530": "XiaomiMiMo/MiMo-7B-RL-0530",
+    "mimo-v2-flash": "XiaomiMiMo/MiMo-V2-Flash",
+    "mimo-v2-flash-base": "XiaomiMiMo/MiMo-V2-Flash-Base",
+}
+DEMO_DIR = Path(__file__).resolve().parent / "demo_models"
+DEMO_MODELS = ("mimo-nano", "mimo-nano-moe")
+FALLBACK_DEFAULT_MODEL = "mimo-nano"
+STATE_DIR = ".mimo"  # inside a pulled model: manifest, partial files, pull lock
+MANIFEST = f"{STATE_DIR}/manifest.json"  # written last: the model is complete and verified
+SOURCE = f"{STATE_DIR}/source.json"  # written first: which repository this directory is pulled from
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model the user named, and where its files are (or will be) on disk."""
+
+    name: str  # how to name it again on the command line
+    kind: str  # "local" | "demo" | "hub"
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None  # None: the default branch
+
+    @property
+    def pull_command(self) -> str:
+        return f"mimo pull {self.name}"
+
+
+def home() -> Path:
+    if os.environ.get("MIMO_HOME"):
+        return Path(os.environ["MIMO_HOME"]).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data).expanduser() / "mimo-local"
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def store_path(repo_id: str, revision: str | None) -> Path:
+    folder = repo_id.replace("/", "--")
+    if revision:
+        folder += "@" + revision.replace("/", "--")
+    return models_dir() / folder
+
+
+def hub_ref(repo_id: str, revision: str | None, name: str | None = None) -> ModelRef:
+    revision = None if revision in (None, "", "main") else revision
+    if name is None:
+        alias = next((a for a, repo in ALIASES.items() if repo == repo_id), None)
+        name = alias if alias and not revision else repo_id + (f"@{revision}" if revision else "")
+    return ModelRef(name, "hub", store_path(repo_id, revision), repo_id, revision)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~", ".\\")) or text.endswith(("/", "\\")) or text.count("/") > 1
+
+
+def parse_name(name: str | Path) -> ModelRef:
+    """What `name` refers to, without touching the network."""
+    text = str(name).strip()
+    if not text:
+        raise MimoError("empty model name")
+    if text.lower() in ALIASES:
+        return hub_ref(ALIASES[text.lower()], None, text.lower())
+    if text.lower() in DEMO_MODELS:
+        return ModelRef(text.lower(), "demo", DEMO_DIR / text.lower())
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ModelRef(text, "local", path.resolve())
+    if _looks_like_path(text) or path.exists():
+        raise MimoError(f"model directory not found: {text}")
+    repo_id, at, revision = text.partition("@")
+    if _REPO_ID.match(repo_id) and (not at or _REVISION.match(revision)):
+        return hub_ref(repo_id, revision or None, text if at else None)
+    raise MimoError(
+        f"unknown model '{text}': give an alias ({', '.join(ALIASES)}), a demo model ({', '.join(DEMO_MODELS)}), "
+        "a hub repo id org/name[@revision] or a model directory"
+    )
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def settings_path() -> Path:
+    return home() / "config.json"
+
+
+def read_settings() -> dict:
+    path = settings_path()
+    if not path.exists():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise MimoError(f"{path}: not valid JSON ({error}); fix or delete it") from None
+    if not isinstance(settings, dict):
+        raise MimoError(f"{path}: expected a JSON object; fix or delete it")
+    return settings
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(temp, path)
+
+
+def default_model() -> str:
+    """The model used when none is named: the configured default, else the packaged mimo-nano."""
+    return read_settings().get("default_model") or FALLBACK_DEFAULT_MODEL
+
+
+def set_default_model(name: str | None) -> str:
+    """Store `name` (checked, local directories made absolute) as the default; None restores mimo-nano."""
+    settings = read_settings()
+    if name is None:
+        settings.pop("default_model", None)
+        value = FALLBACK_DEFAULT_MODEL
+    else:
+        ref = parse_name(name)
+        value = str(ref.path) if ref.kind == "local" else ref.name
+        settings["default_model"] = value
+    write_json_atomic(settings_path(), settings)
+    return value
+
+
+# --- resolving ------------------------------------------------------------------------------
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
 
 def resolve_model(name: str | Path | None, *, assume_yes: bool = False) -> Path:
-    """The local model directory for `name`. The hub store (aliases, repo ids, pulls) builds on this."""
-    if name is None:
-        raise MimoError("no model given: pass --model PATH")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    raise MimoError(f"model directory not found: {name}")
+    """The local model directory for `name` (None: the default model).
+
+    A hub model missing from the store is pulled first: with `assume_yes`, or after asking on a
+    terminal. Without a terminal the error names the pull command instead.
+    """
+    ref = parse_name(default_model() if name is None else name)
+    if ref.kind == "local":
+        return ref.path
+    if ref.kind == "demo":
+        if not (ref.path / "config.json").is_file():
+            raise MimoError(f"demo model {ref.name} is missing from this installation (expected {ref.path})")
+        return ref.path
+    if is_complete(ref.path):
+        return ref.path
+    from . import pull
+
+    if pull.offline():
+        raise pull.offline_error(ref)
+    if not assume_yes and not _interactive():
+        raise MimoError(f"{ref.name} is not downloaded: run `{ref.pull_command}` first (or pass --yes)")
+    plan = pull.fetch_plan(ref)
+    if not assume_yes and not _confirm(f"{ref.name} ({ref.repo_id}) is not downloaded. Pull {plan.size_text} now?"):
+        raise MimoError(f"{ref.name} is not downloaded: run `{ref.pull_command}` to get it")
+    return pull.download(plan)
+
+
+def _confirm(question: str) -> bool:
+    from rich.console import Console
+    from rich.prompt import Confirm
+
+    return Confirm.ask(question, console=Console(stderr=True), default=True)

@@ -1,0 +1,224 @@
+"""The local model store: what is installed, what each model is, and removing pulled models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import MiMoConfig, load_config
+from .errors import MimoError
+from .hub import DEMO_MODELS, MANIFEST, SOURCE, STATE_DIR, ModelRef, is_complete, models_dir, parse_name
+from .pull import format_bytes
+
+DTYPE_LABELS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float8_e4m3fn": "fp8"}
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    name: str
+    kind: str  # "demo" | "hub"
+    path: Path
+    complete: bool
+
+
+def stored_models() -> list[StoredModel]:
+    """The packaged demo models, then every pulled (or partly pulled) model in the store."""
+    found = []
+    for name in DEMO_MODELS:
+        ref = parse_name(name)
+        if (ref.path / "config.json").is_file():
+            found.append(StoredModel(name, "demo", ref.path, True))
+    root = models_dir()
+    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+        if directory.name.startswith("."):
+            continue  # being removed
+        source = _read_json(directory / MANIFEST) or _read_json(directory / SOURCE)
+        if source.get("name"):
+            found.append(StoredModel(source["name"], "hub", directory, is_complete(directory)))
+    return found
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def disk_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def quantization(path: Path) -> str:
+    """How the weights are stored: the config's quantization_config, else its dtype."""
+    raw = _read_json(path / "config.json")
+    quant = raw.get("quantization_config") or {}
+    if quant:
+        label = str(quant.get("quant_method") or quant.get("method") or "quantized")
+        if quant.get("bits"):
+            label += f" {quant['bits']}-bit"
+        return label
+    dtype = str(raw.get("torch_dtype") or raw.get("dtype") or "?")
+    return DTYPE_LABELS.get(dtype, dtype)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    config: MiMoConfig  # num_mtp_layers counted from the checkpoint's tensors
+    parameters: int
+
+
+def model_facts(path: Path) -> ModelFacts:
+    """The config plus what only the checkpoint knows (MTP layers present, parameter count)."""
+    import dataclasses
+
+    from .checkpoint import Checkpoint
+    from .loader import FAMILY_MODULES
+
+    config = load_config(path)
+    checkpoint = Checkpoint(path, config.fp8_block_size)
+    names = checkpoint.names()
+    mtp = FAMILY_MODULES[config.family].count_mtp_layers(config, names)
+    parameters = sum(
+        _numel(entry.shape) for name, entry in checkpoint.entries.items() if not name.endswith("_scale_inv")
+    )
+    return ModelFacts(dataclasses.replace(config, num_mtp_layers=mtp), parameters)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def format_count(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+
+def list_table():
+    from rich.table import Table
+
+    table = Table(title=f"models (store: {models_dir()})", title_justify="left")
+    for column in ("name", "family", "size", "quantization", "MTP", "path"):
+        table.add_column(column, justify="right" if column in ("size", "MTP") else "left", overflow="fold")
+    for model in stored_models():
+        family, mtp = "?", "?"
+        if model.complete:
+            try:
+                facts = model_facts(model.path)
+                family, mtp = facts.config.display_family, str(facts.config.num_mtp_layers)
+            except MimoError:
+                pass  # a pull restricted by --include may lack config or weights; the row still shows it
+        name = model.name + ("" if model.complete else " (incomplete)") + (" (demo)" if model.kind == "demo" else "")
+        table.add_row(name, family, format_bytes(disk_size(model.path)), quantization(model.path), mtp, str(model.path))
+    return table
+
+
+def show_table(name: str):
+    from rich.table import Table
+
+    ref, path = _installed(name)
+    facts = model_facts(path)
+    config = facts.config
+    table = Table(title=f"{ref.name}", title_justify="left", show_header=False)
+    table.add_column("property")
+    table.add_column("value", overflow="fold")
+    rows = [
+        ("family", f"{config.display_family} ({config.family})"),
+        ("parameters", format_count(facts.parameters)),
+        ("layers", _layers(config)),
+        ("hidden size", str(config.hidden_size)),
+        ("attention heads", _heads(config)),
+        ("experts", _experts(config)),
+        ("vocabulary", str(config.vocab_size)),
+        ("context", f"{config.max_position_embeddings} tokens"),
+        ("MTP layers", str(config.num_mtp_layers)),
+        ("quantization", quantization(path)),
+        ("KV cache (bf16)", _kv(config)),
+        ("size on disk", format_bytes(disk_size(path))),
+        ("path", str(path)),
+    ]
+    if ref.repo_id:
+        rows.insert(0, ("repository", ref.repo_id + (f"@{ref.revision}" if ref.revision else "")))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _layers(config: MiMoConfig) -> str:
+    sliding = sum(config.layer_is_sliding)
+    if not sliding:
+        return str(config.num_layers)
+    return f"{config.num_layers} ({config.num_layers - sliding} global, {sliding} sliding window {config.sliding_attention.sliding_window})"
+
+
+def _heads(config: MiMoConfig) -> str:
+    spec = config.global_attention
+    text = f"{spec.num_heads} query / {spec.num_kv_heads} KV, head dim {spec.head_dim}"
+    if spec.v_head_dim != spec.head_dim:
+        text += f" (V {spec.v_head_dim})"
+    if config.sliding_attention is not None:
+        swa = config.sliding_attention
+        text += f"; sliding {swa.num_heads} query / {swa.num_kv_heads} KV"
+    return text
+
+
+def _experts(config: MiMoConfig) -> str:
+    if config.moe is None:
+        return "none (dense)"
+    moe = config.moe
+    return f"{moe.num_experts} routed, {moe.experts_per_token} per token, {sum(config.layer_is_moe)} MoE layers"
+
+
+def _kv(config: MiMoConfig) -> str:
+    text = f"{config.kv_bytes_per_token(2) / 1024:.1f} KiB/token"
+    if config.kv_fixed_bytes(2):
+        text += f" + {format_bytes(config.kv_fixed_bytes(2))} sliding windows"
+    return text
+
+
+def _installed(name: str) -> tuple[ModelRef, Path]:
+    ref = parse_name(name)
+    if ref.kind == "hub" and not is_complete(ref.path):
+        raise MimoError(f"{ref.name} is not downloaded: run `{ref.pull_command}`")
+    if ref.kind == "demo" and not (ref.path / "config.json").is_file():
+        raise MimoError(f"demo model {ref.name} is missing from this installation (expected {ref.path})")
+    return ref, ref.path
+
+
+# --- removing -------------------------------------------------------------------------------
+
+
+def removable(name: str) -> ModelRef:
+    """The pulled model `name` refers to (complete or not), or a one-line reason it cannot be removed."""
+    ref = parse_name(name)
+    if ref.kind == "demo":
+        raise MimoError(f"{ref.name} is a packaged demo model: it cannot be removed")
+    if ref.kind == "local":
+        if ref.path.parent != models_dir().resolve() or not (ref.path / STATE_DIR).is_dir():
+            raise MimoError(f"{name} is not in the store ({models_dir()}): mimo rm only removes pulled models")
+        return ref
+    if not ref.path.is_dir():
+        raise MimoError(f"{ref.name} is not in the store ({models_dir()})")
+    return ref
+
+
+def remove(ref: ModelRef) -> None:
+    """Move the directory aside in one rename, then delete it: no half-removed model is ever listed."""
+    trash = ref.path.with_name(f".removing-{ref.path.name}-{os.getpid()}")
+    os.replace(ref.path, trash)
+    shutil.rmtree(trash)

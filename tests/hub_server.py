@@ -1,0 +1,232 @@
+"""A real HTTP server on 127.0.0.1 speaking the Hugging Face Hub endpoints that `mimo pull` uses.
+
+- GET /api/models/{repo}/revision/{rev}?blobs=true: model info with siblings (size, blobId, lfs).
+- GET|HEAD /{repo}/resolve/{rev}/{file}: small files directly (ETag = git blob sha1), LFS files by a
+  302 redirect to a second server (the "CDN", another host:port) with X-Linked-Etag/X-Linked-Size,
+  as the hub does. Both honour Range (206 + Content-Range, 416 past the end).
+- Errors the hub's way: 404 + X-Error-Code RepoNotFound / RevisionNotFound, 401 for private repos
+  without a token, 401 + "Invalid credentials in Authorization header" for a wrong token.
+
+Faults for tests: `fail[key] = [status, ...]` answers the next requests for `key` ("api" or a file
+name) with those statuses; `cut[file] = n` ends the next body of that file after n bytes;
+`corrupt.add(file)` flips one byte in the next body of that file. `served[file]` counts body bytes
+sent, `requests` logs (method, path, headers) of every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+LFS_PATTERNS = (".safetensors", "tokenizer.json")
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class HubRepo:
+    def __init__(self, repo_id: str, directory: Path, commit: str):
+        self.repo_id, self.commit = repo_id, commit
+        self.files = {
+            str(path.relative_to(directory)): path.read_bytes()
+            for path in sorted(directory.rglob("*"))
+            if path.is_file()
+        }
+
+    def is_lfs(self, name: str) -> bool:
+        return name.endswith(LFS_PATTERNS)
+
+    def sibling(self, name: str) -> dict:
+        data = self.files[name]
+        entry = {"rfilename": name, "size": len(data), "blobId": git_blob_sha1(data)}
+        if self.is_lfs(name):
+            sha = hashlib.sha256(data).hexdigest()
+            entry["lfs"] = {"size": len(data), "sha256": sha, "pointerSize": 134}
+            entry["blobId"] = git_blob_sha1(f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\n".encode())
+        return entry
+
+
+class HubServer:
+    def __init__(self):
+        self.repos: dict[str, HubRepo] = {}
+        self.revisions: dict[tuple[str, str], str] = {}  # (repo, branch or tag) -> commit
+        self.token: str | None = None  # when set, every repo is private to this token
+        self.fail: dict[str, list[int]] = {}
+        self.cut: dict[str, int] = {}
+        self.corrupt: set[str] = set()
+        self.served: Counter = Counter()
+        self.requests: list[tuple[str, str, dict]] = []
+        self.lock = threading.Lock()
+        self.hub = self._serve()
+        self.cdn = self._serve()
+        self.url = f"http://127.0.0.1:{self.hub.server_port}"
+        self.cdn_url = f"http://127.0.0.1:{self.cdn.server_port}"
+
+    def _serve(self) -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return server
+
+    def add_repo(self, repo_id: str, directory: Path, revisions: tuple[str, ...] = ("main",)) -> HubRepo:
+        commit = hashlib.sha1(f"{repo_id}:{len(self.repos)}".encode()).hexdigest()
+        repo = self.repos[repo_id] = HubRepo(repo_id, Path(directory), commit)
+        for revision in (*revisions, commit):
+            self.revisions[(repo_id, revision)] = commit
+        return repo
+
+    def take_failure(self, key: str) -> int | None:
+        with self.lock:
+            statuses = self.fail.get(key)
+            return statuses.pop(0) if statuses else None
+
+    def close(self) -> None:
+        for server in (self.hub, self.cdn):
+            server.shutdown()
+            server.server_close()
+
+
+def _handler(hub: HubServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self._route(body=False)
+
+        def do_GET(self):
+            self._route(body=True)
+
+        def _route(self, body: bool):
+            path = unquote(urlsplit(self.path).path)
+            with hub.lock:
+                hub.requests.append((self.command, path, dict(self.headers)))
+            if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path):
+                return self._model_info(match[1], match[2] or "main")
+            if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
+                return self._resolve(match[1], match[2], match[3], body)
+            if match := re.fullmatch(r"/cdn/([^/]+/[^/]+)/(.+)", path):
+                return self._file(hub.repos[match[1]], match[2], body)
+            self._error(404, "EntryNotFound", "not found")
+
+        def _error(self, status: int, code: str | None, message: str, extra: dict | None = None):
+            payload = json.dumps({"error": message}).encode()
+            self.send_response(status)
+            if code:
+                self.send_header("X-Error-Code", code)
+            self.send_header("X-Error-Message", message)
+            for key, value in (extra or {}).items():
+                self.send_header(key, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+
+        def _authorized(self, repo_id: str) -> bool:
+            if repo_id not in hub.repos:
+                self._error(404, "RepoNotFound", "Repository not found")
+                return False
+            if hub.token is None:
+                return True
+            given = self.headers.get("Authorization")
+            if given is None:
+                self._error(401, "RepoNotFound", "Repository not found")
+                return False
+            if given != f"Bearer {hub.token}":
+                self._error(401, None, "Invalid credentials in Authorization header")
+                return False
+            return True
+
+        def _model_info(self, repo_id: str, revision: str):
+            if (status := hub.take_failure("api")) is not None:
+                return self._error(status, None, "Internal Error")
+            if not self._authorized(repo_id):
+                return
+            commit = hub.revisions.get((repo_id, revision))
+            if commit is None:
+                return self._error(404, "RevisionNotFound", "Invalid rev id")
+            repo = hub.repos[repo_id]
+            info = {
+                "_id": commit[:24], "id": repo_id, "modelId": repo_id, "sha": commit, "private": hub.token is not None,
+                "siblings": [repo.sibling(name) for name in repo.files], "tags": [], "downloads": 0, "likes": 0,
+            }
+            self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, True)
+
+        def _resolve(self, repo_id: str, revision: str, name: str, body: bool):
+            if (status := hub.take_failure(name)) is not None:
+                return self._error(status, None, "Internal Error")
+            if not self._authorized(repo_id):
+                return
+            commit = hub.revisions.get((repo_id, revision))
+            repo = hub.repos[repo_id]
+            if commit is None:
+                return self._error(404, "RevisionNotFound", "Invalid rev id")
+            if name not in repo.files:
+                return self._error(404, "EntryNotFound", "Entry not found")
+            if not repo.is_lfs(name):
+                return self._file(repo, name, body)
+            data = repo.files[name]
+            self._send(302, b"", {
+                "Location": f"{hub.cdn_url}/cdn/{repo_id}/{name}",
+                "X-Repo-Commit": commit,
+                "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
+                "X-Linked-Size": str(len(data)),
+                "ETag": f'"{git_blob_sha1(data)}"',
+            }, body)
+
+        def _file(self, repo: HubRepo, name: str, body: bool):
+            data = repo.files[name]
+            headers = {
+                "Accept-Ranges": "bytes",
+                "X-Repo-Commit": repo.commit,
+                "ETag": f'"{hashlib.sha256(data).hexdigest() if repo.is_lfs(name) else git_blob_sha1(data)}"',
+            }
+            status, start = 200, 0
+            if match := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")):
+                start = int(match[1])
+                end = int(match[2]) + 1 if match[2] else len(data)
+                if start >= len(data):
+                    return self._error(416, None, "Range Not Satisfiable", {"Content-Range": f"bytes */{len(data)}"})
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+                data = data[start:end]
+            else:
+                end = len(data)
+            with hub.lock:
+                cut = hub.cut.pop(name, None) if body else None
+                corrupt = body and name in hub.corrupt
+                hub.corrupt.discard(name)
+            if corrupt:
+                flipped = bytearray(data)
+                flipped[len(flipped) // 2] ^= 0xFF
+                data = bytes(flipped)
+            headers["Content-Length"] = str(len(data))
+            self._send(status, data[:cut] if cut is not None else data, headers, body, served_as=name)
+            if cut is not None:
+                self.close_connection = True
+
+        def _send(self, status: int, payload: bytes, headers: dict, body: bool, served_as: str | None = None):
+            """Send `payload` (for a cut file, fewer bytes than the Content-Length already in `headers`)."""
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            if "Content-Length" not in headers:
+                self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if body and self.command != "HEAD":
+                self.wfile.write(payload)
+                if served_as is not None:
+                    with hub.lock:
+                        hub.served[served_as] += len(payload)
+
+    return Handler
