@@ -87,7 +87,7 @@ def test_corrupt_checkpoint_is_one_line_exit_1(model, tmp_path):
 
 
 def test_usage_error_exits_2(model):
-    assert mimo("run", "Hi").returncode == 2  # no --model
+    assert mimo("run", "Hi", "--model").returncode == 2  # --model without a value (no --model runs the default)
     assert mimo("run", "--model", model, "--max-tokens", "many", "Hi").returncode == 2
 
 
