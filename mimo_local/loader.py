@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -53,8 +54,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     show_progress: bool = False,
+    quant: str | None = None,
 ) -> MiMoForCausalLM:
+    """`quant`: a recipe (name or YAML file) that quantizes the float weights while loading."""
+    from .quant import loading, manifest
+
     config = load_config(model_dir)
+    manifest.verify(Path(model_dir), json.loads((Path(model_dir) / "config.json").read_text()))
     checkpoint = Checkpoint(model_dir, config.fp8_block_size)
     family = FAMILY_MODULES[config.family]
     num_mtp = family.count_mtp_layers(config, checkpoint.names())
@@ -65,6 +71,8 @@ def load_model(
         model = family.build(config, num_mtp).to(dtype)
         for router in (m for m in model.modules() if isinstance(m, Router)):
             router.float()  # routing is computed in fp32, as in the reference
+    targets = family.weight_map(model).targets
+    quantized = loading.prepare(model, targets, checkpoint, quant)  # drops float weights it replaces
     model.to_empty(device=device)
     model.requires_grad_(False)
     if device.type == "cpu":
@@ -73,7 +81,8 @@ def load_model(
     for rope in (m for m in model.modules() if isinstance(m, RotaryEmbedding)):
         rope.inv_freq = rope.compute_inv_freq(device)
 
-    _stream_weights(model, family.weight_map(model).targets, checkpoint, show_progress)
+    _stream_weights(model, quantized.plain_targets, checkpoint, show_progress)
+    quantized.load(device)
     return model.eval()
 
 

@@ -1,0 +1,108 @@
+"""Quantized linear layers in the runtime layouts of kernels/quant.py.
+
+Each module holds one fused projection ([out, in]) or a stack of experts ([E, out, in]; `linear(x, e)`
+runs expert e), so fused q|k|v and gate|up parts and stacked experts are filled by the same
+(expert, row-slice) index the float loader uses. Buffers only: the loader's float path never sees them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import quant as quant_kernels
+from .formats import dequantize_nf4
+
+# runtime tensor name -> (dtype, shape from (out, in, groups, blocks)) for each kind
+LAYOUTS = {
+    "int8": {"qweight": (torch.int8, "out,in"), "scales": (torch.float32, "out")},
+    "int4": {"packed": (torch.uint8, "out,in/2"), "scales": (torch.float32, "out,groups"),
+             "zeros": (torch.float32, "out,groups"), "perm": (torch.int64, "in")},
+    "nf4": {"packed": (torch.uint8, "out,in/2"), "absmax": (torch.float32, "out,blocks")},
+}
+
+
+class QuantLinear(nn.Module):
+    """A linear layer (or a stack of `experts`) with weights in one quantized runtime layout."""
+
+    def __init__(self, kind: str, in_features: int, out_features: int, *, experts: int | None = None,
+                 group_size: int = 0, blocksize: int = 64, permuted: bool = False, bias_dtype=None, device=None):
+        super().__init__()
+        self.kind, self.in_features, self.out_features = kind, in_features, out_features
+        self.experts, self.group_size, self.blocksize = experts, group_size, blocksize
+        dims = {"out": out_features, "in": in_features, "in/2": in_features // 2,
+                "groups": in_features // group_size if group_size else 0, "blocks": in_features // blocksize}
+        lead = (experts,) if experts else ()
+        for name, (dtype, shape) in LAYOUTS[kind].items():
+            if name == "perm" and not permuted:
+                self.perm = None
+                continue
+            size = tuple(dims[d] for d in shape.split(","))
+            self.register_buffer(name, torch.zeros(lead + size, dtype=dtype, device=device))
+        if kind == "nf4":
+            self.register_buffer("code", torch.zeros(16, dtype=torch.float32, device=device))
+            self._bnb_state = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias_dtype else None
+
+    def extra_repr(self) -> str:
+        stack = f"experts={self.experts}, " if self.experts else ""
+        return f"{self.kind}, {stack}in={self.in_features}, out={self.out_features}"
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device if self.kind != "nf4" else self.absmax.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, None)
+
+    def linear(self, x: torch.Tensor, index: int | None) -> torch.Tensor:
+        def pick(tensor):
+            return tensor if index is None or tensor is None else tensor[index]
+
+        if self.kind == "int8":
+            return quant_kernels.int8_linear(x, pick(self.qweight), pick(self.scales), self.bias)
+        if self.kind == "int4":
+            if self.perm is not None:
+                x = x[..., pick(self.perm)]
+            return quant_kernels.int4_linear(x, pick(self.packed), pick(self.scales), pick(self.zeros),
+                                             self.group_size, self.bias)
+        if x.is_cuda:
+            return self._bnb_nf4(x, index)
+        weight = dequantize_nf4(pick(self.packed), pick(self.absmax), self.code, x.dtype)
+        return F.linear(x, weight, self.bias)
+
+    def _bnb_nf4(self, x: torch.Tensor, index: int | None) -> torch.Tensor:
+        """bitsandbytes' fused 4-bit matmul on CUDA (its CPU path is far slower than dequantizing)."""
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        key = (index, x.dtype)
+        if self._bnb_state is None or self._bnb_state[0] != key:
+            absmax = self.absmax if index is None else self.absmax[index]
+            state = bnbf.QuantState(absmax=absmax.reshape(-1).contiguous(), shape=torch.Size([self.out_features, self.in_features]),
+                                    code=self.code, blocksize=self.blocksize, quant_type="nf4", dtype=x.dtype)
+            self._bnb_state = (key, state)
+        packed = self.packed if index is None else self.packed[index]
+        return bnb.matmul_4bit(x, packed.reshape(-1, 1).t(), quant_state=self._bnb_state[1], bias=self.bias)
+
+    def dequantize(self, index: int | None = None) -> torch.Tensor:
+        """The float32 weight [out, in] (of expert `index`)."""
+
+        def pick(tensor):
+            return tensor if index is None else tensor[index]
+
+        if self.kind == "int8":
+            return quant_kernels.dequantize_int8(pick(self.qweight), pick(self.scales))
+        if self.kind == "nf4":
+            return dequantize_nf4(pick(self.packed), pick(self.absmax), self.code)
+        weight = quant_kernels.dequantize_int4(pick(self.packed), pick(self.scales), pick(self.zeros), self.group_size)
+        if self.perm is None:
+            return weight
+        unpermuted = torch.empty_like(weight)
+        unpermuted[:, pick(self.perm)] = weight
+        return unpermuted
+
+
+def dequantized_linear_weight(module: nn.Module) -> torch.Tensor:
+    return module.dequantize() if isinstance(module, QuantLinear) else module.weight.float()

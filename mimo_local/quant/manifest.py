@@ -1,0 +1,54 @@
+"""Integrity of a quantized output: the manifest (sha256 of every shard, index and config), written
+LAST, so an output without it is known to be incomplete. Config key MARKER says an output is ours."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..errors import MimoError
+
+MANIFEST = "quant-manifest.json"
+PROGRESS = ".quant-progress.json"
+MARKER = "mimo_quantization"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def is_ours(model_dir: Path, config: dict) -> bool:
+    return MARKER in config or (model_dir / PROGRESS).exists()
+
+
+def verify(model_dir: Path, config: dict) -> None:
+    """For an output of `mimo quantize`: one-line errors unless the manifest is there and every file
+    it lists has its recorded sha256. Other checkpoints pass untouched."""
+    model_dir = Path(model_dir)
+    if not is_ours(model_dir, config):
+        return
+    path = model_dir / MANIFEST
+    if not path.exists():
+        raise MimoError(f"{model_dir}: incomplete quantized output (no {MANIFEST}); rerun `mimo quantize` to finish it")
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise MimoError(f"{path}: corrupt manifest") from None
+    for name, expected in files.items():
+        file = model_dir / name
+        if not file.exists():
+            raise MimoError(f"{model_dir}: '{name}' listed in {MANIFEST} is missing")
+        if file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
+            raise MimoError(f"{model_dir}: '{name}' is corrupt (sha256 does not match {MANIFEST})")
