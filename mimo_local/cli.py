@@ -72,6 +72,9 @@ def run(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of text."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking."),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", help="Quantize while loading with this recipe (name or YAML file; no file is written)."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
@@ -95,7 +98,7 @@ def run(
         if draft_tokens < 0 or draft_vocab < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
         model_dir = _resolve_model_for_run(model, yes)
-        engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty())
+        engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant)
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
         events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings, **speculation)
         stats = None
@@ -302,6 +305,75 @@ def make_tiny(
     except MimoError as error:
         _fail(error, False)
     typer.echo(str(path))
+
+
+@app.command()
+def quantize(
+    source: Path = typer.Argument(..., help="bf16 or FP8 checkpoint directory in hub layout."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped recipe name (int8, int4-g128, gptq-int4-g128, "
+                               "nf4, bnb-int8, v2flash-mixed) or a YAML file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (rerun to resume an interrupted run)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Text file for GPTQ calibration "
+                                               "(default: the text shipped with mimo-local)."),
+    calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="GPTQ calibration tokens."),
+    sequence_length: int = typer.Option(512, "--sequence-length", help="GPTQ calibration tokens per sequence."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Quality report against SOURCE at the end."),
+    eval_tokens: int = typer.Option(1024, "--eval-tokens", help="Tokens of the eval text in the report."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Quantize SOURCE with a recipe into OUT (GPTQ or bitsandbytes layout), shard by shard."""
+    from rich.console import Console
+
+    from .quant.calibration import read_text_file
+    from .quant.convert import quantize_checkpoint
+    from .quant.quality import evaluate as evaluate_quality, table
+
+    console = Console(stderr=True)
+    try:
+        if calibration_tokens < 2 or sequence_length < 2:
+            raise MimoError("--calibration-tokens and --sequence-length must be >= 2")
+        text = read_text_file(calibration) if calibration else None
+        result = quantize_checkpoint(source, recipe, out, calibration_text=text, calibration_tokens=calibration_tokens,
+                                     sequence_length=sequence_length, show_progress=sys.stderr.isatty())
+        line = f"wrote {out}: {result.shards_written} shards"
+        if result.shards_skipped:
+            line += f", {result.shards_skipped} already done"
+        line += f" in {result.seconds:.1f} s"
+        if result.rtn_fallbacks:
+            line += f"; {len(result.rtn_fallbacks)} rarely routed weights fell back to round-to-nearest"
+        console.print(line)
+        if evaluate:
+            console.print(table([evaluate_quality(out, source, tokens=eval_tokens)]))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: rerun the same command to resume", err=True)
+        raise typer.Exit(130)
+    except (MimoError, OSError, RuntimeError, ValueError) as error:
+        _fail(error, debug)
+
+
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Argument(..., help="Model directory (a quantized output, or a float one with --quant)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Unquantized reference (default: the source recorded "
+                                       "by `mimo quantize`, or MODEL itself with --quant)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Quantize MODEL in memory with this recipe first."),
+    tokens: int = typer.Option(1024, "--tokens", help="Tokens of the eval text to score."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Quality of a quantized model: mean/p99 KL divergence, top-1 agreement, perplexity of both."""
+    from rich.console import Console
+
+    from .quant.quality import evaluate as evaluate_quality, table
+
+    try:
+        report = evaluate_quality(model, ref, quant=quant, tokens=tokens)
+    except (MimoError, OSError, RuntimeError, ValueError) as error:
+        _fail(error, debug)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict()))
+    else:
+        Console().print(table([report]))
 
 
 def main() -> None:

@@ -23,12 +23,13 @@ class Engine:
     path: Path
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", show_progress: bool = False):
+    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", show_progress: bool = False,
+             quant: str | None = None):
         if not Path(path).is_dir():
             raise MimoError(f"model directory not found: {path}")
         torch_device = resolve_device(device)
         tokenizer = ChatTokenizer(path)
-        model = load_model(path, resolve_dtype(dtype, torch_device), torch_device, show_progress=show_progress)
+        model = load_model(path, resolve_dtype(dtype, torch_device), torch_device, show_progress=show_progress, quant=quant)
         return cls(model, tokenizer, Path(path))
 
     @property
