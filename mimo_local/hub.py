@@ -92,7 +92,7 @@ def parse_name(name: str | Path) -> ModelRef:
     path = Path(text).expanduser()
     if path.is_dir():
         return ModelRef(text, "local", path.resolve())
-    if _looks_like_path(text) or path.exists():
+    if _looks_like_path(text.partition("@")[0]) or path.exists():
         raise MimoError(f"model directory not found: {text}")
     repo_id, at, revision = text.partition("@")
     if _REPO_ID.match(repo_id) and (not at or _REVISION.match(revision)):
