@@ -63,7 +63,9 @@ def quantization(path: Path) -> str:
     if quant:
         label = str(quant.get("quant_method") or quant.get("method") or "quantized")
         if quant.get("bits"):
-            label += f" {quant['bits']}-bit"
+            label += f" {quant['bits']}-bit" + (f" g{quant['group_size']}" if quant.get("group_size", -1) > 0 else "")
+        elif label == "bitsandbytes":
+            label += f" {quant.get('bnb_4bit_quant_type', 'nf4')}" if quant.get("load_in_4bit") else " int8"
         return label
     dtype = str(raw.get("torch_dtype") or raw.get("dtype") or "?")
     return DTYPE_LABELS.get(dtype, dtype)

@@ -97,3 +97,24 @@ def test_incomplete_pull_is_listed_and_removable(hub, monkeypatch):
     assert "mimo-7b-rl (incomplete)" in listing
     assert mimo("rm", "mimo-7b-rl", "-y").exit_code == 0
     assert "mimo-7b-rl" not in mimo("list").stdout
+
+
+@pytest.mark.parametrize(
+    "config,label",
+    [
+        ({"torch_dtype": "bfloat16"}, "bf16"),
+        ({"dtype": "float32"}, "fp32"),
+        ({"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, "fp8"),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}, "gptq 4-bit g128"),
+        ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}},
+         "bitsandbytes nf4"),
+        ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}, "bitsandbytes int8"),
+    ],
+)
+def test_quantization_label(tmp_path, config, label):
+    import json
+
+    from mimo_local.store import quantization
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert quantization(tmp_path) == label
