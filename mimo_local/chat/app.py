@@ -17,7 +17,7 @@ from textual.widgets import Collapsible, Markdown, Static, TextArea
 from ..errors import MimoError
 from ..generate import DoneEvent
 from . import commands, store
-from .controller import ChatController, Outcome, Table, memory_rss_bytes
+from .controller import ChatController, Outcome, Table, memory_rss_bytes, plain_table
 from .session import split_thinking
 
 REFRESH_SECONDS = 0.05
@@ -95,8 +95,9 @@ class UserTurn(Static):
 
 
 class Notice(Static):
-    def __init__(self, text: str | Text | RichTable, error: bool = False):
+    def __init__(self, text: str | RichTable, error: bool = False, plain: str | None = None):
         super().__init__(text, classes="error" if error else "notice", markup=False)
+        self.plain = text if plain is None else plain  # what it says, as text
 
 
 class AssistantTurn(Vertical):
@@ -126,7 +127,7 @@ class AssistantTurn(Vertical):
         block = self.query_one(Collapsible)
         block.display = parts.has_thinking or not parts.thinking_done
         self.query_one(".thinking-text", Static).update(parts.thinking)
-        if parts.thinking_done and not self.folded:
+        if parts.thinking_done and parts.has_thinking and not self.folded:
             self.folded = True
             block.title = "thought (click to expand)"
             block.collapsed = True
@@ -243,7 +244,7 @@ class ChatApp(App):
         if outcome.notice:
             self.notice(outcome.notice)
         if outcome.table:
-            self.add(Notice(_rich_table(outcome.table)))
+            self.add(Notice(_rich_table(outcome.table), plain=plain_table(outcome.table)))
         if outcome.edit_text is not None:
             box = self.query_one(ChatInput)
             box.load_text(outcome.edit_text)

@@ -162,3 +162,12 @@ def memory_rss_bytes() -> int:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
+
+
+def plain_table(table: Table) -> str:
+    widths = [max(len(str(row[i])) for row in [table.columns] + table.rows) for i in range(len(table.columns))]
+    lines = [table.title]
+    if any(table.columns):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(table.columns, widths)).rstrip())
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table.rows]
+    return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from typing import TextIO
 
 from ..errors import MimoError
 from ..generate import DoneEvent
-from .controller import ChatController, Outcome, Table
+from .controller import ChatController, Outcome, plain_table
 
 
 def run_repl(controller: ChatController, lines: TextIO, out: TextIO, err: TextIO) -> None:
@@ -33,7 +33,7 @@ def _show(controller: ChatController, outcome: Outcome, out: TextIO, err: TextIO
     elif outcome.notice:
         err.write(outcome.notice + "\n")
     if outcome.table:
-        err.write(_plain_table(outcome.table))
+        err.write(plain_table(outcome.table))
     if outcome.edit_text is not None:
         err.write(f"removed the last message; send its new text:\n{outcome.edit_text}\n")
     if outcome.copy_text is not None:
@@ -62,12 +62,3 @@ def _stream(reply, out: TextIO, err: TextIO) -> None:
     finally:
         reply.close()
         out.write("\n")
-
-
-def _plain_table(table: Table) -> str:
-    widths = [max(len(str(row[i])) for row in [table.columns] + table.rows) for i in range(len(table.columns))]
-    lines = [table.title]
-    if any(table.columns):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(table.columns, widths)).rstrip())
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table.rows]
-    return "\n".join(lines) + "\n"
