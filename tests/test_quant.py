@@ -45,14 +45,14 @@ def gptq_dequantize_independent(tensors: dict, base: str, bits: int) -> np.ndarr
     g_idx = tensors[base + ".g_idx"].numpy()
     per_word, mask = 32 // bits, (1 << bits) - 1
     in_features, out_features = qweight.shape[0] * per_word, qweight.shape[1]
+    outputs = np.arange(out_features)
+    zeros = (qzeros[:, outputs // per_word] >> (bits * (outputs % per_word)).astype(np.uint32)) & mask
+    zeros = (zeros.astype(np.int64) + 1) & mask  # [groups, out]
     weight = np.zeros((out_features, in_features), dtype=np.float64)
     for i in range(in_features):
         codes = (qweight[i // per_word] >> np.uint32(bits * (i % per_word))) & mask
         group = g_idx[i]
-        zeros = np.array([(qzeros[group, o // per_word] >> np.uint32(bits * (o % per_word))) & mask
-                          for o in range(out_features)], dtype=np.int64)
-        zeros = (zeros + 1) & mask
-        weight[:, i] = scales[group] * (codes.astype(np.int64) - zeros)
+        weight[:, i] = scales[group] * (codes.astype(np.int64) - zeros[group])
     return weight
 
 
