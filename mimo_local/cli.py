@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from .errors import MimoError
+from .offload import options as offload_options
 
 app = typer.Typer(
     help="Run Xiaomi MiMo models locally.",
@@ -75,14 +76,23 @@ def run(
     quant: Optional[str] = typer.Option(
         None, "--quant", help="Quantize while loading with this recipe (name or YAML file; no file is written)."
     ),
+    gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
+    cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
+    cpu_moe: bool = offload_options.cpu_moe_option(),
+    n_cpu_moe: int = offload_options.n_cpu_moe_option(),
+    override_tensor: list[str] = offload_options.override_tensor_option(),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
+    import torch
+
     from .engine import Engine
+    from .offload.hotness import save_recorded
     from .generate import DoneEvent
     from .sampling import SamplingSettings
 
     text = _read_prompt(prompt)
+    engine = None
     settings = SamplingSettings(
         temperature=temperature,
         top_p=top_p,
@@ -98,7 +108,11 @@ def run(
         if draft_tokens < 0 or draft_vocab < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
         model_dir = _resolve_model_for_run(model, yes)
-        engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant)
+        context = len((text + (system or "")).encode()) + 64 + max_tokens + 8  # byte-level BPE: <= 1 token per byte
+        placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=context,
+                                                      mtp=mtp, clamp_ctx=True)
+        engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
+                             placement=placement)
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
         events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings, **speculation)
         stats = None
@@ -114,11 +128,15 @@ def run(
             sys.stdout.write("\n")
             typer.echo(_stats_line(engine, stats), err=True)
         sys.stdout.flush()
+        save_recorded(engine.model, engine.path)
     except BrokenPipeError:
         _silence_stdout()
     except KeyboardInterrupt:
         typer.echo("\ninterrupted", err=True)
         raise typer.Exit(130)
+    except torch.OutOfMemoryError as error:
+        plan = engine.plan if engine is not None else None
+        _fail(MimoError(plan.oom_message()) if plan else error, debug)
     except (MimoError, OSError, RuntimeError, ValueError) as error:
         _fail(error, debug)
 
@@ -374,6 +392,106 @@ def eval_command(
         typer.echo(json.dumps(report.as_dict()))
     else:
         Console().print(table([report]))
+
+
+def _plan_source(model: str) -> Path:
+    """A directory or config.json as given, else a store name whose config.json is already here."""
+    if Path(model).exists():
+        return Path(model)
+    from .hub import parse_name
+
+    ref = parse_name(model)
+    if (ref.path / "config.json").is_file():
+        return ref.path
+    raise MimoError(f"{model}: not a directory, a config.json or a downloaded model (the plan needs its config.json)")
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="Model directory, its config.json alone, or a downloaded model's name."),
+    gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
+    cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
+    ctx: int = typer.Option(32768, "--ctx", help="Context length the KV cache is sized for (tokens)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Quantization recipe (name or YAML file)."),
+    mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="Count the MTP layers (default: when the model has them)."),
+    dtype: str = typer.Option("bfloat16", help="Dtype of the weights not quantized and of the KV cache."),
+    cpu_moe: bool = offload_options.cpu_moe_option(),
+    n_cpu_moe: int = offload_options.n_cpu_moe_option(),
+    override_tensor: list[str] = offload_options.override_tensor_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Where every weight, the KV cache and the activations go, per device and component, and
+    whether it fits (exit code 1 when it does not). Needs config.json only, never the weights."""
+    from rich.console import Console
+
+    from .loader import resolve_dtype
+    from .offload.plan import make_plan
+    from .offload.report import render
+
+    try:
+        request = offload_options.placement_request(
+            gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=ctx, quant=quant, mtp=mtp,
+            dtype=resolve_dtype(dtype, None),
+        )
+        result = make_plan(_plan_source(model), offload_options.with_budgets(request))
+    except (MimoError, OSError) as error:
+        _fail(error, debug)
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+    else:
+        render(result, _console())
+    raise typer.Exit(0 if result.fits else 1)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
+@app.command("profile-experts")
+def profile_experts(
+    model: str = typer.Argument(..., help="Model directory or name (a MoE model: MiMo-V2-Flash)."),
+    text: Path = typer.Option(..., "--text", help="Text file to run the model over."),
+    window: int = typer.Option(2048, "--window", help="Tokens per context window."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Record how often the router picks each expert over TEXT into expert_stats.json beside the
+    model (replacing what was there); placement puts the most picked experts on the GPU first."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from .engine import Engine
+    from .offload.hotness import profile, save_stats, summary_rows
+
+    try:
+        if window < 1:
+            raise MimoError("--window must be at least 1")
+        try:
+            content = text.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise MimoError(f"{text}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+        model_dir = _resolve_model_for_run(model, False)
+        engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty())
+        ids = engine.tokenizer.encode(content)
+        bar = Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                       transient=True, disable=not sys.stderr.isatty())
+        with bar:
+            task = bar.add_task("profile", total=len(ids))
+            stats = profile(engine.model, ids, window, on_progress=lambda n: bar.advance(task, n))
+        path = save_stats(model_dir, stats)
+    except (MimoError, OSError, RuntimeError, ValueError) as error:
+        _fail(error, debug)
+    table = Table(title=f"router statistics: {len(ids):,} tokens", title_justify="left")
+    for column in ("layer", "tokens", "hottest experts (share)", "never chosen", "hottest 10% take"):
+        table.add_column(column, justify="left" if column.startswith("hottest e") else "right")
+    for row in summary_rows(stats):
+        table.add_row(*row)
+    _console().print(table)
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:

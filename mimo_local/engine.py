@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -12,6 +13,9 @@ from . import generate
 from .errors import MimoError
 from .loader import load_model, resolve_device, resolve_dtype
 from .models.model import MiMoForCausalLM
+from .offload.hotness import start_recording
+from .offload.options import with_budgets
+from .offload.plan import MemoryPlan, PlanRequest, make_plan
 from .sampling import SamplingSettings
 from .tokenizer import ChatTokenizer
 
@@ -22,15 +26,29 @@ class Engine:
     tokenizer: ChatTokenizer
     path: Path
 
+    plan: MemoryPlan | None = None  # the offload plan the model was placed by
+
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", show_progress: bool = False,
-             quant: str | None = None):
+             quant: str | None = None, placement: PlanRequest | None = None):
+        """`placement`: the offload flags (budgets, --cpu-moe, ...): the model is planned first,
+        refused when the plan does not fit, and loaded where the plan puts each part."""
         if not Path(path).is_dir():
             raise MimoError(f"model directory not found: {path}")
         torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = ChatTokenizer(path)
-        model = load_model(path, resolve_dtype(dtype, torch_device), torch_device, show_progress=show_progress, quant=quant)
-        return cls(model, tokenizer, Path(path))
+        plan = None
+        if placement is not None:
+            request = with_budgets(dataclasses.replace(placement, dtype=torch_dtype, quant=quant), torch_device)
+            plan = make_plan(path, request)
+            if not plan.fits:
+                raise MimoError(plan.verdict())
+            plan.placement.check_available()
+        model = load_model(path, torch_dtype, torch_device, show_progress=show_progress, quant=quant,
+                           placement=plan.placement if plan else None)
+        start_recording(model)  # router statistics, saved beside the model by the front end
+        return cls(model, tokenizer, Path(path), plan)
 
     @property
     def config(self):

@@ -18,6 +18,8 @@ from .errors import MimoError
 from .models import mimo, mimo_v2_flash
 from .models.layers import RotaryEmbedding, Router
 from .models.model import MiMoForCausalLM
+from .offload.inventory import meta_device
+from .offload.placement import Placement, torch_device
 
 FAMILY_MODULES = {"mimo": mimo, "mimo_v2_flash": mimo_v2_flash}
 DTYPES = {
@@ -55,34 +57,45 @@ def load_model(
     device: torch.device | str = "cpu",
     show_progress: bool = False,
     quant: str | None = None,
+    placement: Placement | None = None,
 ) -> MiMoForCausalLM:
-    """`quant`: a recipe (name or YAML file) that quantizes the float weights while loading."""
+    """`quant`: a recipe (name or YAML file) that quantizes the float weights while loading.
+    `placement` (from an offload plan): each module is allocated on the device the plan gives it
+    (experts split into per-device groups), `device` becomes the plan's main device, and a
+    placement without MTP skips the MTP layers."""
     from .quant import loading, manifest
 
     config = load_config(model_dir)
     manifest.verify(Path(model_dir), json.loads((Path(model_dir) / "config.json").read_text()))
     checkpoint = Checkpoint(model_dir, config.fp8_block_size)
     family = FAMILY_MODULES[config.family]
-    num_mtp = family.count_mtp_layers(config, checkpoint.names())
+    num_mtp = family.count_mtp_layers(config, checkpoint.names()) if placement is None or placement.mtp else 0
     config = dataclasses.replace(config, num_mtp_layers=num_mtp)
-    device = torch.device(device)
+    device = torch.device(device) if placement is None else torch_device(placement.main)
 
-    with torch.device("meta"):
+    with meta_device():
         model = family.build(config, num_mtp).to(dtype)
         for router in (m for m in model.modules() if isinstance(m, Router)):
             router.float()  # routing is computed in fp32, as in the reference
+        if placement is not None:
+            placement.split_experts(model)
     targets = family.weight_map(model).targets
     quantized = loading.prepare(model, targets, checkpoint, quant)  # drops float weights it replaces
-    model.to_empty(device=device)
+    if placement is None:
+        model.to_empty(device=device)
+    else:
+        placement.materialize(model)
     model.requires_grad_(False)
-    if device.type == "cpu":
-        for param in model.parameters():
+    for param in model.parameters():
+        if param.device.type == "cpu":
             advise_huge_pages(param)
     for rope in (m for m in model.modules() if isinstance(m, RotaryEmbedding)):
         rope.inv_freq = rope.compute_inv_freq(device)
 
     _stream_weights(model, quantized.plain_targets, checkpoint, show_progress)
     quantized.load(device)
+    if placement is not None:
+        placement.attach_hooks(model)
     return model.eval()
 
 

@@ -46,7 +46,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
         self._last = None  # (key, tables): every layer of a step asks for the same positions
 
-    def compute_inv_freq(self, device=None) -> torch.Tensor:
+    def compute_inv_freq(self, device="cpu") -> torch.Tensor:
+        # An explicit device even when built on meta: torch's first meta arange costs ~3 s of imports.
         exponents = torch.arange(0, self.rope_dim, 2, dtype=torch.float32, device=device) / self.rope_dim
         return 1.0 / (self.theta**exponents)
 
@@ -183,42 +184,131 @@ class Router(nn.Module):
         return experts, weights * spec.routed_scaling_factor
 
 
+class ExpertGroup(nn.Module):
+    """Some of a layer's routed experts, stacked on one device: gate_up [n, 2I, H], down [n, H, I].
+    Row j of the stacks is global expert `experts[j]`; experts are listed in ascending order."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, experts: list[int]):
+        super().__init__()
+        self.experts = list(experts)
+        self.gate_up_proj = nn.Parameter(torch.zeros(len(self.experts), 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.zeros(len(self.experts), hidden_size, intermediate_size))
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up_proj.device
+
+    def forward(self, x, pair_tokens, pair_experts, pair_weights, counts: list[int]) -> torch.Tensor:
+        """Sum of weight * expert(x[token]) over (token, local expert, weight) pairs sorted by
+        expert, `counts[j]` pairs for local expert j; x [M, H] is already on this group's device.
+        Returns float32 [M, H] on this group's device. Only activations move, never weights."""
+        device = self.device
+        if isinstance(self.gate_up_proj, torch.Tensor) and cpu_kernels.moe_supports(x, self.gate_up_proj):
+            return cpu_kernels.moe_pairs(x, self.gate_up_proj, self.down_proj, pair_experts, pair_tokens, pair_weights)
+        pair_tokens = pair_tokens.to(device, non_blocking=True)
+        pair_weights = pair_weights.to(device, non_blocking=True)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=device)
+        begin = 0
+        for local, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = pair_tokens[begin : begin + count]
+            contribution = self.expert(x[rows], local) * pair_weights[begin : begin + count, None]
+            out.index_add_(0, rows, contribution.float())
+            begin += count
+        return out
+
+    def expert(self, x: torch.Tensor, local: int) -> torch.Tensor:
+        return expert_linear(self.down_proj, cpu_kernels.swiglu(expert_linear(self.gate_up_proj, x, local)), local).float()
+
+
+def expert_linear(stack, x: torch.Tensor, index: int) -> torch.Tensor:
+    """x @ W[index].T for a stacked [E, out, in] weight, or for a quantized stack (quant/linear.py)."""
+    if isinstance(stack, torch.Tensor):
+        return F.linear(x, stack[index])
+    return stack.linear(x, index)
+
+
 class MoE(nn.Module):
-    """Routed SwiGLU experts stored stacked: gate_up [E, 2I, H], down [E, H, I]."""
+    """Routed SwiGLU experts in one or more ExpertGroups (one per device they live on); each group
+    computes the tokens routed to its experts where its weights are, and the outputs are summed."""
 
     def __init__(self, hidden_size: int, spec: MoESpec):
         super().__init__()
         self.spec = spec
+        self.hidden_size = hidden_size
         self.gate = Router(hidden_size, spec)
-        inter = spec.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.zeros(spec.num_experts, 2 * inter, hidden_size))
-        self.down_proj = nn.Parameter(torch.zeros(spec.num_experts, hidden_size, inter))
+        self.groups = nn.ModuleList([ExpertGroup(hidden_size, spec.intermediate_size, range(spec.num_experts))])
+        self._index_experts()
+        self.selection_counts: torch.Tensor | None = None  # [E] int64 while recording router statistics
+
+    def place(self, expert_devices: list) -> None:
+        """Split the experts into one group per distinct key of `expert_devices` (one key per
+        expert), groups in key order: the group whose outputs are waited on last goes last. Call on
+        the meta device, before loading weights."""
+        if len(expert_devices) != self.spec.num_experts:
+            raise ValueError(f"placement names {len(expert_devices)} experts, the layer has {self.spec.num_experts}")
+        members: dict = {}
+        for expert, device in enumerate(expert_devices):
+            members.setdefault(device, []).append(expert)
+        inter = self.spec.intermediate_size
+        self.groups = nn.ModuleList([ExpertGroup(self.hidden_size, inter, members[key]) for key in sorted(members)])
+        self._index_experts()
+
+    def _index_experts(self) -> None:
+        cpu = torch.device("cpu")  # explicit: models are built under a meta device context
+        group_of = torch.empty(self.spec.num_experts, dtype=torch.long, device=cpu)
+        local_of = torch.empty(self.spec.num_experts, dtype=torch.long, device=cpu)
+        for g, group in enumerate(self.groups):
+            group_of[group.experts] = g
+            local_of[group.experts] = torch.arange(len(group.experts), device=cpu)
+        self._maps = {torch.device("cpu"): (group_of, local_of)}
+
+    def expert_location(self, expert: int) -> tuple[int, int]:
+        """(group index, row in that group's stacks) of a global expert index."""
+        group_of, local_of = self._maps[torch.device("cpu")]
+        return int(group_of[expert]), int(local_of[expert])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         experts, weights = self.gate(tokens)
-        if cpu_kernels.moe_supports(tokens, self.gate_up_proj):  # decode / verify: one fused call
-            out = cpu_kernels.moe(tokens, self.gate_up_proj, self.down_proj, experts, weights)
+        if self.selection_counts is not None:
+            self.selection_counts += torch.bincount(experts.view(-1), minlength=self.spec.num_experts)
+        group = self.groups[0]
+        fused = len(self.groups) == 1 and isinstance(group.gate_up_proj, torch.Tensor)
+        if fused and cpu_kernels.moe_supports(tokens, group.gate_up_proj):
+            out = cpu_kernels.moe(tokens, group.gate_up_proj, group.down_proj, experts, weights)  # one fused call
             return out.to(x.dtype).view(shape)
-        out = torch.zeros_like(tokens, dtype=torch.float32)
-        flat_experts = experts.view(-1)
-        order = flat_experts.argsort()
-        counts = torch.bincount(flat_experts, minlength=self.spec.num_experts).tolist()
-        token_of = order // self.spec.experts_per_token
-        begin = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token_of[begin : begin + count]
-            picks = order[begin : begin + count]
-            contribution = self.expert(tokens[rows], expert) * weights.view(-1)[picks, None]
-            out.index_add_(0, rows, contribution.float())
-            begin += count
-        return out.to(x.dtype).view(shape)
+        return self._grouped(tokens, experts, weights).to(x.dtype).view(shape)
 
-    def expert(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        return F.linear(cpu_kernels.swiglu(F.linear(x, self.gate_up_proj[index])), self.down_proj[index]).float()
+    def _grouped(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # Routing bookkeeping happens on the host when groups span devices: one small copy, and
+        # no device sync inside the group loop.
+        devices = {group.device for group in self.groups}
+        host = tokens.device if devices == {tokens.device} else torch.device("cpu")
+        # Inputs go to every device before any group runs, so a CPU group computes while the
+        # kernels already launched for a GPU group run.
+        inputs = {device: tokens.to(device) for device in devices}
+        top_k = experts.shape[1]
+        flat = experts.reshape(-1).to(host)
+        order = flat.argsort(stable=True)
+        pair_experts, pair_tokens = flat[order], order // top_k
+        pair_weights = weights.reshape(-1).float().to(host)[order]
+        if host not in self._maps:
+            self._maps[host] = tuple(m.to(host) for m in self._maps[torch.device("cpu")])
+        group_of, local_of = self._maps[host]
+        pair_group, pair_local = group_of[pair_experts], local_of[pair_experts]
+        out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        for g, group in enumerate(self.groups):
+            chosen = (pair_group == g).nonzero().squeeze(1)
+            if chosen.numel() == 0:
+                continue
+            local = pair_local[chosen]
+            counts = torch.bincount(local, minlength=len(group.experts)).tolist()
+            partial = group(inputs[group.device], pair_tokens[chosen], local, pair_weights[chosen], counts)
+            out += partial.to(tokens.device)
+        return out
 
 
 class DecoderLayer(nn.Module):

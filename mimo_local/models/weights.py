@@ -79,6 +79,8 @@ class WeightMap:
         inter = moe.spec.intermediate_size
         for e in range(moe.spec.num_experts):
             expert = f"{hub}experts.{e}."
-            self.add(expert + "gate_proj.weight", ours + "gate_up_proj", e, slice(0, inter))
-            self.add(expert + "up_proj.weight", ours + "gate_up_proj", e, slice(inter, 2 * inter))
-            self.add(expert + "down_proj.weight", ours + "down_proj", e)
+            group, row = moe.expert_location(e)  # experts are stacked per device group (offload)
+            stack = f"{ours}groups.{group}."
+            self.add(expert + "gate_proj.weight", stack + "gate_up_proj", row, slice(0, inter))
+            self.add(expert + "up_proj.weight", stack + "gate_up_proj", row, slice(inter, 2 * inter))
+            self.add(expert + "down_proj.weight", stack + "down_proj", row)

@@ -1,0 +1,185 @@
+"""Every placeable piece of a model and its size, from config.json alone: the model is built on the
+meta device (accelerate's init_empty_weights) and each hub tensor is sized through the weight map."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from ..config import MiMoConfig, load_config, parse_config
+from ..errors import MimoError
+from ..models import mimo, mimo_v2_flash
+from ..models.layers import Linear, MoE, Router
+from ..models.model import MiMoForCausalLM
+from .schemes import Recipe, runtime_bytes
+
+FAMILY_MODULES = {"mimo": mimo, "mimo_v2_flash": mimo_v2_flash}
+RELEASED_V2_MTP_LAYERS = 3  # V2-Flash's config does not say; the released checkpoints have three
+EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+COMPONENTS = ("embeddings", "attention", "norms", "dense_ffn", "router", "experts", "mtp", "lm_head")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What is placed as a whole: the weights of one leaf module, or one routed expert."""
+
+    name: str  # our module name, or "layers.{i}.mlp.experts.{e}"
+    component: str
+    nbytes: int
+    params: int
+    hub_names: tuple[str, ...]
+    layer: int | None = None  # experts: their decoder layer
+    expert: int | None = None
+    movable: bool = True  # Linear / Embedding / Router leaves and experts; norms and sinks stay with their layer
+
+
+@dataclass
+class Inventory:
+    config: MiMoConfig
+    dtype: torch.dtype
+    units: list[Unit]
+
+    @property
+    def experts(self) -> list[Unit]:
+        return [u for u in self.units if u.expert is not None]
+
+    @property
+    def others(self) -> list[Unit]:
+        return [u for u in self.units if u.expert is None]
+
+    @property
+    def total_params(self) -> int:
+        """The model's own parameters (the published count): MTP layers are reported apart."""
+        return sum(u.params for u in self.units if u.component != "mtp")
+
+    @property
+    def mtp_params(self) -> int:
+        return sum(u.params for u in self.units if u.component == "mtp")
+
+    @property
+    def active_params_per_token(self) -> int:
+        moe = self.config.moe
+        expert_params = sum(u.params for u in self.experts)
+        active_share = moe.experts_per_token / moe.num_experts if moe else 0.0
+        return self.total_params - expert_params + round(expert_params * active_share)
+
+
+def read_model_config(source: str | Path) -> tuple[MiMoConfig, Path | None]:
+    """The config of a model directory, or of a config.json file given directly."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise MimoError(f"{path}: not valid JSON ({error})") from None
+        return parse_config(raw, str(path)), None
+    return load_config(path), path
+
+
+def count_mtp_layers(config: MiMoConfig, model_dir: Path | None) -> int:
+    """From the checkpoint's tensor names when there is one, else from what the config implies."""
+    family = FAMILY_MODULES[config.family]
+    if model_dir is not None and any(model_dir.glob("*.safetensors")):
+        from ..checkpoint import Checkpoint
+
+        return family.count_mtp_layers(config, Checkpoint(model_dir).names())
+    return config.num_mtp_layers if config.family == "mimo" else RELEASED_V2_MTP_LAYERS
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Build modules without allocating or initialising weights. torch's meta device context keeps
+    the constructors from allocating (init_empty_weights alone creates each parameter on the CPU
+    first: 17 GB per V2-Flash MoE layer), accelerate's keeps later registrations on meta, and the
+    random initialisers are skipped: on meta they do nothing but import torch._dynamo (~3 s)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"), init_empty_weights():
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def build_meta_model(config: MiMoConfig, num_mtp: int, dtype: torch.dtype) -> MiMoForCausalLM:
+    config = dataclasses.replace(config, num_mtp_layers=num_mtp)
+    with meta_device():
+        model = FAMILY_MODULES[config.family].build(config, num_mtp).to(dtype)
+        for router in (m for m in model.modules() if isinstance(m, Router)):
+            router.float()  # routing runs in fp32, as the loader builds it
+    return model
+
+
+def _component(module_name: str) -> str:
+    if module_name.startswith("mtp_layers."):
+        return "mtp"
+    if module_name in ("embed_tokens", "lm_head"):
+        return "embeddings" if module_name == "embed_tokens" else "lm_head"
+    if module_name.endswith("norm"):
+        return "norms"
+    if ".self_attn" in module_name:
+        return "attention"
+    if module_name.endswith(".mlp.gate"):
+        return "router"
+    return "dense_ffn"
+
+
+def _quantizable(hub_name: str, param_name: str, modules: dict, param) -> bool:
+    """What mimo_local.quant may replace: linear projection weights (not lm_head) and expert stacks."""
+    if not hub_name.endswith(".weight") or hub_name == "lm_head.weight":
+        return False
+    owner, _, attribute = param_name.rpartition(".")
+    return (isinstance(modules[owner], Linear) and attribute == "weight") or param.dim() == 3
+
+
+def take_inventory(config: MiMoConfig, num_mtp: int, dtype: torch.dtype, recipe: Recipe | None = None) -> Inventory:
+    model = build_meta_model(config, num_mtp, dtype)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    targets = FAMILY_MODULES[config.family].weight_map(model).targets
+    grouped: dict[str, dict] = {}
+    shapes: dict[str, tuple] = {}
+    for hub_name, target in targets.items():
+        param = params[target.param]
+        if hub_name not in shapes:
+            shapes[hub_name] = tuple(param[target.index].shape) if target.index else tuple(param.shape)
+        shape = shapes[hub_name]
+        numel = int(torch.Size(shape).numel())
+        quantizable = recipe is not None and _quantizable(hub_name, target.param, modules, param)
+        if quantizable:
+            nbytes = runtime_bytes(recipe.scheme_for(hub_name), shape, param.element_size())
+        else:
+            nbytes = numel * param.element_size()
+        expert = EXPERT_KEY.match(hub_name)
+        if expert:
+            layer, index = int(expert.group(1)), int(expert.group(2))
+            key, extra = f"layers.{layer}.mlp.experts.{index}", dict(layer=layer, expert=index, component="experts")
+        else:
+            key = target.param.rsplit(".", 1)[0]
+            module = modules[key]
+            movable = isinstance(module, (torch.nn.Linear, torch.nn.Embedding, Router))
+            extra = dict(component=_component(key), movable=movable)
+        entry = grouped.setdefault(key, dict(nbytes=0, params=0, hub_names=[], **extra))
+        entry["nbytes"] += nbytes
+        entry["params"] += numel
+        entry["hub_names"].append(hub_name)
+    units = [Unit(name=k, **{**v, "hub_names": tuple(v["hub_names"])}) for k, v in grouped.items()]
+    return Inventory(config, dtype, units)
+
+
+def moe_layers(config: MiMoConfig) -> list[int]:
+    return [i for i, is_moe in enumerate(config.layer_is_moe) if is_moe]
+
+
+def is_moe(module) -> bool:
+    return isinstance(module, MoE)

@@ -1,0 +1,293 @@
+"""The memory plan: where every weight, the KV cache and the activations go, per device and per
+component, and whether that fits the budgets. Policy: non-expert weights, KV cache and activations
+on the GPU first, then the hottest experts while they fit, the rest of the experts on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import MiMoConfig
+from ..errors import MimoError
+from .hotness import ExpertStats, load_stats
+from .inventory import COMPONENTS, Inventory, count_mtp_layers, moe_layers, read_model_config, take_inventory
+from .placement import Placement
+from .schemes import load_recipe
+
+GIB = 1 << 30
+PREFILL_CHUNK = 512  # generate.PREFILL_CHUNK: tokens per prefill forward
+SPARE_SLOTS = 8  # sliding-window ring slots beyond the window (generate's default)
+DEVICES = ("gpu", "cpu")
+
+
+@dataclass
+class PlanRequest:
+    """What `mimo plan` and the run/chat/bench placement flags ask for (budgets in bytes)."""
+
+    gpu_mem: int | None = 0  # None: detect (options.with_budgets)
+    cpu_mem: int | None = 0
+    ctx: int = 32768
+    quant: str | None = None
+    mtp: bool | None = None  # None: on when the model has MTP layers
+    dtype: torch.dtype = torch.bfloat16
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
+    overrides: list[tuple[re.Pattern, str]] = field(default_factory=list)  # (regex, "gpu" | "cpu")
+    clamp_ctx: bool = False  # a run's estimate: cut to the model's positions instead of refusing
+
+
+@dataclass
+class MemoryPlan:
+    config: MiMoConfig
+    request: PlanRequest
+    inventory: Inventory
+    mtp_layers: int
+    main: str
+    weights: dict[str, dict[str, int]]  # device -> component -> bytes
+    kv: dict[str, int]  # device -> bytes
+    workspace: dict[str, int]
+    kv_bytes_per_token: int
+    kv_fixed_bytes: int
+    placement: Placement
+    experts_on_gpu: int = 0
+    experts_total: int = 0
+
+    @property
+    def budgets(self) -> dict[str, int]:
+        return {"gpu": self.request.gpu_mem, "cpu": self.request.cpu_mem}
+
+    def used(self, device: str) -> int:
+        return sum(self.weights[device].values()) + self.kv[device] + self.workspace[device]
+
+    def over(self, device: str) -> int:
+        return self.used(device) - self.budgets[device]
+
+    @property
+    def devices(self) -> list[str]:
+        return [d for d in DEVICES if self.budgets[d] > 0 or self.used(d) > 0]
+
+    @property
+    def fits(self) -> bool:
+        return all(self.over(d) <= 0 for d in self.devices)
+
+    def advice(self) -> list[str]:
+        """What to change so that a plan that does not fit would."""
+        tips = []
+        if self.over("gpu") > 0:
+            fixed = self.used("gpu") - self.kv_bytes_per_token * self.request.ctx
+            room = (self.budgets["gpu"] - fixed) // max(self.kv_bytes_per_token, 1)
+            if 512 <= room < self.request.ctx:
+                tips.append(f"--ctx {room // 512 * 512}")
+            if any(u.expert is not None for u in self.inventory.units) and self.experts_on_gpu:
+                tips.append("--cpu-moe")
+        if self.over("cpu") > 0 and self.budgets["gpu"] > 0 and self.over("gpu") < 0 and not self.request.cpu_moe:
+            tips.append("a larger --gpu-mem")
+        everything = sum(self.used(d) for d in DEVICES) - self.workspace["cpu"]
+        if self.over("gpu") > 0 and everything <= self.budgets["cpu"]:
+            tips.append("--gpu-mem 0 (all on the CPU)")
+        weight_bytes = sum(sum(per.values()) for per in self.weights.values())
+        all_params = self.inventory.total_params + self.inventory.mtp_params
+        if weight_bytes > 0.75 * all_params:  # not mostly 4-bit yet
+            tips.append("a 4-bit recipe (--quant int4-g128)")
+        if self.over("cpu") > 0 and self.budgets["gpu"] == 0 and self.kv_bytes_per_token * self.request.ctx > GIB:
+            room = (self.budgets["cpu"] - (self.used("cpu") - self.kv_bytes_per_token * self.request.ctx))
+            room //= max(self.kv_bytes_per_token, 1)
+            if 512 <= room < self.request.ctx:
+                tips.insert(0, f"--ctx {room // 512 * 512}")
+        return tips
+
+    def verdict(self) -> str:
+        """One line: fits (with what is left) or not (by how much, and what to change)."""
+        parts = [f"{d} {_gib(self.used(d))} of {_gib(self.budgets[d])}" for d in self.devices]
+        if self.fits:
+            free = ", ".join(f"{d} {_gib(-self.over(d))} free" for d in self.devices)
+            return f"fits: {', '.join(parts)} ({free})"
+        over = [f"{d} needs {_gib(self.used(d))} of {_gib(self.budgets[d])} ({_gib(self.over(d))} over)"
+                for d in self.devices if self.over(d) > 0]
+        tips = self.advice()
+        return f"does not fit: {'; '.join(over)}" + (f"; try {_join_or(tips)}" if tips else "")
+
+    def oom_message(self, device: str = "gpu") -> str:
+        kv = self.kv[device]
+        weights = sum(self.weights[device].values())
+        return (
+            f"CUDA out of memory: the plan puts {_gib(self.used(device))} on the {device} of {_gib(self.budgets[device])} "
+            f"(weights {_gib(weights)}, KV cache {_gib(kv)}, activations {_gib(self.workspace[device])}); "
+            f"lower --gpu-mem, use --n-cpu-moe/--cpu-moe or a smaller context"
+        )
+
+    def to_json(self) -> dict:
+        inventory = self.inventory
+        return {
+            "family": self.config.display_family,
+            "ctx": self.request.ctx,
+            "dtype": str(self.request.dtype).removeprefix("torch."),
+            "quant": self.request.quant,
+            "mtp_layers": self.mtp_layers,
+            "total_params": inventory.total_params,
+            "active_params_per_token": inventory.active_params_per_token,
+            "mtp_params": inventory.mtp_params,
+            "weight_bytes": {d: {**self.weights[d], "total": sum(self.weights[d].values())} for d in DEVICES},
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_fixed_bytes": self.kv_fixed_bytes,
+            "kv_cache_bytes": dict(self.kv),
+            "workspace_bytes": dict(self.workspace),
+            "budget_bytes": self.budgets,
+            "used_bytes": {d: self.used(d) for d in DEVICES},
+            "experts_on_gpu": self.experts_on_gpu,
+            "experts_total": self.experts_total,
+            "fits": self.fits,
+            "verdict": self.verdict(),
+        }
+
+
+def _join_or(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if abs(nbytes) >= GIB / 100 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def kv_geometry(config: MiMoConfig, mtp_layers: int, itemsize: int) -> tuple[int, int]:
+    """(bytes per token, fixed bytes) of the whole cache: global layers grow with the context,
+    sliding-window layers are ring buffers of window + spare slots; each MTP layer has its own."""
+    per_token = config.kv_bytes_per_token(itemsize)
+    fixed = config.kv_fixed_bytes(itemsize, extra_slots=SPARE_SLOTS)
+    mtp = config.global_attention if config.family == "mimo" else (config.sliding_attention or config.global_attention)
+    if mtp.is_sliding:
+        fixed += mtp_layers * (mtp.sliding_window + SPARE_SLOTS) * mtp.kv_bytes_per_token(itemsize)
+    else:
+        per_token += mtp_layers * mtp.kv_bytes_per_token(itemsize)
+    return per_token, fixed
+
+
+def workspace_bytes(config: MiMoConfig, ctx: int, itemsize: int, mtp_layers: int) -> int:
+    """Activations of the largest step, a prefill chunk: an estimate from the shapes (the residual
+    stream and its copies, fused qkv, FFN intermediates, the MoE fp32 accumulator, sliding-window
+    scores with sinks, the global-attention mask, and the logits the sampler works on)."""
+    steps = min(PREFILL_CHUNK, ctx)
+    hidden = config.hidden_size
+    specs = [config.global_attention] + ([config.sliding_attention] if config.sliding_attention else [])
+    qkv = max(s.num_heads * s.head_dim + s.num_kv_heads * (s.head_dim + s.v_head_dim) for s in specs)
+    ffn = max(config.intermediate_size, config.moe.intermediate_size if config.moe else 0)
+    total = steps * hidden * itemsize * 4 + steps * qkv * itemsize * 2 + steps * ffn * itemsize * 3
+    total += steps * hidden * 4 * 2 if config.moe else 0
+    if config.sliding_attention is not None:
+        s = config.sliding_attention
+        total += s.num_heads * steps * (s.sliding_window + SPARE_SLOTS + steps) * 4 * 3
+    total += steps * ctx  # boolean causal mask of a global layer
+    total += config.vocab_size * 4 * (mtp_layers + 1) * 3
+    return total
+
+
+def _parse_device(text: str) -> str:
+    name = text.strip().lower()
+    if name in ("gpu", "cuda") or re.fullmatch(r"cuda:0", name):
+        return "gpu"
+    if name == "cpu":
+        return "cpu"
+    raise MimoError(f"--override-tensor: unknown device '{text}' (cpu, gpu, cuda)")
+
+
+def parse_overrides(specs: list[str]) -> list[tuple[re.Pattern, str]]:
+    overrides = []
+    for spec in specs:
+        pattern, sep, device = spec.rpartition("=")
+        if not sep or not pattern:
+            raise MimoError(f"--override-tensor '{spec}': expected REGEX=DEVICE")
+        try:
+            overrides.append((re.compile(pattern), _parse_device(device)))
+        except re.error as error:
+            raise MimoError(f"--override-tensor '{spec}': bad regex ({error})") from None
+    return overrides
+
+
+def _override(unit, overrides) -> str | None:
+    for pattern, device in overrides:
+        if any(pattern.search(name) for name in unit.hub_names):
+            return device
+    return None
+
+
+def make_plan(source: str | Path, request: PlanRequest, stats: ExpertStats | None = None) -> MemoryPlan:
+    """Plan a model directory (or a bare config.json) for the budgets in `request`."""
+    config, model_dir = read_model_config(source)
+    available_mtp = count_mtp_layers(config, model_dir)
+    if request.mtp and not available_mtp:
+        raise MimoError(f"{Path(source).name} has no MTP layers: --mtp is not possible")
+    mtp_layers = available_mtp if request.mtp is not False else 0
+    if request.ctx < 1:
+        raise MimoError("--ctx must be at least 1")
+    if request.clamp_ctx:
+        request = dataclasses.replace(request, ctx=min(request.ctx, config.max_position_embeddings))
+    if request.ctx > config.max_position_embeddings:
+        raise MimoError(f"--ctx {request.ctx} is beyond the model's {config.max_position_embeddings} positions")
+    if request.n_cpu_moe < 0:
+        raise MimoError("--n-cpu-moe must be >= 0")
+    recipe = load_recipe(request.quant) if request.quant else None
+    inventory = take_inventory(config, mtp_layers, request.dtype, recipe)
+    if stats is None:
+        stats = load_stats(model_dir)
+    return place(config, request, inventory, mtp_layers, stats)
+
+
+def place(config, request: PlanRequest, inventory: Inventory, mtp_layers: int, stats: ExpertStats | None) -> MemoryPlan:
+    has_gpu = request.gpu_mem > 0
+    main = "gpu" if has_gpu else "cpu"
+    itemsize = request.dtype.itemsize
+    weights = {d: dict.fromkeys(COMPONENTS, 0) for d in DEVICES}
+    kv_per_token, kv_fixed = kv_geometry(config, mtp_layers, itemsize)
+    kv = {d: 0 for d in DEVICES}
+    kv[main] = kv_per_token * request.ctx + kv_fixed
+    workspace = {d: 0 for d in DEVICES}
+    workspace[main] = workspace_bytes(config, request.ctx, itemsize, mtp_layers)
+    placement = Placement(main=main, mtp=mtp_layers > 0)
+
+    def check(device: str, what: str) -> str:
+        if device == "gpu" and not has_gpu:
+            raise MimoError(f"--override-tensor puts {what} on the GPU, but the GPU budget is 0 (--gpu-mem)")
+        return device
+
+    for unit in inventory.others:
+        device = _override(unit, request.overrides)
+        if device is not None and not unit.movable:
+            raise MimoError(f"--override-tensor: {unit.hub_names[0]} stays with its layer (norms and sinks cannot move)")
+        device = check(device, unit.hub_names[0]) if device else main
+        weights[device][unit.component] += unit.nbytes
+        if device != main:
+            placement.modules[unit.name] = device
+
+    moe = moe_layers(config)
+    cpu_layers = set(moe if request.cpu_moe else moe[: request.n_cpu_moe])
+    free = []
+    expert_devices = {layer: [main] * config.moe.num_experts for layer in moe} if config.moe else {}
+    for unit in inventory.experts:
+        device = _override(unit, request.overrides)
+        if device is None and (unit.layer in cpu_layers or not has_gpu):
+            device = "cpu"
+        if device is None:
+            free.append(unit)
+            continue
+        expert_devices[unit.layer][unit.expert] = check(device, unit.name)
+        weights[device]["experts"] += unit.nbytes
+    gpu_used = sum(weights["gpu"].values()) + kv["gpu"] + workspace["gpu"]
+    # Hottest first (share of its layer's selections); without statistics, later layers first, as
+    # --n-cpu-moe keeps the first layers on the CPU.
+    share = (lambda u: stats.share(u.layer, u.expert)) if stats else (lambda u: 0.0)
+    for unit in sorted(free, key=lambda u: (-share(u), -u.layer, u.expert)):
+        device = "gpu" if gpu_used + unit.nbytes <= request.gpu_mem else "cpu"
+        gpu_used += unit.nbytes if device == "gpu" else 0
+        expert_devices[unit.layer][unit.expert] = device
+        weights[device]["experts"] += unit.nbytes
+    cpu_experts = sum(d == "cpu" for row in expert_devices.values() for d in row)
+    if has_gpu and cpu_experts:  # CPU experts compute a prefill chunk's routed tokens on the CPU
+        workspace["cpu"] = min(PREFILL_CHUNK, request.ctx) * config.hidden_size * (itemsize + 8)
+    placement.experts = expert_devices
+    on_gpu = sum(d == "gpu" for row in expert_devices.values() for d in row)
+    return MemoryPlan(config, request, inventory, mtp_layers, main, weights, kv, workspace, kv_per_token, kv_fixed,
+                      placement, experts_on_gpu=on_gpu, experts_total=len(inventory.experts))
