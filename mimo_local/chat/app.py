@@ -287,7 +287,8 @@ class ChatApp(App):
             error = f"{type(caught).__name__}: {caught}"
         finally:
             reply.close()
-        self.call_from_thread(self._reply_ended, turn, error)
+        if self.is_running:  # Ctrl+D may have closed the app while the last token was on its way
+            self.call_from_thread(self._reply_ended, turn, error)
 
     def _reply_ended(self, turn: AssistantTurn, error: str | None) -> None:
         self.generating = False

@@ -166,7 +166,8 @@ class ChatSession:
                 yield event
         finally:
             events.close()
-            self.messages.append({"role": "assistant", "content": self.generation_prefix() + "".join(pieces)})
+            if pieces or not self.last_turn.stopped:  # an error before the first token leaves no answer
+                self.messages.append({"role": "assistant", "content": self.generation_prefix() + "".join(pieces)})
 
     def regenerate(self) -> Iterator[TokenEvent | DoneEvent]:
         if self.messages and self.messages[-1]["role"] == "assistant":
