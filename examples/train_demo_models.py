@@ -55,7 +55,7 @@ MODELS = {
         family="mimo",
         shape=dict(vocab_size=VOCAB_SIZE, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
                    num_key_value_heads=2, intermediate_size=512, mtp_layers=1),
-        steps=700, batch=8, lr=2e-3,
+        steps=500, batch=4, lr=1.5e-3,
     ),
     "mimo-nano-moe": dict(
         family="mimo_v2_flash",
@@ -63,14 +63,14 @@ MODELS = {
                    num_key_value_heads=1, swa_num_key_value_heads=2, head_dim=48, v_head_dim=32,
                    intermediate_size=512, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
                    sliding_window_size=64, mtp_layers=3),
-        steps=500, batch=8, lr=2e-3,
+        steps=350, batch=4, lr=1.5e-3,
     ),
 }
 CHAT_FRACTION = 0.25  # share of training sequences in ChatML form (user: an opening, assistant: the rest)
 MTP_LOSS_WEIGHT = 0.3
-MTP_LOSS_STRIDE = 2
+MTP_LOSS_STRIDE = 4
 BIAS_UPDATE_SPEED = 1e-3  # aux-loss-free balancing: e_score_correction_bias += speed * sign(mean - load)
-WARMUP_STEPS = 60
+WARMUP_STEPS = 40
 
 
 # ---------------------------------------------------------------- corpus
@@ -339,6 +339,53 @@ def training_markdown(name: str, record: dict) -> str:
     return "\n".join(lines)
 
 
+def engine_measurements(folder: Path, heldout: Path) -> dict:
+    """What the shipped checkpoint does through the real loader and generator (bf16): held-out
+    perplexity in 256-token windows, and a greedy chat-templated story with MTP speculation."""
+    from mimo_local.engine import Engine
+    from mimo_local.sampling import SamplingSettings
+
+    engine = Engine.load(folder, device="cpu")
+    ids = torch.tensor(engine.tokenizer.encode(heldout.read_text()))
+    total = 0.0
+    for window in ids.split(SEQ_LEN):
+        logits = engine.model(window[None], engine.model.new_cache(len(window)), all_logits=True).logits[0, :-1]
+        total += F.cross_entropy(logits.float(), window[1:], reduction="sum").item()
+    prompt = "Once upon a time"
+    settings = SamplingSettings(temperature=0.0, max_tokens=64)
+    stats = list(engine.stream(engine.prompt_ids(prompt), settings, **engine.speculation(True)))[-1].stats
+    return {
+        "heldout_file": heldout.name,
+        "heldout_tokens": len(ids),
+        "heldout_perplexity_bf16": math.exp(total / (len(ids) - len(ids.split(SEQ_LEN)))),
+        "greedy_prompt": prompt,
+        "greedy_text": stats.text,
+        "mtp_mean_accepted_length": stats.speculation.mean_accepted_length,
+    }
+
+
+def add_engine_measurements(folder: Path, heldout: Path) -> None:
+    record = json.loads((folder / "training.json").read_text())
+    record["engine"] = engine_measurements(folder, heldout)
+    engine = record["engine"]
+    markdown = training_markdown(folder.name, record) + "\n".join([
+        "## Through the engine (bf16, `mimo run`)",
+        "",
+        f"- {engine['heldout_file']} perplexity: {engine['heldout_perplexity_bf16']:.2f} "
+        f"({engine['heldout_tokens']} tokens, {SEQ_LEN}-token windows)",
+        f"- MTP mean accepted length, greedy, 64 tokens from \"{engine['greedy_prompt']}\": "
+        f"{engine['mtp_mean_accepted_length']:.2f}",
+        "- greedy output (chat template applied, as `mimo run` does):",
+        "",
+        "> " + engine["greedy_text"].replace("\n", "\n> "),
+        "",
+    ])
+    for name, text in (("training.json", json.dumps(record, indent=2) + "\n"), ("TRAINING.md", markdown)):
+        temporary = folder / (name + ".tmp")
+        temporary.write_text(text)
+        os.replace(temporary, folder / name)
+
+
 # ---------------------------------------------------------------- main
 
 def train_one(name: str, spec: dict, steps: int, tokenizer, batches: Batches, windows, out_root: Path) -> dict:
@@ -371,7 +418,7 @@ def train_one(name: str, spec: dict, steps: int, tokenizer, batches: Batches, wi
         schedule.step()
         with torch.no_grad():
             update_router_biases(model)
-        if step % 50 == 0 or step == steps - 1:
+        if step % 25 == 0 or step == steps - 1:
             elapsed = time.time() - started
             print(f"{name} step {step} loss {main.item():.3f} mtp {[round(x.item(), 3) for x in mtp]} "
                   f"{elapsed:.0f}s", flush=True)
@@ -436,6 +483,7 @@ def main() -> None:
             continue
         batches = Batches(tokenizer, train_books, random.Random(SEED))
         train_one(name, spec, args.steps or spec["steps"], tokenizer, batches, windows, args.out)
+        add_engine_measurements(args.out / name, args.out / "heldout.txt")
 
 
 if __name__ == "__main__":
