@@ -69,6 +69,14 @@ def test_placement_without_mtp_skips_the_mtp_layers(v2):
     assert len(model.mtp_layers) == 0
 
 
+def test_split_groups_keep_the_model_dtype(v2):
+    split = load_model(v2, torch.bfloat16, placement=TwoGroupsOnCpu(main="cpu"))
+    whole = load_model(v2, torch.bfloat16)
+    assert {g.gate_up_proj.dtype for g in split.layers[1].mlp.groups} == {torch.bfloat16}
+    ids = list(range(5, 30))
+    assert torch.equal(logits_for(split, ids).argmax(-1), logits_for(whole, ids).argmax(-1))
+
+
 def test_profile_experts_counts_tokens_times_top_k(v2, tmp_path):
     model_dir = shutil.copytree(v2, tmp_path / "model")
     text = tmp_path / "text.txt"

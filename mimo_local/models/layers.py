@@ -251,8 +251,9 @@ class MoE(nn.Module):
         members: dict = {}
         for expert, device in enumerate(expert_devices):
             members.setdefault(device, []).append(expert)
-        inter = self.spec.intermediate_size
-        self.groups = nn.ModuleList([ExpertGroup(self.hidden_size, inter, members[key]) for key in sorted(members)])
+        inter, dtype = self.spec.intermediate_size, self.groups[0].gate_up_proj.dtype
+        groups = [ExpertGroup(self.hidden_size, inter, members[key]).to(dtype) for key in sorted(members)]
+        self.groups = nn.ModuleList(groups)
         self._index_experts()
 
     def _index_experts(self) -> None:
