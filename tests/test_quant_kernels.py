@@ -97,3 +97,33 @@ def test_quantized_moe_matches_reference(bits, tokens, hidden, inter, group):
     expected = quant.reference_moe_pairs(x, bits, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
     assert got.shape == (tokens, hidden)
     assert close(got, expected, 1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["int4\n    group_size: 32", "int8"])
+def test_quantized_experts_take_the_fused_kernel_with_the_reference_result(checkpoints, tmp_path, monkeypatch, scheme):
+    """A V2-Flash model whose routed experts are quantized: decode-sized forwards go through one
+    moe_pairs call per layer and give the logits of the per-expert dequantizing path."""
+    from mimo_local.loader import load_model
+
+    recipe = tmp_path / "experts.yaml"
+    recipe.write_text(
+        "name: experts\nrules:\n  - match: '\\.mlp\\.experts\\.\\d+\\.(gate|up|down)_proj\\.weight$'\n"
+        f"    scheme: {scheme}\n"
+    )
+    model = load_model(checkpoints("mimo_v2_flash"), torch.float32, quant=str(recipe))
+    ids = torch.tensor([[5, 17, 300, 42]])
+    calls = []
+    fused = quant.moe_pairs
+    monkeypatch.setattr(quant, "moe_pairs", lambda *args: calls.append(1) or fused(*args))
+
+    def logits_step_by_step():
+        cache = model.new_cache(16)
+        return torch.cat([model(ids[:, i : i + 1], cache).logits[0] for i in range(ids.shape[1])])
+
+    got = logits_step_by_step()
+    assert calls, "the fused quantized-expert kernel was not used"
+    monkeypatch.setattr(quant, "moe_supports", lambda *args: False)
+    calls.clear()
+    expected = logits_step_by_step()
+    assert not calls
+    assert (got - expected).abs().max().item() < 1e-4 * (1 + expected.abs().max().item())

@@ -12,6 +12,8 @@ from torch import nn
 
 from ..config import AttentionSpec, MoESpec
 from ..kernels import cpu as cpu_kernels
+from ..kernels import quant as quant_kernels
+from ..quant.linear import fused_expert_operands
 
 
 class Linear(nn.Linear):
@@ -205,6 +207,9 @@ class ExpertGroup(nn.Module):
         device = self.device
         if isinstance(self.gate_up_proj, torch.Tensor) and cpu_kernels.moe_supports(x, self.gate_up_proj):
             return cpu_kernels.moe_pairs(x, self.gate_up_proj, self.down_proj, pair_experts, pair_tokens, pair_weights)
+        quantized = fused_expert_operands(self.gate_up_proj, self.down_proj)
+        if quantized and quant_kernels.moe_supports(x, quantized[2][0], quantized[3][0]):
+            return quant_kernels.moe_pairs(x, *quantized, pair_experts, pair_tokens, pair_weights)
         pair_tokens = pair_tokens.to(device, non_blocking=True)
         pair_weights = pair_weights.to(device, non_blocking=True)
         out = torch.zeros(x.shape, dtype=torch.float32, device=device)

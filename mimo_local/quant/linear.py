@@ -104,5 +104,17 @@ class QuantLinear(nn.Module):
         return unpermuted
 
 
+def fused_expert_operands(gate_up, down) -> tuple | None:
+    """(bits, group_size, gate_up tensors, down tensors) for quant_kernels.moe_pairs when both expert
+    stacks are int8, or int4 with one group size and no act-order permutation; else None."""
+    if not (isinstance(gate_up, QuantLinear) and isinstance(down, QuantLinear)) or gate_up.kind != down.kind:
+        return None
+    if gate_up.kind == "int8":
+        return 8, 0, (gate_up.qweight, gate_up.scales), (down.qweight, down.scales)
+    if gate_up.kind == "int4" and gate_up.perm is None and down.perm is None and gate_up.group_size == down.group_size:
+        return 4, gate_up.group_size, (gate_up.packed, gate_up.scales, gate_up.zeros), (down.packed, down.scales, down.zeros)
+    return None
+
+
 def dequantized_linear_weight(module: nn.Module) -> torch.Tensor:
     return module.dequantize() if isinstance(module, QuantLinear) else module.weight.float()
