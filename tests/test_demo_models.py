@@ -131,10 +131,12 @@ def test_training_modules_match_the_engine():
             torch.testing.assert_close(engine.model.mtp_logits(k, hidden), wanted, atol=2e-3, rtol=1e-3)
 
 
-def test_mimo_run_prints_english_and_mtp_acceptance():
-    model = str(DEMO_DIR / "mimo-nano")
-    result = CliRunner().invoke(app, ["run", "--model", model, "--seed", "0", "-n", "48", "--json", "Once upon a time"])
+def test_mimo_run_prints_english_and_mtp_acceptance(tmp_path, monkeypatch):
+    """The README's first command: no --model runs the shipped mimo-nano and names it on stderr."""
+    monkeypatch.setenv("MIMO_HOME", str(tmp_path))  # no configured default model
+    result = CliRunner().invoke(app, ["run", "--seed", "0", "-n", "48", "--json", "Once upon a time"])
     assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0].startswith("model: mimo-nano (default")
     stats = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(re.findall(r"[A-Za-z]+", stats["text"])) >= 10, stats["text"]
     assert stats["mtp_draft_tokens"] > 0 and stats["mean_accepted_length"] > 1.0
