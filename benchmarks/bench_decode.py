@@ -1,6 +1,10 @@
 """Decode and prefill speed at batch 1: mimo-local vs transformers vs llama.cpp, in one run.
 
     python benchmarks/bench_decode.py --shape 7b --dtype float32 [--peers transformers,llamacpp]
+    python benchmarks/bench_decode.py --shape 7b --dtype bfloat16 --quant int4-g128 --peers llamacpp
+
+With --quant, ours quantizes on load with that recipe and llama.cpp runs the matching GGUF type
+(int8 -> q8_0, int4 recipes -> q4_K_M); the unquantized tensors stay in --dtype.
 
 Each engine runs in its own subprocess on the same bench checkpoint (random weights in hub layout,
 made once under benchmarks/cache/); the engines take turns for --rounds rounds and each keeps its
@@ -24,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
 SHAPES = {"7b": ("mimo-bench", "mimo-bench"), "v2": ("mimo_v2_flash-bench", "v2-bench")}
 LLAMACPP_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+LLAMACPP_QUANT_TYPES = {"int8": "q8_0", "int4-g128": "q4_K_M", "gptq-int4-g128": "q4_K_M", "v2flash-mixed": "q4_K_M"}
 
 
 def checkpoint_for(shape: str) -> Path:
@@ -41,7 +46,7 @@ def prompt(length: int) -> list[int]:
 
 
 def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, draft_tokens: int = 0,
-             draft_vocab: int | None = None) -> dict:
+             draft_vocab: int | None = None, quant: str | None = None) -> dict:
     import torch
 
     from mimo_local.generate import stream
@@ -49,7 +54,7 @@ def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeat
     from mimo_local.sampling import SamplingSettings
     from mimo_local.tokenizer import ChatTokenizer
 
-    model = load_model(path, getattr(torch, dtype))
+    model = load_model(path, getattr(torch, dtype), quant=quant)
     tokenizer = ChatTokenizer(path)
     settings = SamplingSettings(temperature=0, max_tokens=gen_tokens)
     best = None
@@ -65,7 +70,9 @@ def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeat
     }
 
 
-def run_transformers(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+def run_transformers(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, quant=None) -> dict:
+    if quant:
+        raise RuntimeError("the transformers peer runs unquantized only (use --peers llamacpp with --quant)")
     import torch
     import transformers
 
@@ -88,10 +95,10 @@ def run_transformers(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int
     return best
 
 
-def run_llamacpp(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+def run_llamacpp(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, quant=None) -> dict:
     python = os.environ.get("LLAMACPP_PYTHON", "/work/llvenv/bin/python")
     command = [python, str(HERE / "peers" / "llamacpp_peer.py"), "--checkpoint", str(path),
-               "--outtype", LLAMACPP_TYPES[dtype], "--prompt-tokens", str(prompt_tokens),
+               "--outtype", LLAMACPP_QUANT_TYPES[quant] if quant else LLAMACPP_TYPES[dtype], "--prompt-tokens", str(prompt_tokens),
                "--gen-tokens", str(gen_tokens), "--repeats", str(repeats)]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
@@ -111,13 +118,15 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per round (after one warm-up)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of engines taking turns")
+    parser.add_argument("--quant", choices=sorted(LLAMACPP_QUANT_TYPES), help="quantize ours with this recipe")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     path = checkpoint_for(args.shape)
 
     if args.worker:
-        result = ENGINES[args.worker](path, args.dtype, args.prompt_tokens, args.gen_tokens, args.repeats)
+        result = ENGINES[args.worker](path, args.dtype, args.prompt_tokens, args.gen_tokens, args.repeats,
+                                      quant=args.quant)
         print(json.dumps(result))
         return
 
@@ -129,7 +138,7 @@ def main() -> None:
         for engine in engines:
             command = [sys.executable, __file__, "--worker", engine, "--shape", args.shape, "--dtype", args.dtype,
                        "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
-                       "--repeats", str(args.repeats)]
+                       "--repeats", str(args.repeats)] + (["--quant", args.quant] if args.quant else [])
             out = subprocess.run(command, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{engine}: failed: {out.stderr.strip()[-800:]}", file=sys.stderr)
@@ -143,7 +152,8 @@ def main() -> None:
     from rich.table import Table
 
     ours = results.get("mimo-local", {})
-    table = Table(title=f"{args.shape}-shape {args.dtype}: prompt {args.prompt_tokens}, generate {args.gen_tokens}")
+    label = f"{args.dtype}" + (f" --quant {args.quant} (llama.cpp {LLAMACPP_QUANT_TYPES[args.quant]})" if args.quant else "")
+    table = Table(title=f"{args.shape}-shape {label}: prompt {args.prompt_tokens}, generate {args.gen_tokens}")
     for column in ("engine", "prefill tok/s", "decode tok/s", "decode: ours / peer", "prefill: ours / peer"):
         table.add_column(column, justify="right")
     rows = []
@@ -163,7 +173,7 @@ def main() -> None:
                 if engine == "mimo-local":
                     continue
                 handle.write(
-                    f"| {date.today()} | {machine} | `{command}` | {args.shape} {args.dtype} | "
+                    f"| {date.today()} | {machine} | `{command}` | {args.shape} {label} | "
                     f"{ours['decode_tokens_per_s']:.2f} / {ours['prefill_tokens_per_s']:.1f} | {engine} "
                     f"{figures['decode_tokens_per_s']:.2f} / {figures['prefill_tokens_per_s']:.1f} | "
                     f"{decode_ratio:.2f}x / {prefill_ratio:.2f}x |\n"

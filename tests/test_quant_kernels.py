@@ -127,3 +127,14 @@ def test_quantized_experts_take_the_fused_kernel_with_the_reference_result(check
     expected = logits_step_by_step()
     assert not calls
     assert (got - expected).abs().max().item() < 1e-4 * (1 + expected.abs().max().item())
+
+
+def test_int8_recipe_quantizes_lm_head_and_draft_vocabulary_reads_its_first_rows(checkpoints):
+    from mimo_local.loader import load_model
+    from mimo_local.quant.linear import QuantLinear
+
+    model = load_model(checkpoints("mimo"), torch.float32, quant="int8")
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.kind == "int8"
+    hidden = torch.randn(1, 1, model.config.hidden_size)
+    full = model.mtp_logits(0, hidden)
+    assert close(model.mtp_logits(0, hidden, vocab_limit=100), full[..., :100], 1e-5)

@@ -22,6 +22,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear(x, self.weight, self.bias)
 
+    def first_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The first `rows` outputs only (a draft vocabulary): reads only their weights."""
+        return cpu_kernels.linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows])
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):

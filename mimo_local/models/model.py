@@ -9,7 +9,6 @@ from torch import nn
 
 from ..cache import ModelCache
 from ..config import AttentionSpec, MiMoConfig
-from ..kernels.cpu import linear as cpu_linear
 from .layers import MLP, DecoderLayer, Linear, RMSNorm, RotaryEmbedding
 
 
@@ -106,4 +105,4 @@ class MiMoForCausalLM(nn.Module):
         normed = self.mtp_layers[layer].final_norm(hidden)
         if vocab_limit is None or vocab_limit >= self.config.vocab_size:
             return self.lm_head(normed).float()
-        return cpu_linear(normed, self.lm_head.weight[:vocab_limit]).float()
+        return self.lm_head.first_rows(normed, vocab_limit).float()

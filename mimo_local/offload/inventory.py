@@ -135,8 +135,8 @@ def _component(module_name: str) -> str:
 
 
 def _quantizable(hub_name: str, param_name: str, modules: dict, param) -> bool:
-    """What mimo_local.quant may replace: linear projection weights (not lm_head) and expert stacks."""
-    if not hub_name.endswith(".weight") or hub_name == "lm_head.weight":
+    """What mimo_local.quant may replace: linear projection weights (an untied lm_head too) and expert stacks."""
+    if not hub_name.endswith(".weight"):
         return False
     owner, _, attribute = param_name.rpartition(".")
     return (isinstance(modules[owner], Linear) and attribute == "weight") or param.dim() == 3

@@ -164,7 +164,7 @@ class QuantizeJob:
                 "bnb_4bit_quant_storage": "uint8",
                 "llm_int8_threshold": 6.0,
                 "llm_int8_has_fp16_weight": False,
-                "llm_int8_skip_modules": ["lm_head"] + kept,
+                "llm_int8_skip_modules": sorted({"lm_head", *kept}),
             }
 
         def key(scheme: Scheme):
@@ -185,6 +185,7 @@ class QuantizeJob:
             "true_sequential": False,
             "static_groups": False,
             "pack_dtype": "int32",
+            "lm_head": "lm_head.weight" in self.plan,  # GPTQModel / vLLM: lm_head quantized too
             "meta": {"quantizer": [f"mimo-local:{__version__}"]},
         }
         dynamic = self._dynamic_overrides((bits, group_size, sym, act_order), key)

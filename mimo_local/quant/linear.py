@@ -72,6 +72,17 @@ class QuantLinear(nn.Module):
         weight = dequantize_nf4(pick(self.packed), pick(self.absmax), self.code, x.dtype)
         return F.linear(x, weight, self.bias)
 
+    def first_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The first `rows` outputs only (a draft vocabulary): reads only their weights."""
+        bias = None if self.bias is None else self.bias[:rows]
+        if self.kind == "int8":
+            return quant_kernels.int8_linear(x, self.qweight[:rows], self.scales[:rows], bias)
+        if self.kind == "int4":
+            x = x if self.perm is None else x[..., self.perm]
+            return quant_kernels.int4_linear(x, self.packed[:rows], self.scales[:rows], self.zeros[:rows],
+                                             self.group_size, bias)
+        return self.forward(x)[..., :rows]
+
     def _bnb_nf4(self, x: torch.Tensor, index: int | None) -> torch.Tensor:
         """bitsandbytes' fused 4-bit matmul on CUDA (its CPU path is far slower than dequantizing)."""
         import bitsandbytes as bnb

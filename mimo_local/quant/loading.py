@@ -36,10 +36,11 @@ class QuantizedModule:
 
 def linear_targets(model: nn.Module, targets: dict) -> dict[str, tuple]:
     """hub weight name -> (module path, stack shape or None) for every target that is a linear
-    projection (not lm_head) or a slice of a stacked expert weight: what quantization may replace."""
+    projection (lm_head included when it is not tied to the embeddings) or a slice of a stacked
+    expert weight: what quantization may replace."""
     found = {}
     for hub_name, target in targets.items():
-        if not hub_name.endswith(".weight") or hub_name == "lm_head.weight":
+        if not hub_name.endswith(".weight"):
             continue
         owner_path, _, attribute = target.param.rpartition(".")
         owner = model.get_submodule(owner_path)

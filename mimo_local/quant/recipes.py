@@ -1,6 +1,7 @@
 """Recipes: ordered `regex -> scheme` rules over hub tensor names, first match wins (like llama.cpp
-mixes). Only linear projections (attention, FFN, experts, MTP input projections) can be quantized;
-embeddings, lm_head, routers, norms, biases and sinks always stay in high precision."""
+mixes). Only linear projections (attention, FFN, experts, MTP input projections, and lm_head when it
+is not tied to the embeddings) can be quantized; embeddings, routers, norms, biases and sinks always
+stay in high precision."""
 
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ class Rule:
     pattern: str
     scheme: Scheme
     regex: re.Pattern = field(compare=False, repr=False)
+    optional: bool = False  # may match nothing (lm_head rules: tied checkpoints have no lm_head)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class Recipe:
         """The scheme of every quantizable tensor that gets one; errors (before any work) for a rule
         matching no tensor, shapes a layout cannot hold, or formats that cannot share one checkpoint."""
         for rule in self.rules:
-            if not any(rule.regex.search(name) for name in shapes):
+            if not rule.optional and not any(rule.regex.search(name) for name in shapes):
                 raise MimoError(f"recipe '{self.name}': rule '{rule.pattern}' matches no tensor of this checkpoint")
         plan = {}
         for name in quantizable:
@@ -157,10 +159,10 @@ def load_recipe(name_or_file: str | Path) -> Recipe:
         where = f"{path.name} rule {number}"
         if not isinstance(item, dict) or "match" not in item:
             raise MimoError(f"{where}: needs 'match' (a regex) and 'scheme'")
-        options = {k: v for k, v in item.items() if k != "match"}
+        options = {k: v for k, v in item.items() if k not in ("match", "optional")}
         try:
             regex = re.compile(str(item["match"]))
         except re.error as error:
             raise MimoError(f"{where}: bad regex '{item['match']}' ({error})") from None
-        rules.append(Rule(str(item["match"]), make_scheme(options, where), regex))
+        rules.append(Rule(str(item["match"]), make_scheme(options, where), regex, bool(item.get("optional", False))))
     return Recipe(str(data.get("name", path.stem)), str(data.get("description", "")), tuple(rules), text)
