@@ -6,6 +6,8 @@
  * rounding. Layouts are documented in quant.py.
  */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <math.h>
 #include <omp.h>
 #if defined(__x86_64__)
@@ -14,6 +16,13 @@
 
 #define TOKENS_PER_PASS 4
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+static inline float bf16_value(uint16_t v) {
+    uint32_t bits = ((uint32_t)v) << 16;
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
 
 /* ---------------------------------------------------------------- int8, one scale per row */
 ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int tokens, float *sums) {
@@ -35,6 +44,75 @@ ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int toke
 #endif
     for (; j < k; j++)
         for (int t = 0; t < tokens; t++) sums[t] += (float)w[j] * x[t * k + j];
+}
+
+/* int8 weights with bfloat16 x, on the AVX512-VNNI 16-bit dot product: x is quantized once per
+ * call to int16 with one scale per token (absolute error <= max|x| / 65534, far below bfloat16's
+ * own rounding of all but the smallest elements), weights widen to int16, and each instruction
+ * does 32 multiply-adds into int32 lanes. The int32 sums move to float32 every 2048 inputs, before
+ * they could overflow (128 products of at most 127 * 32767 per lane). Needs k % 64 == 0. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define INT8_FLUSH 2048
+ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
+    __m512 acc[TOKENS_PER_PASS];
+    for (int t = 0; t < tokens; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t chunk = 0; chunk < k; chunk += INT8_FLUSH) {
+        int64_t end = chunk + INT8_FLUSH < k ? chunk + INT8_FLUSH : k;
+        __m512i exact[TOKENS_PER_PASS][2];
+        for (int t = 0; t < tokens; t++) exact[t][0] = exact[t][1] = _mm512_setzero_si512();
+        for (int64_t j = chunk; j < end; j += 64) {
+            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + j)));
+            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + j + 32)));
+            for (int t = 0; t < tokens; t++) {
+                exact[t][0] = _mm512_dpwssd_epi32(exact[t][0], w0, _mm512_loadu_si512(x + t * k + j));
+                exact[t][1] = _mm512_dpwssd_epi32(exact[t][1], w1, _mm512_loadu_si512(x + t * k + j + 32));
+            }
+        }
+        for (int t = 0; t < tokens; t++)
+            acc[t] = _mm512_add_ps(acc[t], _mm512_cvtepi32_ps(_mm512_add_epi32(exact[t][0], exact[t][1])));
+    }
+    for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]);
+}
+#endif
+
+int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, const float *bias, float *y, int m,
+                     int64_t n, int64_t k) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (k % 64) return 0;
+    int16_t *xq = malloc(sizeof(int16_t) * m * k);
+    float *x_scale = malloc(sizeof(float) * m);
+    if (!xq || !x_scale) { free(xq); free(x_scale); return 0; }
+    for (int t = 0; t < m; t++) {
+        float peak = 0.f;
+        for (int64_t j = 0; j < k; j++) { float v = fabsf(bf16_value(x[t * k + j])); peak = v > peak ? v : peak; }
+        x_scale[t] = peak > 0.f ? peak / 32767.f : 1.f;
+        float inverse = 1.f / x_scale[t];
+        for (int64_t j = 0; j < k; j++) xq[t * k + j] = (int16_t)lrintf(bf16_value(x[t * k + j]) * inverse);
+    }
+#pragma omp parallel for schedule(dynamic, 64)
+    for (int64_t row = 0; row < n; row++) {
+        const int8_t *wr = w + row * k;
+        float b = bias ? bias[row] : 0.f;
+        float sums[TOKENS_PER_PASS];
+        for (int first = 0; first < m; first += TOKENS_PER_PASS) {
+            int tokens = m - first < TOKENS_PER_PASS ? m - first : TOKENS_PER_PASS;
+            const int16_t *xs = xq + (int64_t)first * k;
+            switch (tokens) {
+                case 1: int8_row_int16(wr, xs, k, 1, sums); break;
+                case 2: int8_row_int16(wr, xs, k, 2, sums); break;
+                case 3: int8_row_int16(wr, xs, k, 3, sums); break;
+                default: int8_row_int16(wr, xs, k, 4, sums); break;
+            }
+            for (int t = 0; t < tokens; t++)
+                y[(int64_t)(first + t) * n + row] = sums[t] * x_scale[first + t] * scales[row] + b;
+        }
+    }
+    free(xq);
+    free(x_scale);
+    return 1;
+#else
+    return 0; /* no 16-bit integer dot product on this CPU: the caller takes the float32 kernel */
+#endif
 }
 
 void linear_int8(const float *x, const int8_t *w, const float *scales, const float *bias, float *y, int m,
@@ -95,6 +173,104 @@ ALWAYS_INLINE void int4_row(const uint8_t *w, const float *scales, const float *
         float hi = ((float)(w[j] >> 4) - zeros[g]) * scales[g];
         for (int t = 0; t < tokens; t++) sums[t] += lo * x_even[t * half + j] + hi * x_odd[t * half + j];
     }
+}
+
+/* The same for bfloat16 x, on the AVX512-BF16 dot product. A nibble q becomes the bfloat16 number
+ * 128 + q by pairing it with the byte 0x43 (bfloat16 0x43qq is 128 + q, exact), which the in-lane
+ * byte unpacks do for free; 64 bytes of weights (128 inputs) become four vectors of 32 bfloat16 that
+ * meet x with one dot product (32 multiply-adds) each. x is laid out once per call in the order the
+ * unpacks produce (see arrange_bf16). Per group: s * (x . (128 + q) - (128 + z) * sum(x)).
+ * Needs group % 128 == 0. */
+#if defined(__AVX512BF16__)
+static void arrange_bf16(const uint16_t *x, uint16_t *arranged, float *sums, int64_t k, int64_t group) {
+    for (int64_t block = 0; block < k / 128; block++) {
+        const uint16_t *in = x + block * 128;
+        uint16_t *out = arranged + block * 128;
+        for (int lane = 0; lane < 4; lane++)
+            for (int i = 0; i < 8; i++) {
+                int low = 16 * lane + i, high = 16 * lane + 8 + i; /* byte indices in the block */
+                out[lane * 8 + i] = in[2 * low];
+                out[32 + lane * 8 + i] = in[2 * high];
+                out[64 + lane * 8 + i] = in[2 * low + 1];
+                out[96 + lane * 8 + i] = in[2 * high + 1];
+            }
+    }
+    for (int64_t g = 0; g < k / group; g++) {
+        float sum = 0.f;
+        for (int64_t j = g * group; j < (g + 1) * group; j++) sum += bf16_value(x[j]);
+        sums[g] = sum;
+    }
+}
+
+ALWAYS_INLINE void int4_row_bf16(const uint8_t *w, const float *scales, const float *zeros, const uint16_t *x,
+                                 const float *x_sums, int64_t k, int64_t group, int tokens, float *sums) {
+    const int64_t groups = k / group;
+    const __m512i low_mask = _mm512_set1_epi8(0x0F), exponent = _mm512_set1_epi8(0x43);
+    __m512 acc[TOKENS_PER_PASS];
+    float offset[TOKENS_PER_PASS];
+    for (int t = 0; t < tokens; t++) { acc[t] = _mm512_setzero_ps(); offset[t] = 0.f; }
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 partial[TOKENS_PER_PASS];
+        for (int t = 0; t < tokens; t++) partial[t] = _mm512_setzero_ps();
+        for (int64_t block = g * group / 128; block < (g + 1) * group / 128; block++) {
+            __m512i bytes = _mm512_loadu_si512(w + block * 64);
+            __m512i lo = _mm512_and_si512(bytes, low_mask);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask);
+            __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, exponent), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, exponent);
+            __m512bh w2 = (__m512bh)_mm512_unpacklo_epi8(hi, exponent), w3 = (__m512bh)_mm512_unpackhi_epi8(hi, exponent);
+            for (int t = 0; t < tokens; t++) {
+                const uint16_t *xb = x + t * k + block * 128;
+                __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xb));
+                __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), w1, (__m512bh)_mm512_loadu_si512(xb + 32));
+                a = _mm512_dpbf16_ps(a, w2, (__m512bh)_mm512_loadu_si512(xb + 64));
+                b = _mm512_dpbf16_ps(b, w3, (__m512bh)_mm512_loadu_si512(xb + 96));
+                partial[t] = _mm512_add_ps(partial[t], _mm512_add_ps(a, b));
+            }
+        }
+        __m512 scale = _mm512_set1_ps(scales[g]);
+        for (int t = 0; t < tokens; t++) {
+            acc[t] = _mm512_fmadd_ps(partial[t], scale, acc[t]);
+            offset[t] += scales[g] * (128.f + zeros[g]) * x_sums[t * groups + g];
+        }
+    }
+    for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]) - offset[t];
+}
+#endif
+
+int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, const float *zeros,
+                     const float *bias, float *y, int m, int64_t n, int64_t k, int64_t group) {
+#if defined(__AVX512BF16__)
+    if (group % 128) return 0;
+    int64_t groups = k / group, half = k / 2;
+    uint16_t *arranged = malloc(sizeof(uint16_t) * m * k);
+    float *x_sums = malloc(sizeof(float) * m * groups);
+    if (!arranged || !x_sums) { free(arranged); free(x_sums); return 0; }
+    for (int t = 0; t < m; t++) arrange_bf16(x + (int64_t)t * k, arranged + (int64_t)t * k, x_sums + t * groups, k, group);
+#pragma omp parallel for schedule(dynamic, 64)
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *wr = w + row * half;
+        const float *sr = scales + row * groups, *zr = zeros + row * groups;
+        float b = bias ? bias[row] : 0.f;
+        float sums[TOKENS_PER_PASS];
+        for (int first = 0; first < m; first += TOKENS_PER_PASS) {
+            int tokens = m - first < TOKENS_PER_PASS ? m - first : TOKENS_PER_PASS;
+            const uint16_t *xa = arranged + (int64_t)first * k;
+            const float *xs = x_sums + (int64_t)first * groups;
+            switch (tokens) {
+                case 1: int4_row_bf16(wr, sr, zr, xa, xs, k, group, 1, sums); break;
+                case 2: int4_row_bf16(wr, sr, zr, xa, xs, k, group, 2, sums); break;
+                case 3: int4_row_bf16(wr, sr, zr, xa, xs, k, group, 3, sums); break;
+                default: int4_row_bf16(wr, sr, zr, xa, xs, k, group, 4, sums); break;
+            }
+            for (int t = 0; t < tokens; t++) y[(int64_t)(first + t) * n + row] = sums[t] + b;
+        }
+    }
+    free(arranged);
+    free(x_sums);
+    return 1;
+#else
+    return 0; /* no bfloat16 dot product on this CPU: the caller takes the float32 kernel */
+#endif
 }
 
 void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, const float *scales,

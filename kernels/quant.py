@@ -68,6 +68,10 @@ def library() -> ctypes.CDLL | None:
     pointer, i64, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.linear_int8.argtypes = [pointer] * 5 + [integer, i64, i64]
     lib.linear_int4.argtypes = [pointer] * 7 + [integer, i64, i64, i64]
+    lib.linear_int4_bf16.argtypes = [pointer] * 6 + [integer, i64, i64, i64]
+    lib.linear_int4_bf16.restype = integer
+    lib.linear_int8_bf16.argtypes = [pointer] * 5 + [integer, i64, i64]
+    lib.linear_int8_bf16.restype = integer
     lib.moe_quant.argtypes = [integer] + [pointer] * 10 + [integer, integer] + [pointer] * 3 + [i64, i64, i64]
     return lib
 
@@ -92,9 +96,16 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     if not _kernel_applies(x, qweight):
         return reference_int8_linear(x, qweight, scales, bias)
     out_features, in_features = qweight.shape
-    flat = x.reshape(-1, in_features).float().contiguous()
-    out = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
+    out = torch.empty(x.numel() // in_features, out_features, dtype=torch.float32)
     scales, bias = _float32(scales), _float32(bias)
+    if x.dtype == torch.bfloat16:
+        flat = x.reshape(-1, in_features).contiguous()
+        if library().linear_int8_bf16(
+            flat.data_ptr(), qweight.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
+            out.data_ptr(), flat.shape[0], out_features, in_features,
+        ):
+            return out.view(*x.shape[:-1], out_features).to(x.dtype)
+    flat = x.reshape(-1, in_features).float().contiguous()
     library().linear_int8(
         flat.data_ptr(), qweight.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
         out.data_ptr(), flat.shape[0], out_features, in_features,
@@ -111,10 +122,18 @@ def int4_linear(
     if not _kernel_applies(x, packed) or in_features % group_size or group_size % 2:
         return reference_int4_linear(x, packed, scales, zeros, group_size, bias)
     out_features = packed.shape[0]
+    out = torch.empty(x.numel() // in_features, out_features, dtype=torch.float32)
+    scales, zeros, bias = _float32(scales), _float32(zeros), _float32(bias)
+    if x.dtype == torch.bfloat16:
+        flat = x.reshape(-1, in_features).contiguous()
+        if library().linear_int4_bf16(
+            flat.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+            bias.data_ptr() if bias is not None else None, out.data_ptr(), flat.shape[0], out_features,
+            in_features, group_size,
+        ):
+            return out.view(*x.shape[:-1], out_features).to(x.dtype)
     flat = x.reshape(-1, in_features).float()
     x_even, x_odd = flat[:, 0::2].contiguous(), flat[:, 1::2].contiguous()
-    out = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
-    scales, zeros, bias = _float32(scales), _float32(zeros), _float32(bias)
     library().linear_int4(
         x_even.data_ptr(), x_odd.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         bias.data_ptr() if bias is not None else None, out.data_ptr(), flat.shape[0], out_features, in_features,
