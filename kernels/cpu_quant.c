@@ -203,8 +203,8 @@ static void arrange_bf16(const uint16_t *x, uint16_t *arranged, float *sums, int
 }
 
 ALWAYS_INLINE void int4_row_bf16(const uint8_t *w, const float *scales, const float *zeros, const uint16_t *x,
-                                 const float *x_sums, int64_t k, int64_t group, int tokens, float *sums) {
-    const int64_t groups = k / group;
+                                 const float *x_sums, int64_t k, int64_t groups, int64_t blocks_per_group,
+                                 int tokens, float *sums) {
     const __m512i low_mask = _mm512_set1_epi8(0x0F), exponent = _mm512_set1_epi8(0x43);
     __m512 acc[TOKENS_PER_PASS];
     float offset[TOKENS_PER_PASS];
@@ -212,7 +212,7 @@ ALWAYS_INLINE void int4_row_bf16(const uint8_t *w, const float *scales, const fl
     for (int64_t g = 0; g < groups; g++) {
         __m512 partial[TOKENS_PER_PASS];
         for (int t = 0; t < tokens; t++) partial[t] = _mm512_setzero_ps();
-        for (int64_t block = g * group / 128; block < (g + 1) * group / 128; block++) {
+        for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; block++) {
             __m512i bytes = _mm512_loadu_si512(w + block * 64);
             __m512i lo = _mm512_and_si512(bytes, low_mask);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask);
@@ -241,7 +241,7 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
                      const float *bias, float *y, int m, int64_t n, int64_t k, int64_t group) {
 #if defined(__AVX512BF16__)
     if (group % 128) return 0;
-    int64_t groups = k / group, half = k / 2;
+    const int64_t groups = k / group, half = k / 2, blocks_per_group = group / 128;
     uint16_t *arranged = malloc(sizeof(uint16_t) * m * k);
     float *x_sums = malloc(sizeof(float) * m * groups);
     if (!arranged || !x_sums) { free(arranged); free(x_sums); return 0; }
@@ -257,10 +257,10 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
             const uint16_t *xa = arranged + (int64_t)first * k;
             const float *xs = x_sums + (int64_t)first * groups;
             switch (tokens) {
-                case 1: int4_row_bf16(wr, sr, zr, xa, xs, k, group, 1, sums); break;
-                case 2: int4_row_bf16(wr, sr, zr, xa, xs, k, group, 2, sums); break;
-                case 3: int4_row_bf16(wr, sr, zr, xa, xs, k, group, 3, sums); break;
-                default: int4_row_bf16(wr, sr, zr, xa, xs, k, group, 4, sums); break;
+                case 1: int4_row_bf16(wr, sr, zr, xa, xs, k, groups, blocks_per_group, 1, sums); break;
+                case 2: int4_row_bf16(wr, sr, zr, xa, xs, k, groups, blocks_per_group, 2, sums); break;
+                case 3: int4_row_bf16(wr, sr, zr, xa, xs, k, groups, blocks_per_group, 3, sums); break;
+                default: int4_row_bf16(wr, sr, zr, xa, xs, k, groups, blocks_per_group, 4, sums); break;
             }
             for (int t = 0; t < tokens; t++) y[(int64_t)(first + t) * n + row] = sums[t] + b;
         }
