@@ -327,7 +327,7 @@ def make_tiny(
 
 @app.command()
 def quantize(
-    source: Path = typer.Argument(..., help="bf16 or FP8 checkpoint directory in hub layout."),
+    source: str = typer.Argument(..., help="bf16 or FP8 checkpoint: directory, alias, demo model or hub repo id."),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped recipe name (int8, int4-g128, gptq-int4-g128, "
                                "nf4, bnb-int8, v2flash-mixed) or a YAML file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (rerun to resume an interrupted run)."),
@@ -337,11 +337,13 @@ def quantize(
     sequence_length: int = typer.Option(512, "--sequence-length", help="GPTQ calibration tokens per sequence."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Quality report against SOURCE at the end."),
     eval_tokens: int = typer.Option(1024, "--eval-tokens", help="Tokens of the eval text in the report."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Quantize SOURCE with a recipe into OUT (GPTQ or bitsandbytes layout), shard by shard."""
     from rich.console import Console
 
+    from .hub import resolve_model
     from .quant.calibration import read_text_file
     from .quant.convert import quantize_checkpoint
     from .quant.quality import evaluate as evaluate_quality, table
@@ -351,6 +353,7 @@ def quantize(
         if calibration_tokens < 2 or sequence_length < 2:
             raise MimoError("--calibration-tokens and --sequence-length must be >= 2")
         text = read_text_file(calibration) if calibration else None
+        source = resolve_model(source, assume_yes=yes)
         result = quantize_checkpoint(source, recipe, out, calibration_text=text, calibration_tokens=calibration_tokens,
                                      sequence_length=sequence_length, show_progress=sys.stderr.isatty())
         line = f"wrote {out}: {result.shards_written} shards"
@@ -371,8 +374,8 @@ def quantize(
 
 @app.command("eval")
 def eval_command(
-    model: Path = typer.Argument(..., help="Model directory (a quantized output, or a float one with --quant)."),
-    ref: Optional[Path] = typer.Option(None, "--ref", help="Unquantized reference (default: the source recorded "
+    model: str = typer.Argument(..., help="Model (a quantized output, or a float one with --quant): directory or name."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Unquantized reference, directory or name (default: the source recorded "
                                        "by `mimo quantize`, or MODEL itself with --quant)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantize MODEL in memory with this recipe first."),
     tokens: int = typer.Option(1024, "--tokens", help="Tokens of the eval text to score."),
@@ -382,10 +385,12 @@ def eval_command(
     """Quality of a quantized model: mean/p99 KL divergence, top-1 agreement, perplexity of both."""
     from rich.console import Console
 
+    from .hub import resolve_model
     from .quant.quality import evaluate as evaluate_quality, table
 
     try:
-        report = evaluate_quality(model, ref, quant=quant, tokens=tokens)
+        model_dir = resolve_model(model)
+        report = evaluate_quality(model_dir, resolve_model(ref) if ref else None, quant=quant, tokens=tokens)
     except (MimoError, OSError, RuntimeError, ValueError) as error:
         _fail(error, debug)
     if as_json:

@@ -182,3 +182,14 @@ def test_planned_memory_matches_measured_rss(tmp_path):
     figures = json.loads(out.stdout)
     assert figures["planned"] > 50_000_000
     assert abs(figures["measured"] - figures["planned"]) <= 0.10 * figures["planned"], figures
+
+
+def test_statistics_of_a_shipped_demo_model_go_to_the_store(tmp_path, monkeypatch):
+    """The package folder may be read-only (site-packages): a demo model's router statistics live
+    under MIMO_HOME instead of beside its weights."""
+    from mimo_local.hub import DEMO_DIR
+    from mimo_local.offload.hotness import stats_path
+
+    monkeypatch.setenv("MIMO_HOME", str(tmp_path))
+    assert stats_path(DEMO_DIR / "mimo-nano-moe") == tmp_path / "expert_stats" / "mimo-nano-moe.json"
+    assert stats_path(tmp_path / "my-model") == (tmp_path / "my-model" / "expert_stats.json").resolve()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MimoError
+from ..hub import DEMO_DIR, home
 from ..models.layers import MoE
 
 STATS_FILE = "expert_stats.json"
@@ -51,7 +52,10 @@ class ExpertStats:
 
 
 def stats_path(model_dir: str | Path) -> Path:
-    return Path(model_dir) / STATS_FILE
+    model_dir = Path(model_dir).resolve()
+    if model_dir.parent == DEMO_DIR:  # shipped inside the package: its statistics live in the store
+        return home() / "expert_stats" / f"{model_dir.name}.json"
+    return model_dir / STATS_FILE
 
 
 def load_stats(model_dir: str | Path | None) -> ExpertStats | None:
@@ -73,6 +77,7 @@ def save_stats(model_dir: str | Path, stats: ExpertStats) -> Path:
     """Write atomically (temp file + rename)."""
     path = stats_path(model_dir)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".expert_stats.", suffix=".tmp",
                                          delete=False) as handle:
             json.dump(stats.to_json(), handle)
