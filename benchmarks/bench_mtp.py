@@ -1,6 +1,10 @@
 """MTP speculative decoding speed: tokens/s with and without MTP, mean accepted length, in one run.
 
     python benchmarks/bench_mtp.py --shape 7b --dtype bfloat16 [--record]
+    python benchmarks/bench_mtp.py --demo [--record]
+
+--demo measures the trained demo models (mimo-nano, mimo-nano-moe) on the opening of their held-out
+Austen text, greedy and sampled (temperature 0.6, seeded), with their own MTP layers.
 
 Acceptance needs trained weights. Until the trained demo models exist, this measures the loop on
 checkpoints whose MTP agrees with the target by construction: the bench checkpoint turned into a
@@ -36,6 +40,40 @@ def oracle_for(shape: str) -> Path:
     return path
 
 
+def run_demo(name: str, drafts: int, temperature: float, gen_tokens: int, repeats: int) -> dict:
+    from mimo_local.engine import Engine
+    from mimo_local.hub import DEMO_DIR
+    from mimo_local.sampling import SamplingSettings
+
+    engine = Engine.load(DEMO_DIR / name)
+    ids = engine.prompt_ids((DEMO_DIR / "heldout.txt").read_text()[:600], raw=True)
+    best = None
+    for _ in range(repeats + 1):
+        settings = SamplingSettings(temperature=temperature, seed=0, max_tokens=gen_tokens)
+        stats = list(engine.stream(ids, settings, eos_ids=(), **engine.speculation(drafts > 0, drafts)))[-1].stats
+        if best is None or stats.decode_tokens_per_s > best.decode_tokens_per_s:
+            best = stats
+    return {"decode_tokens_per_s": best.decode_tokens_per_s,
+            "mean_accepted_length": best.speculation.mean_accepted_length if best.speculation else 1.0}
+
+
+def measure_demo(args) -> list[tuple]:
+    rows = []
+    for name, layers in (("mimo-nano", 1), ("mimo-nano-moe", 3)):
+        for temperature in (0.0, 0.6):
+            figures = {}
+            for drafts in (0, layers):
+                command = [sys.executable, __file__, "--gen-tokens", str(args.gen_tokens), "--repeats",
+                           str(args.repeats), "--demo-worker", name, str(drafts), str(temperature)]
+                out = subprocess.run(command, capture_output=True, text=True, check=True)
+                figures[drafts] = json.loads(out.stdout.strip().splitlines()[-1])
+            base, result = figures[0]["decode_tokens_per_s"], figures[layers]
+            rows.append((f"{name} (trained), temperature {temperature}", f"MTP {layers} draft(s)", base,
+                         result["decode_tokens_per_s"], result["mean_accepted_length"],
+                         result["decode_tokens_per_s"] / base))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["7b", "v2"], default="7b")
@@ -43,14 +81,26 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--record", action="store_true")
+    parser.add_argument("--demo", action="store_true", help="the trained demo models instead of the bench shapes")
     parser.add_argument("--worker", nargs=3, metavar=("CHECKPOINT", "DRAFTS", "VOCAB"), help=argparse.SUPPRESS)
+    parser.add_argument("--demo-worker", nargs=3, metavar=("NAME", "DRAFTS", "TEMPERATURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.demo_worker:
+        name, drafts, temperature = args.demo_worker
+        print(json.dumps(run_demo(name, int(drafts), float(temperature), args.gen_tokens, args.repeats)))
+        return
     if args.worker:
         path, drafts, vocab = args.worker
         print(json.dumps(run_ours(Path(path), args.dtype, 128, args.gen_tokens, args.repeats, int(drafts),
                                   int(vocab) or None)))
         return
 
+    rows = measure_demo(args) if args.demo else measure_shape(args)
+    title = "MTP on the trained demo models" if args.demo else f"MTP on the {args.shape}-shape bench, {args.dtype}"
+    report(rows, title + f", {args.gen_tokens} new tokens", args.record)
+
+
+def measure_shape(args) -> list[tuple]:
     layers = 1 if args.shape == "7b" else 3
     checkpoints = {"oracle (MTP copies target)": oracle_for(args.shape), "random (drafts rejected)":
                    checkpoint_for(args.shape)}
@@ -71,11 +121,14 @@ def main() -> None:
                 continue
             speedup = result["decode_tokens_per_s"] / base
             rows.append((label, name, base, result["decode_tokens_per_s"], result["mean_accepted_length"], speedup))
+    return rows
 
+
+def report(rows: list[tuple], title: str, record: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"MTP on the {args.shape}-shape bench, {args.dtype}, 128-token prompt, {args.gen_tokens} new")
+    table = Table(title=title)
     for column in ("checkpoint", "mode", "no-MTP tok/s", "MTP tok/s", "mean accepted length", "speedup",
                    "speedup / accepted length"):
         table.add_column(column, justify="right")
@@ -83,7 +136,7 @@ def main() -> None:
         table.add_row(label, name, f"{base:.2f}", f"{tps:.2f}", f"{accepted:.2f}", f"{speedup:.2f}x",
                       f"{speedup / accepted:.2f}")
     Console().print(table)
-    if args.record:
+    if record:
         command = "python benchmarks/bench_mtp.py " + " ".join(a for a in sys.argv[1:] if a != "--record")
         machine = f"{platform.machine()} {os.cpu_count()} cores, CPU"
         with open(HERE / "RESULTS.md", "a") as handle:
