@@ -175,62 +175,57 @@ ALWAYS_INLINE void int4_row(const uint8_t *w, const float *scales, const float *
     }
 }
 
-/* The same for bfloat16 x, on the AVX512-BF16 dot product. A nibble q becomes the bfloat16 number
- * 128 + q by pairing it with the byte 0x43 (bfloat16 0x43qq is 128 + q, exact), which the in-lane
- * byte unpacks do for free; 64 bytes of weights (128 inputs) become four vectors of 32 bfloat16 that
- * meet x with one dot product (32 multiply-adds) each. x is laid out once per call in the order the
- * unpacks produce (see arrange_bf16). Per group: s * (x . (128 + q) - (128 + z) * sum(x)).
- * Needs group % 128 == 0. */
-#if defined(__AVX512BF16__)
-static void arrange_bf16(const uint16_t *x, uint16_t *arranged, float *sums, int64_t k, int64_t group) {
-    for (int64_t block = 0; block < k / 128; block++) {
-        const uint16_t *in = x + block * 128;
-        uint16_t *out = arranged + block * 128;
-        for (int lane = 0; lane < 4; lane++)
-            for (int i = 0; i < 8; i++) {
-                int low = 16 * lane + i, high = 16 * lane + 8 + i; /* byte indices in the block */
-                out[lane * 8 + i] = in[2 * low];
-                out[32 + lane * 8 + i] = in[2 * high];
-                out[64 + lane * 8 + i] = in[2 * low + 1];
-                out[96 + lane * 8 + i] = in[2 * high + 1];
-            }
-    }
+/* The same for bfloat16 x, on the AVX512-VNNI byte dot product (vpdpbusd: 64 multiply-adds of
+ * unsigned bytes by signed bytes per instruction). The nibbles are the unsigned bytes as they are;
+ * x is quantized once per call to int8 with one scale per group of inputs (as llama.cpp quantizes
+ * activations for its k-quants; the error is at most half a step, max|x_group| / 254, per input),
+ * split into its even inputs (meeting the low nibbles) and odd inputs (the high nibbles).
+ * Per group: s * (sx * (xq . q) - z * sx * sum(xq)). Needs group % 128 == 0. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static void quantize_x_int8(const float *x, int8_t *even, int8_t *odd, float *x_scales, float *x_sums, int64_t k,
+                            int64_t group) {
     for (int64_t g = 0; g < k / group; g++) {
-        float sum = 0.f;
-        for (int64_t j = g * group; j < (g + 1) * group; j++) sum += bf16_value(x[j]);
-        sums[g] = sum;
+        float peak = 0.f;
+        for (int64_t j = g * group; j < (g + 1) * group; j++) {
+            float v = fabsf(x[j]);
+            peak = v > peak ? v : peak;
+        }
+        float scale = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / scale;
+        int sum = 0;
+        for (int64_t j = g * group; j < (g + 1) * group; j++) {
+            int q = (int)lrintf(x[j] * inverse);
+            (j % 2 ? odd : even)[j / 2] = (int8_t)q;
+            sum += q;
+        }
+        x_scales[g] = scale;
+        x_sums[g] = scale * (float)sum;
     }
 }
 
-ALWAYS_INLINE void int4_row_bf16(const uint8_t *w, const float *scales, const float *zeros, const uint16_t *x,
-                                 const float *x_sums, int64_t k, int64_t groups, int64_t blocks_per_group,
-                                 int tokens, float *sums) {
-    const __m512i low_mask = _mm512_set1_epi8(0x0F), exponent = _mm512_set1_epi8(0x43);
+ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
+                                 const int8_t *x_odd, const float *x_scales, const float *x_sums, int64_t k,
+                                 int64_t groups, int64_t blocks_per_group, int tokens, float *sums) {
+    const int64_t half = k / 2;
+    const __m512i low_mask = _mm512_set1_epi8(0x0F);
     __m512 acc[TOKENS_PER_PASS];
     float offset[TOKENS_PER_PASS];
     for (int t = 0; t < tokens; t++) { acc[t] = _mm512_setzero_ps(); offset[t] = 0.f; }
     for (int64_t g = 0; g < groups; g++) {
-        __m512 partial[TOKENS_PER_PASS];
-        for (int t = 0; t < tokens; t++) partial[t] = _mm512_setzero_ps();
-        for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; block++) {
-            __m512i bytes = _mm512_loadu_si512(w + block * 64);
+        __m512i exact[TOKENS_PER_PASS];
+        for (int t = 0; t < tokens; t++) exact[t] = _mm512_setzero_si512();
+        for (int64_t j = g * blocks_per_group * 64; j < (g + 1) * blocks_per_group * 64; j += 64) {
+            __m512i bytes = _mm512_loadu_si512(w + j);
             __m512i lo = _mm512_and_si512(bytes, low_mask);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask);
-            __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, exponent), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, exponent);
-            __m512bh w2 = (__m512bh)_mm512_unpacklo_epi8(hi, exponent), w3 = (__m512bh)_mm512_unpackhi_epi8(hi, exponent);
             for (int t = 0; t < tokens; t++) {
-                const uint16_t *xb = x + t * k + block * 128;
-                __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xb));
-                __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), w1, (__m512bh)_mm512_loadu_si512(xb + 32));
-                a = _mm512_dpbf16_ps(a, w2, (__m512bh)_mm512_loadu_si512(xb + 64));
-                b = _mm512_dpbf16_ps(b, w3, (__m512bh)_mm512_loadu_si512(xb + 96));
-                partial[t] = _mm512_add_ps(partial[t], _mm512_add_ps(a, b));
+                exact[t] = _mm512_dpbusd_epi32(exact[t], lo, _mm512_loadu_si512(x_even + t * half + j));
+                exact[t] = _mm512_dpbusd_epi32(exact[t], hi, _mm512_loadu_si512(x_odd + t * half + j));
             }
         }
-        __m512 scale = _mm512_set1_ps(scales[g]);
         for (int t = 0; t < tokens; t++) {
-            acc[t] = _mm512_fmadd_ps(partial[t], scale, acc[t]);
-            offset[t] += scales[g] * (128.f + zeros[g]) * x_sums[t * groups + g];
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact[t]), _mm512_set1_ps(scales[g] * x_scales[t * groups + g]),
+                                     acc[t]);
+            offset[t] += scales[g] * zeros[g] * x_sums[t * groups + g];
         }
     }
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]) - offset[t];
@@ -239,13 +234,21 @@ ALWAYS_INLINE void int4_row_bf16(const uint8_t *w, const float *scales, const fl
 
 int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, const float *zeros,
                      const float *bias, float *y, int m, int64_t n, int64_t k, int64_t group) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (group % 128) return 0;
     const int64_t groups = k / group, half = k / 2, blocks_per_group = group / 128;
-    uint16_t *arranged = malloc(sizeof(uint16_t) * m * k);
-    float *x_sums = malloc(sizeof(float) * m * groups);
-    if (!arranged || !x_sums) { free(arranged); free(x_sums); return 0; }
-    for (int t = 0; t < m; t++) arrange_bf16(x + (int64_t)t * k, arranged + (int64_t)t * k, x_sums + t * groups, k, group);
+    int8_t *x_even = malloc((size_t)m * k);
+    float *x_scales = malloc(sizeof(float) * m * groups * 2);
+    if (!x_even || !x_scales) { free(x_even); free(x_scales); return 0; }
+    int8_t *x_odd = x_even + (int64_t)m * half;
+    float *x_sums = x_scales + (int64_t)m * groups;
+    float *row = malloc(sizeof(float) * k);
+    if (!row) { free(x_even); free(x_scales); return 0; }
+    for (int t = 0; t < m; t++) {
+        for (int64_t j = 0; j < k; j++) row[j] = bf16_value(x[(int64_t)t * k + j]);
+        quantize_x_int8(row, x_even + t * half, x_odd + t * half, x_scales + t * groups, x_sums + t * groups, k, group);
+    }
+    free(row);
 #pragma omp parallel for schedule(dynamic, 64)
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *wr = w + row * half;
@@ -254,22 +257,24 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
         float sums[TOKENS_PER_PASS];
         for (int first = 0; first < m; first += TOKENS_PER_PASS) {
             int tokens = m - first < TOKENS_PER_PASS ? m - first : TOKENS_PER_PASS;
-            const uint16_t *xa = arranged + (int64_t)first * k;
-            const float *xs = x_sums + (int64_t)first * groups;
+            const int8_t *xe = x_even + (int64_t)first * half, *xo = x_odd + (int64_t)first * half;
+            const float *xs = x_scales + (int64_t)first * groups, *xsum = x_sums + (int64_t)first * groups;
+#define INT4_ROW(T) int4_row_vnni(wr, sr, zr, xe, xo, xs, xsum, k, groups, blocks_per_group, T, sums)
             switch (tokens) {
-                case 1: int4_row_bf16(wr, sr, zr, xa, xs, k, groups, blocks_per_group, 1, sums); break;
-                case 2: int4_row_bf16(wr, sr, zr, xa, xs, k, groups, blocks_per_group, 2, sums); break;
-                case 3: int4_row_bf16(wr, sr, zr, xa, xs, k, groups, blocks_per_group, 3, sums); break;
-                default: int4_row_bf16(wr, sr, zr, xa, xs, k, groups, blocks_per_group, 4, sums); break;
+                case 1: INT4_ROW(1); break;
+                case 2: INT4_ROW(2); break;
+                case 3: INT4_ROW(3); break;
+                default: INT4_ROW(4); break;
             }
+#undef INT4_ROW
             for (int t = 0; t < tokens; t++) y[(int64_t)(first + t) * n + row] = sums[t] + b;
         }
     }
-    free(arranged);
-    free(x_sums);
+    free(x_even);
+    free(x_scales);
     return 1;
 #else
-    return 0; /* no bfloat16 dot product on this CPU: the caller takes the float32 kernel */
+    return 0; /* no byte dot product on this CPU: the caller takes the float32 kernel */
 #endif
 }
 
@@ -301,27 +306,60 @@ void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, cons
  * assignment, with gate_up [E, 2I, H] and down [E, H, I] stacks in the int8 (bits 8) or int4
  * (bits 4) layout; zeros are unused for int8. x is float32 [M, H]; out float32 [M, H].
  * Threads split the assignments (each streams whole experts) into their own partial output.
- * scratch per thread: H + 3I floats. partial: threads * M * H floats. */
+ * scratch per thread: 3H + 5I floats. partial: threads * M * H floats. */
 typedef struct {
     const void *weights; /* int8_t or uint8_t (packed) */
     const float *scales, *zeros;
 } QuantStack;
 
-static float quant_row(int bits, QuantStack s, int64_t expert, int64_t rows, int64_t row, const float *x,
-                       const float *x_even, const float *x_odd, int64_t k, int64_t group) {
+/* One token's input to a stack of rows, prepared once for all the rows it meets: float32 even/odd
+ * halves for the exact int4 kernel, or int8 halves with per-group scales for the VNNI one. */
+typedef struct {
+    const float *x;
+    float *even, *odd;
+    int8_t *q_even, *q_odd;
+    float *q_scales, *q_sums;
+    int vnni;
+} PreparedInput;
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define MOE_VNNI(group) ((group) % 128 == 0)
+#else
+#define MOE_VNNI(group) 0
+#endif
+
+static void prepare_input(PreparedInput *in, const float *x, int bits, int64_t k, int64_t group) {
+    in->x = x;
+    if (bits != 4) return;
+    in->vnni = MOE_VNNI(group);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (in->vnni) {
+        quantize_x_int8(x, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, group);
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < k / 2; j++) { in->even[j] = x[2 * j]; in->odd[j] = x[2 * j + 1]; }
+}
+
+static float quant_row(int bits, QuantStack s, int64_t expert, int64_t rows, int64_t row, const PreparedInput *in,
+                       int64_t k, int64_t group) {
     float sum;
     int64_t r = expert * rows + row;
     if (bits == 8) {
-        int8_row((const int8_t *)s.weights + r * k, x, k, 1, &sum);
+        int8_row((const int8_t *)s.weights + r * k, in->x, k, 1, &sum);
         return sum * s.scales[r];
     }
-    int4_row((const uint8_t *)s.weights + r * (k / 2), s.scales + r * (k / group), s.zeros + r * (k / group),
-             x_even, x_odd, k, group, 1, &sum);
+    const uint8_t *w = (const uint8_t *)s.weights + r * (k / 2);
+    const float *scales = s.scales + r * (k / group), *zeros = s.zeros + r * (k / group);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (in->vnni) {
+        int4_row_vnni(w, scales, zeros, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, k / group, group / 128, 1,
+                      &sum);
+        return sum;
+    }
+#endif
+    int4_row(w, scales, zeros, in->even, in->odd, k, group, 1, &sum);
     return sum;
-}
-
-static void split_even_odd(const float *x, float *even, float *odd, int64_t k) {
-    for (int64_t j = 0; j < k / 2; j++) { even[j] = x[2 * j]; odd[j] = x[2 * j + 1]; }
 }
 
 void moe_quant(int bits, const float *x, const void *gate_up, const float *gate_up_scales,
@@ -336,28 +374,30 @@ void moe_quant(int bits, const float *x, const void *gate_up, const float *gate_
         threads = omp_get_num_threads();
         int id = omp_get_thread_num();
         float *mine = partial + (int64_t)id * m * hidden;
-        float *x_split = scratch + (int64_t)id * (hidden + 3 * inter);
-        float *gate_up_out = x_split + hidden;
-        float *act = gate_up_out + 2 * inter;
+        float *mine_scratch = scratch + (int64_t)id * (3 * hidden + 5 * inter);
+        float *gate_up_out = mine_scratch, *act = gate_up_out + 2 * inter;
+        float *x_halves = act + inter, *act_halves = x_halves + hidden; /* float32 even|odd halves */
+        int8_t *x_q = (int8_t *)(act_halves + inter), *act_q = x_q + hidden; /* int8 even|odd halves */
+        float *x_q_stats = (float *)(act_q + inter), *act_q_stats = x_q_stats + hidden / 2;
+        PreparedInput x_in = {0, x_halves, x_halves + hidden / 2, x_q, x_q + hidden / 2, x_q_stats,
+                              x_q_stats + hidden / 4, 0};
+        PreparedInput act_in = {0, act_halves, act_halves + inter / 2, act_q, act_q + inter / 2, act_q_stats,
+                                act_q_stats + inter / 4, 0};
         for (int64_t j = 0; j < (int64_t)m * hidden; j++) mine[j] = 0.f;
         int first = (int)((int64_t)assignments * id / threads);
         int last = (int)((int64_t)assignments * (id + 1) / threads);
         for (int a = first; a < last; a++) {
-            const float *xt = x + tokens[a] * hidden;
-            if (bits == 4) split_even_odd(xt, x_split, x_split + hidden / 2, hidden);
+            if (a == first || tokens[a] != tokens[a - 1]) prepare_input(&x_in, x + tokens[a] * hidden, bits, hidden, group);
             for (int64_t r = 0; r < 2 * inter; r++)
-                gate_up_out[r] = quant_row(bits, gu, experts[a], 2 * inter, r, xt, x_split, x_split + hidden / 2,
-                                           hidden, group);
-            float *act_even = act, *act_odd = act + inter / 2;
+                gate_up_out[r] = quant_row(bits, gu, experts[a], 2 * inter, r, &x_in, hidden, group);
             for (int64_t i = 0; i < inter; i++) {
                 float g = gate_up_out[i];
-                float v = g / (1.f + expf(-g)) * gate_up_out[inter + i];
-                if (bits == 4) (i % 2 ? act_odd : act_even)[i / 2] = v;
-                else act[i] = v;
+                act[i] = g / (1.f + expf(-g)) * gate_up_out[inter + i];
             }
+            prepare_input(&act_in, act, bits, inter, group);
             float *ot = mine + tokens[a] * hidden;
             for (int64_t r = 0; r < hidden; r++)
-                ot[r] += weights[a] * quant_row(bits, dn, experts[a], hidden, r, act, act_even, act_odd, inter, group);
+                ot[r] += weights[a] * quant_row(bits, dn, experts[a], hidden, r, &act_in, inter, group);
         }
 #pragma omp barrier
 #pragma omp for

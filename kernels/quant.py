@@ -167,7 +167,7 @@ def moe_pairs(
     threads = torch.get_num_threads()
     out = torch.empty(tokens, hidden, dtype=torch.float32)
     partial = torch.empty(threads, tokens, hidden, dtype=torch.float32)
-    scratch = torch.empty(threads, hidden + 3 * inter, dtype=torch.float32)
+    scratch = torch.empty(threads, 3 * hidden + 5 * inter, dtype=torch.float32)
     gate_up_scales, down_scales = _float32(gate_up[1]), _float32(down[1])
     gate_up_zeros = _float32(gate_up[2]) if bits == 4 else None
     down_zeros = _float32(down[2]) if bits == 4 else None
