@@ -300,7 +300,7 @@ def chat(
         if draft_tokens < 0:
             raise MimoError("--draft-tokens must be >= 0")
         options = ChatOptions(settings, system, mtp, draft_tokens, ctx, device, dtype, load)
-        start_chat(model, lambda name: resolve_model(name, assume_yes=yes), options)
+        start_chat(model, lambda name, ask: resolve_model(name, assume_yes=yes, ask=ask), options)
     except KeyboardInterrupt:
         raise typer.Exit(130)
     except (MimoError, OSError, RuntimeError, ValueError) as error:

@@ -160,11 +160,12 @@ def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty()
 
 
-def resolve_model(name: str | Path | None, *, assume_yes: bool = False) -> Path:
+def resolve_model(name: str | Path | None, *, assume_yes: bool = False, ask: bool = True) -> Path:
     """The local model directory for `name` (None: the default model).
 
     A hub model missing from the store is pulled first: with `assume_yes`, or after asking on a
-    terminal. Without a terminal the error names the pull command instead.
+    terminal (`ask=False`: never ask, e.g. inside a full-screen app). Otherwise the error names the
+    pull command instead.
     """
     ref = parse_name(default_model() if name is None else name)
     if ref.kind == "local":
@@ -179,7 +180,7 @@ def resolve_model(name: str | Path | None, *, assume_yes: bool = False) -> Path:
 
     if pull.offline():
         raise pull.offline_error(ref)
-    if not assume_yes and not _interactive():
+    if not assume_yes and not (ask and _interactive()):
         raise MimoError(f"{ref.name} is not downloaded: run `{ref.pull_command}` first (or pass --yes)")
     plan = pull.fetch_plan(ref)
     if not assume_yes and not _confirm(f"{ref.name} ({ref.repo_id}) is not downloaded. Pull {plan.size_text} now?"):

@@ -151,6 +151,7 @@ def show_table(name: str):
         ("MTP layers", str(config.num_mtp_layers)),
         ("quantization", quantization(path)),
         ("KV cache (bf16)", _kv(config)),
+        ("memory plan", _plan_summary(path, config)),
         ("size on disk", format_bytes(disk_size(path))),
         ("path", str(path)),
     ]
@@ -159,6 +160,16 @@ def show_table(name: str):
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _plan_summary(path: Path, config: MiMoConfig) -> str:
+    """`mimo plan`'s verdict for this machine at the model's context (up to 32k tokens), bf16."""
+    from .offload.options import with_budgets
+    from .offload.plan import PlanRequest, make_plan
+
+    ctx = min(32768, config.max_position_embeddings)
+    plan = make_plan(path, with_budgets(PlanRequest(gpu_mem=None, cpu_mem=None, ctx=ctx)))
+    return f"ctx {ctx}, bf16: {plan.verdict()} (details: mimo plan)"
 
 
 def _layers(config: MiMoConfig) -> str:

@@ -46,6 +46,16 @@ def test_missing_hub_model_without_terminal_names_the_pull_command(hub):
     assert resolve_model("mimo-7b-rl") == parse_name("mimo-7b-rl").path  # now in the store
 
 
+def test_a_full_screen_app_never_asks_before_pulling(hub, monkeypatch):
+    import mimo_local.hub as hub_module
+
+    monkeypatch.setattr(hub_module, "_interactive", lambda: True)
+    monkeypatch.setattr(hub_module, "_confirm", lambda question: pytest.fail("asked: " + question))
+    with pytest.raises(MimoError, match="is not downloaded: run `mimo pull mimo-7b-rl` first"):
+        resolve_model("mimo-7b-rl", ask=False)  # chat's /model, inside the Textual app
+    assert not hub.requests
+
+
 def test_default_model_setting(isolated, checkpoints):
     assert mimo("config", "default-model").stdout == "mimo-nano\n"
     local = checkpoints("mimo")

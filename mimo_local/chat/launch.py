@@ -24,17 +24,19 @@ class ChatOptions:
     load_session: str | None = None
 
 
-def start_chat(model_name: str, resolve: Callable[[str], Path], options: ChatOptions) -> None:
-    """`resolve` turns a model name into its directory (the hub's job)."""
+def start_chat(model_name: str, resolve: Callable[..., Path], options: ChatOptions) -> None:
+    """`resolve(name, ask=...)` turns a model name into its directory (the hub's job); only the first
+    model, loaded before the app takes the terminal, may ask before pulling."""
     from ..engine import Engine
     from . import store
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
 
-    def load_engine(name: str):
-        return Engine.load(resolve(name), device=options.device, dtype=options.dtype, show_progress=sys.stderr.isatty())
+    def load_engine(name: str, ask: bool = False):
+        return Engine.load(resolve(name, ask=ask), device=options.device, dtype=options.dtype,
+                           show_progress=sys.stderr.isatty())
 
-    engine = load_engine(model_name)
+    engine = load_engine(model_name, ask=True)
     session = ChatSession(
         engine,
         display_name(model_name, engine),
