@@ -11,22 +11,15 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import MimoError
+from ..hub import home
 
 SESSION_FORMAT = "mimo-chat-session"
 SESSION_VERSION = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def data_home() -> Path:
-    """$MIMO_HOME, else $XDG_DATA_HOME/mimo-local, else ~/.local/share/mimo-local."""
-    if os.environ.get("MIMO_HOME"):
-        return Path(os.environ["MIMO_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(xdg).expanduser() / "mimo-local"
-
-
 def sessions_dir() -> Path:
-    return data_home() / "sessions"
+    return home() / "sessions"
 
 
 def check_name(name: str) -> str:
