@@ -64,11 +64,11 @@ def test_int4_linear_matches_reference(dtype, rows, out_features, in_features, g
 
 def test_many_rows_and_leading_dimensions_take_the_reference_path_with_the_same_result():
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 20, 128, generator=generator)  # 40 rows: prefill
+    x = torch.randn(2, 300, 128, generator=generator)  # 600 rows: more than a prefill chunk
     packed = quant.pack_int4(torch.randint(0, 16, (24, 128), generator=generator))
     scales, zeros = torch.rand(24, 1, generator=generator), torch.full((24, 1), 8.0)
     got = quant.int4_linear(x, packed, scales, zeros, 128)
-    assert got.shape == (2, 20, 24)
+    assert got.shape == (2, 300, 24)
     expected = x @ quant.dequantize_int4(packed, scales, zeros, 128).T
     assert close(got, expected, 1e-4)
     decode = quant.int4_linear(x[:, :1], packed, scales, zeros, 128)  # [2, 1, 128]: 2 rows, C kernel
