@@ -428,7 +428,6 @@ def plan(
 ):
     """Where every weight, the KV cache and the activations go, per device and component, and
     whether it fits (exit code 1 when it does not). Needs config.json only, never the weights."""
-    from rich.console import Console
 
     from .loader import resolve_dtype
     from .offload.plan import make_plan

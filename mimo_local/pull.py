@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .download import Expected, Progress, download_file, hash_file
+from .download import Expected, Progress, download_file
 from .errors import MimoError
 from .hub import MANIFEST, SOURCE, STATE_DIR, ModelRef, parse_name, write_json_atomic
 

@@ -1,7 +1,6 @@
 """Real `mimo` invocations in a subprocess: output streams, --json, stdin, exit codes."""
 
 import json
-import os
 import subprocess
 import sys
 

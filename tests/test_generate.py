@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mimo_local.generate import DoneEvent, StopMatcher, TokenEvent, stream
+from mimo_local.generate import DoneEvent, StopMatcher, stream
 from mimo_local.loader import load_model
 from mimo_local.sampling import SamplingSettings, penalize_repetition, probabilities
 from mimo_local.tokenizer import ChatTokenizer, IncrementalDetokenizer

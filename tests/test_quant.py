@@ -3,7 +3,6 @@ independent dequantizer, round trip through our loader, transformers' bitsandbyt
 corruption, recipe errors and the CLI."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import __version__
 from ..cache import make_layer_cache
@@ -280,13 +280,11 @@ class QuantizeJob:
         calibrator = Calibrator(self) if self.recipe.calibrated else None
         total = sum(self.checkpoint.entries[n].nbytes for u in self.units for n in u.tensors)
         progress = Progress(
-            TextColumn("quantizing {task.fields[what]}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+            TextColumn("quantizing {task.fields[what]}"), BarColumn(), DownloadColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress, transient=True,
         )
         with progress, torch.no_grad():
             task = progress.add_task("quantize", total=total, what="")
-            shards_task_total = len(self.shard_names)
-            progress.update(task, total=total)
             for unit in self.units:
                 outputs = [o for n in unit.tensors for o in self.output_names(n)]
                 needed = any(self.shard_of[o] in pending for o in outputs)

@@ -101,7 +101,7 @@ def from_weight(weight: torch.Tensor, scheme: Scheme, name: str) -> RuntimeWeigh
     """Quantize a float weight in memory (`mimo run --quant`) straight into the runtime layout,
     through the same tensors a file would hold."""
     if scheme.calibrated:
-        raise MimoError(f"scheme 'gptq' needs calibration: run `mimo quantize` and load its output")
+        raise MimoError("scheme 'gptq' needs calibration: run `mimo quantize` and load its output")
     if scheme.name == "nf4":
         return from_nf4(formats.nf4_tensors(weight, scheme.blocksize), name)
     if scheme.name == "bnb-int8":
