@@ -55,7 +55,7 @@ MODELS = {
         family="mimo",
         shape=dict(vocab_size=VOCAB_SIZE, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
                    num_key_value_heads=2, intermediate_size=512, mtp_layers=1),
-        steps=500, batch=4, lr=1.5e-3,
+        steps=3000, batch=4, lr=1.5e-3,
     ),
     "mimo-nano-moe": dict(
         family="mimo_v2_flash",
@@ -63,7 +63,7 @@ MODELS = {
                    num_key_value_heads=1, swa_num_key_value_heads=2, head_dim=48, v_head_dim=32,
                    intermediate_size=512, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
                    sliding_window_size=64, mtp_layers=3),
-        steps=350, batch=4, lr=1.5e-3,
+        steps=1200, batch=4, lr=1.5e-3,
     ),
 }
 CHAT_FRACTION = 0.25  # share of training sequences in ChatML form (user: an opening, assistant: the rest)

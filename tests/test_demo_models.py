@@ -22,7 +22,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MODELS = ["mimo-nano", "mimo-nano-moe"]
 FAMILY = {"mimo-nano": "mimo", "mimo-nano-moe": "mimo_v2_flash"}
 # Fixed bounds, a little above what the shipped models measure (see each folder's TRAINING.md).
-PERPLEXITY_BOUND = {"mimo-nano": 140, "mimo-nano-moe": 155}
+PERPLEXITY_BOUND = {"mimo-nano": 70, "mimo-nano-moe": 90}  # measured 60.7 and 80.2
 CONTEXT = 256
 
 
@@ -31,8 +31,9 @@ def engine(request):
     return Engine.load(DEMO_DIR / request.param, device="cpu")
 
 
-def generate(engine, prompt: str, mtp: bool, raw: bool = True, temperature: float = 0.0, max_tokens: int = 48):
-    settings = SamplingSettings(temperature=temperature, seed=0, max_tokens=max_tokens)
+def generate(engine, prompt: str, mtp: bool, raw: bool = True, temperature: float = 0.0, max_tokens: int = 48,
+             seed: int = 0):
+    settings = SamplingSettings(temperature=temperature, seed=seed, max_tokens=max_tokens)
     events = list(engine.stream(engine.prompt_ids(prompt, raw=raw), settings, **engine.speculation(mtp)))
     return events[-1].stats
 
@@ -78,7 +79,11 @@ def test_greedy_story_is_made_of_training_words(engine):
 
 def test_sampled_chat_answer_is_made_of_training_words(engine):
     """What `mimo run "Once upon a time"` does by default: chat template, temperature 0.6."""
-    text = generate(engine, "Once upon a time", mtp=True, raw=False, temperature=0.6, max_tokens=64).text
+    # The answer may end after one sentence (<|im_end|>): pool three seeded answers.
+    text = " ".join(
+        generate(engine, "Once upon a time", mtp=True, raw=False, temperature=0.6, max_tokens=64, seed=seed).text
+        for seed in range(3)
+    )
     assert share_of_training_words(text, distinct=10) >= 0.85, text
 
 
