@@ -284,10 +284,18 @@ def chat(
     draft_tokens: int = typer.Option(0, "--draft-tokens", help="Tokens drafted per step (default: one per MTP layer)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Quantize while loading with this recipe (nothing written)."),
+    gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
+    cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
+    cpu_moe: bool = offload_options.cpu_moe_option(),
+    n_cpu_moe: int = offload_options.n_cpu_moe_option(),
+    override_tensor: list[str] = offload_options.override_tensor_option(),
     yes: bool = typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Chat in the terminal (a plain line REPL when stdin or stdout is not a terminal)."""
+    import torch
+
     from .chat.launch import ChatOptions, start_chat
     from .chat.settings import ChatSettings
     from .hub import resolve_model
@@ -299,10 +307,14 @@ def chat(
         ).validate()
         if draft_tokens < 0:
             raise MimoError("--draft-tokens must be >= 0")
-        options = ChatOptions(settings, system, mtp, draft_tokens, ctx, device, dtype, load)
+        placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
+                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True)
+        options = ChatOptions(settings, system, mtp, draft_tokens, ctx, device, dtype, load, quant, placement)
         start_chat(model, lambda name, ask: resolve_model(name, assume_yes=yes, ask=ask), options)
     except KeyboardInterrupt:
         raise typer.Exit(130)
+    except torch.OutOfMemoryError as error:
+        _fail(MimoError(f"CUDA out of memory: {error}".splitlines()[0] + " (see `mimo plan` for a placement that fits)"), debug)
     except (MimoError, OSError, RuntimeError, ValueError) as error:
         _fail(error, debug)
 

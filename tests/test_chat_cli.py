@@ -1,5 +1,6 @@
 """`mimo chat` as people run it: through a pipe (plain REPL) and in a real terminal under tmux."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -86,3 +87,17 @@ def test_real_terminal_under_tmux(scripted_chat, tmp_path):
         assert (tmp_path / "sessions" / "term.json").exists()
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_piped_chat_takes_placement_and_quant_flags_and_records_router_statistics(tmp_path):
+    """The offload flags work on chat as on run (experts on the CPU), --quant quantizes while
+    loading, and the router statistics of the session are saved at exit (into the store for a
+    shipped demo model)."""
+    env = {**os.environ, "MIMO_HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "mimo_local.cli", "chat", "-m", "mimo-nano-moe", "-n", "8", "--seed", "0",
+               "--cpu-moe", "--quant", "int8"]
+    result = subprocess.run(command, input="Once upon a time\n", capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    stats = json.loads((tmp_path / "expert_stats" / "mimo-nano-moe.json").read_text())
+    assert stats["layers"] and all(sum(layer["counts"]) > 0 for layer in stats["layers"].values())

@@ -22,19 +22,22 @@ class ChatOptions:
     device: str = "auto"
     dtype: str = "auto"
     load_session: str | None = None
+    quant: str | None = None  # a recipe applied while loading
+    placement: object | None = None  # an offload PlanRequest (expert placement flags)
 
 
 def start_chat(model_name: str, resolve: Callable[..., Path], options: ChatOptions) -> None:
     """`resolve(name, ask=...)` turns a model name into its directory (the hub's job); only the first
     model, loaded before the app takes the terminal, may ask before pulling."""
     from ..engine import Engine
+    from ..offload.hotness import save_recorded
     from . import store
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
 
     def load_engine(name: str, ask: bool = False):
         return Engine.load(resolve(name, ask=ask), device=options.device, dtype=options.dtype,
-                           show_progress=sys.stderr.isatty())
+                           show_progress=sys.stderr.isatty(), quant=options.quant, placement=options.placement)
 
     engine = load_engine(model_name, ask=True)
     session = ChatSession(
@@ -49,14 +52,17 @@ def start_chat(model_name: str, resolve: Callable[..., Path], options: ChatOptio
     if options.load_session:
         session.restore(store.load_session(options.load_session))
     controller = ChatController(session, load_engine)
-    if interactive:
-        from .app import ChatApp
+    try:
+        if interactive:
+            from .app import ChatApp
 
-        ChatApp(controller, device=str(engine.model.device)).run()
-    else:
-        from .repl import run_repl
+            ChatApp(controller, device=str(engine.model.device)).run()
+        else:
+            from .repl import run_repl
 
-        run_repl(controller, sys.stdin, sys.stdout, sys.stderr)
+            run_repl(controller, sys.stdin, sys.stdout, sys.stderr)
+    finally:
+        save_recorded(controller.session.engine.model, controller.session.engine.path)  # router statistics
 
 
 def display_name(model_name: str | None, engine) -> str:
