@@ -17,6 +17,21 @@
 #define TOKENS_PER_PASS 4
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
+/* For each pass over up to TOKENS_PER_PASS rows of x (from row `first`): ROW(T) with the pass's
+ * token count T as a compile-time constant (so the accumulators stay in registers), which fills
+ * sums[0..T); then STORE for each t < tokens. */
+#define EACH_TOKEN_PASS(m, ROW, STORE)                                                          \
+    for (int first = 0; first < (m); first += TOKENS_PER_PASS) {                                \
+        int tokens = (m) - first < TOKENS_PER_PASS ? (m) - first : TOKENS_PER_PASS;             \
+        switch (tokens) {                                                                       \
+            case 1: ROW(1); break;                                                              \
+            case 2: ROW(2); break;                                                              \
+            case 3: ROW(3); break;                                                              \
+            default: ROW(4); break;                                                             \
+        }                                                                                       \
+        for (int t = 0; t < tokens; t++) STORE;                                                 \
+    }
+
 static inline float bf16_value(uint16_t v) {
     uint32_t bits = ((uint32_t)v) << 16;
     float out;
@@ -94,18 +109,9 @@ int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, co
         const int8_t *wr = w + row * k;
         float b = bias ? bias[row] : 0.f;
         float sums[TOKENS_PER_PASS];
-        for (int first = 0; first < m; first += TOKENS_PER_PASS) {
-            int tokens = m - first < TOKENS_PER_PASS ? m - first : TOKENS_PER_PASS;
-            const int16_t *xs = xq + (int64_t)first * k;
-            switch (tokens) {
-                case 1: int8_row_int16(wr, xs, k, 1, sums); break;
-                case 2: int8_row_int16(wr, xs, k, 2, sums); break;
-                case 3: int8_row_int16(wr, xs, k, 3, sums); break;
-                default: int8_row_int16(wr, xs, k, 4, sums); break;
-            }
-            for (int t = 0; t < tokens; t++)
-                y[(int64_t)(first + t) * n + row] = sums[t] * x_scale[first + t] * scales[row] + b;
-        }
+#define ROW(T) int8_row_int16(wr, xq + (int64_t)first * k, k, T, sums)
+        EACH_TOKEN_PASS(m, ROW, y[(int64_t)(first + t) * n + row] = sums[t] * x_scale[first + t] * scales[row] + b)
+#undef ROW
     }
     free(xq);
     free(x_scale);
@@ -122,17 +128,9 @@ void linear_int8(const float *x, const int8_t *w, const float *scales, const flo
         const int8_t *wr = w + row * k;
         float b = bias ? bias[row] : 0.f;
         float sums[TOKENS_PER_PASS];
-        for (int first = 0; first < m; first += TOKENS_PER_PASS) {
-            int tokens = m - first < TOKENS_PER_PASS ? m - first : TOKENS_PER_PASS;
-            const float *xs = x + (int64_t)first * k;
-            switch (tokens) { /* constant token counts let the compiler keep accumulators in registers */
-                case 1: int8_row(wr, xs, k, 1, sums); break;
-                case 2: int8_row(wr, xs, k, 2, sums); break;
-                case 3: int8_row(wr, xs, k, 3, sums); break;
-                default: int8_row(wr, xs, k, 4, sums); break;
-            }
-            for (int t = 0; t < tokens; t++) y[(int64_t)(first + t) * n + row] = sums[t] * scales[row] + b;
-        }
+#define ROW(T) int8_row(wr, x + (int64_t)first * k, k, T, sums)
+        EACH_TOKEN_PASS(m, ROW, y[(int64_t)(first + t) * n + row] = sums[t] * scales[row] + b)
+#undef ROW
     }
 }
 
@@ -255,20 +253,12 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
         const float *sr = scales + row * groups, *zr = zeros + row * groups;
         float b = bias ? bias[row] : 0.f;
         float sums[TOKENS_PER_PASS];
-        for (int first = 0; first < m; first += TOKENS_PER_PASS) {
-            int tokens = m - first < TOKENS_PER_PASS ? m - first : TOKENS_PER_PASS;
-            const int8_t *xe = x_even + (int64_t)first * half, *xo = x_odd + (int64_t)first * half;
-            const float *xs = x_scales + (int64_t)first * groups, *xsum = x_sums + (int64_t)first * groups;
-#define INT4_ROW(T) int4_row_vnni(wr, sr, zr, xe, xo, xs, xsum, k, groups, blocks_per_group, T, sums)
-            switch (tokens) {
-                case 1: INT4_ROW(1); break;
-                case 2: INT4_ROW(2); break;
-                case 3: INT4_ROW(3); break;
-                default: INT4_ROW(4); break;
-            }
-#undef INT4_ROW
-            for (int t = 0; t < tokens; t++) y[(int64_t)(first + t) * n + row] = sums[t] + b;
-        }
+#define ROW(T)                                                                                    \
+    int4_row_vnni(wr, sr, zr, x_even + (int64_t)first * half, x_odd + (int64_t)first * half,             \
+                  x_scales + (int64_t)first * groups, x_sums + (int64_t)first * groups, k, groups,       \
+                  blocks_per_group, T, sums)
+        EACH_TOKEN_PASS(m, ROW, y[(int64_t)(first + t) * n + row] = sums[t] + b)
+#undef ROW
     }
     free(x_even);
     free(x_scales);
@@ -287,17 +277,9 @@ void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, cons
         const float *sr = scales + row * groups, *zr = zeros + row * groups;
         float b = bias ? bias[row] : 0.f;
         float sums[TOKENS_PER_PASS];
-        for (int first = 0; first < m; first += TOKENS_PER_PASS) {
-            int tokens = m - first < TOKENS_PER_PASS ? m - first : TOKENS_PER_PASS;
-            const float *xe = x_even + (int64_t)first * half, *xo = x_odd + (int64_t)first * half;
-            switch (tokens) {
-                case 1: int4_row(wr, sr, zr, xe, xo, k, group, 1, sums); break;
-                case 2: int4_row(wr, sr, zr, xe, xo, k, group, 2, sums); break;
-                case 3: int4_row(wr, sr, zr, xe, xo, k, group, 3, sums); break;
-                default: int4_row(wr, sr, zr, xe, xo, k, group, 4, sums); break;
-            }
-            for (int t = 0; t < tokens; t++) y[(int64_t)(first + t) * n + row] = sums[t] + b;
-        }
+#define ROW(T) int4_row(wr, sr, zr, x_even + (int64_t)first * half, x_odd + (int64_t)first * half, k, group, T, sums)
+        EACH_TOKEN_PASS(m, ROW, y[(int64_t)(first + t) * n + row] = sums[t] + b)
+#undef ROW
     }
 }
 

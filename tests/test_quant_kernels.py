@@ -16,6 +16,24 @@ def test_the_c_kernels_are_built_here():
     assert quant.library() is not None  # CI has gcc: the fast path is what the tests below exercise
 
 
+def test_bfloat16_activations_take_the_vnni_kernels_where_the_cpu_has_them():
+    """The int8/int4 kernels for bfloat16 x report whether they ran (0: the caller falls back to the
+    float32 kernel); on a CPU with AVX512-VNNI they must run, so the tests above check them."""
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    expected = int("avx512_vnni" in flags and "avx512bw" in flags)
+    x = torch.randn(1, 256).bfloat16()
+    out = torch.empty(1, 8)
+    scales, zeros = torch.rand(8, 2), torch.rand(8, 2)
+    packed = quant.pack_int4(torch.randint(0, 16, (8, 256)))
+    ran = quant.library().linear_int4_bf16(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                                           None, out.data_ptr(), 1, 8, 256, 128)
+    assert ran == expected
+    qweight, row_scales = torch.randint(-127, 128, (8, 256), dtype=torch.int8), torch.rand(8)
+    ran = quant.library().linear_int8_bf16(x.data_ptr(), qweight.data_ptr(), row_scales.data_ptr(), None,
+                                           out.data_ptr(), 1, 8, 256)
+    assert ran == expected
+
+
 def test_int4_packing_round_trips():
     values = torch.randint(0, 16, (7, 64), generator=torch.Generator().manual_seed(0))
     packed = quant.pack_int4(values)
