@@ -1,6 +1,6 @@
 """GPU matmuls on packed int8 / int4 weights (layouts in quant.py), written in Triton.
 
-Each program computes BLOCK_N output channels for BLOCK_M rows of x, walking K in BLOCK_K steps:
+One kernel serves both layouts (BITS 4 or 8). Each program computes BLOCK_N output channels for BLOCK_M rows of x, walking K in BLOCK_K steps:
 it loads the packed bytes once, unpacks and dequantizes them in registers and multiplies them with
 x. Few rows (decode) use an elementwise multiply-and-sum, which wastes nothing on padding; many
 rows (prefill) use tl.dot on 16+ row tiles. The pure-torch references are in quant.py.
@@ -31,43 +31,9 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def int4_kernel(
+    def quant_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, GROUP,
-        HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok, col_ok = rows < M, cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            pair_ok = pairs < K // 2
-            packed = tl.load(w_ptr + cols[:, None] * (K // 2) + pairs[None, :],
-                             mask=col_ok[:, None] & pair_ok[None, :], other=0)
-            q = tl.interleave(packed & 0x0F, packed >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            groups = ks // GROUP
-            meta = cols[:, None] * (K // GROUP) + groups[None, :]
-            meta_ok = col_ok[:, None] & k_ok[None, :]
-            scale = tl.load(s_ptr + meta, mask=meta_ok, other=0.0)
-            zero = tl.load(z_ptr + meta, mask=meta_ok, other=0.0)
-            w = (q - zero) * scale
-            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
-            if USE_DOT:
-                acc += tl.dot(x, tl.trans(w))
-            else:
-                acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
-
-    @triton.jit
-    def int8_kernel(
-        x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
-        HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+        BITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,20 +43,30 @@ def _kernels():
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                        other=0).to(tl.float32)
+            if BITS == 4:  # packed nibbles, scale and zero per group of inputs
+                pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(w_ptr + cols[:, None] * (K // 2) + pairs[None, :],
+                                 mask=col_ok[:, None] & (pairs < K // 2)[None, :], other=0)
+                q = tl.interleave(packed & 0x0F, packed >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+                meta = cols[:, None] * (K // GROUP) + (ks // GROUP)[None, :]
+                meta_ok = col_ok[:, None] & k_ok[None, :]
+                w = (q - tl.load(z_ptr + meta, mask=meta_ok, other=0.0)) * tl.load(s_ptr + meta, mask=meta_ok, other=0.0)
+            else:  # int8, one scale per output channel, applied once at the end
+                w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                            other=0).to(tl.float32)
             x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0).to(tl.float32)
             if USE_DOT:
                 acc += tl.dot(x, tl.trans(w))
             else:
                 acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-        acc *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        if BITS == 8:
+            acc *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
         tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
-    return triton, int4_kernel, int8_kernel
+    return triton, quant_kernel
 
 
 def _tiles(rows: int) -> dict:
@@ -100,26 +76,24 @@ def _tiles(rows: int) -> dict:
     return {"USE_DOT": False, "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 128}
 
 
-def _launch(kernel, x, tensors, bias, out_features, in_features, extra=()):
-    triton = _kernels()[0]
+def _launch(bits: int, x, weights, scales, zeros, group_size: int, bias, out_features, in_features):
+    triton, kernel = _kernels()
     flat = x.reshape(-1, in_features).contiguous()
     rows = flat.shape[0]
     out = torch.empty(rows, out_features, dtype=torch.float32, device=x.device)
     tiles = _tiles(rows)
     grid = (triton.cdiv(out_features, tiles["BLOCK_N"]), triton.cdiv(rows, tiles["BLOCK_M"]))
-    bias_arg = bias.float().contiguous() if bias is not None else out  # never read without HAS_BIAS
-    kernel[grid](flat, *tensors, bias_arg, out, rows, out_features, in_features, *extra,
-                 HAS_BIAS=bias is not None, **tiles)
+    unused = out  # pointer arguments the kernel never reads (no zeros for int8, no bias)
+    kernel[grid](flat, weights.contiguous(), scales.float().contiguous(),
+                 zeros.float().contiguous() if zeros is not None else unused,
+                 bias.float().contiguous() if bias is not None else unused, out, rows, out_features, in_features,
+                 group_size, BITS=bits, HAS_BIAS=bias is not None, **tiles)
     return out.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
 def int4_linear(x, packed, scales, zeros, group_size: int, bias=None) -> torch.Tensor:
-    out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    tensors = (packed.contiguous(), scales.float().contiguous(), zeros.float().contiguous())
-    return _launch(_kernels()[1], x, tensors, bias, out_features, in_features, (group_size,))
+    return _launch(4, x, packed, scales, zeros, group_size, bias, packed.shape[0], packed.shape[1] * 2)
 
 
 def int8_linear(x, qweight, scales, bias=None) -> torch.Tensor:
-    out_features, in_features = qweight.shape
-    tensors = (qweight.contiguous(), scales.float().contiguous())
-    return _launch(_kernels()[2], x, tensors, bias, out_features, in_features)
+    return _launch(8, x, qweight, scales, None, qweight.shape[1], bias, *qweight.shape)
