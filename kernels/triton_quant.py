@@ -1,7 +1,7 @@
 """GPU matmuls on packed int8 / int4 weights (layouts in quant.py), written in Triton.
 
-One kernel serves both layouts (BITS 4 or 8). Each program computes BLOCK_N output channels for BLOCK_M rows of x, walking K in BLOCK_K steps:
-it loads the packed bytes once, unpacks and dequantizes them in registers and multiplies them with
+One kernel serves both layouts (BITS 4 or 8). Each program computes BLOCK_N output channels for
+BLOCK_M rows of x, walking K in BLOCK_K steps: it loads the packed bytes once, unpacks and dequantizes them in registers and multiplies them with
 x. Few rows (decode) use an elementwise multiply-and-sum, which wastes nothing on padding; many
 rows (prefill) use tl.dot on 16+ row tiles. The pure-torch references are in quant.py.
 

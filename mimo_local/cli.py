@@ -23,6 +23,57 @@ dev_app = typer.Typer(help="Developer tools (tiny checkpoints for tests and expe
 app.add_typer(dev_app, name="dev")
 
 
+# Options that several commands share, defined once so their flags and help stay the same.
+def debug_option():
+    return typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+def yes_option():
+    return typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking.")
+
+
+def device_option():
+    return typer.Option("auto", help="auto | cpu | cuda")
+
+
+def dtype_option():
+    return typer.Option("auto", help="auto | float32 | bfloat16 | float16")
+
+
+def temperature_option():
+    return typer.Option(0.6, help="0 = greedy (exact argmax).")
+
+
+def top_p_option():
+    return typer.Option(0.95, "--top-p")
+
+
+def top_k_option():
+    return typer.Option(0, "--top-k", help="0 = off.")
+
+
+def min_p_option():
+    return typer.Option(0.0, "--min-p")
+
+
+def repetition_penalty_option():
+    return typer.Option(1.0, "--repetition-penalty")
+
+
+def seed_option():
+    return typer.Option(None, help="Random seed for sampling.")
+
+
+def draft_tokens_option():
+    return typer.Option(0, "--draft-tokens", help="Tokens drafted per step (default: one per MTP layer).")
+
+
+def mtp_option():
+    return typer.Option(
+        None, "--mtp/--no-mtp", help="Speculative decoding with the MTP layers (default: on when the checkpoint has them)."
+    )
+
+
 def _fail(error: BaseException, debug: bool) -> None:
     if debug:
         raise error
@@ -53,26 +104,24 @@ def run(
         "or `mimo config default-model`)."
     ),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens to generate."),
-    temperature: float = typer.Option(0.6, help="0 = greedy (exact argmax)."),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k", help="0 = off."),
-    min_p: float = typer.Option(0.0, "--min-p"),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    temperature: float = temperature_option(),
+    top_p: float = top_p_option(),
+    top_k: int = top_k_option(),
+    min_p: float = min_p_option(),
+    repetition_penalty: float = repetition_penalty_option(),
+    seed: Optional[int] = seed_option(),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
-    mtp: Optional[bool] = typer.Option(
-        None, "--mtp/--no-mtp", help="Speculative decoding with the MTP layers (default: on when the checkpoint has them)."
-    ),
-    draft_tokens: int = typer.Option(0, "--draft-tokens", help="Tokens drafted per step (default: one per MTP layer)."),
+    mtp: Optional[bool] = mtp_option(),
+    draft_tokens: int = draft_tokens_option(),
     draft_vocab: int = typer.Option(
         0, "--draft-vocab", help="Draft over the first N token ids only (cheaper drafts, still lossless; 0 = all)."
     ),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of text."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking."),
+    yes: bool = yes_option(),
     quant: Optional[str] = typer.Option(
         None, "--quant", help="Quantize while loading with this recipe (name or YAML file; no file is written)."
     ),
@@ -81,7 +130,7 @@ def run(
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = debug_option(),
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
     import torch
@@ -170,7 +219,7 @@ def pull(
     include: list[str] = typer.Option([], "--include", help="Only files matching this glob (repeatable)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Skip files matching this glob (repeatable)."),
     retries: int = typer.Option(5, "--retries", help="Attempts per file after the first, with exponential backoff."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = debug_option(),
 ):
     """Download a model into the local store: resumable, every file verified (sha256 / git hash)."""
     from .pull import pull as pull_model
@@ -187,7 +236,7 @@ def pull(
 
 
 @app.command("list")
-def list_models(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+def list_models(debug: bool = debug_option()):
     """Models in the local store and the packaged demo models."""
     from rich.console import Console
 
@@ -202,7 +251,7 @@ def list_models(debug: bool = typer.Option(False, "--debug", help="Show tracebac
 @app.command()
 def show(
     name: str = typer.Argument(..., help="Model name, hub repo id or directory."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = debug_option(),
 ):
     """Summary of a model's configuration: family, layers, heads, experts, context, KV cache per token."""
     from rich.console import Console
@@ -219,7 +268,7 @@ def show(
 def rm(
     name: str = typer.Argument(..., help="A pulled model (alias or hub repo id)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = debug_option(),
 ):
     """Remove a pulled model from the local store."""
     from .pull import format_bytes
@@ -266,32 +315,30 @@ def chat(
     ),
     system: str = typer.Option("", help="System prompt (MiMo's recommendation: none)."),
     max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens per answer."),
-    temperature: float = typer.Option(0.6, help="0 = greedy (exact argmax)."),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k", help="0 = off."),
-    min_p: float = typer.Option(0.0, "--min-p"),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    temperature: float = temperature_option(),
+    top_p: float = top_p_option(),
+    top_k: int = top_k_option(),
+    min_p: float = min_p_option(),
+    repetition_penalty: float = repetition_penalty_option(),
+    seed: Optional[int] = seed_option(),
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason first (shown folded)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the model's, at most 32768)."),
     drop_oldest: bool = typer.Option(
         False, "--drop-oldest", help="When the context is full, drop the oldest turns instead of refusing."
     ),
     load: Optional[str] = typer.Option(None, "--load", help="Start from a saved session."),
-    mtp: Optional[bool] = typer.Option(
-        None, "--mtp/--no-mtp", help="Speculative decoding with the MTP layers (default: on when the checkpoint has them)."
-    ),
-    draft_tokens: int = typer.Option(0, "--draft-tokens", help="Tokens drafted per step (default: one per MTP layer)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    mtp: Optional[bool] = mtp_option(),
+    draft_tokens: int = draft_tokens_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantize while loading with this recipe (nothing written)."),
     gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
     cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    yes: bool = yes_option(),
+    debug: bool = debug_option(),
 ):
     """Chat in the terminal (a plain line REPL when stdin or stdout is not a terminal)."""
     import torch
@@ -349,8 +396,8 @@ def quantize(
     sequence_length: int = typer.Option(512, "--sequence-length", help="GPTQ calibration tokens per sequence."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Quality report against SOURCE at the end."),
     eval_tokens: int = typer.Option(1024, "--eval-tokens", help="Tokens of the eval text in the report."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    yes: bool = yes_option(),
+    debug: bool = debug_option(),
 ):
     """Quantize SOURCE with a recipe into OUT (GPTQ or bitsandbytes layout), shard by shard."""
     from rich.console import Console
@@ -392,7 +439,7 @@ def eval_command(
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantize MODEL in memory with this recipe first."),
     tokens: int = typer.Option(1024, "--tokens", help="Tokens of the eval text to score."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = debug_option(),
 ):
     """Quality of a quantized model: mean/p99 KL divergence, top-1 agreement, perplexity of both."""
     from rich.console import Console
@@ -436,7 +483,7 @@ def plan(
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = debug_option(),
 ):
     """Where every weight, the KV cache and the activations go, per device and component, and
     whether it fits (exit code 1 when it does not). Needs config.json only, never the weights."""
@@ -471,9 +518,9 @@ def profile_experts(
     model: str = typer.Argument(..., help="Model directory or name (a MoE model: MiMo-V2-Flash)."),
     text: Path = typer.Option(..., "--text", help="Text file to run the model over."),
     window: int = typer.Option(2048, "--window", help="Tokens per context window."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    debug: bool = debug_option(),
 ):
     """Record how often the router picks each expert over TEXT into expert_stats.json beside the
     model (replacing what was there); placement puts the most picked experts on the GPU first."""
