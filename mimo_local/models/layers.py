@@ -204,10 +204,10 @@ class ExpertGroup(nn.Module):
     def device(self) -> torch.device:
         return self.gate_up_proj.device
 
-    def forward(self, x, pair_tokens, pair_experts, pair_weights, counts: list[int]) -> torch.Tensor:
+    def forward(self, x, pair_tokens, pair_experts, pair_weights) -> torch.Tensor:
         """Sum of weight * expert(x[token]) over (token, local expert, weight) pairs sorted by
-        expert, `counts[j]` pairs for local expert j; x [M, H] is already on this group's device.
-        Returns float32 [M, H] on this group's device. Only activations move, never weights."""
+        expert; x [M, H] is already on this group's device. Returns float32 [M, H] on this group's
+        device. Only activations move, never weights."""
         device = self.device
         if isinstance(self.gate_up_proj, torch.Tensor) and cpu_kernels.moe_supports(x, self.gate_up_proj):
             return cpu_kernels.moe_pairs(x, self.gate_up_proj, self.down_proj, pair_experts, pair_tokens, pair_weights)
@@ -217,6 +217,7 @@ class ExpertGroup(nn.Module):
         pair_tokens = pair_tokens.to(device, non_blocking=True)
         pair_weights = pair_weights.to(device, non_blocking=True)
         out = torch.zeros(x.shape, dtype=torch.float32, device=device)
+        counts = torch.bincount(pair_experts, minlength=len(self.experts)).tolist()  # the fused kernels need none
         begin = 0
         for local, count in enumerate(counts):
             if count == 0:
@@ -309,14 +310,15 @@ class MoE(nn.Module):
             self._maps[host] = tuple(m.to(host) for m in self._maps[torch.device("cpu")])
         group_of, local_of = self._maps[host]
         pair_group, pair_local = group_of[pair_experts], local_of[pair_experts]
+        if len(self.groups) == 1:
+            group = self.groups[0]
+            return group(inputs[group.device], pair_tokens, pair_local, pair_weights).to(tokens.device)
         out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
         for g, group in enumerate(self.groups):
             chosen = (pair_group == g).nonzero().squeeze(1)
             if chosen.numel() == 0:
                 continue
-            local = pair_local[chosen]
-            counts = torch.bincount(local, minlength=len(group.experts)).tolist()
-            partial = group(inputs[group.device], pair_tokens[chosen], local, pair_weights[chosen], counts)
+            partial = group(inputs[group.device], pair_tokens[chosen], pair_local[chosen], pair_weights[chosen])
             out += partial.to(tokens.device)
         return out
 
