@@ -67,21 +67,38 @@ def library() -> ctypes.CDLL | None:
     lib = load_compiled(SOURCE)
     if lib is None:
         return None
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.linear_f32.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64]
-    lib.linear_bf16.argtypes = [pointer, pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64]
-    for moe in (lib.moe_f32, lib.moe_bf16):
-        moe.argtypes = [pointer] * 6 + [ctypes.c_int, ctypes.c_int, pointer, pointer, pointer, i64, i64]
-    for swiglu in (lib.swiglu_f32, lib.swiglu_bf16):
-        swiglu.argtypes = [pointer, pointer, ctypes.c_int, i64]
-    for norm in (lib.rmsnorm_f32, lib.rmsnorm_bf16):
-        norm.argtypes = [pointer, pointer, pointer, ctypes.c_int, i64, ctypes.c_float]
-    integer, real = ctypes.c_int, ctypes.c_float
-    for attention in (lib.attention_f32, lib.attention_bf16):
-        attention.argtypes = [pointer, i64, integer, i64, pointer, pointer, pointer, pointer, pointer, i64, i64,
-                              pointer, integer, integer, integer, integer, integer, real, real, pointer, pointer,
-                              pointer]
+    pointer, i64, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    argtypes = {
+        "linear": [pointer] * 5 + [integer, i64, i64],
+        "moe": [pointer] * 6 + [integer, integer, pointer, pointer, pointer, i64, i64],
+        "swiglu": [pointer, pointer, integer, i64],
+        "mlp": [pointer] * 6 + [integer, i64, i64],
+        "rmsnorm": [pointer, pointer, pointer, integer, i64, real],
+        "attention": [pointer, integer, pointer, pointer, pointer, pointer],
+        "decoder_layer": [pointer, integer, i64, real] + [pointer] * 3 + [i64] + [pointer] * 4 + [i64] + [pointer] * 8,
+    }
+    for name, types in argtypes.items():
+        for suffix in ("f32", "bf16"):
+            getattr(lib, f"{name}_{suffix}").argtypes = types
     return lib
+
+
+class AttentionArgs(ctypes.Structure):
+    """`attention_args` of cpu_linear.c: the geometry and buffers of one attention call."""
+
+    _fields_ = [
+        *[(name, ctypes.c_int64) for name in ("qkv_stride", "start", "capacity", "window")],
+        *[(name, ctypes.c_void_p) for name in ("cos", "sin", "sinks", "slot_pos")],
+        *[(name, ctypes.c_int) for name in ("heads", "kv_heads", "dim", "v_dim", "rope_dim")],
+        ("scale", ctypes.c_float),
+        ("value_scale", ctypes.c_float),
+        ("q_scratch", ctypes.c_void_p),
+        ("score_scratch", ctypes.c_void_p),
+    ]
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    return getattr(library(), f"{name}_{'f32' if dtype == torch.float32 else 'bf16'}")
 
 
 def _address(tensor: torch.Tensor | None):
@@ -101,20 +118,22 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the bandwidth-bound kernel when it applies."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           float32_out: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias), through the bandwidth-bound kernel when it applies. With
+    `float32_out` the result is float32 (the bfloat16 kernel then skips the rounding: logits)."""
     if not supports(x, weight):
-        return F.linear(x, weight, bias)
-    lib = library()
+        out = F.linear(x, weight, bias)
+        return out.float() if float32_out else out
     out_features, in_features = weight.shape
     flat = x.reshape(-1, in_features).contiguous()
     rows = flat.shape[0]
-    out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
-    if weight.dtype == torch.float32:
-        lib.linear_f32(flat.data_ptr(), weight.data_ptr(), _address(bias), out.data_ptr(), rows, out_features, in_features)
-    else:
-        lib.linear_bf16(flat.data_ptr(), weight.data_ptr(), _address(bias), None, out.data_ptr(), rows,
-                        out_features, in_features)
+    out_dtype = torch.float32 if float32_out else x.dtype
+    out = torch.empty(*x.shape[:-1], out_features, dtype=out_dtype)
+    # float32 weights write float32 outputs anyway: into y; bfloat16 ones write y_f32 only for logits.
+    to_f32 = float32_out and x.dtype != torch.float32
+    _kernel("linear", x.dtype)(flat.data_ptr(), weight.data_ptr(), _address(bias), out.data_ptr() if to_f32 else None,
+                               None if to_f32 else out.data_ptr(), rows, out_features, in_features)
     return out
 
 
@@ -166,8 +185,7 @@ def moe_pairs(
     out = torch.empty(tokens, hidden, dtype=torch.float32)
     partial = torch.empty(threads, tokens, hidden, dtype=torch.float32)
     scratch = torch.empty(threads, 3 * inter, dtype=torch.float32)  # 2I floats + I activations each
-    kernel = library().moe_f32 if x.dtype == torch.float32 else library().moe_bf16
-    kernel(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), flat_experts.data_ptr(), flat_tokens.data_ptr(),
+    _kernel("moe", x.dtype)(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), flat_experts.data_ptr(), flat_tokens.data_ptr(),
            flat_weights.data_ptr(), flat_experts.numel(), tokens, out.data_ptr(), partial.data_ptr(),
            scratch.data_ptr(), hidden, inter)
     return out
@@ -189,16 +207,31 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
     out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype)
-    kernel = library().swiglu_f32 if gate_up.dtype == torch.float32 else library().swiglu_bf16
-    kernel(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inter)
+    _kernel("swiglu", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inter)
+    return out
+
+
+def mlp_supports(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    return supports_contiguous(x, gate_up) and down.dtype == gate_up.dtype and down.is_contiguous()
+
+
+def mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(swiglu(gate_up(x))) for a few rows in one call (gate rows first in gate_up [2I, H],
+    down [H, I]), equal to the three calls it replaces. Callers check `mlp_supports` first."""
+    inter, hidden = down.shape[1], down.shape[0]
+    rows = x.numel() // x.shape[-1]
+    out = torch.empty(*x.shape[:-1], hidden, dtype=x.dtype)
+    gate_up_out = torch.empty(rows * 2 * inter, dtype=x.dtype)
+    act = torch.empty(rows * inter, dtype=x.dtype)
+    _kernel("mlp", x.dtype)(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), out.data_ptr(), gate_up_out.data_ptr(),
+                            act.data_ptr(), rows, hidden, inter)
     return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * cast(x * rsqrt(mean(x^2) + eps)) for a few rows. Callers check `supports_contiguous`."""
     out = torch.empty_like(x)
-    kernel = library().rmsnorm_f32 if x.dtype == torch.float32 else library().rmsnorm_bf16
-    kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    _kernel("rmsnorm", x.dtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return out
 
 
@@ -218,21 +251,56 @@ def attention_supports(qkv: torch.Tensor, cache, steps: int) -> bool:
     )
 
 
+def _attention_args(spec, cache, start: int, steps: int, qkv_stride: int, cos, sin, sinks, scale: float):
+    """AttentionArgs and the scratch tensors they point to (kept alive by the caller)."""
+    slots = cache.capacity if spec.is_sliding else start + steps
+    q_scratch = torch.empty(steps * spec.num_heads * spec.head_dim, dtype=torch.float32)
+    score_scratch = torch.empty(steps * spec.num_heads * slots, dtype=torch.float32)
+    args = AttentionArgs(
+        qkv_stride=qkv_stride, start=start, capacity=cache.capacity,
+        window=spec.sliding_window if spec.is_sliding else -1, cos=cos.data_ptr(), sin=sin.data_ptr(),
+        sinks=_address(sinks), slot_pos=cache.slot_pos.data_ptr() if spec.is_sliding else None,
+        heads=spec.num_heads, kv_heads=spec.num_kv_heads, dim=spec.head_dim, v_dim=spec.v_head_dim,
+        rope_dim=spec.rope_dim, scale=scale, value_scale=spec.value_scale, q_scratch=q_scratch.data_ptr(),
+        score_scratch=score_scratch.data_ptr(),
+    )
+    return args, (q_scratch, score_scratch)
+
+
 def decode_attention(qkv, start: int, cos, sin, cache, sinks, scale: float) -> torch.Tensor:
     """Rotate, cache and attend for `steps` new tokens in one call. qkv [steps, q+k+v] (row-strided
     view allowed); cos/sin float32 [steps, rope_dim]. Returns [steps, heads * v_head_dim]."""
     spec = cache.spec
     steps = qkv.shape[0]
-    slots = cache.capacity if spec.is_sliding else start + steps
-    q_scratch = torch.empty(steps * spec.num_heads * spec.head_dim, dtype=torch.float32)
-    score_scratch = torch.empty(steps * spec.num_heads * slots, dtype=torch.float32)
+    args, _scratch = _attention_args(spec, cache, start, steps, qkv.stride(0), cos, sin, sinks, scale)
     out = torch.empty(steps, spec.num_heads * spec.v_head_dim, dtype=qkv.dtype)
-    kernel = library().attention_f32 if qkv.dtype == torch.float32 else library().attention_bf16
-    kernel(
-        qkv.data_ptr(), qkv.stride(0), steps, start, cos.data_ptr(), sin.data_ptr(), cache.keys.data_ptr(),
-        cache.values.data_ptr(), cache.slot_pos.data_ptr() if spec.is_sliding else None, cache.capacity,
-        spec.sliding_window if spec.is_sliding else -1, None if sinks is None else sinks.data_ptr(),
-        spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim, spec.rope_dim, scale, spec.value_scale,
-        q_scratch.data_ptr(), score_scratch.data_ptr(), out.data_ptr(),
-    )
+    _kernel("attention", qkv.dtype)(qkv.data_ptr(), steps, cache.keys.data_ptr(), cache.values.data_ptr(),
+                                    out.data_ptr(), ctypes.byref(args))
     return out
+
+
+def decoder_layer(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, start: int, cos, sin, cache, sinks,
+                  scale: float, gate_up=None, down=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm decoder layer for the few tokens x [1, steps, H] in one call (one thread team
+    for all of it): h = x + o_proj(attention(qkv_proj(norm1(x)))), then, with gate_up/down,
+    h + down(swiglu(gate_up(norm2(h)))). Returns (that, norm2(h)): without gate_up the caller
+    adds its own FFN (MoE) of norm2(h) to h. Callers check `attention_supports` and
+    `supports_contiguous` for every weight first."""
+    spec = cache.spec
+    steps, hidden = x.shape[1], x.shape[2]
+    out = x.contiguous().clone()
+    qkv_out = qkv_weight.shape[0]
+    args, _scratch = _attention_args(spec, cache, start, steps, qkv_out, cos, sin, sinks, scale)
+    inter = 0 if down is None else down.shape[1]
+    normed = torch.empty_like(out)
+    qkv = torch.empty(steps, qkv_out, dtype=x.dtype)
+    attn = torch.empty(steps, spec.num_heads * spec.v_head_dim, dtype=x.dtype)
+    gate_up_out = torch.empty(steps * 2 * inter, dtype=x.dtype)
+    act = torch.empty(steps * inter, dtype=x.dtype)
+    _kernel("decoder_layer", x.dtype)(
+        out.data_ptr(), steps, hidden, eps, norm1.data_ptr(), qkv_weight.data_ptr(), _address(qkv_bias), qkv_out,
+        o_weight.data_ptr(), norm2.data_ptr(), _address(gate_up), _address(down), inter, cache.keys.data_ptr(),
+        cache.values.data_ptr(), ctypes.byref(args), normed.data_ptr(), qkv.data_ptr(), attn.data_ptr(),
+        gate_up_out.data_ptr(), act.data_ptr(),
+    )
+    return out, normed

@@ -56,15 +56,6 @@ static float dot_f32(const float *w, const float *x, int64_t k) {
     return s;
 }
 
-void linear_f32(const float *x, const float *w, const float *bias, float *y, int m, int64_t n, int64_t k) {
-#pragma omp parallel for schedule(dynamic, 64)
-    for (int64_t row = 0; row < n; row++) {
-        const float *wr = w + row * k;
-        float b = bias ? bias[row] : 0.f;
-        for (int i = 0; i < m; i++) y[i * n + row] = dot_f32(wr, x + i * k, k) + b;
-    }
-}
-
 /* ---------------------------------------------------------------- bfloat16 weights, bfloat16 x */
 static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t k) {
     int64_t j = 0;
@@ -84,21 +75,6 @@ static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t k) {
 #endif
     for (; j < k; j++) s += bf16_to_f32(w[j]) * bf16_to_f32(x[j]);
     return s;
-}
-
-/* y is float32 when y_f32 is non-null, else bfloat16 in y_bf16. */
-void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, float *y_f32, uint16_t *y_bf16,
-                 int m, int64_t n, int64_t k) {
-#pragma omp parallel for schedule(dynamic, 64)
-    for (int64_t row = 0; row < n; row++) {
-        const uint16_t *wr = w + row * k;
-        float b = bias ? bf16_to_f32(bias[row]) : 0.f;
-        for (int i = 0; i < m; i++) {
-            float v = dot_bf16(wr, x + i * k, k) + b;
-            if (y_f32) y_f32[i * n + row] = v;
-            else y_bf16[i * n + row] = f32_to_bf16(v);
-        }
-    }
 }
 
 /* ---------------------------------------------------------------- routed SwiGLU experts
@@ -150,117 +126,228 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, flo
 MOE_KERNEL(moe_f32, float, dot_f32, identity_f32, identity_f32)
 MOE_KERNEL(moe_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)
 
-/* ---------------------------------------------------------------- SwiGLU activation
- * out[i, j] = silu(gate[i, j]) * up[i, j] for rows [gate | up] of 2 * inter, rounded as torch does. */
-#define SWIGLU_KERNEL(NAME, T, TO_F32, FROM_F32)                                                       \
-    void NAME(const T *gate_up, T *out, int m, int64_t inter) {                                          \
-        for (int i = 0; i < m; i++)                                                                      \
-            for (int64_t j = 0; j < inter; j++) {                                                        \
-                float g = TO_F32(gate_up[i * 2 * inter + j]);                                            \
-                out[i * inter + j] = FROM_F32(TO_F32(FROM_F32(g / (1.f + expf(-g)))) *                  \
-                                              TO_F32(gate_up[i * 2 * inter + inter + j]));               \
-            }                                                                                            \
-    }
-SWIGLU_KERNEL(swiglu_f32, float, identity_f32, identity_f32)
-SWIGLU_KERNEL(swiglu_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+/* q . k and acc += p * v over one head, q/acc float32, k/v float32 or bfloat16: vectorized (gcc
+ * does not vectorize a float reduction by itself), 16 lanes at a time. */
+static inline float head_dot_f32(const float *q, const float *k, int dim) {
+    int d = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 a = _mm512_setzero_ps();
+    for (; d + 16 <= dim; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), a);
+    s = _mm512_reduce_add_ps(a);
+#endif
+    for (; d < dim; d++) s += q[d] * k[d];
+    return s;
+}
 
-/* ---------------------------------------------------------------- RMSNorm
- * out = weight * cast(x * rsqrt(mean(x^2) + eps)), the cast to the model dtype before the weight
- * multiply as in the reference implementations. */
-#define RMSNORM_KERNEL(NAME, T, TO_F32, FROM_F32)                                                      \
-    void NAME(const T *x, const T *weight, T *out, int m, int64_t size, float eps) {                     \
-        for (int i = 0; i < m; i++) {                                                                    \
-            const T *xi = x + i * size;                                                                  \
-            double sum = 0.0;                                                                            \
-            for (int64_t j = 0; j < size; j++) { float v = TO_F32(xi[j]); sum += (double)v * v; }        \
-            float inv = 1.f / sqrtf((float)(sum / size) + eps);                                          \
-            for (int64_t j = 0; j < size; j++)                                                           \
-                out[i * size + j] = FROM_F32(TO_F32(weight[j]) * TO_F32(FROM_F32(TO_F32(xi[j]) * inv))); \
-        }                                                                                                \
-    }
-RMSNORM_KERNEL(rmsnorm_f32, float, identity_f32, identity_f32)
-RMSNORM_KERNEL(rmsnorm_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+static inline void head_axpy_f32(float *acc, float p, const float *v, int dim) {
+    for (int d = 0; d < dim; d++) acc[d] += p * v[d];
+}
 
-/* ---------------------------------------------------------------- decode attention
- * For M new tokens at positions start..start+M-1, from the fused qkv rows: rotate q and k
- * (rotate-half on the first rope_dim dims), scale v, store k/v in the cache, and attend.
- * Cache: keys [Hkv, capacity, D], values [Hkv, capacity, Dv]. Global layers (slot_pos NULL) store
- * position p in slot p; sliding layers store it in slot p % capacity, record it in slot_pos, and a
- * query at p sees stored positions p - window .. p. Sinks (per head, optional) join the softmax
- * denominator only. q/k/v are taken in float32; out is [M, H * Dv]. */
-#define ATTENTION_KERNEL(NAME, T, TO_F32, FROM_F32)                                                     \
-    void NAME(const T *qkv, int64_t qkv_stride, int m, int64_t start, const float *cos, const float *sin, \
-              T *keys, T *values, int64_t *slot_pos, int64_t capacity, int64_t window, const float *sinks, \
-              int heads, int kv_heads, int dim, int v_dim, int rope_dim, float scale, float value_scale,   \
-              float *q_scratch, float *score_scratch, T *out) {                                          \
-        int half = rope_dim / 2, group = heads / kv_heads;                                               \
-        int64_t k_offset = (int64_t)heads * dim, v_offset = k_offset + (int64_t)kv_heads * dim;          \
-        for (int i = 0; i < m; i++) {                                                                    \
-            const T *row = qkv + i * qkv_stride;                                                         \
-            const float *c = cos + i * rope_dim, *s = sin + i * rope_dim;                                \
-            int64_t pos = start + i, slot = slot_pos ? pos % capacity : pos;                             \
-            for (int h = 0; h < heads + kv_heads; h++) {                                                 \
-                const T *src = row + (int64_t)h * dim;                                                   \
-                float rotated[1024];                                                                     \
-                for (int d = 0; d < dim; d++) rotated[d] = TO_F32(src[d]);                               \
-                for (int d = 0; d < half; d++) {                                                         \
-                    float a = rotated[d], b = rotated[d + half];                                         \
-                    rotated[d] = a * c[d] - b * s[d];                                                    \
-                    rotated[d + half] = b * c[d + half] + a * s[d + half];                               \
-                }                                                                                        \
-                if (h < heads) {                                                                         \
-                    float *q = q_scratch + ((int64_t)i * heads + h) * dim;                               \
-                    for (int d = 0; d < dim; d++) q[d] = TO_F32(FROM_F32(rotated[d]));                   \
-                } else {                                                                                 \
-                    T *k = keys + ((int64_t)(h - heads) * capacity + slot) * dim;                        \
-                    for (int d = 0; d < dim; d++) k[d] = FROM_F32(rotated[d]);                           \
-                }                                                                                        \
-            }                                                                                            \
-            for (int g = 0; g < kv_heads; g++) {                                                         \
-                const T *src = row + v_offset + (int64_t)g * v_dim;                                      \
-                T *v = values + ((int64_t)g * capacity + slot) * v_dim;                                  \
-                for (int d = 0; d < v_dim; d++)                                                          \
-                    v[d] = value_scale == 1.f ? src[d] : FROM_F32(TO_F32(src[d]) * value_scale);         \
-            }                                                                                            \
-            if (slot_pos) slot_pos[slot] = pos;                                                          \
-        }                                                                                                \
-        int64_t slots = slot_pos ? capacity : start + m;                                                 \
-        _Pragma("omp parallel for schedule(static)")                                                     \
-        for (int64_t task = 0; task < (int64_t)m * heads; task++) {                                      \
-            int i = (int)(task / heads), h = (int)(task % heads), g = h / group;                         \
-            int64_t pos = start + i;                                                                     \
-            const float *q = q_scratch + task * dim;                                                     \
-            float *score = score_scratch + task * slots;                                                 \
-            float top = sinks ? sinks[h] : -INFINITY;                                                    \
-            for (int64_t j = 0; j < slots; j++) {                                                        \
-                int64_t key_pos = slot_pos ? slot_pos[j] : j;                                            \
-                if (key_pos > pos || key_pos < 0 || (window >= 0 && key_pos < pos - window)) {           \
-                    score[j] = -INFINITY;                                                                \
-                    continue;                                                                            \
-                }                                                                                        \
-                const T *k = keys + ((int64_t)g * capacity + j) * dim;                                   \
-                float dot = 0.f;                                                                         \
-                for (int d = 0; d < dim; d++) dot += q[d] * TO_F32(k[d]);                                \
-                score[j] = dot * scale;                                                                  \
-                if (score[j] > top) top = score[j];                                                      \
-            }                                                                                            \
-            float total = sinks ? expf(sinks[h] - top) : 0.f;                                            \
-            for (int64_t j = 0; j < slots; j++) {                                                        \
-                score[j] = score[j] == -INFINITY ? 0.f : expf(score[j] - top);                           \
-                total += score[j];                                                                       \
-            }                                                                                            \
-            float acc[1024];                                                                             \
-            for (int d = 0; d < v_dim; d++) acc[d] = 0.f;                                                \
-            for (int64_t j = 0; j < slots; j++) {                                                        \
-                if (score[j] == 0.f) continue;                                                           \
-                const T *v = values + ((int64_t)g * capacity + j) * v_dim;                               \
-                float p = score[j] / total;                                                              \
-                for (int d = 0; d < v_dim; d++) acc[d] += p * TO_F32(v[d]);                              \
-            }                                                                                            \
-            T *o = out + ((int64_t)i * heads + h) * v_dim;                                               \
-            for (int d = 0; d < v_dim; d++) o[d] = FROM_F32(acc[d]);                                     \
-        }                                                                                                \
-    }
-ATTENTION_KERNEL(attention_f32, float, identity_f32, identity_f32)
-ATTENTION_KERNEL(attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+#if defined(__AVX512F__)
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
 
+static inline float head_dot_bf16(const float *q, const uint16_t *k, int dim) {
+    int d = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 a = _mm512_setzero_ps();
+    for (; d + 16 <= dim; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load_bf16x16(k + d), a);
+    s = _mm512_reduce_add_ps(a);
+#endif
+    for (; d < dim; d++) s += q[d] * bf16_to_f32(k[d]);
+    return s;
+}
+
+static inline void head_axpy_bf16(float *acc, float p, const uint16_t *v, int dim) {
+    int d = 0;
+#if defined(__AVX512F__)
+    __m512 scale = _mm512_set1_ps(p);
+    for (; d + 16 <= dim; d += 16)
+        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(scale, load_bf16x16(v + d), _mm512_loadu_ps(acc + d)));
+#endif
+    for (; d < dim; d++) acc[d] += p * bf16_to_f32(v[d]);
+}
+
+/* ---------------------------------------------------------------- per-type decode kernels
+ * DECODE_KERNELS(SUFFIX, T, ...) defines, for activations and weights of type T, the steps of a
+ * decoder layer as functions with orphaned `omp for` loops: called inside a parallel region they
+ * share its threads (one region for a whole layer), called outside one they run on one thread.
+ * Every step rounds to T where the separate torch ops it replaces round, so a fused layer gives
+ * the same numbers as the step-by-step path.
+ *
+ * linear: y = x . W^T (+ bias); y_f32 (optional) takes unrounded float32 outputs (logits), and
+ * add_to_y adds the rounded outputs to y instead (a residual connection).
+ * rmsnorm: out = weight * cast(x * rsqrt(mean(x^2) + eps)), the cast to T before the weight
+ * multiply as in the reference implementations.
+ * swiglu: out[i, j] = silu(gate[i, j]) * up[i, j] for rows [gate | up] of 2 * inter.
+ * attention, for M new tokens at positions start..start+M-1 from the fused qkv rows: rotate q and
+ * k (rotate-half on the first rope_dim dims), scale v, store k/v in the cache (attention_store,
+ * one thread), then attend (attention_heads). Cache: keys [Hkv, capacity, D], values [Hkv,
+ * capacity, Dv]. Global layers (slot_pos NULL) store position p in slot p; sliding layers store it
+ * in slot p % capacity, record it in slot_pos, and a query at p sees stored positions
+ * p - window .. p. Sinks (per head, optional) join the softmax denominator only. q is kept in
+ * float32 scratch; out is [M, H * Dv]. */
+typedef struct {
+    int64_t qkv_stride, start, capacity, window;
+    const float *cos, *sin, *sinks;
+    int64_t *slot_pos;
+    int heads, kv_heads, dim, v_dim, rope_dim;
+    float scale, value_scale;
+    float *q_scratch, *score_scratch;
+} attention_args;
+
+#define DECODE_KERNELS(SUFFIX, T, DOT, HEAD_DOT, HEAD_AXPY, TO_F32, FROM_F32)                             \
+    static void linear_rows_##SUFFIX(const T *x, const T *w, const T *bias, float *y_f32, T *y, int add_to_y, \
+                                     int m, int64_t n, int64_t k) {                                        \
+        _Pragma("omp for schedule(dynamic, 64)")                                                          \
+        for (int64_t row = 0; row < n; row++) {                                                           \
+            const T *wr = w + row * k;                                                                    \
+            float b = bias ? TO_F32(bias[row]) : 0.f;                                                     \
+            for (int i = 0; i < m; i++) {                                                                 \
+                float v = DOT(wr, x + i * k, k) + b;                                                      \
+                if (y_f32) y_f32[i * n + row] = v;                                                        \
+                else if (add_to_y) y[i * n + row] = FROM_F32(TO_F32(y[i * n + row]) + TO_F32(FROM_F32(v))); \
+                else y[i * n + row] = FROM_F32(v);                                                        \
+            }                                                                                             \
+        }                                                                                                 \
+    }                                                                                                     \
+    void linear_##SUFFIX(const T *x, const T *w, const T *bias, float *y_f32, T *y, int m, int64_t n, int64_t k) { \
+        _Pragma("omp parallel") linear_rows_##SUFFIX(x, w, bias, y_f32, y, 0, m, n, k);                   \
+    }                                                                                                     \
+                                                                                                          \
+    static void rmsnorm_rows_##SUFFIX(const T *x, const T *weight, T *out, int m, int64_t size, float eps) { \
+        _Pragma("omp for schedule(static)")                                                               \
+        for (int i = 0; i < m; i++) {                                                                     \
+            const T *xi = x + i * size;                                                                   \
+            double sum = 0.0;                                                                             \
+            for (int64_t j = 0; j < size; j++) { float v = TO_F32(xi[j]); sum += (double)v * v; }         \
+            float inv = 1.f / sqrtf((float)(sum / size) + eps);                                           \
+            for (int64_t j = 0; j < size; j++)                                                            \
+                out[i * size + j] = FROM_F32(TO_F32(weight[j]) * TO_F32(FROM_F32(TO_F32(xi[j]) * inv)));  \
+        }                                                                                                 \
+    }                                                                                                     \
+    void rmsnorm_##SUFFIX(const T *x, const T *weight, T *out, int m, int64_t size, float eps) {          \
+        rmsnorm_rows_##SUFFIX(x, weight, out, m, size, eps);                                              \
+    }                                                                                                     \
+                                                                                                          \
+    static void swiglu_rows_##SUFFIX(const T *gate_up, T *out, int m, int64_t inter) {                    \
+        _Pragma("omp for schedule(static)")                                                               \
+        for (int64_t index = 0; index < (int64_t)m * inter; index++) {                                    \
+            int64_t i = index / inter, j = index % inter;                                                 \
+            float g = TO_F32(gate_up[i * 2 * inter + j]);                                                 \
+            out[index] = FROM_F32(TO_F32(FROM_F32(g / (1.f + expf(-g)))) * TO_F32(gate_up[i * 2 * inter + inter + j])); \
+        }                                                                                                 \
+    }                                                                                                     \
+    void swiglu_##SUFFIX(const T *gate_up, T *out, int m, int64_t inter) {                                \
+        _Pragma("omp parallel") swiglu_rows_##SUFFIX(gate_up, out, m, inter);                             \
+    }                                                                                                     \
+                                                                                                          \
+    /* out = down(swiglu(gate_up(x))), or out += that with add_to_out; gate_up_out: m * 2I of T. */     \
+    static void mlp_rows_##SUFFIX(const T *x, const T *gate_up, const T *down, T *out, int add_to_out,   \
+                                  T *gate_up_out, T *act, int m, int64_t hidden, int64_t inter) {         \
+        linear_rows_##SUFFIX(x, gate_up, NULL, NULL, gate_up_out, 0, m, 2 * inter, hidden);               \
+        swiglu_rows_##SUFFIX(gate_up_out, act, m, inter);                                                 \
+        linear_rows_##SUFFIX(act, down, NULL, NULL, out, add_to_out, m, hidden, inter);                   \
+    }                                                                                                     \
+    void mlp_##SUFFIX(const T *x, const T *gate_up, const T *down, T *out, T *gate_up_out, T *act, int m, \
+                      int64_t hidden, int64_t inter) {                                                    \
+        _Pragma("omp parallel") mlp_rows_##SUFFIX(x, gate_up, down, out, 0, gate_up_out, act, m, hidden, inter); \
+    }                                                                                                     \
+                                                                                                          \
+    static void attention_store_##SUFFIX(const T *qkv, int m, T *keys, T *values, const attention_args *a) { \
+        int half = a->rope_dim / 2, heads = a->heads, dim = a->dim, v_dim = a->v_dim;                     \
+        int64_t v_offset = (int64_t)(heads + a->kv_heads) * dim;                                          \
+        for (int i = 0; i < m; i++) {                                                                     \
+            const T *row = qkv + i * a->qkv_stride;                                                       \
+            const float *c = a->cos + i * a->rope_dim, *s = a->sin + i * a->rope_dim;                     \
+            int64_t pos = a->start + i, slot = a->slot_pos ? pos % a->capacity : pos;                     \
+            for (int h = 0; h < heads + a->kv_heads; h++) {                                               \
+                const T *src = row + (int64_t)h * dim;                                                    \
+                float rotated[1024];                                                                      \
+                for (int d = 0; d < dim; d++) rotated[d] = TO_F32(src[d]);                                \
+                for (int d = 0; d < half; d++) {                                                          \
+                    float x0 = rotated[d], x1 = rotated[d + half];                                        \
+                    rotated[d] = x0 * c[d] - x1 * s[d];                                                   \
+                    rotated[d + half] = x1 * c[d + half] + x0 * s[d + half];                              \
+                }                                                                                         \
+                if (h < heads) {                                                                          \
+                    float *q = a->q_scratch + ((int64_t)i * heads + h) * dim;                             \
+                    for (int d = 0; d < dim; d++) q[d] = TO_F32(FROM_F32(rotated[d]));                    \
+                } else {                                                                                  \
+                    T *k = keys + ((int64_t)(h - heads) * a->capacity + slot) * dim;                      \
+                    for (int d = 0; d < dim; d++) k[d] = FROM_F32(rotated[d]);                            \
+                }                                                                                         \
+            }                                                                                             \
+            for (int g = 0; g < a->kv_heads; g++) {                                                       \
+                const T *src = row + v_offset + (int64_t)g * v_dim;                                       \
+                T *v = values + ((int64_t)g * a->capacity + slot) * v_dim;                                \
+                for (int d = 0; d < v_dim; d++)                                                           \
+                    v[d] = a->value_scale == 1.f ? src[d] : FROM_F32(TO_F32(src[d]) * a->value_scale);    \
+            }                                                                                             \
+            if (a->slot_pos) a->slot_pos[slot] = pos;                                                     \
+        }                                                                                                 \
+    }                                                                                                     \
+    static void attention_heads_##SUFFIX(int m, const T *keys, const T *values, T *out, const attention_args *a) { \
+        int heads = a->heads, dim = a->dim, v_dim = a->v_dim, group = a->heads / a->kv_heads;             \
+        const int64_t *slot_pos = a->slot_pos;                                                            \
+        int64_t slots = slot_pos ? a->capacity : a->start + m, window = a->window;                        \
+        _Pragma("omp for schedule(static)")                                                               \
+        for (int64_t task = 0; task < (int64_t)m * heads; task++) {                                       \
+            int i = (int)(task / heads), h = (int)(task % heads), g = h / group;                          \
+            int64_t pos = a->start + i;                                                                   \
+            const float *q = a->q_scratch + task * dim;                                                   \
+            float *score = a->score_scratch + task * slots;                                               \
+            float top = a->sinks ? a->sinks[h] : -INFINITY;                                               \
+            for (int64_t j = 0; j < slots; j++) {                                                         \
+                int64_t key_pos = slot_pos ? slot_pos[j] : j;                                             \
+                if (key_pos > pos || key_pos < 0 || (window >= 0 && key_pos < pos - window)) {            \
+                    score[j] = -INFINITY;                                                                 \
+                    continue;                                                                             \
+                }                                                                                         \
+                score[j] = HEAD_DOT(q, keys + ((int64_t)g * a->capacity + j) * dim, dim) * a->scale;      \
+                if (score[j] > top) top = score[j];                                                       \
+            }                                                                                             \
+            float total = a->sinks ? expf(a->sinks[h] - top) : 0.f;                                       \
+            for (int64_t j = 0; j < slots; j++) {                                                         \
+                score[j] = score[j] == -INFINITY ? 0.f : expf(score[j] - top);                            \
+                total += score[j];                                                                        \
+            }                                                                                             \
+            float acc[1024];                                                                              \
+            for (int d = 0; d < v_dim; d++) acc[d] = 0.f;                                                 \
+            for (int64_t j = 0; j < slots; j++)                                                           \
+                if (score[j] != 0.f) HEAD_AXPY(acc, score[j] / total, values + ((int64_t)g * a->capacity + j) * v_dim, v_dim); \
+            T *o = out + ((int64_t)i * heads + h) * v_dim;                                                \
+            for (int d = 0; d < v_dim; d++) o[d] = FROM_F32(acc[d]);                                      \
+        }                                                                                                 \
+    }                                                                                                     \
+    void attention_##SUFFIX(const T *qkv, int m, T *keys, T *values, T *out, const attention_args *a) {  \
+        attention_store_##SUFFIX(qkv, m, keys, values, a);                                                \
+        _Pragma("omp parallel") attention_heads_##SUFFIX(m, keys, values, out, a);                        \
+    }                                                                                                     \
+                                                                                                          \
+    /* A whole pre-norm decoder layer for M tokens in one parallel region, x [M, H] updated in place:   \
+     * x += o_proj(attention(qkv_proj(norm1(x)))); normed = norm2(x); then, with gate_up given,         \
+     * x += down(swiglu(gate_up(normed))) (without it the caller runs its own FFN, e.g. MoE, on        \
+     * normed). Scratch: qkv [M, qkv_out], attn [M, H * Dv], gate_up_out [M, 2I], act [M, I] of T. */   \
+    void decoder_layer_##SUFFIX(T *x, int m, int64_t hidden, float eps, const T *norm1, const T *qkv_w,   \
+                                const T *qkv_b, int64_t qkv_out, const T *o_w, const T *norm2,            \
+                                const T *gate_up, const T *down, int64_t inter, T *keys, T *values,       \
+                                const attention_args *a, T *normed, T *qkv, T *attn, T *gate_up_out, T *act) { \
+        _Pragma("omp parallel")                                                                           \
+        {                                                                                                 \
+            rmsnorm_rows_##SUFFIX(x, norm1, normed, m, hidden, eps);                                      \
+            linear_rows_##SUFFIX(normed, qkv_w, qkv_b, NULL, qkv, 0, m, qkv_out, hidden);                 \
+            _Pragma("omp single") attention_store_##SUFFIX(qkv, m, keys, values, a);                      \
+            attention_heads_##SUFFIX(m, keys, values, attn, a);                                           \
+            linear_rows_##SUFFIX(attn, o_w, NULL, NULL, x, 1, m, hidden, (int64_t)a->heads * a->v_dim);   \
+            rmsnorm_rows_##SUFFIX(x, norm2, normed, m, hidden, eps);                                      \
+            if (gate_up) mlp_rows_##SUFFIX(normed, gate_up, down, x, 1, gate_up_out, act, m, hidden, inter); \
+        }                                                                                                 \
+    }
+
+DECODE_KERNELS(f32, float, dot_f32, head_dot_f32, head_axpy_f32, identity_f32, identity_f32)
+DECODE_KERNELS(bf16, uint16_t, dot_bf16, head_dot_bf16, head_axpy_bf16, bf16_to_f32, f32_to_bf16)

@@ -61,11 +61,30 @@ def probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Ten
         floor = probs.amax(dim=-1, keepdim=True) * settings.min_p
         probs = probs.masked_fill(probs < floor, 0.0)
     if settings.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before > settings.top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = keep_top_p(probs, settings.top_p)
     return probs / probs.sum(dim=-1, keepdim=True)
+
+
+TOP_P_CANDIDATES = 256
+
+
+def keep_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token whose higher-ranked tokens already hold more than `top_p` of the mass.
+
+    Sorting a 150k vocabulary costs more than a decode step, so the cut is looked for among the
+    most likely candidates first: once they hold more than top_p, every token outside them is cut
+    too (its mass before is at least theirs), and the result equals a full sort's. Flat
+    distributions widen the candidates until they do, up to the whole vocabulary."""
+    vocab = probs.shape[-1]
+    limit = top_p * probs.sum(dim=-1, keepdim=True)
+    size = min(vocab, TOP_P_CANDIDATES)
+    while True:
+        values, order = probs.topk(size, dim=-1)  # sorted, most likely first
+        if size == vocab or bool((values.sum(dim=-1, keepdim=True) > limit).all()):
+            mass_before = values.cumsum(dim=-1) - values
+            kept = values.masked_fill(mass_before > limit, 0.0)
+            return torch.zeros_like(probs).scatter_(-1, order, kept)
+        size = min(vocab, size * 8)
 
 
 class Sampler:

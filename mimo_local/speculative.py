@@ -132,20 +132,23 @@ def accept_drafts(
     """Tokens to keep from one verify forward: accepted drafts, then one token from the target.
 
     target_logits [n+1, V]: row j is the target's prediction after the j-th draft (row 0 after
-    the last committed token)."""
+    the last committed token). All rows are adjusted and turned into choices or distributions in
+    one batch: one argmax or one softmax per verify forward instead of one per row."""
+    rows = len(drafts) + 1
+    if sampler.settings.repetition_penalty != 1.0:
+        candidates = torch.cat([history, history.new_tensor(drafts)])
+        # Row j follows drafts[:j]: it is penalized for those too (they are what was kept if it is used).
+        target_logits = torch.stack([sampler.adjust(target_logits[j], candidates[: len(history) + j]) for j in range(rows)])
+    if sampler.settings.greedy:
+        targets = target_logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(drafts) and targets[accepted] == drafts[accepted]:
+            accepted += 1
+        return drafts[:accepted] + [targets[accepted]]
+    p_rows = probabilities(target_logits, sampler.settings)
     kept: list[int] = []
-    candidates = torch.cat([history, history.new_tensor(drafts)])
-    for j, draft in enumerate(drafts + [None]):
-        logits = sampler.adjust(target_logits[j], candidates[: len(history) + j])  # kept == drafts[:j]
-        if sampler.settings.greedy:
-            target = int(logits.argmax())
-            if draft is not None and target == draft:
-                kept.append(draft)
-                continue
-            return kept + [target]
-        p = probabilities(logits, sampler.settings)
-        if draft is None:
-            return kept + [int(torch.multinomial(p, 1, generator=sampler.generator))]
+    for j, draft in enumerate(drafts):
+        p = p_rows[j]
         q = torch.zeros_like(p)
         q[: draft_distributions.shape[1]] = draft_distributions[j]
         ratio = (p[draft] / q[draft]).item() if q[draft] > 0 else 0.0
@@ -156,4 +159,4 @@ def accept_drafts(
         if residual.sum() <= 0:  # p == q: any rejection is impossible in exact arithmetic
             residual = p
         return kept + [int(torch.multinomial(residual / residual.sum(), 1, generator=sampler.generator))]
-    raise AssertionError("unreachable: the loop always returns at the bonus row")
+    return kept + [int(torch.multinomial(p_rows[-1], 1, generator=sampler.generator))]

@@ -5,7 +5,7 @@ import torch
 
 from mimo_local.generate import DoneEvent, StopMatcher, stream
 from mimo_local.loader import load_model
-from mimo_local.sampling import SamplingSettings, penalize_repetition, probabilities
+from mimo_local.sampling import SamplingSettings, keep_top_p, penalize_repetition, probabilities
 from mimo_local.tokenizer import ChatTokenizer, IncrementalDetokenizer
 
 
@@ -87,6 +87,19 @@ def test_sampling_filters():
     assert (min_p > 0).tolist() == [True, True, False, False]
     penalized = penalize_repetition(torch.tensor([2.0, -2.0, 1.0]), torch.tensor([0, 1]), 2.0)
     assert penalized.tolist() == [1.0, -4.0, 1.0]
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0, 50.0])  # flat to peaked: cut among 256, 2048 or all tokens
+def test_top_p_equals_a_full_sort(spread):
+    generator = torch.Generator().manual_seed(int(spread))
+    probs = torch.softmax(torch.randn(3, 151680, generator=generator) * spread, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before > 0.95 * sorted_probs.sum(-1, keepdim=True), 0.0)
+    expected = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    got = keep_top_p(probs, 0.95)
+    assert torch.equal(got > 0, expected > 0)
+    assert torch.allclose(got, expected)
 
 
 def test_chat_template_renders_chatml(checkpoints):

@@ -80,3 +80,26 @@ def test_swiglu_matches_reference(dtype):
     gate_up = (torch.randn(3, 2 * 96) * 4).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     assert ulp_close(cpu.swiglu(gate_up), torch.nn.functional.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fused_mlp_equals_its_three_calls(dtype, rows):
+    """One call for gate|up, SwiGLU and down gives exactly what the three separate kernels give."""
+    generator = torch.Generator().manual_seed(rows)
+    hidden, inter = 200, 136
+    x = torch.randn(rows, hidden, generator=generator).to(dtype)
+    gate_up = (torch.randn(2 * inter, hidden, generator=generator) / hidden**0.5).to(dtype)
+    down = (torch.randn(hidden, inter, generator=generator) / inter**0.5).to(dtype)
+    assert cpu.mlp_supports(x, gate_up, down)
+    separate = cpu.linear(cpu.swiglu(cpu.linear(x, gate_up)), down)
+    assert torch.equal(cpu.mlp(x, gate_up, down), separate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_logits_skip_the_rounding(dtype):
+    x = torch.randn(1, 300).to(dtype)
+    weight = (torch.randn(700, 300) / 300**0.5).to(dtype)
+    logits = cpu.linear(x, weight, float32_out=True)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, x.float() @ weight.float().T, atol=1e-4)

@@ -19,12 +19,15 @@ from ..quant.linear import fused_expert_operands
 class Linear(nn.Linear):
     """nn.Linear whose few-token CPU case (decode) goes through the bandwidth-bound kernel."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, float32_out: bool = False) -> torch.Tensor:
+        """`float32_out` (logits) skips the rounding to the model dtype; it is an argument of forward
+        so that accelerate's device hooks still see the call."""
+        return cpu_kernels.linear(x, self.weight, self.bias, float32_out=float32_out)
 
     def first_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """The first `rows` outputs only (a draft vocabulary): reads only their weights."""
-        return cpu_kernels.linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows])
+        """float32 outputs of the first `rows` rows only (a draft vocabulary): reads only their weights."""
+        bias = None if self.bias is None else self.bias[:rows]
+        return cpu_kernels.linear(x, self.weight[:rows], bias, float32_out=True)
 
 
 class RMSNorm(nn.Module):
@@ -162,7 +165,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(cpu_kernels.swiglu(self.gate_up_proj(x)))
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if _plain_module(gate_up) and _plain_module(down) and cpu_kernels.mlp_supports(x, gate_up.weight, down.weight):
+            return cpu_kernels.mlp(x, gate_up.weight, down.weight)  # decode: one call for the three
+        return down(cpu_kernels.swiglu(gate_up(x)))
 
 
 class Router(nn.Module):
@@ -332,5 +338,46 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
+        if self._fused_decode_supported(x, cache):
+            return self._fused_decode(x, start, cache)
         x = x + self.self_attn(self.input_layernorm(x), start, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _fused_decode(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """Decode and verify steps on the CPU: the layer in one kernel call (a dense MLP included;
+        a MoE runs after it on the normed hidden state)."""
+        attention, mlp = self.self_attn, self.mlp
+        cos, sin = attention.rope.cos_sin(start, x.shape[1], torch.float32)
+        dense = self._plain_dense_mlp(x)
+        out, normed = cpu_kernels.decoder_layer(
+            x, self.input_layernorm.eps, self.input_layernorm.weight, attention.qkv_proj.weight,
+            attention.qkv_proj.bias, attention.o_proj.weight, self.post_attention_layernorm.weight, start, cos, sin,
+            cache, None if attention.sinks is None else attention.sinks.float(), attention.scale,
+            gate_up=mlp.gate_up_proj.weight if dense else None, down=mlp.down_proj.weight if dense else None,
+        )
+        return out if dense else out + mlp(normed)
+
+    def _fused_decode_supported(self, x: torch.Tensor, cache) -> bool:
+        attention = self.self_attn
+        plain = (attention.qkv_proj, attention.o_proj, self.input_layernorm, self.post_attention_layernorm)
+        return (
+            x.shape[0] == 1
+            and cpu_kernels.attention_supports(x, cache, x.shape[1])
+            and all(_plain_module(module) for module in plain)
+            and all(cpu_kernels.supports_contiguous(x, module.weight) for module in plain)
+        )
+
+    def _plain_dense_mlp(self, x: torch.Tensor) -> bool:
+        mlp = self.mlp
+        return (
+            type(mlp) is MLP
+            and _plain_module(mlp.gate_up_proj)
+            and _plain_module(mlp.down_proj)
+            and cpu_kernels.mlp_supports(x, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+        )
+
+
+def _plain_module(module: nn.Module) -> bool:
+    """An unquantized Linear or RMSNorm without accelerate device hooks (their weights can be
+    handed to a fused kernel directly)."""
+    return type(module) in (Linear, RMSNorm) and not hasattr(module, "_hf_hook")

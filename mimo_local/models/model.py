@@ -91,7 +91,7 @@ class MiMoForCausalLM(nn.Module):
             x = layer(x, start, layer_cache)
         cache.length = start + steps
         last = x if all_logits else x[:, -1:]
-        return ForwardOutput(logits=self.lm_head(self.norm(last)).float(), hidden=x)
+        return ForwardOutput(logits=self.lm_head(self.norm(last), float32_out=True), hidden=x)
 
     @torch.inference_mode()
     def mtp_hidden(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor, start: int, cache) -> torch.Tensor:
@@ -104,5 +104,5 @@ class MiMoForCausalLM(nn.Module):
         `vocab_limit` token ids only (the frequent ones: cheaper drafts, still lossless)."""
         normed = self.mtp_layers[layer].final_norm(hidden)
         if vocab_limit is None or vocab_limit >= self.config.vocab_size:
-            return self.lm_head(normed).float()
+            return self.lm_head(normed, float32_out=True)
         return self.lm_head.first_rows(normed, vocab_limit).float()

@@ -53,8 +53,9 @@ class QuantLinear(nn.Module):
     def device(self) -> torch.device:
         return self.scales.device if self.kind != "nf4" else self.absmax.device
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, None)
+    def forward(self, x: torch.Tensor, float32_out: bool = False) -> torch.Tensor:
+        out = self.linear(x, None)
+        return out.float() if float32_out else out
 
     def linear(self, x: torch.Tensor, index: int | None) -> torch.Tensor:
         def pick(tensor):
