@@ -185,9 +185,9 @@ def moe_pairs(
     out = torch.empty(tokens, hidden, dtype=torch.float32)
     partial = torch.empty(threads, tokens, hidden, dtype=torch.float32)
     scratch = torch.empty(threads, 3 * inter, dtype=torch.float32)  # 2I floats + I activations each
-    _kernel("moe", x.dtype)(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), flat_experts.data_ptr(), flat_tokens.data_ptr(),
-           flat_weights.data_ptr(), flat_experts.numel(), tokens, out.data_ptr(), partial.data_ptr(),
-           scratch.data_ptr(), hidden, inter)
+    _kernel("moe", x.dtype)(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), flat_experts.data_ptr(),
+                            flat_tokens.data_ptr(), flat_weights.data_ptr(), flat_experts.numel(), tokens,
+                            out.data_ptr(), partial.data_ptr(), scratch.data_ptr(), hidden, inter)
     return out
 
 

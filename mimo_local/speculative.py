@@ -88,8 +88,9 @@ class MTPDrafter:
                 ids = sequence[-1:].view(1, 1)
                 last = model.mtp_hidden(layer, previous, ids, processed - 1 + chain, self.cache.mtp_layers[layer])
             logits = model.mtp_logits(layer, last, vocab_limit)[0, -1]
-            seen = torch.cat([history, history.new_tensor(drafts)])
-            logits = sampler.adjust(logits, seen[seen < logits.shape[-1]])  # a draft vocab may be smaller
+            if sampler.settings.repetition_penalty != 1.0:
+                seen = torch.cat([history, history.new_tensor(drafts)])
+                logits = sampler.adjust(logits, seen[seen < logits.shape[-1]])  # a draft vocab may be smaller
             if sampler.settings.greedy:
                 token = int(logits.argmax())
             else:
