@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -37,6 +38,13 @@ def _cpu_signature() -> str:
     return hashlib.sha256((flags + platform.machine()).encode()).hexdigest()[:12]
 
 
+def _sources(source_path: Path) -> list[Path]:
+    """A kernel source and the sources it includes with `#include "file"` (one level), whose
+    contents all go into the cache key of the compiled library."""
+    included = re.findall(r'^#include "([^"]+)"', source_path.read_text(), flags=re.MULTILINE)
+    return [source_path] + [source_path.with_name(name) for name in included]
+
+
 def load_compiled(source_path: Path) -> ctypes.CDLL | None:
     """Compile a kernel source for this CPU on first use (cached by source and CPU flags) and load
     it; None where that is impossible (no gcc, kernels turned off with MIMO_CPU_KERNELS=0)."""
@@ -45,7 +53,7 @@ def load_compiled(source_path: Path) -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "gcc"))
     if compiler is None:
         return None
-    digest = hashlib.sha256(source_path.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in _sources(source_path))).hexdigest()[:12]
     target = cache_dir() / f"{source_path.stem}-{digest}-{_cpu_signature()}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -390,3 +390,121 @@ void moe_quant(int bits, const float *x, const void *gate_up, const float *gate_
         }
     }
 }
+
+/* ---------------------------------------------------------------- a decoder layer, quantized
+ * decoder_layer_bf16 of cpu_linear.c (included below: one compilation unit, so its per-step
+ * functions serve here too) with projections in any of the runtime layouts: bfloat16, int8 (one
+ * scale per row) or int4 (groups). Activations are bfloat16; each projection's input is quantized
+ * once per call for all its rows (int16 per token for int8 weights, int8 per group for int4) by one
+ * thread, then the rows are shared out. Outputs are rounded to bfloat16 as the step-by-step path
+ * rounds them. Needs AVX512-VNNI, int8 inputs a multiple of 64, int4 groups a multiple of 128;
+ * returns 0 (having done nothing) otherwise. */
+#include "cpu_linear.c"
+
+typedef struct {
+    int bits;            /* 16: bfloat16 weights, 8: int8, 4: int4 */
+    const void *weight;  /* uint16_t, int8_t or packed uint8_t rows */
+    const float *scales, *zeros;
+    const void *bias;    /* bfloat16 for bits 16, float32 otherwise; may be NULL */
+    int64_t group;
+} Projection;
+
+static inline void store_bf16(uint16_t *y, int add_to_y, int64_t index, float value) {
+    y[index] = add_to_y ? f32_to_bf16(bf16_to_f32(y[index]) + bf16_to_f32(f32_to_bf16(value))) : f32_to_bf16(value);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static int projection_supported(const Projection *p, int64_t k) {
+    return p->bits == 16 || (p->bits == 8 && k % 64 == 0) || (p->bits == 4 && p->group % 128 == 0 && k % p->group == 0);
+}
+
+/* y[M, N] (=, or += with add_to_y) x[M, K] . W^T. scratch: M * K int16 + 4 * M * K / 64 floats. */
+static void projection_rows(const Projection *p, const uint16_t *x, uint16_t *y, int add_to_y, int m, int64_t n,
+                            int64_t k, void *scratch) {
+    if (p->bits == 16) {
+        linear_rows_bf16(x, (const uint16_t *)p->weight, (const uint16_t *)p->bias, NULL, y, add_to_y, m, n, k);
+        return;
+    }
+    const float *bias = (const float *)p->bias;
+    int16_t *x16 = (int16_t *)scratch;
+    int8_t *x_even = (int8_t *)scratch, *x_odd = x_even + (int64_t)m * k / 2;
+    float *stats = (float *)((char *)scratch + (int64_t)m * k * 2);
+    const int64_t groups = p->bits == 4 ? k / p->group : 1, half = k / 2;
+    float *x_scales = stats, *x_sums = stats + (int64_t)m * groups;
+#pragma omp single
+    for (int t = 0; t < m; t++) {
+        if (p->bits == 8) {
+            float peak = 0.f;
+            for (int64_t j = 0; j < k; j++) { float v = fabsf(bf16_value(x[t * k + j])); peak = v > peak ? v : peak; }
+            x_scales[t] = peak > 0.f ? peak / 32767.f : 1.f;
+            float inverse = 1.f / x_scales[t];
+            for (int64_t j = 0; j < k; j++) x16[t * k + j] = (int16_t)lrintf(bf16_value(x[t * k + j]) * inverse);
+        } else {
+            float row[k];
+            for (int64_t j = 0; j < k; j++) row[j] = bf16_value(x[(int64_t)t * k + j]);
+            quantize_x_int8(row, x_even + t * half, x_odd + t * half, x_scales + t * groups, x_sums + t * groups, k,
+                            p->group);
+        }
+    }
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t row = 0; row < n; row++) {
+        float b = bias ? bias[row] : 0.f;
+        float sums[TOKENS_PER_PASS];
+        if (p->bits == 8) {
+            const int8_t *wr = (const int8_t *)p->weight + row * k;
+#define ROW(T) int8_row_int16(wr, x16 + (int64_t)first * k, k, T, sums)
+            EACH_TOKEN_PASS(m, ROW, store_bf16(y, add_to_y, (int64_t)(first + t) * n + row,
+                                               sums[t] * x_scales[first + t] * p->scales[row] + b))
+#undef ROW
+        } else {
+            const uint8_t *wr = (const uint8_t *)p->weight + row * half;
+            const float *sr = p->scales + row * groups, *zr = p->zeros + row * groups;
+#define ROW(T)                                                                                          \
+    int4_row_vnni(wr, sr, zr, x_even + (int64_t)first * half, x_odd + (int64_t)first * half,             \
+                  x_scales + (int64_t)first * groups, x_sums + (int64_t)first * groups, k, groups,       \
+                  p->group / 128, T, sums)
+            EACH_TOKEN_PASS(m, ROW, store_bf16(y, add_to_y, (int64_t)(first + t) * n + row, sums[t] + b))
+#undef ROW
+        }
+    }
+}
+#endif
+
+int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, const uint16_t *norm1,
+                             const Projection *qkv_p, int64_t qkv_out, const Projection *o_p, const uint16_t *norm2,
+                             const Projection *gate_up_p, const Projection *down_p, int64_t inter, uint16_t *keys,
+                             uint16_t *values, const attention_args *a, uint16_t *normed, uint16_t *qkv,
+                             uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    int64_t attn_width = (int64_t)a->heads * a->v_dim;
+    if (!projection_supported(qkv_p, hidden) || !projection_supported(o_p, attn_width) ||
+        (gate_up_p && (!projection_supported(gate_up_p, hidden) || !projection_supported(down_p, inter))))
+        return 0;
+    int64_t widest = hidden > attn_width ? hidden : attn_width;
+    widest = widest > inter ? widest : inter;
+    void *scratch = malloc((size_t)m * widest * 2 + sizeof(float) * 4 * ((size_t)m * widest / 64 + m));
+    if (!scratch) return 0;
+#pragma omp parallel
+    {
+        rmsnorm_rows_bf16(x, norm1, normed, m, hidden, eps);
+        projection_rows(qkv_p, normed, qkv, 0, m, qkv_out, hidden, scratch);
+#pragma omp single
+        attention_store_bf16(qkv, m, keys, values, a);
+        attention_heads_bf16(m, keys, values, attn, a);
+        projection_rows(o_p, attn, x, 1, m, hidden, attn_width, scratch);
+        rmsnorm_rows_bf16(x, norm2, normed, m, hidden, eps);
+        if (gate_up_p) {
+            projection_rows(gate_up_p, normed, gate_up_out, 0, m, 2 * inter, hidden, scratch);
+            swiglu_rows_bf16(gate_up_out, act, m, inter);
+            projection_rows(down_p, act, x, 1, m, hidden, inter, scratch);
+        }
+    }
+    free(scratch);
+    return 1;
+#else
+    (void)x; (void)m; (void)hidden; (void)eps; (void)norm1; (void)qkv_p; (void)qkv_out; (void)o_p; (void)norm2;
+    (void)gate_up_p; (void)down_p; (void)inter; (void)keys; (void)values; (void)a; (void)normed; (void)qkv;
+    (void)attn; (void)gate_up_out; (void)act;
+    return 0;
+#endif
+}

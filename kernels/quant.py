@@ -78,7 +78,63 @@ def library() -> ctypes.CDLL | None:
     lib.linear_int8_bf16.argtypes = [pointer] * 5 + [integer, i64, i64]
     lib.linear_int8_bf16.restype = integer
     lib.moe_quant.argtypes = [integer] + [pointer] * 10 + [integer, integer] + [pointer] * 3 + [i64, i64, i64]
+    lib.decoder_layer_quant_bf16.argtypes = (
+        [pointer, integer, i64, ctypes.c_float] + [pointer] * 2 + [i64] + [pointer] * 4 + [i64] + [pointer] * 8
+    )
+    lib.decoder_layer_quant_bf16.restype = integer
     return lib
+
+
+class Projection(ctypes.Structure):
+    """`Projection` of cpu_quant.c: one projection of a fused decoder layer in any runtime layout."""
+
+    _fields_ = [("bits", ctypes.c_int), ("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("zeros", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("group", ctypes.c_int64)]
+
+
+def projection(bits: int, weight: torch.Tensor, scales=None, zeros=None, group: int = 0, bias=None):
+    """A Projection for bfloat16 (bits 16), int8 or int4 weights, and the tensors it points to
+    (keep them alive for the call). Bias: bfloat16 for bits 16, converted to float32 otherwise."""
+    if bits != 16 and bias is not None:
+        bias = bias.float()
+    tensors = [t for t in (weight, scales, zeros, bias) if t is not None]
+    return Projection(bits, weight.data_ptr(), cpu._address(scales), cpu._address(zeros), cpu._address(bias),
+                      group), tensors
+
+
+def decoder_layer_supports(x: torch.Tensor, projections) -> bool:
+    """Whether `decoder_layer` may run: bfloat16 activations on the CPU and contiguous CPU weights
+    (the layout conditions are checked by the kernel itself)."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and all(t.device.type == "cpu" and t.is_contiguous() for _, tensors in projections for t in tensors)
+        and library() is not None
+    )
+
+
+def decoder_layer(x, eps: float, norm1, qkv, o, norm2, start: int, cos, sin, cache, sinks, scale: float,
+                  gate_up=None, down=None, inter: int = 0):
+    """cpu.decoder_layer with projections from `projection` (any mix of bfloat16, int8 and int4;
+    `inter` the MLP's intermediate size).
+    Returns (h, norm2(h)) as cpu.decoder_layer does, or None where the kernel does not apply (the
+    caller then runs the layer step by step; nothing was changed)."""
+    spec = cache.spec
+    steps, hidden = x.shape[1], x.shape[2]
+    out = x.contiguous().clone()
+    qkv_out = spec.num_heads * spec.head_dim + spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
+    args, _scratch = cpu._attention_args(spec, cache, start, steps, qkv_out, cos, sin, sinks, scale)
+    inter = inter if down is not None else 0
+    normed = torch.empty_like(out)
+    buffers = [torch.empty(steps * size, dtype=x.dtype) for size in (qkv_out, spec.num_heads * spec.v_head_dim,
+                                                                      2 * inter, inter)]
+    done = library().decoder_layer_quant_bf16(
+        out.data_ptr(), steps, hidden, eps, norm1.data_ptr(), ctypes.byref(qkv[0]), qkv_out, ctypes.byref(o[0]),
+        norm2.data_ptr(), None if gate_up is None else ctypes.byref(gate_up[0]),
+        None if down is None else ctypes.byref(down[0]), inter, cache.keys.data_ptr(), cache.values.data_ptr(),
+        ctypes.byref(args), normed.data_ptr(), *(b.data_ptr() for b in buffers),
+    )
+    return (out, normed) if done else None
 
 
 def _kernel_applies(x: torch.Tensor, *packed: torch.Tensor, max_rows: int = INT8_MAX_ROWS) -> bool:

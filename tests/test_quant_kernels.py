@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mimo_local.kernels import quant
+from mimo_local.loader import load_model
 
 SHAPES = [(1, 256, 512, 128), (2, 33, 96, 32), (3, 70, 256, 64), (5, 17, 40, 8), (16, 48, 384, 128)]
 
@@ -180,3 +181,44 @@ def test_int4_experts_with_128_groups_take_the_int8_activation_path_within_its_e
     expected = quant.reference_moe_pairs(x, 4, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
     error = (got - expected).abs().max().item()
     assert 0 < error <= 0.02 * expected.abs().max().item()
+
+
+GROUP_SIZED = {  # every projection input a multiple of 128, so the fused quantized layer applies
+    "mimo": dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2),
+    "mimo_v2_flash": dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, head_dim=96,
+                          v_head_dim=32, moe_intermediate_size=128),
+}
+
+
+@pytest.mark.parametrize("family,recipe", [("mimo", "int4-g128"), ("mimo", "int8"), ("mimo_v2_flash", "v2flash-mixed")])
+def test_fused_quantized_layer_equals_the_step_by_step_path(tmp_path, monkeypatch, family, recipe):
+    """Decode and verify steps through the one-call quantized decoder layer give exactly the logits
+    of the layer run projection by projection, and the fused call does run."""
+    from mimo_local.dev.tiny import make_checkpoint
+
+    if quant.library() is None:
+        pytest.skip("no C compiler on this machine")
+    path = make_checkpoint(tmp_path / family, family, overrides=GROUP_SIZED[family])
+    model = load_model(path, torch.bfloat16, quant=recipe)
+    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(3))
+    fused_ran = []  # per fused call: whether the kernel took the layer (it returns None otherwise)
+    real_layer = quant.decoder_layer
+
+    def decode(fused: bool):
+        def layer(*args, **kwargs):
+            if not fused:
+                return None
+            result = real_layer(*args, **kwargs)
+            fused_ran.append(result is not None)
+            return result
+
+        monkeypatch.setattr(quant, "decoder_layer", layer)
+        cache = model.new_cache(64)
+        model(ids[:, :20], cache)
+        steps = [model(ids[:, i : i + 1], cache).logits for i in range(20, 26)]
+        steps.append(model(ids[:, 26:30], cache, all_logits=True).logits)
+        return torch.cat(steps, dim=1)
+
+    step_by_step, fused = decode(False), decode(True)
+    assert fused_ran == [True] * 7 * len(model.layers)  # 6 decode steps and a 4-token verify step per layer
+    assert torch.equal(fused, step_by_step)

@@ -24,6 +24,12 @@ class Linear(nn.Linear):
         so that accelerate's device hooks still see the call."""
         return cpu_kernels.linear(x, self.weight, self.bias, float32_out=float32_out)
 
+    def fused_projection(self):
+        """This projection for the fused quantized decoder layer (bfloat16 weights there)."""
+        if self.weight.dtype != torch.bfloat16 or hasattr(self, "_hf_hook"):
+            return None
+        return quant_kernels.projection(16, self.weight, bias=self.bias)
+
     def first_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """float32 outputs of the first `rows` rows only (a draft vocabulary): reads only their weights."""
         bias = None if self.bias is None else self.bias[:rows]
@@ -338,43 +344,49 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
-        if self._fused_decode_supported(x, cache):
-            return self._fused_decode(x, start, cache)
+        if self._fused_decode_applies(x, cache):
+            fused = self._fused_decode(x, start, cache)
+            if fused is not None:
+                return fused
         x = x + self.self_attn(self.input_layernorm(x), start, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _fused_decode(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
-        """Decode and verify steps on the CPU: the layer in one kernel call (a dense MLP included;
-        a MoE runs after it on the normed hidden state)."""
-        attention, mlp = self.self_attn, self.mlp
-        cos, sin = attention.rope.cos_sin(start, x.shape[1], torch.float32)
-        dense = self._plain_dense_mlp(x)
-        out, normed = cpu_kernels.decoder_layer(
-            x, self.input_layernorm.eps, self.input_layernorm.weight, attention.qkv_proj.weight,
-            attention.qkv_proj.bias, attention.o_proj.weight, self.post_attention_layernorm.weight, start, cos, sin,
-            cache, None if attention.sinks is None else attention.sinks.float(), attention.scale,
-            gate_up=mlp.gate_up_proj.weight if dense else None, down=mlp.down_proj.weight if dense else None,
-        )
-        return out if dense else out + mlp(normed)
-
-    def _fused_decode_supported(self, x: torch.Tensor, cache) -> bool:
-        attention = self.self_attn
-        plain = (attention.qkv_proj, attention.o_proj, self.input_layernorm, self.post_attention_layernorm)
+    def _fused_decode_applies(self, x: torch.Tensor, cache) -> bool:
+        norms = (self.input_layernorm, self.post_attention_layernorm)
         return (
             x.shape[0] == 1
             and cpu_kernels.attention_supports(x, cache, x.shape[1])
-            and all(_plain_module(module) for module in plain)
-            and all(cpu_kernels.supports_contiguous(x, module.weight) for module in plain)
+            and all(_plain_module(norm) and cpu_kernels.supports_contiguous(x, norm.weight) for norm in norms)
         )
 
-    def _plain_dense_mlp(self, x: torch.Tensor) -> bool:
-        mlp = self.mlp
-        return (
-            type(mlp) is MLP
-            and _plain_module(mlp.gate_up_proj)
-            and _plain_module(mlp.down_proj)
-            and cpu_kernels.mlp_supports(x, mlp.gate_up_proj.weight, mlp.down_proj.weight)
-        )
+    def _fused_decode(self, x: torch.Tensor, start: int, cache) -> torch.Tensor | None:
+        """Decode and verify steps on the CPU: the layer in one kernel call, a dense MLP included
+        (a MoE runs after it on the normed hidden state). Plain float weights take cpu.py's kernel,
+        int8/int4 ones (mixed with bfloat16 ones) quant.py's. None where neither applies."""
+        attention, mlp = self.self_attn, self.mlp
+        dense = type(mlp) is MLP
+        projections = [attention.qkv_proj, attention.o_proj] + ([mlp.gate_up_proj, mlp.down_proj] if dense else [])
+        cos, sin = attention.rope.cos_sin(start, x.shape[1], torch.float32)
+        sinks = None if attention.sinks is None else attention.sinks.float()
+        common = dict(norm1=self.input_layernorm.weight, norm2=self.post_attention_layernorm.weight, start=start,
+                      cos=cos, sin=sin, cache=cache, sinks=sinks, scale=attention.scale)
+        eps = self.input_layernorm.eps
+        if all(_plain_module(m) and cpu_kernels.supports_contiguous(x, m.weight) for m in projections):
+            mlp_weights = dict(gate_up=mlp.gate_up_proj.weight, down=mlp.down_proj.weight) if dense else {}
+            out, normed = cpu_kernels.decoder_layer(
+                x, eps, qkv_weight=attention.qkv_proj.weight, qkv_bias=attention.qkv_proj.bias,
+                o_weight=attention.o_proj.weight, **common, **mlp_weights,
+            )
+        else:
+            described = [getattr(m, "fused_projection", lambda: None)() for m in projections]
+            if None in described or not quant_kernels.decoder_layer_supports(x, described):
+                return None
+            mlp_parts = dict(gate_up=described[2], down=described[3], inter=mlp.intermediate_size) if dense else {}
+            fused = quant_kernels.decoder_layer(x, eps, qkv=described[0], o=described[1], **common, **mlp_parts)
+            if fused is None:
+                return None
+            out, normed = fused
+        return out if dense else out + mlp(normed)
 
 
 def _plain_module(module: nn.Module) -> bool:

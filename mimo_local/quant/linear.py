@@ -57,6 +57,17 @@ class QuantLinear(nn.Module):
         out = self.linear(x, None)
         return out.float() if float32_out else out
 
+    def fused_projection(self):
+        """This projection for the fused quantized decoder layer (kernels/quant.py), or None where
+        that kernel cannot take it (nf4/bitsandbytes, stacks, act-order permutations)."""
+        if self.experts is not None or getattr(self, "perm", None) is not None or hasattr(self, "_hf_hook"):
+            return None
+        if self.kind == "int8":
+            return quant_kernels.projection(8, self.qweight, self.scales, bias=self.bias)
+        if self.kind == "int4":
+            return quant_kernels.projection(4, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+        return None
+
     def linear(self, x: torch.Tensor, index: int | None) -> torch.Tensor:
         def pick(tensor):
             return tensor if index is None or tensor is None else tensor[index]
