@@ -128,49 +128,41 @@ MOE_KERNEL(moe_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)
 
 /* q . k and acc += p * v over one head, q/acc float32, k/v float32 or bfloat16: vectorized (gcc
  * does not vectorize a float reduction by itself), 16 lanes at a time. */
-static inline float head_dot_f32(const float *q, const float *k, int dim) {
-    int d = 0;
-    float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a = _mm512_setzero_ps();
-    for (; d + 16 <= dim; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), a);
-    s = _mm512_reduce_add_ps(a);
-#endif
-    for (; d < dim; d++) s += q[d] * k[d];
-    return s;
-}
-
-static inline void head_axpy_f32(float *acc, float p, const float *v, int dim) {
-    for (int d = 0; d < dim; d++) acc[d] += p * v[d];
-}
-
 #if defined(__AVX512F__)
 static inline __m512 load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 #endif
 
-static inline float head_dot_bf16(const float *q, const uint16_t *k, int dim) {
-    int d = 0;
-    float s = 0.f;
 #if defined(__AVX512F__)
-    __m512 a = _mm512_setzero_ps();
-    for (; d + 16 <= dim; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load_bf16x16(k + d), a);
+#define HEAD_VECTOR_LOOPS(LOAD16)                                                                         \
+    __m512 a = _mm512_setzero_ps();                                                                       \
+    for (; d + 16 <= dim; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), LOAD16(k + d), a);         \
     s = _mm512_reduce_add_ps(a);
+#define HEAD_AXPY_LOOP(LOAD16)                                                                            \
+    __m512 scale = _mm512_set1_ps(p);                                                                     \
+    for (; d + 16 <= dim; d += 16)                                                                        \
+        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(scale, LOAD16(v + d), _mm512_loadu_ps(acc + d)));
+#else
+#define HEAD_VECTOR_LOOPS(LOAD16)
+#define HEAD_AXPY_LOOP(LOAD16)
 #endif
-    for (; d < dim; d++) s += q[d] * bf16_to_f32(k[d]);
-    return s;
-}
 
-static inline void head_axpy_bf16(float *acc, float p, const uint16_t *v, int dim) {
-    int d = 0;
-#if defined(__AVX512F__)
-    __m512 scale = _mm512_set1_ps(p);
-    for (; d + 16 <= dim; d += 16)
-        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(scale, load_bf16x16(v + d), _mm512_loadu_ps(acc + d)));
-#endif
-    for (; d < dim; d++) acc[d] += p * bf16_to_f32(v[d]);
-}
+#define HEAD_KERNELS(SUFFIX, T, LOAD16, TO_F32)                                                           \
+    static inline float head_dot_##SUFFIX(const float *q, const T *k, int dim) {                         \
+        int d = 0;                                                                                        \
+        float s = 0.f;                                                                                    \
+        HEAD_VECTOR_LOOPS(LOAD16)                                                                         \
+        for (; d < dim; d++) s += q[d] * TO_F32(k[d]);                                                    \
+        return s;                                                                                         \
+    }                                                                                                     \
+    static inline void head_axpy_##SUFFIX(float *acc, float p, const T *v, int dim) {                    \
+        int d = 0;                                                                                        \
+        HEAD_AXPY_LOOP(LOAD16)                                                                            \
+        for (; d < dim; d++) acc[d] += p * TO_F32(v[d]);                                                  \
+    }
+HEAD_KERNELS(f32, float, _mm512_loadu_ps, identity_f32)
+HEAD_KERNELS(bf16, uint16_t, load_bf16x16, bf16_to_f32)
 
 /* ---------------------------------------------------------------- per-type decode kernels
  * DECODE_KERNELS(SUFFIX, T, ...) defines, for activations and weights of type T, the steps of a

@@ -103,3 +103,32 @@ def test_float32_logits_skip_the_rounding(dtype):
     logits = cpu.linear(x, weight, float32_out=True)
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, x.float() @ weight.float().T, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["mimo", "mimo_v2_flash"])
+def test_one_call_decoder_layer_equals_the_step_by_step_kernels(checkpoints, monkeypatch, family, dtype):
+    """The whole-layer kernel gives exactly the logits of the same layer run kernel by kernel
+    (norm, qkv, attention, o_proj, norm, MLP or MoE), for decode and verify steps."""
+    from mimo_local.models.layers import DecoderLayer
+
+    model = load_model(checkpoints(family), dtype)
+    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = DecoderLayer._fused_decode
+
+    def decode(fused: bool):
+        def layer(self, *args):
+            calls.append(fused)
+            return real(self, *args) if fused else None
+
+        monkeypatch.setattr(DecoderLayer, "_fused_decode", layer)
+        cache = model.new_cache(64)
+        model(ids[:, :20], cache)
+        steps = [model(ids[:, i : i + 1], cache).logits for i in range(20, 26)]
+        steps.append(model(ids[:, 26:30], cache, all_logits=True).logits)
+        return torch.cat(steps, dim=1)
+
+    step_by_step, fused = decode(False), decode(True)
+    assert calls.count(True) == 7 * len(model.layers)
+    assert torch.equal(fused, step_by_step)
