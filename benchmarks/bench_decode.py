@@ -8,7 +8,8 @@ With --quant, ours quantizes on load with that recipe and llama.cpp runs the mat
 
 Each engine runs in its own subprocess on the same bench checkpoint (random weights in hub layout,
 made once under benchmarks/cache/); the engines take turns for --rounds rounds and each keeps its
-best. Prompt: 128 fixed token ids; then --gen-tokens greedy tokens with EOS ignored. Prints a table
+best. Prompt: 128 fixed token ids; then --gen-tokens tokens with EOS ignored, greedy or (--temperature,
+--top-p) sampled by every engine. Prints a table
 and, with --record, appends rows to benchmarks/RESULTS.md.
 """
 
@@ -46,7 +47,8 @@ def prompt(length: int) -> list[int]:
 
 
 def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, draft_tokens: int = 0,
-             draft_vocab: int | None = None, quant: str | None = None) -> dict:
+             draft_vocab: int | None = None, quant: str | None = None, temperature: float = 0.0,
+             top_p: float = 1.0) -> dict:
     import torch
 
     from mimo_local.generate import stream
@@ -56,7 +58,7 @@ def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeat
 
     model = load_model(path, getattr(torch, dtype), quant=quant)
     tokenizer = ChatTokenizer(path)
-    settings = SamplingSettings(temperature=0, max_tokens=gen_tokens)
+    settings = SamplingSettings(temperature=temperature, top_p=top_p, seed=0, max_tokens=gen_tokens)
     best = None
     for _ in range(repeats + 1):  # the first run warms up
         stats = list(stream(model, tokenizer, prompt(prompt_tokens), settings, eos_ids=(), draft_tokens=draft_tokens,
@@ -70,7 +72,8 @@ def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeat
     }
 
 
-def run_transformers(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, quant=None) -> dict:
+def run_transformers(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, quant=None,
+                     temperature: float = 0.0, top_p: float = 1.0) -> dict:
     if quant:
         raise RuntimeError("the transformers peer runs unquantized only (use --peers llamacpp with --quant)")
     import torch
@@ -87,7 +90,9 @@ def run_transformers(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int
             model(ids, use_cache=True)
             prefill = time.perf_counter() - started
             started = time.perf_counter()
-            model.generate(ids, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature else {}
+            model.generate(ids, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
+                           **(sampling or dict(do_sample=False)))
             total = time.perf_counter() - started
             decode = (gen_tokens - 1) / max(total - prefill, 1e-9)
             best["prefill_tokens_per_s"] = max(best["prefill_tokens_per_s"], prompt_tokens / prefill)
@@ -95,11 +100,13 @@ def run_transformers(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int
     return best
 
 
-def run_llamacpp(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, quant=None) -> dict:
+def run_llamacpp(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, quant=None,
+                 temperature: float = 0.0, top_p: float = 1.0) -> dict:
     python = os.environ.get("LLAMACPP_PYTHON", "/work/llvenv/bin/python")
     command = [python, str(HERE / "peers" / "llamacpp_peer.py"), "--checkpoint", str(path),
                "--outtype", LLAMACPP_QUANT_TYPES[quant] if quant else LLAMACPP_TYPES[dtype], "--prompt-tokens", str(prompt_tokens),
-               "--gen-tokens", str(gen_tokens), "--repeats", str(repeats)]
+               "--gen-tokens", str(gen_tokens), "--repeats", str(repeats), "--temperature", str(temperature),
+               "--top-p", str(top_p)]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"llama.cpp peer failed: {out.stderr.strip()[-500:]}")
@@ -119,6 +126,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per round (after one warm-up)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of engines taking turns")
     parser.add_argument("--quant", choices=sorted(LLAMACPP_QUANT_TYPES), help="quantize ours with this recipe")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled (seed 0) by all engines")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -126,7 +135,7 @@ def main() -> None:
 
     if args.worker:
         result = ENGINES[args.worker](path, args.dtype, args.prompt_tokens, args.gen_tokens, args.repeats,
-                                      quant=args.quant)
+                                      quant=args.quant, temperature=args.temperature, top_p=args.top_p)
         print(json.dumps(result))
         return
 
@@ -138,7 +147,8 @@ def main() -> None:
         for engine in engines:
             command = [sys.executable, __file__, "--worker", engine, "--shape", args.shape, "--dtype", args.dtype,
                        "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
-                       "--repeats", str(args.repeats)] + (["--quant", args.quant] if args.quant else [])
+                       "--repeats", str(args.repeats), "--temperature", str(args.temperature), "--top-p",
+                       str(args.top_p)] + (["--quant", args.quant] if args.quant else [])
             out = subprocess.run(command, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{engine}: failed: {out.stderr.strip()[-800:]}", file=sys.stderr)
@@ -153,6 +163,8 @@ def main() -> None:
 
     ours = results.get("mimo-local", {})
     label = f"{args.dtype}" + (f" --quant {args.quant} (llama.cpp {LLAMACPP_QUANT_TYPES[args.quant]})" if args.quant else "")
+    if args.temperature:
+        label += f", sampled (temperature {args.temperature}, top-p {args.top_p})"
     table = Table(title=f"{args.shape}-shape {label}: prompt {args.prompt_tokens}, generate {args.gen_tokens}")
     for column in ("engine", "prefill tok/s", "decode tok/s", "decode: ours / peer", "prefill: ours / peer"):
         table.add_column(column, justify="right")

@@ -174,7 +174,7 @@ def ensure_gguf(llama_cpp, args, checkpoint):
 
 
 def timed_run(llama_cpp, llm, sampler, prompt, gen_tokens):
-    """Prefill the prompt, then decode gen_tokens greedy tokens. EOS is never checked, so the
+    """Prefill the prompt, then decode gen_tokens tokens with `sampler`. EOS is never checked, so the
     decode always runs the full length. Returns (prefill seconds, decode seconds)."""
     llm.reset()
     start = time.perf_counter()
@@ -187,6 +187,19 @@ def timed_run(llama_cpp, llm, sampler, prompt, gen_tokens):
     return prefilled - start, decoded - prefilled
 
 
+def make_sampler(llama_cpp, temperature: float, top_p: float, seed: int):
+    """Greedy at temperature 0; else temperature, then top-p, then a seeded draw (the order of
+    mimo-local's sampler)."""
+    if temperature == 0:
+        return llama_cpp.llama_sampler_init_greedy()
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+    if top_p < 1.0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain
+
+
 def benchmark(llama_cpp, args, gguf):
     from llama_cpp import Llama
 
@@ -197,7 +210,7 @@ def benchmark(llama_cpp, args, gguf):
     if n_vocab <= FIRST_PROMPT_ID:
         raise PeerError(f"vocabulary of {n_vocab} tokens is too small")
     prompt = [FIRST_PROMPT_ID + i % (n_vocab - FIRST_PROMPT_ID) for i in range(args.prompt_tokens)]
-    sampler = llama_cpp.llama_sampler_init_greedy()
+    sampler = make_sampler(llama_cpp, args.temperature, args.top_p, args.seed)
     try:
         timed_run(llama_cpp, llm, sampler, prompt, min(args.gen_tokens, 8))  # warm-up
         runs = [timed_run(llama_cpp, llm, sampler, prompt, args.gen_tokens) for _ in range(args.repeats)]
@@ -226,6 +239,9 @@ def parse_args():
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=physical_cores(), help="default: physical cores")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best one is reported")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flash-attn", action="store_true", help="enable llama.cpp flash attention")
     parser.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF files are kept")
