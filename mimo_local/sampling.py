@@ -61,30 +61,61 @@ def probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Ten
         floor = probs.amax(dim=-1, keepdim=True) * settings.min_p
         probs = probs.masked_fill(probs < floor, 0.0)
     if settings.top_p < 1.0:
-        probs = keep_top_p(probs, settings.top_p)
+        probs = keep_top_p(probs, settings.top_p, scores=logits)
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
 TOP_P_CANDIDATES = 256
+TOP_P_BUCKETS = 4096
 
 
-def keep_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def keep_top_p(probs: torch.Tensor, top_p: float, scores: torch.Tensor | None = None) -> torch.Tensor:
     """Zero every token whose higher-ranked tokens already hold more than `top_p` of the mass.
 
-    Sorting a 150k vocabulary costs more than a decode step, so the cut is looked for among the
-    most likely candidates first: once they hold more than top_p, every token outside them is cut
-    too (its mass before is at least theirs), and the result equals a full sort's. Flat
-    distributions widen the candidates until they do, up to the whole vocabulary."""
-    vocab = probs.shape[-1]
-    limit = top_p * probs.sum(dim=-1, keepdim=True)
-    size = min(vocab, TOP_P_CANDIDATES)
-    while True:
-        values, order = probs.topk(size, dim=-1)  # sorted, most likely first
-        if size == vocab or bool((values.sum(dim=-1, keepdim=True) > limit).all()):
-            mass_before = values.cumsum(dim=-1) - values
-            kept = values.masked_fill(mass_before > limit, 0.0)
-            return torch.zeros_like(probs).scatter_(-1, order, kept)
-        size = min(vocab, size * 8)
+    Sorting a 150k vocabulary costs more than a decode step. Usually the 256 likeliest tokens hold
+    more than top_p, and then every token outside them is cut. Otherwise tokens are binned by log
+    probability (as llama.cpp's top-p does): bins wholly above the cut are kept and bins below it
+    dropped without looking inside; only the bin the cut falls in is sorted. Equal to a full sort
+    up to float rounding at the cut, for peaked and flat distributions alike. `scores`: the log
+    probabilities up to a constant (the scaled logits), if at hand: log() of tiny probabilities is
+    slow."""
+    if probs.dim() > 1:
+        rows = probs.reshape(-1, probs.shape[-1])
+        score_rows = rows.log() if scores is None else scores.reshape(rows.shape)
+        return torch.stack([keep_top_p(row, top_p, score) for row, score in zip(rows, score_rows)]).view(probs.shape)
+    total = probs.sum()
+    limit = top_p * total
+    values, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]))
+    if values.sum() > limit:  # peaked (the usual case): the cut is among the likeliest tokens
+        kept = values.masked_fill(values.cumsum(dim=0) - values > limit, 0.0)
+        return torch.zeros_like(probs).scatter_(0, order, kept)
+    positive = probs > 0
+    scores = probs.log() if scores is None else scores
+    highest = scores.max()
+    lowest = torch.where(positive, scores, highest).min()
+    width = ((highest - lowest) / TOP_P_BUCKETS).clamp(min=1e-12)
+    # bin 0 holds the likeliest tokens; zero-probability tokens go to a bin of their own at the end
+    bins = ((highest - scores) / width).nan_to_num(0.0, TOP_P_BUCKETS, 0.0).long().clamp(max=TOP_P_BUCKETS - 1)
+    bins = torch.where(positive, bins, TOP_P_BUCKETS)
+    mass = torch.bincount(bins, weights=probs, minlength=TOP_P_BUCKETS + 1).to(probs.dtype)
+    cumulative = mass.cumsum(dim=0)
+    cut = min(int(torch.searchsorted(cumulative, limit, right=True)), TOP_P_BUCKETS - 1)
+    keep = bins < cut
+    members = (bins == cut).nonzero().squeeze(1)
+    values, order = probs[members].sort(descending=True)
+    above = cumulative[cut - 1] if cut > 0 else total.new_zeros(())
+    keep[members[order]] = above + values.cumsum(dim=0) - values <= limit
+    return probs.masked_fill(~keep, 0.0)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token id from a distribution [V] (not necessarily normalized), by inverse CDF: one cumsum
+    instead of torch.multinomial, which costs milliseconds on a 150k vocabulary."""
+    cumulative = probs.float().cumsum(dim=0)
+    point = torch.rand((), generator=generator, device=probs.device) * cumulative[-1]
+    index = int(torch.searchsorted(cumulative, point, right=True))
+    # `point` rounded up to the total: the last token with any mass
+    return min(index, int((cumulative < cumulative[-1]).sum()))
 
 
 class Sampler:
@@ -104,4 +135,4 @@ class Sampler:
         if self.settings.greedy:
             return int(logits.argmax())
         probs = probabilities(logits, self.settings)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return draw(probs, self.generator)

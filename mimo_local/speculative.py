@@ -22,7 +22,7 @@ import torch
 
 from .cache import ModelCache
 from .models.model import MiMoForCausalLM
-from .sampling import Sampler, probabilities
+from .sampling import Sampler, draw, probabilities
 
 CATCH_UP_CHUNK = 512
 
@@ -95,7 +95,7 @@ class MTPDrafter:
                 token = int(logits.argmax())
             else:
                 distribution = probabilities(logits, sampler.settings)
-                token = int(torch.multinomial(distribution, 1, generator=sampler.generator))
+                token = draw(distribution, sampler.generator)
                 distributions.append(distribution)
             drafts.append(token)
             sequence = torch.cat([sequence, sequence.new_tensor([token])])
@@ -159,5 +159,5 @@ def accept_drafts(
         residual = (p - q).clamp(min=0)
         if residual.sum() <= 0:  # p == q: any rejection is impossible in exact arithmetic
             residual = p
-        return kept + [int(torch.multinomial(residual / residual.sum(), 1, generator=sampler.generator))]
-    return kept + [int(torch.multinomial(p_rows[-1], 1, generator=sampler.generator))]
+        return kept + [draw(residual, sampler.generator)]
+    return kept + [draw(p_rows[-1], sampler.generator)]
