@@ -67,6 +67,17 @@ ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int toke
  * does 32 multiply-adds into int32 lanes. The int32 sums move to float32 every 2048 inputs, before
  * they could overflow (128 products of at most 127 * 32767 per lane). Needs k % 64 == 0. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* bfloat16 rows x [M, K] -> int16 xq with one scale per row (max |x| maps to 32767). */
+static void quantize_x_int16(const uint16_t *x, int16_t *xq, float *x_scale, int m, int64_t k) {
+    for (int t = 0; t < m; t++) {
+        float peak = 0.f;
+        for (int64_t j = 0; j < k; j++) { float v = fabsf(bf16_value(x[t * k + j])); peak = v > peak ? v : peak; }
+        x_scale[t] = peak > 0.f ? peak / 32767.f : 1.f;
+        float inverse = 1.f / x_scale[t];
+        for (int64_t j = 0; j < k; j++) xq[t * k + j] = (int16_t)lrintf(bf16_value(x[t * k + j]) * inverse);
+    }
+}
+
 #define INT8_FLUSH 2048
 ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
     __m512 acc[TOKENS_PER_PASS];
@@ -97,13 +108,7 @@ int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, co
     int16_t *xq = malloc(sizeof(int16_t) * m * k);
     float *x_scale = malloc(sizeof(float) * m);
     if (!xq || !x_scale) { free(xq); free(x_scale); return 0; }
-    for (int t = 0; t < m; t++) {
-        float peak = 0.f;
-        for (int64_t j = 0; j < k; j++) { float v = fabsf(bf16_value(x[t * k + j])); peak = v > peak ? v : peak; }
-        x_scale[t] = peak > 0.f ? peak / 32767.f : 1.f;
-        float inverse = 1.f / x_scale[t];
-        for (int64_t j = 0; j < k; j++) xq[t * k + j] = (int16_t)lrintf(bf16_value(x[t * k + j]) * inverse);
-    }
+    quantize_x_int16(x, xq, x_scale, m, k);
 #pragma omp parallel for schedule(dynamic, 64)
     for (int64_t row = 0; row < n; row++) {
         const int8_t *wr = w + row * k;
@@ -200,6 +205,17 @@ static void quantize_x_int8(const float *x, int8_t *even, int8_t *odd, float *x_
     }
 }
 
+/* quantize_x_int8 for bfloat16 rows x [M, K]: halves x_even/x_odd [M, K/2], x_scales/x_sums [M, K/group]. */
+static void quantize_rows_int8(const uint16_t *x, int m, int64_t k, int64_t group, int8_t *x_even, int8_t *x_odd,
+                               float *x_scales, float *x_sums) {
+    const int64_t groups = k / group, half = k / 2;
+    float row[k];
+    for (int t = 0; t < m; t++) {
+        for (int64_t j = 0; j < k; j++) row[j] = bf16_value(x[(int64_t)t * k + j]);
+        quantize_x_int8(row, x_even + t * half, x_odd + t * half, x_scales + t * groups, x_sums + t * groups, k, group);
+    }
+}
+
 ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
                                  const int8_t *x_odd, const float *x_scales, const float *x_sums, int64_t k,
                                  int64_t groups, int64_t blocks_per_group, int tokens, float *sums) {
@@ -240,13 +256,7 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
     if (!x_even || !x_scales) { free(x_even); free(x_scales); return 0; }
     int8_t *x_odd = x_even + (int64_t)m * half;
     float *x_sums = x_scales + (int64_t)m * groups;
-    float *row = malloc(sizeof(float) * k);
-    if (!row) { free(x_even); free(x_scales); return 0; }
-    for (int t = 0; t < m; t++) {
-        for (int64_t j = 0; j < k; j++) row[j] = bf16_value(x[(int64_t)t * k + j]);
-        quantize_x_int8(row, x_even + t * half, x_odd + t * half, x_scales + t * groups, x_sums + t * groups, k, group);
-    }
-    free(row);
+    quantize_rows_int8(x, m, k, group, x_even, x_odd, x_scales, x_sums);
 #pragma omp parallel for schedule(dynamic, 64)
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *wr = w + row * half;
@@ -432,19 +442,9 @@ static void projection_rows(const Projection *p, const uint16_t *x, uint16_t *y,
     const int64_t groups = p->bits == 4 ? k / p->group : 1, half = k / 2;
     float *x_scales = stats, *x_sums = stats + (int64_t)m * groups;
 #pragma omp single
-    for (int t = 0; t < m; t++) {
-        if (p->bits == 8) {
-            float peak = 0.f;
-            for (int64_t j = 0; j < k; j++) { float v = fabsf(bf16_value(x[t * k + j])); peak = v > peak ? v : peak; }
-            x_scales[t] = peak > 0.f ? peak / 32767.f : 1.f;
-            float inverse = 1.f / x_scales[t];
-            for (int64_t j = 0; j < k; j++) x16[t * k + j] = (int16_t)lrintf(bf16_value(x[t * k + j]) * inverse);
-        } else {
-            float row[k];
-            for (int64_t j = 0; j < k; j++) row[j] = bf16_value(x[(int64_t)t * k + j]);
-            quantize_x_int8(row, x_even + t * half, x_odd + t * half, x_scales + t * groups, x_sums + t * groups, k,
-                            p->group);
-        }
+    {
+        if (p->bits == 8) quantize_x_int16(x, x16, x_scales, m, k);
+        else quantize_rows_int8(x, m, k, p->group, x_even, x_odd, x_scales, x_sums);
     }
 #pragma omp for schedule(dynamic, 64)
     for (int64_t row = 0; row < n; row++) {
