@@ -239,7 +239,8 @@ def mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Ten
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * cast(x * rsqrt(mean(x^2) + eps)) for a few rows. Callers check `supports_contiguous`."""
     out = torch.empty_like(x)
-    _kernel("rmsnorm", x.dtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    rows = x.numel() // x.shape[-1]
+    _kernel("rmsnorm", x.dtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, x.shape[-1], eps)
     return out
 
 

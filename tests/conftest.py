@@ -27,3 +27,19 @@ def scripted_chat(tmp_path_factory):
     from mimo_local.dev.scripted_chat import make_scripted_chat_checkpoint
 
     return make_scripted_chat_checkpoint(tmp_path_factory.mktemp("chat") / "scripted")
+
+
+def decode_steps(model, seed: int) -> torch.Tensor:
+    """Logits of a 20-token prefill's continuation: six one-token decode steps, then one 4-token
+    (verify-sized) step, on a fresh cache. [1, 10, vocab]."""
+    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(seed))
+    cache = model.new_cache(64)
+    model(ids[:, :20], cache)
+    steps = [model(ids[:, i : i + 1], cache).logits for i in range(20, 26)]
+    steps.append(model(ids[:, 26:30], cache, all_logits=True).logits)
+    return torch.cat(steps, dim=1)
+
+
+@pytest.fixture
+def decode_logits():
+    return decode_steps

@@ -59,18 +59,13 @@ def test_rms_norm_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("family", ["mimo", "mimo_v2_flash"])
-def test_decode_identical_with_and_without_kernels(checkpoints, monkeypatch, family):
+def test_decode_identical_with_and_without_kernels(checkpoints, monkeypatch, family, decode_logits):
     """The fused decode path (kernels) and the plain torch path give the same logits step by step."""
     model = load_model(checkpoints(family))
-    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(2))
 
     def decode(use_kernels):
         monkeypatch.setattr(cpu, "MAX_ROWS", 16 if use_kernels else 0)
-        cache = model.new_cache(64)
-        model(ids[:, :20], cache)
-        steps = [model(ids[:, i : i + 1], cache).logits for i in range(20, 26)]
-        steps.append(model(ids[:, 26:30], cache, all_logits=True).logits)  # a 4-token verify-sized step
-        return torch.cat(steps, dim=1)
+        return decode_logits(model, seed=2)
 
     assert (decode(True) - decode(False)).abs().max().item() < 1e-4
 
@@ -107,13 +102,14 @@ def test_float32_logits_skip_the_rounding(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["mimo", "mimo_v2_flash"])
-def test_one_call_decoder_layer_equals_the_step_by_step_kernels(checkpoints, monkeypatch, family, dtype):
+def test_one_call_decoder_layer_equals_the_step_by_step_kernels(
+    checkpoints, monkeypatch, family, dtype, decode_logits
+):
     """The whole-layer kernel gives exactly the logits of the same layer run kernel by kernel
     (norm, qkv, attention, o_proj, norm, MLP or MoE), for decode and verify steps."""
     from mimo_local.models.layers import DecoderLayer
 
     model = load_model(checkpoints(family), dtype)
-    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(5))
     calls = []
     real = DecoderLayer._fused_decode
 
@@ -123,11 +119,7 @@ def test_one_call_decoder_layer_equals_the_step_by_step_kernels(checkpoints, mon
             return real(self, *args) if fused else None
 
         monkeypatch.setattr(DecoderLayer, "_fused_decode", layer)
-        cache = model.new_cache(64)
-        model(ids[:, :20], cache)
-        steps = [model(ids[:, i : i + 1], cache).logits for i in range(20, 26)]
-        steps.append(model(ids[:, 26:30], cache, all_logits=True).logits)
-        return torch.cat(steps, dim=1)
+        return decode_logits(model, seed=5)
 
     step_by_step, fused = decode(False), decode(True)
     assert calls.count(True) == 7 * len(model.layers)

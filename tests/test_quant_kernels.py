@@ -191,7 +191,7 @@ GROUP_SIZED = {  # every projection input a multiple of 128, so the fused quanti
 
 
 @pytest.mark.parametrize("family,recipe", [("mimo", "int4-g128"), ("mimo", "int8"), ("mimo_v2_flash", "v2flash-mixed")])
-def test_fused_quantized_layer_equals_the_step_by_step_path(tmp_path, monkeypatch, family, recipe):
+def test_fused_quantized_layer_equals_the_step_by_step_path(tmp_path, monkeypatch, family, recipe, decode_logits):
     """Decode and verify steps through the one-call quantized decoder layer give exactly the logits
     of the layer run projection by projection, and the fused call does run."""
     from mimo_local.dev.tiny import make_checkpoint
@@ -200,7 +200,6 @@ def test_fused_quantized_layer_equals_the_step_by_step_path(tmp_path, monkeypatc
         pytest.skip("no C compiler on this machine")
     path = make_checkpoint(tmp_path / family, family, overrides=GROUP_SIZED[family])
     model = load_model(path, torch.bfloat16, quant=recipe)
-    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(3))
     fused_ran = []  # per fused call: whether the kernel took the layer (it returns None otherwise)
     real_layer = quant.decoder_layer
 
@@ -213,11 +212,7 @@ def test_fused_quantized_layer_equals_the_step_by_step_path(tmp_path, monkeypatc
             return result
 
         monkeypatch.setattr(quant, "decoder_layer", layer)
-        cache = model.new_cache(64)
-        model(ids[:, :20], cache)
-        steps = [model(ids[:, i : i + 1], cache).logits for i in range(20, 26)]
-        steps.append(model(ids[:, 26:30], cache, all_logits=True).logits)
-        return torch.cat(steps, dim=1)
+        return decode_logits(model, seed=3)
 
     step_by_step, fused = decode(False), decode(True)
     assert fused_ran == [True] * 7 * len(model.layers)  # 6 decode steps and a 4-token verify step per layer
