@@ -217,3 +217,51 @@ def test_fused_quantized_layer_equals_the_step_by_step_path(tmp_path, monkeypatc
     step_by_step, fused = decode(False), decode(True)
     assert fused_ran == [True] * 7 * len(model.layers)  # 6 decode steps and a 4-token verify step per layer
     assert torch.equal(fused, step_by_step)
+
+
+@pytest.mark.parametrize("family,recipe", [("mimo", "int4-g128"), ("mimo_v2_flash", "v2flash-mixed")])
+def test_mtp_on_quantized_weights_is_lossless_and_stays_on_the_fused_kernels(tmp_path, monkeypatch, family, recipe):
+    """Speculative decoding with quantized target and MTP layers (V2: also with the experts split
+    into two groups, as offloading does) gives the plain greedy output, and every decode, draft and
+    verify step of every decoder layer (MTP blocks included) runs the one-call quantized kernel."""
+    from mimo_local.dev.tiny import make_checkpoint
+    from mimo_local.generate import stream
+    from mimo_local.models.layers import MoE
+    from mimo_local.offload.placement import Placement
+    from mimo_local.sampling import SamplingSettings
+    from mimo_local.tokenizer import ChatTokenizer
+
+    class TwoExpertGroups(Placement):
+        def split_experts(self, model):
+            for layer in model.layers:
+                if isinstance(layer.mlp, MoE):
+                    layer.mlp.place([e % 2 for e in range(layer.mlp.spec.num_experts)])
+
+    path = make_checkpoint(tmp_path / family, family, overrides=GROUP_SIZED[family])
+    placement = TwoExpertGroups(main="cpu") if family == "mimo_v2_flash" else None
+    model = load_model(path, torch.bfloat16, quant=recipe, placement=placement)
+    assert model.mtp_layers
+    tokenizer = ChatTokenizer(path)
+    prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 2)
+    kernel_took_it = []
+    real_layer = quant.decoder_layer
+
+    def layer(*args, **kwargs):
+        result = real_layer(*args, **kwargs)
+        kernel_took_it.append(result is not None)
+        return result
+
+    monkeypatch.setattr(quant, "decoder_layer", layer)
+
+    def generate(draft_tokens):
+        settings = SamplingSettings(temperature=0, max_tokens=24)
+        events = list(stream(model, tokenizer, prompt, settings, eos_ids=(), draft_tokens=draft_tokens))
+        return events[-1].stats
+
+    plain = generate(0)
+    speculative = generate(len(model.mtp_layers))
+    assert speculative.token_ids == plain.token_ids
+    assert speculative.speculation.verify_forwards < len(plain.token_ids)  # it did speculate
+    assert kernel_took_it and all(kernel_took_it)
+    drafting_calls = speculative.speculation.drafted  # one MTP block call per draft at least
+    assert len(kernel_took_it) >= (len(plain.token_ids) - 1) * len(model.layers) + drafting_calls
