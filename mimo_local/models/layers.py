@@ -342,51 +342,71 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(hidden_size, attention, rope)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = mlp
+        self._fused = None  # (activation dtype, FusedLayerPlan or None), made at the first decode step
 
     def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
-        if self._fused_decode_applies(x, cache):
-            fused = self._fused_decode(x, start, cache)
+        plan = self._fused_plan(x) if x.shape[0] == 1 and cpu_kernels.attention_supports(x, cache, x.shape[1]) else None
+        if plan is not None:
+            fused = plan.run(self, x, start, cache)
             if fused is not None:
                 return fused
         x = x + self.self_attn(self.input_layernorm(x), start, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _fused_decode_applies(self, x: torch.Tensor, cache) -> bool:
-        norms = (self.input_layernorm, self.post_attention_layernorm)
-        return (
-            x.shape[0] == 1
-            and cpu_kernels.attention_supports(x, cache, x.shape[1])
-            and all(_plain_module(norm) and cpu_kernels.supports_contiguous(x, norm.weight) for norm in norms)
-        )
+    def _apply(self, fn, *args, **kwargs):
+        self._fused = None  # weights may have moved or changed dtype
+        return super()._apply(fn, *args, **kwargs)
 
-    def _fused_decode(self, x: torch.Tensor, start: int, cache) -> torch.Tensor | None:
-        """Decode and verify steps on the CPU: the layer in one kernel call, a dense MLP included
-        (a MoE runs after it on the normed hidden state). Plain float weights take cpu.py's kernel,
-        int8/int4 ones (mixed with bfloat16 ones) quant.py's. None where neither applies."""
-        attention, mlp = self.self_attn, self.mlp
+    def _fused_plan(self, x: torch.Tensor):
+        if self._fused is None or self._fused[0] != x.dtype:
+            self._fused = (x.dtype, FusedLayerPlan.make(self, x))
+        return self._fused[1]
+
+
+class FusedLayerPlan:
+    """How a decoder layer runs decode and verify steps on the CPU in one kernel call, a dense MLP
+    included (a MoE runs after it on the normed hidden state): plain float weights through cpu.py's
+    kernel, int8/int4 ones (mixed with bfloat16 ones) through quant.py's. Made once per layer and
+    activation dtype: the weights' descriptions do not change between steps."""
+
+    def __init__(self, quantized: bool, weights: dict, dense: bool):
+        self.quantized, self.weights, self.dense = quantized, weights, dense
+
+    @classmethod
+    def make(cls, layer: DecoderLayer, x: torch.Tensor) -> "FusedLayerPlan | None":
+        attention, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not all(_plain_module(norm) and cpu_kernels.supports_contiguous(x, norm.weight) for norm in norms):
+            return None
         dense = type(mlp) is MLP
         projections = [attention.qkv_proj, attention.o_proj] + ([mlp.gate_up_proj, mlp.down_proj] if dense else [])
+        if all(_plain_module(m) and cpu_kernels.supports_contiguous(x, m.weight) for m in projections):
+            weights = dict(qkv_weight=attention.qkv_proj.weight, qkv_bias=attention.qkv_proj.bias,
+                           o_weight=attention.o_proj.weight)
+            if dense:
+                weights.update(gate_up=mlp.gate_up_proj.weight, down=mlp.down_proj.weight)
+            return cls(False, weights, dense)
+        described = [getattr(m, "fused_projection", lambda: None)() for m in projections]
+        if None in described or not quant_kernels.decoder_layer_supports(x, described):
+            return None
+        weights = dict(qkv=described[0], o=described[1])
+        if dense:
+            weights.update(gate_up=described[2], down=described[3], inter=mlp.intermediate_size)
+        return cls(True, weights, dense)
+
+    def run(self, layer: DecoderLayer, x: torch.Tensor, start: int, cache) -> torch.Tensor | None:
+        """The layer's output, or None where the kernel declined (nothing was changed then)."""
+        attention = layer.self_attn
         cos, sin = attention.rope.cos_sin(start, x.shape[1], torch.float32)
         sinks = None if attention.sinks is None else attention.sinks.float()
-        common = dict(norm1=self.input_layernorm.weight, norm2=self.post_attention_layernorm.weight, start=start,
-                      cos=cos, sin=sin, cache=cache, sinks=sinks, scale=attention.scale)
-        eps = self.input_layernorm.eps
-        if all(_plain_module(m) and cpu_kernels.supports_contiguous(x, m.weight) for m in projections):
-            mlp_weights = dict(gate_up=mlp.gate_up_proj.weight, down=mlp.down_proj.weight) if dense else {}
-            out, normed = cpu_kernels.decoder_layer(
-                x, eps, qkv_weight=attention.qkv_proj.weight, qkv_bias=attention.qkv_proj.bias,
-                o_weight=attention.o_proj.weight, **common, **mlp_weights,
-            )
-        else:
-            described = [getattr(m, "fused_projection", lambda: None)() for m in projections]
-            if None in described or not quant_kernels.decoder_layer_supports(x, described):
-                return None
-            mlp_parts = dict(gate_up=described[2], down=described[3], inter=mlp.intermediate_size) if dense else {}
-            fused = quant_kernels.decoder_layer(x, eps, qkv=described[0], o=described[1], **common, **mlp_parts)
-            if fused is None:
-                return None
-            out, normed = fused
-        return out if dense else out + mlp(normed)
+        kernel = quant_kernels.decoder_layer if self.quantized else cpu_kernels.decoder_layer
+        result = kernel(x, layer.input_layernorm.eps, norm1=layer.input_layernorm.weight,
+                        norm2=layer.post_attention_layernorm.weight, start=start, cos=cos, sin=sin, cache=cache,
+                        sinks=sinks, scale=attention.scale, **self.weights)
+        if result is None:
+            return None
+        out, normed = result
+        return out if self.dense else out + layer.mlp(normed)
 
 
 def _plain_module(module: nn.Module) -> bool:
