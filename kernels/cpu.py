@@ -288,6 +288,25 @@ def decode_attention(qkv, start: int, cos, sin, cache, sinks, scale: float) -> t
     return out
 
 
+class LayerBuffers:
+    """The output and scratch of one fused decoder-layer call, and the attention arguments pointing
+    into them: out starts as a copy of x (updated in place), normed receives norm2(out)."""
+
+    def __init__(self, x, cache, start: int, qkv_out: int, inter: int, cos, sin, sinks, scale: float):
+        spec = cache.spec
+        steps = x.shape[1]
+        self.out = x.contiguous().clone()
+        self.normed = torch.empty_like(self.out)
+        self.attention, self._attention_scratch = _attention_args(spec, cache, start, steps, qkv_out, cos, sin, sinks,
+                                                                  scale)
+        sizes = (qkv_out, spec.num_heads * spec.v_head_dim, 2 * inter, inter)
+        self.scratch = [torch.empty(steps * size, dtype=x.dtype) for size in sizes]  # qkv, attn, gate|up, act
+
+    def pointers(self) -> tuple:
+        """(attention args, normed, qkv, attn, gate_up_out, act): the trailing kernel arguments."""
+        return (ctypes.byref(self.attention), self.normed.data_ptr(), *(t.data_ptr() for t in self.scratch))
+
+
 def decoder_layer(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, start: int, cos, sin, cache, sinks,
                   scale: float, gate_up=None, down=None) -> tuple[torch.Tensor, torch.Tensor]:
     """A pre-norm decoder layer for the few tokens x [1, steps, H] in one call (one thread team
@@ -295,21 +314,12 @@ def decoder_layer(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, s
     h + down(swiglu(gate_up(norm2(h)))). Returns (that, norm2(h)): without gate_up the caller
     adds its own FFN (MoE) of norm2(h) to h. Callers check `attention_supports` and
     `supports_contiguous` for every weight first."""
-    spec = cache.spec
-    steps, hidden = x.shape[1], x.shape[2]
-    out = x.contiguous().clone()
     qkv_out = qkv_weight.shape[0]
-    args, _scratch = _attention_args(spec, cache, start, steps, qkv_out, cos, sin, sinks, scale)
     inter = 0 if down is None else down.shape[1]
-    normed = torch.empty_like(out)
-    qkv = torch.empty(steps, qkv_out, dtype=x.dtype)
-    attn = torch.empty(steps, spec.num_heads * spec.v_head_dim, dtype=x.dtype)
-    gate_up_out = torch.empty(steps * 2 * inter, dtype=x.dtype)
-    act = torch.empty(steps * inter, dtype=x.dtype)
+    buffers = LayerBuffers(x, cache, start, qkv_out, inter, cos, sin, sinks, scale)
     _kernel("decoder_layer", x.dtype)(
-        out.data_ptr(), steps, hidden, eps, norm1.data_ptr(), qkv_weight.data_ptr(), _address(qkv_bias), qkv_out,
-        o_weight.data_ptr(), norm2.data_ptr(), _address(gate_up), _address(down), inter, cache.keys.data_ptr(),
-        cache.values.data_ptr(), ctypes.byref(args), normed.data_ptr(), qkv.data_ptr(), attn.data_ptr(),
-        gate_up_out.data_ptr(), act.data_ptr(),
+        buffers.out.data_ptr(), x.shape[1], x.shape[2], eps, norm1.data_ptr(), qkv_weight.data_ptr(),
+        _address(qkv_bias), qkv_out, o_weight.data_ptr(), norm2.data_ptr(), _address(gate_up), _address(down), inter,
+        cache.keys.data_ptr(), cache.values.data_ptr(), *buffers.pointers(),
     )
-    return out, normed
+    return buffers.out, buffers.normed

@@ -120,21 +120,16 @@ def decoder_layer(x, eps: float, norm1, qkv, o, norm2, start: int, cos, sin, cac
     Returns (h, norm2(h)) as cpu.decoder_layer does, or None where the kernel does not apply (the
     caller then runs the layer step by step; nothing was changed)."""
     spec = cache.spec
-    steps, hidden = x.shape[1], x.shape[2]
-    out = x.contiguous().clone()
     qkv_out = spec.num_heads * spec.head_dim + spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
-    args, _scratch = cpu._attention_args(spec, cache, start, steps, qkv_out, cos, sin, sinks, scale)
     inter = inter if down is not None else 0
-    normed = torch.empty_like(out)
-    buffers = [torch.empty(steps * size, dtype=x.dtype) for size in (qkv_out, spec.num_heads * spec.v_head_dim,
-                                                                      2 * inter, inter)]
+    buffers = cpu.LayerBuffers(x, cache, start, qkv_out, inter, cos, sin, sinks, scale)
     done = library().decoder_layer_quant_bf16(
-        out.data_ptr(), steps, hidden, eps, norm1.data_ptr(), ctypes.byref(qkv[0]), qkv_out, ctypes.byref(o[0]),
-        norm2.data_ptr(), None if gate_up is None else ctypes.byref(gate_up[0]),
+        buffers.out.data_ptr(), x.shape[1], x.shape[2], eps, norm1.data_ptr(), ctypes.byref(qkv[0]), qkv_out,
+        ctypes.byref(o[0]), norm2.data_ptr(), None if gate_up is None else ctypes.byref(gate_up[0]),
         None if down is None else ctypes.byref(down[0]), inter, cache.keys.data_ptr(), cache.values.data_ptr(),
-        ctypes.byref(args), normed.data_ptr(), *(b.data_ptr() for b in buffers),
+        *buffers.pointers(),
     )
-    return (out, normed) if done else None
+    return (buffers.out, buffers.normed) if done else None
 
 
 def _kernel_applies(x: torch.Tensor, *packed: torch.Tensor, max_rows: int = INT8_MAX_ROWS) -> bool:

@@ -81,7 +81,7 @@ def keep_top_p(probs: torch.Tensor, top_p: float, scores: torch.Tensor | None = 
     slow."""
     if probs.dim() > 1:
         rows = probs.reshape(-1, probs.shape[-1])
-        score_rows = rows.log() if scores is None else scores.reshape(rows.shape)
+        score_rows = [None] * len(rows) if scores is None else scores.reshape(rows.shape)
         return torch.stack([keep_top_p(row, top_p, score) for row, score in zip(rows, score_rows)]).view(probs.shape)
     total = probs.sum()
     limit = top_p * total

@@ -89,10 +89,12 @@ def test_sampling_filters():
     assert penalized.tolist() == [1.0, -4.0, 1.0]
 
 
-@pytest.mark.parametrize("spread", [0.3, 1.0, 3.0, 50.0])  # flat (cut among the least likely) to peaked
+@pytest.mark.parametrize("spread", [0.3, 1.0, 3.0, 50.0])  # flat (cut inside a log-probability bin) to peaked
 def test_top_p_equals_a_full_sort(spread):
     generator = torch.Generator().manual_seed(int(spread * 10))
     probs = torch.softmax(torch.randn(3, 151680, generator=generator) * spread, dim=-1)
+    peaked = spread == 50.0  # the 256 likeliest tokens hold top_p: the candidate path; else the bins
+    assert bool((probs.topk(256).values.sum(-1) > 0.95).all()) == peaked
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     limit = 0.95 * sorted_probs.sum(-1, keepdim=True)

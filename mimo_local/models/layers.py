@@ -369,8 +369,8 @@ class FusedLayerPlan:
     kernel, int8/int4 ones (mixed with bfloat16 ones) through quant.py's. Made once per layer and
     activation dtype: the weights' descriptions do not change between steps."""
 
-    def __init__(self, quantized: bool, weights: dict, dense: bool):
-        self.quantized, self.weights, self.dense = quantized, weights, dense
+    def __init__(self, quantized: bool, weights: dict, dense: bool, sinks: torch.Tensor | None):
+        self.quantized, self.weights, self.dense, self.sinks = quantized, weights, dense, sinks
 
     @classmethod
     def make(cls, layer: DecoderLayer, x: torch.Tensor) -> "FusedLayerPlan | None":
@@ -379,30 +379,30 @@ class FusedLayerPlan:
         if not all(_plain_module(norm) and cpu_kernels.supports_contiguous(x, norm.weight) for norm in norms):
             return None
         dense = type(mlp) is MLP
+        sinks = None if attention.sinks is None else attention.sinks.float()  # the kernels take float32 sinks
         projections = [attention.qkv_proj, attention.o_proj] + ([mlp.gate_up_proj, mlp.down_proj] if dense else [])
         if all(_plain_module(m) and cpu_kernels.supports_contiguous(x, m.weight) for m in projections):
             weights = dict(qkv_weight=attention.qkv_proj.weight, qkv_bias=attention.qkv_proj.bias,
                            o_weight=attention.o_proj.weight)
             if dense:
                 weights.update(gate_up=mlp.gate_up_proj.weight, down=mlp.down_proj.weight)
-            return cls(False, weights, dense)
+            return cls(False, weights, dense, sinks)
         described = [getattr(m, "fused_projection", lambda: None)() for m in projections]
         if None in described or not quant_kernels.decoder_layer_supports(x, described):
             return None
         weights = dict(qkv=described[0], o=described[1])
         if dense:
             weights.update(gate_up=described[2], down=described[3], inter=mlp.intermediate_size)
-        return cls(True, weights, dense)
+        return cls(True, weights, dense, sinks)
 
     def run(self, layer: DecoderLayer, x: torch.Tensor, start: int, cache) -> torch.Tensor | None:
         """The layer's output, or None where the kernel declined (nothing was changed then)."""
         attention = layer.self_attn
         cos, sin = attention.rope.cos_sin(start, x.shape[1], torch.float32)
-        sinks = None if attention.sinks is None else attention.sinks.float()
         kernel = quant_kernels.decoder_layer if self.quantized else cpu_kernels.decoder_layer
         result = kernel(x, layer.input_layernorm.eps, norm1=layer.input_layernorm.weight,
                         norm2=layer.post_attention_layernorm.weight, start=start, cos=cos, sin=sin, cache=cache,
-                        sinks=sinks, scale=attention.scale, **self.weights)
+                        sinks=self.sinks, scale=attention.scale, **self.weights)
         if result is None:
             return None
         out, normed = result
