@@ -115,8 +115,9 @@ def run(
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     mtp: Optional[bool] = mtp_option(),
     draft_tokens: int = draft_tokens_option(),
-    draft_vocab: int = typer.Option(
-        0, "--draft-vocab", help="Draft over the first N token ids only (cheaper drafts, still lossless; 0 = all)."
+    draft_vocab: Optional[int] = typer.Option(
+        None, "--draft-vocab", help="Draft over the first N (most frequent) token ids only: cheaper drafts, still "
+        "lossless. Default 32768 for vocabularies over 65536; 0 = the whole vocabulary."
     ),
     device: str = device_option(),
     dtype: str = dtype_option(),
@@ -154,7 +155,7 @@ def run(
     )
     try:
         settings.validate()
-        if draft_tokens < 0 or draft_vocab < 0:
+        if draft_tokens < 0 or (draft_vocab or 0) < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
         model_dir = _resolve_model_for_run(model, yes)
         context = len((text + (system or "")).encode()) + 64 + max_tokens + 8  # byte-level BPE: <= 1 token per byte

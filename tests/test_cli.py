@@ -109,7 +109,10 @@ def test_mtp_is_on_by_default_and_lossless(model):
     off = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "20", "--json", "--no-mtp", "Hello").stdout)
     two = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "20", "--json", "--draft-tokens", "2",
                           "Hello").stdout)
-    assert on["token_ids"] == off["token_ids"] == two["token_ids"]
+    whole = json.loads(mimo("run", "-m", model, "--temperature", "0", "-n", "20", "--json", "--draft-vocab", "0",
+                            "Hello").stdout)
+    assert on["token_ids"] == off["token_ids"] == two["token_ids"] == whole["token_ids"]
+    assert mimo("run", "-m", model, "--draft-vocab", "-1", "Hello").returncode == 1
     assert "mean_accepted_length" not in off
     assert on["mtp_draft_tokens"] % 3 == 0  # V2-Flash: one draft per MTP layer by default
     assert two["mtp_draft_tokens"] % 2 == 0 and 1.0 <= two["mean_accepted_length"] <= 3.0

@@ -1,5 +1,7 @@
 """MTP speculative decoding: lossless greedy output, exact sampling, cache rollback."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -124,6 +126,20 @@ def test_draft_vocabulary_is_lossless(family_model):
     sampled = generate(model, tokenizer, PROMPTS[1], draft_tokens=2, draft_vocab=300, temperature=0.9,
                        repetition_penalty=1.3, seed=1)
     assert len(sampled.token_ids) == 40
+
+
+def test_large_vocabularies_draft_over_their_frequent_ids_by_default(family_model, monkeypatch):
+    from mimo_local.engine import DRAFT_VOCAB, Engine
+
+    _, directory, model, tokenizer = family_model
+    engine = Engine(model, tokenizer, directory)
+    layers = len(model.mtp_layers)
+    assert engine.speculation(None) == {"draft_tokens": layers, "draft_vocab": None}  # a tiny vocabulary: all of it
+    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, vocab_size=151680))
+    assert engine.speculation(None) == {"draft_tokens": layers, "draft_vocab": DRAFT_VOCAB}
+    assert engine.speculation(None, draft_vocab=0)["draft_vocab"] is None  # 0: the whole vocabulary
+    assert engine.speculation(True, 2, 500) == {"draft_tokens": 2, "draft_vocab": 500}
+    assert engine.speculation(False) == {"draft_tokens": 0}
 
 
 def test_draft_vocabulary_limits_the_drafts(family_model):
