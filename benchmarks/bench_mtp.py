@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_decode import CACHE, checkpoint_for, run_ours  # noqa: E402
+from bench_decode import CACHE, checkpoint_for  # noqa: E402
 
 from mimo_local.engine import DRAFT_VOCAB  # noqa: E402
 
@@ -81,10 +81,10 @@ def main() -> None:
     parser.add_argument("--shape", choices=["7b", "v2"], default="7b")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--gen-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--demo", action="store_true", help="the trained demo models instead of the bench shapes")
-    parser.add_argument("--worker", nargs=3, metavar=("CHECKPOINT", "DRAFTS", "VOCAB"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("CHECKPOINT", "LAYERS"), help=argparse.SUPPRESS)
     parser.add_argument("--demo-worker", nargs=3, metavar=("NAME", "DRAFTS", "TEMPERATURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.demo_worker:
@@ -92,9 +92,8 @@ def main() -> None:
         print(json.dumps(run_demo(name, int(drafts), float(temperature), args.gen_tokens, args.repeats)))
         return
     if args.worker:
-        path, drafts, vocab = args.worker
-        print(json.dumps(run_ours(Path(path), args.dtype, 128, args.gen_tokens, args.repeats, int(drafts),
-                                  int(vocab) or None)))
+        path, layers = args.worker
+        print(json.dumps(run_variants(Path(path), args.dtype, int(layers), args.gen_tokens, args.repeats)))
         return
 
     rows = measure_demo(args) if args.demo else measure_shape(args)
@@ -106,24 +105,47 @@ def measure_shape(args) -> list[tuple]:
     layers = 1 if args.shape == "7b" else 3
     checkpoints = {"oracle (MTP copies target)": oracle_for(args.shape), "random (drafts rejected)":
                    checkpoint_for(args.shape)}
-    variants = [("no MTP", 0, 0), (f"MTP {layers} draft(s) (default: draft vocab {DRAFT_VOCAB})", layers, DRAFT_VOCAB),
-                (f"MTP {layers} draft(s), --draft-vocab 0 (whole vocabulary)", layers, 0)]
     rows = []
     for label, path in checkpoints.items():
-        figures = {}
-        for name, drafts, vocab in variants:
-            command = [sys.executable, __file__, "--shape", args.shape, "--dtype", args.dtype, "--gen-tokens",
-                       str(args.gen_tokens), "--repeats", str(args.repeats), "--worker", str(path), str(drafts),
-                       str(vocab)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True)
-            figures[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        command = [sys.executable, __file__, "--shape", args.shape, "--dtype", args.dtype, "--gen-tokens",
+                   str(args.gen_tokens), "--repeats", str(args.repeats), "--worker", str(path), str(layers)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
         base = figures["no MTP"]["decode_tokens_per_s"]
         for name, result in figures.items():
-            if name == "no MTP":
-                continue
-            speedup = result["decode_tokens_per_s"] / base
-            rows.append((label, name, base, result["decode_tokens_per_s"], result["mean_accepted_length"], speedup))
+            if name != "no MTP":
+                speedup = result["decode_tokens_per_s"] / base
+                rows.append((label, name, base, result["decode_tokens_per_s"], result["mean_accepted_length"], speedup))
     return rows
+
+
+def run_variants(path: Path, dtype: str, layers: int, gen_tokens: int, repeats: int) -> dict:
+    """Plain decode and both MTP variants on one loaded model, taking turns for `repeats` rounds
+    (after a warm-up), each keeping its best: the same weights in the same memory, so only the
+    decoding differs."""
+    import torch
+
+    from mimo_local.generate import stream
+    from mimo_local.loader import load_model
+    from mimo_local.sampling import SamplingSettings
+    from mimo_local.tokenizer import ChatTokenizer
+    from bench_decode import prompt
+
+    model = load_model(path, getattr(torch, dtype))
+    tokenizer = ChatTokenizer(path)
+    variants = {"no MTP": (0, None), f"MTP {layers} draft(s) (default: draft vocab {DRAFT_VOCAB})": (layers, DRAFT_VOCAB),
+                f"MTP {layers} draft(s), --draft-vocab 0 (whole vocabulary)": (layers, None)}
+    best = {}
+    for _ in range(repeats + 1):
+        for name, (drafts, vocab) in variants.items():
+            settings = SamplingSettings(temperature=0, max_tokens=gen_tokens)
+            stats = list(stream(model, tokenizer, prompt(128), settings, eos_ids=(), draft_tokens=drafts,
+                                draft_vocab=vocab))[-1].stats
+            if name not in best or stats.decode_tokens_per_s > best[name].decode_tokens_per_s:
+                best[name] = stats
+    return {name: {"decode_tokens_per_s": stats.decode_tokens_per_s,
+                   "mean_accepted_length": stats.speculation.mean_accepted_length if stats.speculation else 1.0}
+            for name, stats in best.items()}
 
 
 def report(rows: list[tuple], title: str, record: bool) -> None:

@@ -116,8 +116,8 @@ def run(
     mtp: Optional[bool] = mtp_option(),
     draft_tokens: int = draft_tokens_option(),
     draft_vocab: Optional[int] = typer.Option(
-        None, "--draft-vocab", help="Draft over the first N (most frequent) token ids only: cheaper drafts, still "
-        "lossless. Default 32768 for vocabularies over 65536; 0 = the whole vocabulary."
+        None, "--draft-vocab", help="Draft over the first N (most frequent) token ids and those the conversation used: "
+        "cheaper drafts, still lossless. Default 32768 for vocabularies over 65536; 0 = the whole vocabulary."
     ),
     device: str = device_option(),
     dtype: str = dtype_option(),

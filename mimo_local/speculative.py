@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from .cache import ModelCache
+from .kernels import cpu as cpu_kernels
 from .models.model import MiMoForCausalLM
+from .quant.linear import dequantized_linear_weight
 from .sampling import Sampler, draw, probabilities
 
 CATCH_UP_CHUNK = 512
@@ -39,6 +41,41 @@ class SpeculationStats:
         return self.produced / self.verify_forwards if self.verify_forwards else 0.0
 
 
+class DraftVocabulary:
+    """The token ids drafts are scored over: the first `size` ids (byte-level BPE gives the
+    frequent merges the low ids) and every higher id the conversation has used, so that names,
+    code identifiers and other scripts from the prompt still draft well while a draft reads a
+    fraction of the head. Other ids get -inf: such a token is a missed draft, never another output."""
+
+    MAX_EXTRA = 8192  # rows copied for conversation ids beyond `size`
+
+    def __init__(self, head, size: int, vocab_size: int, dtype: torch.dtype):
+        self.head, self.size, self.vocab_size, self.dtype = head, size, vocab_size, dtype
+        self.extra_ids: list[int] = []
+        self.extra_rows = None  # head rows of extra_ids, [n, hidden] in the activations' dtype
+        self._index = None  # extra_ids as a tensor
+
+    def extend(self, token_ids: torch.Tensor) -> None:
+        known = set(self.extra_ids)
+        fresh = [t for t in dict.fromkeys(token_ids.tolist()) if t >= self.size and t not in known]
+        fresh = fresh[: self.MAX_EXTRA - len(self.extra_ids)]
+        if not fresh:
+            return
+        index = torch.tensor(fresh, device=token_ids.device)
+        rows = dequantized_linear_weight(self.head, index).to(self.dtype)
+        self.extra_rows = rows if self.extra_rows is None else torch.cat([self.extra_rows, rows])
+        self.extra_ids += fresh
+        self._index = torch.tensor(self.extra_ids, device=token_ids.device)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """float32 logits [..., vocab_size] of the final-normed hidden states."""
+        out = torch.full((*normed.shape[:-1], self.vocab_size), float("-inf"), device=normed.device)
+        out[..., : self.size] = self.head.first_rows(normed, self.size)
+        if self.extra_ids:
+            out[..., self._index] = cpu_kernels.linear(normed, self.extra_rows, float32_out=True)
+        return out
+
+
 class MTPDrafter:
     """Drafting state of one conversation. It lives in `cache.drafter`, so a later turn on the same
     cache goes on from it after the front end rewound the cache to the common prefix."""
@@ -49,6 +86,8 @@ class MTPDrafter:
         self.final = [0] * len(model.mtp_layers)  # per layer: leading cache positions that are final
         self.hidden = None  # target hidden states [T, H] of positions hidden_start.., still needed
         self.hidden_start = 0
+        self.vocabulary: DraftVocabulary | None = None
+        self.scanned = 0  # leading cache positions whose ids the vocabulary has seen
 
     def rewind(self, length: int) -> None:
         """The target cache now holds `length` positions; new tokens follow from there. Entry i of
@@ -60,6 +99,7 @@ class MTPDrafter:
         if self.hidden is None or not len(self.hidden):
             self.hidden, self.hidden_start = None, length
         self.final = [max(min(final, length - k - 1), self.hidden_start) for k, final in enumerate(self.final)]
+        self.scanned = min(self.scanned, length)
 
     def observe(self, hidden: torch.Tensor, start: int) -> None:
         """Keep the target's hidden states [1, T, H] of positions start..start+T-1 (anything kept
@@ -71,11 +111,13 @@ class MTPDrafter:
 
     def draft(self, history: torch.Tensor, sampler: Sampler, draft_tokens: int, vocab_limit: int | None = None):
         """Draft tokens after x_P = history[-1] (the target has processed P = cache.length
-        positions). Returns (draft ids, the draft distributions [n, V] when sampling, else None)."""
+        positions). Returns (draft ids, the draft distributions [n, V] when sampling, else None).
+        `vocab_limit`: score drafts over a DraftVocabulary of that size instead of the whole head."""
         model, layers = self.model, len(self.model.mtp_layers)
         processed = self.cache.length
         base = self.hidden_start
         sequence = torch.cat([self.cache.token_ids[base:processed], history[-1:]])  # x_base..x_P
+        vocabulary = self._vocabulary(vocab_limit, history[-1:])
         drafts: list[int] = []
         distributions = []
         previous = None
@@ -87,10 +129,9 @@ class MTPDrafter:
             else:
                 ids = sequence[-1:].view(1, 1)
                 last = model.mtp_hidden(layer, previous, ids, processed - 1 + chain, self.cache.mtp_layers[layer])
-            logits = model.mtp_logits(layer, last, vocab_limit)[0, -1]
+            logits = model.mtp_logits(layer, last, vocabulary)[0, -1]
             if sampler.settings.repetition_penalty != 1.0:
-                seen = torch.cat([history, history.new_tensor(drafts)])
-                logits = sampler.adjust(logits, seen[seen < logits.shape[-1]])  # a draft vocab may be smaller
+                logits = sampler.adjust(logits, torch.cat([history, history.new_tensor(drafts)]))
             if sampler.settings.greedy:
                 token = int(logits.argmax())
             else:
@@ -102,6 +143,18 @@ class MTPDrafter:
             previous = last
         self._forget_before(min(self.final, default=processed))
         return drafts, (torch.stack(distributions) if distributions else None)
+
+    def _vocabulary(self, size: int | None, newest: torch.Tensor) -> DraftVocabulary | None:
+        """The draft vocabulary of `size` ids, told every id of the conversation so far."""
+        if size is None or size >= self.model.config.vocab_size:
+            return None
+        if self.vocabulary is None or self.vocabulary.size != size:
+            self.vocabulary = DraftVocabulary(self.model.lm_head, size, self.model.config.vocab_size, self.model.dtype)
+            self.scanned = 0
+        processed = self.cache.length
+        self.vocabulary.extend(torch.cat([self.cache.token_ids[self.scanned : processed], newest]))
+        self.scanned = processed
+        return self.vocabulary
 
     def _catch_up(self, layer: int, sequence: torch.Tensor, base: int, processed: int) -> torch.Tensor:
         """Run `layer` from its first non-final position to P-1; returns the output at P-1.
@@ -149,9 +202,7 @@ def accept_drafts(
     p_rows = probabilities(target_logits, sampler.settings)
     kept: list[int] = []
     for j, draft in enumerate(drafts):
-        p = p_rows[j]
-        q = torch.zeros_like(p)
-        q[: draft_distributions.shape[1]] = draft_distributions[j]
+        p, q = p_rows[j], draft_distributions[j]
         ratio = (p[draft] / q[draft]).item() if q[draft] > 0 else 0.0
         if torch.rand((), generator=sampler.generator, device=p.device).item() < ratio:
             kept.append(draft)

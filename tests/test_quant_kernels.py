@@ -155,15 +155,20 @@ def test_quantized_experts_take_the_fused_kernel_with_the_reference_result(check
     assert (got - expected).abs().max().item() < 1e-4 * (1 + expected.abs().max().item())
 
 
-def test_int8_recipe_quantizes_lm_head_and_draft_vocabulary_reads_its_first_rows(checkpoints):
+def test_int8_recipe_quantizes_lm_head_and_draft_vocabulary_reads_its_rows(checkpoints):
     from mimo_local.loader import load_model
     from mimo_local.quant.linear import QuantLinear
+    from mimo_local.speculative import DraftVocabulary
 
     model = load_model(checkpoints("mimo"), torch.float32, quant="int8")
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.kind == "int8"
     hidden = torch.randn(1, 1, model.config.hidden_size)
     full = model.mtp_logits(0, hidden)
-    assert close(model.mtp_logits(0, hidden, vocab_limit=100), full[..., :100], 1e-5)
+    vocabulary = DraftVocabulary(model.lm_head, 100, model.config.vocab_size, model.dtype)
+    vocabulary.extend(torch.tensor([5, 300, 7]))
+    limited = model.mtp_logits(0, hidden, vocabulary)
+    assert close(limited[..., :100], full[..., :100], 1e-5) and close(limited[..., 300], full[..., 300], 1e-5)
+    assert torch.isinf(limited[..., 100:300]).all() and torch.isinf(limited[..., 301:]).all()
 
 
 def test_int4_experts_with_128_groups_take_the_int8_activation_path_within_its_error():

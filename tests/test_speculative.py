@@ -154,7 +154,7 @@ def test_draft_vocabulary_limits_the_drafts(family_model):
 
         def recording(history, sampler, *limits):
             tokens, distributions = draft(history, sampler, *limits)
-            made.extend(tokens)
+            made.extend((token, set(history.tolist())) for token in tokens)  # with the ids used so far
             return tokens, distributions
 
         decoder.drafter.draft = recording
@@ -165,8 +165,31 @@ def test_draft_vocabulary_limits_the_drafts(family_model):
             pending = decoder.next(history)
         return made
 
-    assert all(token < 300 for token in drafts(300))
-    assert any(token >= 300 for token in drafts(None))
+    assert all(token < 300 or token in used for token, used in drafts(300))
+    assert any(token >= 300 and token not in used for token, used in drafts(None))
+
+
+@pytest.mark.parametrize("head", [None, "int8", "int4"])
+def test_draft_vocabulary_scores_the_frequent_ids_and_those_of_the_conversation(checkpoints, head, tmp_path):
+    from mimo_local.speculative import DraftVocabulary
+
+    recipe = tmp_path / "head.yaml"
+    group = "\n    group_size: 32" if head == "int4" else ""
+    recipe.write_text(f"name: head\nrules:\n  - match: '^lm_head\\.weight$'\n    scheme: {head}{group}\n")
+    model = load_model(checkpoints("mimo"), torch.float32, quant=str(recipe) if head else None)
+    assert head is None or model.lm_head.kind == head
+    vocab_size = model.config.vocab_size
+    vocabulary = DraftVocabulary(model.lm_head, 256, vocab_size, model.dtype)
+    vocabulary.extend(torch.tensor([3, 700, 900, 700]))
+    vocabulary.extend(torch.tensor([900, 1000]))
+    assert vocabulary.extra_ids == [700, 900, 1000]
+    hidden = torch.randn(1, 2, model.config.hidden_size)
+    full, limited = model.mtp_logits(0, hidden), model.mtp_logits(0, hidden, vocabulary)
+    scored = torch.zeros(vocab_size, dtype=torch.bool)
+    scored[:256] = True
+    scored[[700, 900, 1000]] = True
+    assert limited.shape == full.shape and torch.isinf(limited[..., ~scored]).all()
+    assert torch.allclose(limited[..., scored], full[..., scored], atol=1e-4)
 
 
 def test_mtp_continues_a_conversation_on_the_same_cache(family_model):

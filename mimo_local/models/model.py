@@ -99,10 +99,10 @@ class MiMoForCausalLM(nn.Module):
         return self.mtp_layers[layer](hidden, self.embed_tokens(token_ids), start, cache)
 
     @torch.inference_mode()
-    def mtp_logits(self, layer: int, hidden: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
-        """Logits of MTP layer `layer` through the shared lm_head, optionally over the first
-        `vocab_limit` token ids only (the frequent ones: cheaper drafts, still lossless)."""
+    def mtp_logits(self, layer: int, hidden: torch.Tensor, vocabulary=None) -> torch.Tensor:
+        """float32 logits of MTP layer `layer` through the shared lm_head, or only over a draft
+        `vocabulary` (speculative.DraftVocabulary: cheaper drafts, still lossless)."""
         normed = self.mtp_layers[layer].final_norm(hidden)
-        if vocab_limit is None or vocab_limit >= self.config.vocab_size:
+        if vocabulary is None:
             return self.lm_head(normed, float32_out=True)
-        return self.lm_head.first_rows(normed, vocab_limit).float()
+        return vocabulary.logits(normed)

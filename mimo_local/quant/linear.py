@@ -109,11 +109,12 @@ class QuantLinear(nn.Module):
         packed = self.packed if index is None else self.packed[index]
         return bnb.matmul_4bit(x, packed.reshape(-1, 1).t(), quant_state=self._bnb_state[1], bias=self.bias)
 
-    def dequantize(self, index: int | None = None) -> torch.Tensor:
-        """The float32 weight [out, in] (of expert `index`)."""
+    def dequantize(self, index: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weight [out, in] (of expert `index`; only output rows `rows` if given)."""
 
         def pick(tensor):
-            return tensor if index is None else tensor[index]
+            tensor = tensor if index is None else tensor[index]
+            return tensor if rows is None else tensor[rows]
 
         if self.kind == "int8":
             return quant_kernels.dequantize_int8(pick(self.qweight), pick(self.scales))
@@ -123,7 +124,7 @@ class QuantLinear(nn.Module):
         if self.perm is None:
             return weight
         unpermuted = torch.empty_like(weight)
-        unpermuted[:, pick(self.perm)] = weight
+        unpermuted[:, self.perm if index is None else self.perm[index]] = weight
         return unpermuted
 
 
@@ -139,5 +140,8 @@ def fused_expert_operands(gate_up, down) -> tuple | None:
     return None
 
 
-def dequantized_linear_weight(module: nn.Module) -> torch.Tensor:
-    return module.dequantize() if isinstance(module, QuantLinear) else module.weight.float()
+def dequantized_linear_weight(module: nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weight of a float or quantized linear layer (only output rows `rows` if given)."""
+    if isinstance(module, QuantLinear):
+        return module.dequantize(rows=rows)
+    return (module.weight if rows is None else module.weight[rows]).float()
