@@ -109,7 +109,7 @@ int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, co
     float *x_scale = malloc(sizeof(float) * m);
     if (!xq || !x_scale) { free(xq); free(x_scale); return 0; }
     quantize_x_int16(x, xq, x_scale, m, k);
-#pragma omp parallel for schedule(dynamic, 64)
+#pragma omp parallel for schedule(guided, 32)
     for (int64_t row = 0; row < n; row++) {
         const int8_t *wr = w + row * k;
         float b = bias ? bias[row] : 0.f;
@@ -128,7 +128,7 @@ int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, co
 
 void linear_int8(const float *x, const int8_t *w, const float *scales, const float *bias, float *y, int m,
                  int64_t n, int64_t k) {
-#pragma omp parallel for schedule(dynamic, 64)
+#pragma omp parallel for schedule(guided, 32)
     for (int64_t row = 0; row < n; row++) {
         const int8_t *wr = w + row * k;
         float b = bias ? bias[row] : 0.f;
@@ -216,9 +216,48 @@ static void quantize_rows_int8(const uint16_t *x, int m, int64_t k, int64_t grou
     }
 }
 
+/* int4_row_vnni for one token and groups of 128 (one 64-byte block each), the decode case: two
+ * groups per iteration into two accumulators, so consecutive groups do not wait on each other,
+ * and the zero-point offset sum(scale * zero * x_sum) taken 16 groups at a time. */
+ALWAYS_INLINE float int4_row_vnni_g128(const uint8_t *w, const float *scales, const float *zeros,
+                                       const int8_t *x_even, const int8_t *x_odd, const float *x_scales,
+                                       const float *x_sums, int64_t groups) {
+    const __m512i low_mask = _mm512_set1_epi8(0x0F);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), offset = _mm512_setzero_ps();
+#define GROUP_DOT(g)                                                                                                \
+    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(bytes, low_mask),              \
+                                            _mm512_loadu_si512(x_even + (g) * 64)),                                 \
+                        _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask), _mm512_loadu_si512(x_odd + (g) * 64))
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+        __m512i bytes = _mm512_loadu_si512(w + g * 64);
+        __m512i first = GROUP_DOT(g);
+        bytes = _mm512_loadu_si512(w + g * 64 + 64);
+        __m512i second = GROUP_DOT(g + 1);
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(first), _mm512_set1_ps(scales[g] * x_scales[g]), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(second), _mm512_set1_ps(scales[g + 1] * x_scales[g + 1]), acc1);
+    }
+    if (g < groups) {
+        __m512i bytes = _mm512_loadu_si512(w + g * 64);
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(GROUP_DOT(g)), _mm512_set1_ps(scales[g] * x_scales[g]), acc0);
+    }
+#undef GROUP_DOT
+    for (g = 0; g < groups; g += 16) {
+        __mmask16 lanes = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+        offset = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, scales + g),
+                                               _mm512_maskz_loadu_ps(lanes, zeros + g)),
+                                 _mm512_maskz_loadu_ps(lanes, x_sums + g), offset);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - _mm512_reduce_add_ps(offset);
+}
+
 ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
                                  const int8_t *x_odd, const float *x_scales, const float *x_sums, int64_t k,
                                  int64_t groups, int64_t blocks_per_group, int tokens, float *sums) {
+    if (tokens == 1 && blocks_per_group == 1) {
+        sums[0] = int4_row_vnni_g128(w, scales, zeros, x_even, x_odd, x_scales, x_sums, groups);
+        return;
+    }
     const int64_t half = k / 2;
     const __m512i low_mask = _mm512_set1_epi8(0x0F);
     __m512 acc[TOKENS_PER_PASS];
@@ -257,7 +296,7 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
     int8_t *x_odd = x_even + (int64_t)m * half;
     float *x_sums = x_scales + (int64_t)m * groups;
     quantize_rows_int8(x, m, k, group, x_even, x_odd, x_scales, x_sums);
-#pragma omp parallel for schedule(dynamic, 64)
+#pragma omp parallel for schedule(guided, 32)
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *wr = w + row * half;
         const float *sr = scales + row * groups, *zr = zeros + row * groups;
@@ -281,7 +320,7 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
 void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, const float *scales,
                  const float *zeros, const float *bias, float *y, int m, int64_t n, int64_t k, int64_t group) {
     int64_t groups = k / group, half = k / 2;
-#pragma omp parallel for schedule(dynamic, 64)
+#pragma omp parallel for schedule(guided, 32)
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *wr = w + row * half;
         const float *sr = scales + row * groups, *zr = zeros + row * groups;
@@ -446,7 +485,7 @@ static void projection_rows(const Projection *p, const uint16_t *x, uint16_t *y,
         if (p->bits == 8) quantize_x_int16(x, x16, x_scales, m, k);
         else quantize_rows_int8(x, m, k, p->group, x_even, x_odd, x_scales, x_sums);
     }
-#pragma omp for schedule(dynamic, 64)
+#pragma omp for schedule(guided, 32)
     for (int64_t row = 0; row < n; row++) {
         float b = bias ? bias[row] : 0.f;
         float sums[TOKENS_PER_PASS];
