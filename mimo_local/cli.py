@@ -65,7 +65,8 @@ def seed_option():
 
 
 def draft_tokens_option():
-    return typer.Option(0, "--draft-tokens", help="Tokens drafted per step (default: one per MTP layer).")
+    return typer.Option(0, "--draft-tokens", help="Most tokens drafted per step (default: one per MTP layer); a step drafts one more than "
+                        "the last step kept.")
 
 
 def mtp_option():

@@ -137,7 +137,12 @@ class PlainDecoder:
 
 
 class SpeculativeDecoder(PlainDecoder):
-    """Draft with the MTP layers, verify all drafts in one target forward (see speculative.py)."""
+    """Draft with the MTP layers, verify all drafts in one target forward (see speculative.py).
+
+    Up to `draft_tokens` drafts a step: after a step that kept m drafts the next drafts m + 1,
+    so rejected positions stop costing drafts and a wider verify (on MoE models every extra
+    verified token reads its own experts). It depends on the tokens only, so seeded sampling
+    stays reproducible, and greedy output stays identical to plain decoding."""
 
     def __init__(self, model, cache, sampler, draft_tokens: int, vocab_limit: int | None = None):
         super().__init__(model, cache, sampler)
@@ -146,16 +151,18 @@ class SpeculativeDecoder(PlainDecoder):
         self.drafter = cache.drafter
         self.drafter.rewind(cache.length)
         self.draft_tokens, self.vocab_limit = draft_tokens, vocab_limit
+        self.depth = draft_tokens  # drafts in the next step
         self.stats = SpeculationStats()
         self.observe = self.drafter.observe
 
     def next(self, history):
         processed = self.cache.length
-        drafts, distributions = self.drafter.draft(history, self.sampler, self.draft_tokens, self.vocab_limit)
+        drafts, distributions = self.drafter.draft(history, self.sampler, self.depth, self.vocab_limit)
         ids = torch.cat([history[-1:], history.new_tensor(drafts)])[None]
         out = self.model(ids, self.cache, all_logits=True)
         kept = accept_drafts(out.logits[0], drafts, distributions, self.sampler, history)
         accepted = len(kept) - 1
+        self.depth = min(self.draft_tokens, accepted + 1)
         self.cache.truncate(processed + 1 + accepted)
         self.drafter.observe(out.hidden[:, : accepted + 1], processed)
         self.stats.drafted += len(drafts)

@@ -41,7 +41,7 @@ def test_greedy_output_identical_with_mtp(family_model, draft_tokens):
         plain = generate(model, tokenizer, prompt)
         speculative = generate(model, tokenizer, prompt, draft_tokens=draft_tokens)
         assert speculative.token_ids == plain.token_ids
-        assert speculative.speculation.drafted == draft_tokens * speculative.speculation.verify_forwards
+        assert speculative.speculation.drafted <= draft_tokens * speculative.speculation.verify_forwards
 
 
 @pytest.fixture(scope="module", params=["mimo", "mimo_v2_flash"])
@@ -77,6 +77,25 @@ def test_drafts_rejected_at_every_position(oracles):
         assert speculative.token_ids == plain.token_ids
         assert speculative.speculation.accepted == 0
         assert speculative.speculation.mean_accepted_length == 1.0
+
+
+def test_each_step_drafts_one_more_than_the_last_step_kept(oracles, monkeypatch):
+    from mimo_local.speculative import MTPDrafter
+
+    _, made = oracles
+    depths = []
+    draft = MTPDrafter.draft
+
+    def recording(self, history, sampler, draft_tokens, vocab_limit=None):
+        depths.append(draft_tokens)
+        return draft(self, history, sampler, draft_tokens, vocab_limit)
+
+    monkeypatch.setattr(MTPDrafter, "draft", recording)
+    for mode, expected in (("copy", lambda steps: [3] * steps), ("negate", lambda steps: [3] + [1] * (steps - 1))):
+        model, tokenizer = made[mode]
+        depths.clear()
+        stats = generate(model, tokenizer, PROMPTS[1], draft_tokens=3).speculation
+        assert depths == expected(stats.verify_forwards) and stats.drafted == sum(depths)
 
 
 def test_caches_after_rejections_equal_a_fresh_recompute(family_model):
