@@ -42,35 +42,46 @@ def oracle_for(shape: str) -> Path:
     return path
 
 
-def run_demo(name: str, drafts: int, temperature: float, gen_tokens: int, repeats: int) -> dict:
+def take_turns(variants: dict, repeats: int) -> dict:
+    """Run each variant (a function returning the stats of one generation) in turn for `repeats`
+    rounds after a warm-up, keeping each one's best: the same weights in the same memory, so only
+    the decoding differs."""
+    best = {}
+    for _ in range(repeats + 1):
+        for name, generate in variants.items():
+            stats = generate()
+            if name not in best or stats.decode_tokens_per_s > best[name].decode_tokens_per_s:
+                best[name] = stats
+    return {name: {"decode_tokens_per_s": stats.decode_tokens_per_s,
+                   "mean_accepted_length": stats.speculation.mean_accepted_length if stats.speculation else 1.0}
+            for name, stats in best.items()}
+
+
+def run_demo(name: str, temperature: float, gen_tokens: int, repeats: int) -> dict:
     from mimo_local.engine import Engine
     from mimo_local.hub import DEMO_DIR
     from mimo_local.sampling import SamplingSettings
 
     engine = Engine.load(DEMO_DIR / name)
     ids = engine.prompt_ids((DEMO_DIR / "heldout.txt").read_text()[:600], raw=True)
-    best = None
-    for _ in range(repeats + 1):
+
+    def variant(mtp: bool):
         settings = SamplingSettings(temperature=temperature, seed=0, max_tokens=gen_tokens)
-        stats = list(engine.stream(ids, settings, eos_ids=(), **engine.speculation(drafts > 0, drafts)))[-1].stats
-        if best is None or stats.decode_tokens_per_s > best.decode_tokens_per_s:
-            best = stats
-    return {"decode_tokens_per_s": best.decode_tokens_per_s,
-            "mean_accepted_length": best.speculation.mean_accepted_length if best.speculation else 1.0}
+        return lambda: list(engine.stream(ids, settings, eos_ids=(), **engine.speculation(mtp)))[-1].stats
+
+    return take_turns({"no MTP": variant(False), "MTP": variant(True)}, repeats)
 
 
 def measure_demo(args) -> list[tuple]:
     rows = []
     for name, layers in (("mimo-nano", 1), ("mimo-nano-moe", 3)):
         for temperature in (0.0, 0.6):
-            figures = {}
-            for drafts in (0, layers):
-                command = [sys.executable, __file__, "--gen-tokens", str(args.gen_tokens), "--repeats",
-                           str(args.repeats), "--demo-worker", name, str(drafts), str(temperature)]
-                out = subprocess.run(command, capture_output=True, text=True, check=True)
-                figures[drafts] = json.loads(out.stdout.strip().splitlines()[-1])
-            base, result = figures[0]["decode_tokens_per_s"], figures[layers]
-            rows.append((f"{name} (trained), temperature {temperature}", f"MTP {layers} draft(s)", base,
+            command = [sys.executable, __file__, "--gen-tokens", str(args.gen_tokens), "--repeats",
+                       str(args.repeats), "--demo-worker", name, str(temperature)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            figures = json.loads(out.stdout.strip().splitlines()[-1])
+            base, result = figures["no MTP"]["decode_tokens_per_s"], figures["MTP"]
+            rows.append((f"{name} (trained), temperature {temperature}", f"MTP, up to {layers} draft(s)", base,
                          result["decode_tokens_per_s"], result["mean_accepted_length"],
                          result["decode_tokens_per_s"] / base))
     return rows
@@ -85,11 +96,11 @@ def main() -> None:
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--demo", action="store_true", help="the trained demo models instead of the bench shapes")
     parser.add_argument("--worker", nargs=2, metavar=("CHECKPOINT", "LAYERS"), help=argparse.SUPPRESS)
-    parser.add_argument("--demo-worker", nargs=3, metavar=("NAME", "DRAFTS", "TEMPERATURE"), help=argparse.SUPPRESS)
+    parser.add_argument("--demo-worker", nargs=2, metavar=("NAME", "TEMPERATURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.demo_worker:
-        name, drafts, temperature = args.demo_worker
-        print(json.dumps(run_demo(name, int(drafts), float(temperature), args.gen_tokens, args.repeats)))
+        name, temperature = args.demo_worker
+        print(json.dumps(run_demo(name, float(temperature), args.gen_tokens, args.repeats)))
         return
     if args.worker:
         path, layers = args.worker
@@ -120,9 +131,7 @@ def measure_shape(args) -> list[tuple]:
 
 
 def run_variants(path: Path, dtype: str, layers: int, gen_tokens: int, repeats: int) -> dict:
-    """Plain decode and both MTP variants on one loaded model, taking turns for `repeats` rounds
-    (after a warm-up), each keeping its best: the same weights in the same memory, so only the
-    decoding differs."""
+    """Plain decode and both MTP variants on one loaded model, taking turns."""
     import torch
 
     from mimo_local.generate import stream
@@ -133,19 +142,16 @@ def run_variants(path: Path, dtype: str, layers: int, gen_tokens: int, repeats: 
 
     model = load_model(path, getattr(torch, dtype))
     tokenizer = ChatTokenizer(path)
-    variants = {"no MTP": (0, None), f"MTP {layers} draft(s) (default: draft vocab {DRAFT_VOCAB})": (layers, DRAFT_VOCAB),
-                f"MTP {layers} draft(s), --draft-vocab 0 (whole vocabulary)": (layers, None)}
-    best = {}
-    for _ in range(repeats + 1):
-        for name, (drafts, vocab) in variants.items():
-            settings = SamplingSettings(temperature=0, max_tokens=gen_tokens)
-            stats = list(stream(model, tokenizer, prompt(128), settings, eos_ids=(), draft_tokens=drafts,
-                                draft_vocab=vocab))[-1].stats
-            if name not in best or stats.decode_tokens_per_s > best[name].decode_tokens_per_s:
-                best[name] = stats
-    return {name: {"decode_tokens_per_s": stats.decode_tokens_per_s,
-                   "mean_accepted_length": stats.speculation.mean_accepted_length if stats.speculation else 1.0}
-            for name, stats in best.items()}
+
+    def variant(drafts: int, vocab: int | None):
+        settings = SamplingSettings(temperature=0, max_tokens=gen_tokens)
+        return lambda: list(stream(model, tokenizer, prompt(128), settings, eos_ids=(), draft_tokens=drafts,
+                                   draft_vocab=vocab))[-1].stats
+
+    return take_turns({"no MTP": variant(0, None),
+                       f"MTP, up to {layers} draft(s) (default: draft vocab {DRAFT_VOCAB})": variant(layers, DRAFT_VOCAB),
+                       f"MTP, up to {layers} draft(s), --draft-vocab 0 (whole vocabulary)": variant(layers, None)},
+                      repeats)
 
 
 def report(rows: list[tuple], title: str, record: bool) -> None:

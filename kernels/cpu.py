@@ -88,6 +88,7 @@ def library() -> ctypes.CDLL | None:
     for name, types in argtypes.items():
         for suffix in ("f32", "bf16"):
             getattr(lib, f"{name}_{suffix}").argtypes = types
+    lib.argmax_rows_f32.argtypes = [pointer, integer, i64, pointer]
     return lib
 
 
@@ -143,6 +144,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _kernel("linear", x.dtype)(flat.data_ptr(), weight.data_ptr(), _address(bias), out.data_ptr() if to_f32 else None,
                                None if to_f32 else out.data_ptr(), rows, out_features, in_features)
     return out
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """The index of the largest value of each row of `logits` [..., V] (the first, on ties), as
+    torch.argmax(dim=-1) gives it: through the vectorized kernel for float32 CPU logits."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or library() is None:
+        return logits.argmax(dim=-1).reshape(-1).tolist()
+    rows = logits.reshape(-1, logits.shape[-1]).contiguous()
+    out = torch.empty(rows.shape[0], dtype=torch.int64)
+    library().argmax_rows_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], out.data_ptr())
+    return out.tolist()
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

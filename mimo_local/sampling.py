@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MimoError
+from .kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -133,6 +134,6 @@ class Sampler:
     def pick(self, logits: torch.Tensor) -> int:
         """One token from adjusted logits [V]."""
         if self.settings.greedy:
-            return int(logits.argmax())
+            return cpu_kernels.argmax_rows(logits)[0]
         probs = probabilities(logits, self.settings)
         return draw(probs, self.generator)

@@ -133,7 +133,7 @@ class MTPDrafter:
             if sampler.settings.repetition_penalty != 1.0:
                 logits = sampler.adjust(logits, torch.cat([history, history.new_tensor(drafts)]))
             if sampler.settings.greedy:
-                token = int(logits.argmax())
+                token = cpu_kernels.argmax_rows(logits)[0]
             else:
                 distribution = probabilities(logits, sampler.settings)
                 token = draw(distribution, sampler.generator)
@@ -194,7 +194,7 @@ def accept_drafts(
         # Row j follows drafts[:j]: it is penalized for those too (they are what was kept if it is used).
         target_logits = torch.stack([sampler.adjust(target_logits[j], candidates[: len(history) + j]) for j in range(rows)])
     if sampler.settings.greedy:
-        targets = target_logits.argmax(dim=-1).tolist()
+        targets = cpu_kernels.argmax_rows(target_logits)
         accepted = 0
         while accepted < len(drafts) and targets[accepted] == drafts[accepted]:
             accepted += 1

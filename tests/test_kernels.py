@@ -124,3 +124,18 @@ def test_one_call_decoder_layer_equals_the_step_by_step_kernels(
     step_by_step, fused = decode(False), decode(True)
     assert calls.count(True) == 7 * len(model.layers)
     assert torch.equal(fused, step_by_step)
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 4096, 151680])
+def test_argmax_rows_picks_what_torch_argmax_picks(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    for trial in range(12):
+        logits = torch.randn(3, vocab, generator=generator)
+        if trial % 3 == 0:
+            logits = logits.round()  # many ties: the first index wins
+        if trial % 4 == 0:
+            logits[:, vocab // 2 :] = float("-inf")  # a draft vocabulary's unscored ids
+        if trial == 5:
+            logits[:] = float("-inf")
+        assert cpu.argmax_rows(logits) == logits.argmax(dim=-1).tolist()
+        assert cpu.argmax_rows(logits[1]) == [int(logits[1].argmax())]
