@@ -114,6 +114,9 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    ignore_eos: bool = typer.Option(
+        False, "--ignore-eos", help="Go on past end-of-text tokens up to --max-tokens (benchmarks, long outputs)."
+    ),
     mtp: Optional[bool] = mtp_option(),
     draft_tokens: int = draft_tokens_option(),
     draft_vocab: Optional[int] = typer.Option(
@@ -165,7 +168,8 @@ def run(
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
                              placement=placement)
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
-        events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings, **speculation)
+        events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings,
+                               eos_ids=() if ignore_eos else None, **speculation)
         stats = None
         for event in events:
             if isinstance(event, DoneEvent):

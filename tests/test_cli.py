@@ -128,11 +128,20 @@ def test_mtp_on_a_checkpoint_without_mtp_layers(tmp_path):
     assert mimo("run", "-m", plain, "-n", "3", "Hi").returncode == 0
 
 
+def test_ignore_eos_generates_up_to_max_tokens(model):
+    args = ("run", "-m", model, "--seed", "1", "-n", "400", "--no-mtp", "--json", "Hello")
+    stopped, full = json.loads(mimo(*args).stdout), json.loads(mimo(*args, "--ignore-eos").stdout)
+    assert stopped["finish_reason"] == "stop" and stopped["completion_tokens"] < 400  # the tiny model's EOS
+    assert full["finish_reason"] == "length" and full["completion_tokens"] == 400
+    assert full["token_ids"][: len(stopped["token_ids"])] == stopped["token_ids"]
+
+
 def test_ctrl_c_stops_cleanly(model):
     import signal
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "mimo_local.cli", "run", "-m", str(model), "-n", "20000", "--no-mtp", "Hello"],
+        [sys.executable, "-m", "mimo_local.cli", "run", "-m", str(model), "-n", "20000", "--ignore-eos", "--no-mtp",
+         "Hello"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     assert process.stdout.read(1)  # generation has started
