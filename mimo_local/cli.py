@@ -220,6 +220,72 @@ def _stats_line(engine, stats) -> str:
 
 
 @app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to measure (as for `mimo run`)."),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", "-p", help="Prompt length of the pp test."),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", "-n", help="Tokens generated in the tg test (greedy, "
+                                   "end-of-text ignored)."),
+    repetitions: int = typer.Option(3, "--repetitions", "-r", help="Timed runs, after one warm-up run."),
+    mtp: Optional[bool] = mtp_option(),
+    draft_tokens: int = draft_tokens_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Quantize while loading with this recipe."),
+    gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
+    cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
+    cpu_moe: bool = offload_options.cpu_moe_option(),
+    n_cpu_moe: int = offload_options.n_cpu_moe_option(),
+    override_tensor: list[str] = offload_options.override_tensor_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    yes: bool = yes_option(),
+    debug: bool = debug_option(),
+):
+    """Prompt-processing (pp) and generation (tg) speed of a model, as llama-bench measures them."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .bench import check_counts, measure, weight_bytes_by_device
+    from .engine import Engine
+
+    try:
+        check_counts(prompt_tokens, gen_tokens, repetitions)
+        if draft_tokens < 0:
+            raise MimoError("--draft-tokens must be >= 0")
+        model_dir = _resolve_model_for_run(model, yes)
+        placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
+                                                      ctx=prompt_tokens + gen_tokens + 8, mtp=mtp, clamp_ctx=True)
+        engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
+                             placement=placement)
+        speculation = engine.speculation(mtp, draft_tokens)
+        with Progress(transient=True, disable=as_json or not sys.stderr.isatty()) as progress:
+            task = progress.add_task("bench", total=repetitions + 1)
+            results = measure(engine, prompt_tokens, gen_tokens, repetitions, speculation,
+                              on_run=lambda: progress.advance(task))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130)
+    except (MimoError, OSError, RuntimeError, ValueError) as error:
+        _fail(error, debug)
+    placed = ", ".join(f"{name} {size / 1e9:.2f} GB" for name, size in weight_bytes_by_device(engine).items())
+    mode = f"MTP, up to {speculation['draft_tokens']} drafts" if speculation["draft_tokens"] else "no MTP"
+    if as_json:
+        typer.echo(json.dumps({"model": engine.path.name, "dtype": str(engine.model.dtype).removeprefix("torch."),
+                               "quant": quant, "weights": weight_bytes_by_device(engine), "decoding": mode,
+                               "results": [result.as_dict() for result in results]}))
+        return
+    table = Table(title=f"{engine.path.name} ({str(engine.model.dtype).removeprefix('torch.')}"
+                        f"{', ' + quant if quant else ''}; weights: {placed}; {mode})")
+    for column in ("test", "tokens/s", "runs"):
+        table.add_column(column, justify="right")
+    for result in results:
+        speed = f"{result.mean:.2f} ± {result.stdev:.2f}"
+        if result.mean_accepted_length is not None:
+            speed += f" (accepted length {result.mean_accepted_length:.2f})"
+        table.add_row(result.test, speed, str(len(result.tokens_per_s)))
+    _console().print(table)
+
+
+@app.command()
 def pull(
     name: str = typer.Argument(..., help="Alias (mimo-7b-rl, mimo-v2-flash, ...) or hub repo id org/name[@revision]."),
     include: list[str] = typer.Option([], "--include", help="Only files matching this glob (repeatable)."),
