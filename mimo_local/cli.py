@@ -241,6 +241,7 @@ def bench(
     debug: bool = debug_option(),
 ):
     """Prompt-processing (pp) and generation (tg) speed of a model, as llama-bench measures them."""
+    from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
@@ -257,7 +258,7 @@ def bench(
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
                              placement=placement)
         speculation = engine.speculation(mtp, draft_tokens)
-        with Progress(transient=True, disable=as_json or not sys.stderr.isatty()) as progress:
+        with Progress(console=Console(stderr=True), transient=True, disable=as_json or not sys.stderr.isatty()) as progress:
             task = progress.add_task("bench", total=repetitions + 1)
             results = measure(engine, prompt_tokens, gen_tokens, repetitions, speculation,
                               on_run=lambda: progress.advance(task))
