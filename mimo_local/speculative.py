@@ -53,11 +53,11 @@ class DraftVocabulary:
         self.head, self.size, self.vocab_size, self.dtype = head, size, vocab_size, dtype
         self.extra_ids: list[int] = []
         self.extra_rows = None  # head rows of extra_ids, [n, hidden] in the activations' dtype
+        self._known: set[int] = set()  # extra_ids, for lookups
         self._index = None  # extra_ids as a tensor
 
     def extend(self, token_ids: torch.Tensor) -> None:
-        known = set(self.extra_ids)
-        fresh = [t for t in dict.fromkeys(token_ids.tolist()) if t >= self.size and t not in known]
+        fresh = [t for t in dict.fromkeys(token_ids.tolist()) if t >= self.size and t not in self._known]
         fresh = fresh[: self.MAX_EXTRA - len(self.extra_ids)]
         if not fresh:
             return
@@ -65,6 +65,7 @@ class DraftVocabulary:
         rows = dequantized_linear_weight(self.head, index).to(self.dtype)
         self.extra_rows = rows if self.extra_rows is None else torch.cat([self.extra_rows, rows])
         self.extra_ids += fresh
+        self._known.update(fresh)
         self._index = torch.tensor(self.extra_ids, device=token_ids.device)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
