@@ -46,9 +46,8 @@ def prompt(length: int) -> list[int]:
     return [100 + (i * 7) % 800 for i in range(length)]
 
 
-def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, draft_tokens: int = 0,
-             draft_vocab: int | None = None, quant: str | None = None, temperature: float = 0.0,
-             top_p: float = 1.0) -> dict:
+def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeats: int, quant: str | None = None,
+             temperature: float = 0.0, top_p: float = 1.0) -> dict:
     import torch
 
     from mimo_local.generate import stream
@@ -61,14 +60,12 @@ def run_ours(path: Path, dtype: str, prompt_tokens: int, gen_tokens: int, repeat
     settings = SamplingSettings(temperature=temperature, top_p=top_p, seed=0, max_tokens=gen_tokens)
     best = None
     for _ in range(repeats + 1):  # the first run warms up
-        stats = list(stream(model, tokenizer, prompt(prompt_tokens), settings, eos_ids=(), draft_tokens=draft_tokens,
-                            draft_vocab=draft_vocab))[-1].stats
+        stats = list(stream(model, tokenizer, prompt(prompt_tokens), settings, eos_ids=()))[-1].stats
         if best is None or stats.decode_tokens_per_s > best.decode_tokens_per_s:
             best = stats
     return {
         "prefill_tokens_per_s": best.prefill_tokens_per_s,
         "decode_tokens_per_s": best.decode_tokens_per_s,
-        "mean_accepted_length": best.speculation.mean_accepted_length if best.speculation else 1.0,
     }
 
 

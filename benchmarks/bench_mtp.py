@@ -6,11 +6,12 @@
 --demo measures the trained demo models (mimo-nano, mimo-nano-moe) on the opening of their held-out
 Austen text, greedy and sampled (temperature 0.6, seeded), with their own MTP layers.
 
-Acceptance needs trained weights. Until the trained demo models exist, this measures the loop on
-checkpoints whose MTP agrees with the target by construction: the bench checkpoint turned into a
-bigram model whose MTP layers copy it (`make_bigram_with_oracle_mtp`, every draft accepted), with
-the frequent-token prior that the default draft vocabulary relies on (its text uses the first 16384 ids), and on the random bench checkpoint itself
-(every draft rejected: the overhead bound). Target: speedup >= 0.85 x mean accepted length.
+--shape measures the loop on checkpoints whose MTP agrees with the target by construction: the
+bench checkpoint turned into a bigram model whose MTP layers copy it (`make_bigram_with_oracle_mtp`,
+every draft accepted; its text keeps to the first 16384 ids, the frequent-token prior the default
+draft vocabulary relies on), and the random bench checkpoint itself (every draft rejected: the
+overhead bound). Plain decode and the MTP variants take turns in one process on the same weights.
+Target: speedup >= 0.85 x mean accepted length.
 """
 
 from __future__ import annotations

@@ -216,48 +216,11 @@ static void quantize_rows_int8(const uint16_t *x, int m, int64_t k, int64_t grou
     }
 }
 
-/* int4_row_vnni for one token and groups of 128 (one 64-byte block each), the decode case: two
- * groups per iteration into two accumulators, so consecutive groups do not wait on each other,
- * and the zero-point offset sum(scale * zero * x_sum) taken 16 groups at a time. */
-ALWAYS_INLINE float int4_row_vnni_g128(const uint8_t *w, const float *scales, const float *zeros,
-                                       const int8_t *x_even, const int8_t *x_odd, const float *x_scales,
-                                       const float *x_sums, int64_t groups) {
-    const __m512i low_mask = _mm512_set1_epi8(0x0F);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), offset = _mm512_setzero_ps();
-#define GROUP_DOT(g)                                                                                                \
-    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(bytes, low_mask),              \
-                                            _mm512_loadu_si512(x_even + (g) * 64)),                                 \
-                        _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask), _mm512_loadu_si512(x_odd + (g) * 64))
-    int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {
-        __m512i bytes = _mm512_loadu_si512(w + g * 64);
-        __m512i first = GROUP_DOT(g);
-        bytes = _mm512_loadu_si512(w + g * 64 + 64);
-        __m512i second = GROUP_DOT(g + 1);
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(first), _mm512_set1_ps(scales[g] * x_scales[g]), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(second), _mm512_set1_ps(scales[g + 1] * x_scales[g + 1]), acc1);
-    }
-    if (g < groups) {
-        __m512i bytes = _mm512_loadu_si512(w + g * 64);
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(GROUP_DOT(g)), _mm512_set1_ps(scales[g] * x_scales[g]), acc0);
-    }
-#undef GROUP_DOT
-    for (g = 0; g < groups; g += 16) {
-        __mmask16 lanes = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
-        offset = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, scales + g),
-                                               _mm512_maskz_loadu_ps(lanes, zeros + g)),
-                                 _mm512_maskz_loadu_ps(lanes, x_sums + g), offset);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - _mm512_reduce_add_ps(offset);
-}
-
+/* Each token's arithmetic is the same whatever the pass's token count, so a row gives one token
+ * the same bits in a 1-token decode step and in a k-token verify step (MTP stays exact). */
 ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
                                  const int8_t *x_odd, const float *x_scales, const float *x_sums, int64_t k,
                                  int64_t groups, int64_t blocks_per_group, int tokens, float *sums) {
-    if (tokens == 1 && blocks_per_group == 1) {
-        sums[0] = int4_row_vnni_g128(w, scales, zeros, x_even, x_odd, x_scales, x_sums, groups);
-        return;
-    }
     const int64_t half = k / 2;
     const __m512i low_mask = _mm512_set1_epi8(0x0F);
     __m512 acc[TOKENS_PER_PASS];

@@ -267,13 +267,14 @@ def bench(
         raise typer.Exit(130)
     except (MimoError, OSError, RuntimeError, ValueError) as error:
         _fail(error, debug)
-    placed = ", ".join(f"{name} {size / 1e9:.2f} GB" for name, size in weight_bytes_by_device(engine).items())
+    weights = weight_bytes_by_device(engine)
     mode = f"MTP, up to {speculation['draft_tokens']} drafts" if speculation["draft_tokens"] else "no MTP"
     if as_json:
         typer.echo(json.dumps({"model": engine.path.name, "dtype": str(engine.model.dtype).removeprefix("torch."),
-                               "quant": quant, "weights": weight_bytes_by_device(engine), "decoding": mode,
+                               "quant": quant, "weights": weights, "decoding": mode,
                                "results": [result.as_dict() for result in results]}))
         return
+    placed = ", ".join(f"{name} {size / 1e9:.2f} GB" for name, size in weights.items())
     table = Table(title=f"{engine.path.name} ({str(engine.model.dtype).removeprefix('torch.')}"
                         f"{', ' + quant if quant else ''}; weights: {placed}; {mode})")
     for column in ("test", "tokens/s", "runs"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mimo_local.kernels import quant
+from mimo_local.kernels import cpu, quant
 from mimo_local.loader import load_model
 
 SHAPES = [(1, 256, 512, 128), (2, 33, 96, 32), (3, 70, 256, 64), (5, 17, 40, 8), (16, 48, 384, 128)]
@@ -95,7 +95,12 @@ def test_many_rows_and_leading_dimensions_take_the_reference_path_with_the_same_
 
 
 def quantized_stack(bits, experts, out_features, in_features, group, generator):
-    if bits == 8:
+    if bits == 16:
+        weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+
+        def run(rows):
+            return cpu.linear(rows, weight, float32_out=True)
+    elif bits == 8:
         qweight = torch.randint(-127, 128, (experts, out_features, in_features), generator=generator, dtype=torch.int8)
         return qweight, torch.rand(experts, out_features, generator=generator) / 256
     q = torch.randint(0, 16, (experts * out_features, in_features), generator=generator)
@@ -274,3 +279,32 @@ def test_mtp_on_quantized_weights_is_lossless_and_stays_on_the_fused_kernels(tmp
     # every verify forward through every target layer, and an MTP block call per draft, except each
     # MTP layer's first: its catch-up runs over the whole prompt, a prefill-sized call
     assert len(kernel_took_it) >= stats.verify_forwards * len(model.layers) + stats.drafted - len(model.mtp_layers)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_decode_rows_give_a_token_the_same_bits_alone_and_in_a_verify_step(bits):
+    """A decode step (1 token) and an MTP verify step (several) must compute each token the same
+    way, or greedy MTP could drift from plain decoding at a near tie."""
+    generator = torch.Generator().manual_seed(bits)
+    out_features, in_features = 256, 1024
+    x = torch.randn(3, in_features, generator=generator).to(torch.bfloat16)
+    if bits == 16:
+        weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+
+        def run(rows):
+            return cpu.linear(rows, weight, float32_out=True)
+    elif bits == 8:
+        qweight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+        scales = torch.rand(out_features, generator=generator) / 50
+
+        def run(rows):
+            return quant.int8_linear(rows, qweight, scales)
+    else:
+        packed = torch.randint(0, 256, (out_features, in_features // 2), dtype=torch.uint8, generator=generator)
+        scales = torch.rand(out_features, in_features // 128, generator=generator) / 50
+        zeros = torch.full((out_features, in_features // 128), 8.0)
+
+        def run(rows):
+            return quant.int4_linear(rows, packed, scales, zeros, 128)
+    together = run(x)
+    assert torch.equal(together, torch.cat([run(x[i : i + 1]) for i in range(3)]))
