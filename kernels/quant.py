@@ -57,6 +57,19 @@ def dequantize_int4(
     return weight.reshape(out, features).to(dtype)
 
 
+def quantize_int8(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [out, in] -> the int8 layout (symmetric, one scale per row), `chunk_rows` rows at a
+    time so a large matrix never needs a float32 copy of itself."""
+    qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for begin in range(0, weight.shape[0], chunk_rows):
+        rows = weight[begin : begin + chunk_rows].float()
+        scale = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        qweight[begin : begin + chunk_rows] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        scales[begin : begin + chunk_rows] = scale
+    return qweight, scales
+
+
 def reference_int8_linear(x, qweight, scales, bias=None):
     return F.linear(x, dequantize_int8(qweight, scales, x.dtype), bias)
 
@@ -146,11 +159,14 @@ def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.float().contiguous()
 
 
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None,
+                float32_out: bool = False) -> torch.Tensor:
+    """x @ W.T in x's dtype, or in float32 with `float32_out` (logits)."""
+    out_dtype = torch.float32 if float32_out else x.dtype
     if x.is_cuda and triton_quant.available():
-        return triton_quant.int8_linear(x, qweight, scales, bias)
+        return triton_quant.int8_linear(x, qweight, scales, bias).to(out_dtype)
     if not _kernel_applies(x, qweight):
-        return reference_int8_linear(x, qweight, scales, bias)
+        return reference_int8_linear(x.to(out_dtype), qweight, scales, None if bias is None else bias.to(out_dtype))
     out_features, in_features = qweight.shape
     out = torch.empty(x.numel() // in_features, out_features, dtype=torch.float32)
     scales, bias = _float32(scales), _float32(bias)
@@ -160,13 +176,13 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
             flat.data_ptr(), qweight.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
             out.data_ptr(), flat.shape[0], out_features, in_features,
         ):
-            return out.view(*x.shape[:-1], out_features).to(x.dtype)
+            return out.view(*x.shape[:-1], out_features).to(out_dtype)
     flat = x.reshape(-1, in_features).float().contiguous()
     library().linear_int8(
         flat.data_ptr(), qweight.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
         out.data_ptr(), flat.shape[0], out_features, in_features,
     )
-    return out.view(*x.shape[:-1], out_features).to(x.dtype)
+    return out.view(*x.shape[:-1], out_features).to(out_dtype)
 
 
 def int4_linear(

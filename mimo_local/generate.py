@@ -12,7 +12,7 @@ from .cache import ModelCache
 from .errors import MimoError
 from .models.model import MiMoForCausalLM
 from .sampling import Sampler, SamplingSettings
-from .speculative import MTPDrafter, SpeculationStats, accept_drafts
+from .speculative import MTPDrafter, SpeculationStats, accept_drafts, int8_first_rows
 from .tokenizer import ChatTokenizer, IncrementalDetokenizer
 
 PREFILL_CHUNK = 512
@@ -151,6 +151,8 @@ class SpeculativeDecoder(PlainDecoder):
         self.drafter = cache.drafter
         self.drafter.rewind(cache.length)
         self.draft_tokens, self.vocab_limit = draft_tokens, vocab_limit
+        if vocab_limit and vocab_limit < model.config.vocab_size:
+            int8_first_rows(model.lm_head, vocab_limit)  # once per model, as part of loading it
         self.depth = draft_tokens  # drafts in the next step
         self.stats = SpeculationStats()
         self.observe = self.drafter.observe

@@ -57,6 +57,24 @@ def test_int8_linear_matches_reference(dtype, rows, out_features, in_features, g
     assert close(got, quant.reference_int8_linear(x.float(), qweight, scales, bias), tolerance)
 
 
+def test_int8_linear_gives_float32_logits_when_asked():
+    x = torch.randn(2, 256).bfloat16()
+    qweight, scales = torch.randint(-127, 128, (40, 256), dtype=torch.int8), torch.rand(40) / 64
+    got = quant.int8_linear(x, qweight, scales, float32_out=True)
+    assert got.dtype == torch.float32
+    assert close(got, quant.reference_int8_linear(x.float(), qweight, scales), 2**-12)
+
+
+def test_quantize_int8_rounds_each_row_to_its_own_scale_in_chunks():
+    weight = torch.randn(37, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    weight[5] = 0  # an all-zero row must not divide by zero
+    qweight, scales = quant.quantize_int8(weight, chunk_rows=8)
+    assert qweight.dtype == torch.int8 and scales.shape == (37,)
+    assert (qweight.abs().amax(dim=1)[torch.arange(37) != 5] == 127).all()  # each row uses its whole range
+    error = (quant.dequantize_int8(qweight, scales) - weight.float()).abs()
+    assert (error <= scales[:, None] / 2 + 1e-7).all() and not error[5].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,out_features,in_features,group", SHAPES)
 def test_int4_linear_matches_reference(dtype, rows, out_features, in_features, group):
