@@ -58,11 +58,14 @@ def test_int8_linear_matches_reference(dtype, rows, out_features, in_features, g
 
 
 def test_int8_linear_gives_float32_logits_when_asked():
-    x = torch.randn(2, 256).bfloat16()
-    qweight, scales = torch.randint(-127, 128, (40, 256), dtype=torch.int8), torch.rand(40) / 64
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 256, generator=generator).bfloat16()
+    qweight = torch.randint(-127, 128, (40, 256), generator=generator, dtype=torch.int8)
+    scales = torch.rand(40, generator=generator) / 64
     got = quant.int8_linear(x, qweight, scales, float32_out=True)
-    assert got.dtype == torch.float32
-    assert close(got, quant.reference_int8_linear(x.float(), qweight, scales), 2**-12)
+    assert got.dtype == torch.float32 and not torch.equal(got, got.bfloat16().float())  # not rounded to x's dtype
+    # within the int16 quantization of bfloat16 x (max |x| / 65534 per element), far inside bfloat16's 2**-8
+    assert close(got, quant.reference_int8_linear(x.float(), qweight, scales), 2**-10)
 
 
 def test_quantize_int8_rounds_each_row_to_its_own_scale_in_chunks():

@@ -209,8 +209,13 @@ def test_draft_vocabulary_scores_the_frequent_ids_and_those_of_the_conversation(
     scored[[700, 900, 1000]] = True
     assert limited.shape == full.shape and torch.isinf(limited[..., ~scored]).all()
     expected = full.clone()
-    if head is None:  # a float head's first rows are scored from their int8 copy
+    # An int8 / int4 head is read as it is; a float head's first rows get an int8 copy, made once.
+    assert (vocabulary.first_rows is None) == (head is not None)
+    if head is None:
         from mimo_local.kernels.quant import dequantize_int8, quantize_int8
+        from mimo_local.speculative import int8_first_rows
+
+        assert int8_first_rows(model.lm_head, 256) is vocabulary.first_rows
 
         normed = model.mtp_layers[0].final_norm(hidden)
         expected[..., :256] = normed @ dequantize_int8(*quantize_int8(model.lm_head.weight[:256])).T
