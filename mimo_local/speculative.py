@@ -70,6 +70,7 @@ class DraftVocabulary:
     or int4 head is read as it is."""
 
     MAX_EXTRA = 8192  # rows copied for conversation ids beyond `size`
+    RESCORED = 4  # int8-scored ids whose logits are recomputed at the head's precision
 
     def __init__(self, head, size: int, vocab_size: int, dtype: torch.dtype):
         self.head, self.size, self.vocab_size, self.dtype = head, size, vocab_size, dtype
@@ -97,10 +98,18 @@ class DraftVocabulary:
         if self.first_rows is None:
             out[..., : self.size] = self.head.first_rows(normed, self.size)
         else:
-            out[..., : self.size] = quant_kernels.int8_linear(normed, *self.first_rows, float32_out=True)
+            out[..., : self.size] = self._int8_scores(normed)
         if self.extra_ids:
             out[..., self._index] = cpu_kernels.linear(normed, self.extra_rows, float32_out=True)
         return out
+
+    def _int8_scores(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits of the first rows from their int8 copy, those of the RESCORED best recomputed from
+        the head's own rows: near-ties that int8 rounding would swap still draft the head's choice."""
+        scores = quant_kernels.int8_linear(normed, *self.first_rows, float32_out=True)
+        best = scores.topk(min(self.RESCORED, self.size), dim=-1).indices
+        rows = dequantized_linear_weight(self.head, best.reshape(-1)).view(*best.shape, -1)
+        return scores.scatter_(-1, best, (rows * normed.float().unsqueeze(-2)).sum(-1))
 
 
 class MTPDrafter:
