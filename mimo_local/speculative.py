@@ -47,9 +47,12 @@ _INT8_FIRST_ROWS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.W
 
 
 def int8_first_rows(head, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(int8 rows, scales) of the first `size` rows of a float or nf4 head, made once per head and
-    size (quantizing 32k rows takes ~0.2 s here, as long as a dozen decode steps)."""
-    if isinstance(head, QuantLinear) and head.kind in ("int8", "int4"):
+    """(int8 rows, scales) of the first `size` rows of a float or nf4 head on the CPU, made once per
+    head and size (quantizing 32k rows takes ~0.2 s here, as long as a dozen decode steps); None
+    where the head is read as it is (int8 or int4 already, or not on the CPU)."""
+    quantized = isinstance(head, QuantLinear)
+    device = head.device if quantized else head.weight.device
+    if device.type != "cpu" or quantized and head.kind in ("int8", "int4"):
         return None
     made = _INT8_FIRST_ROWS.setdefault(head, {})
     if size not in made:
@@ -65,9 +68,8 @@ class DraftVocabulary:
     code identifiers and other scripts from the prompt still draft well while a draft reads a
     fraction of the head. Other ids get -inf: such a token is a missed draft, never another output.
 
-    A float head's first rows are scored from an int8 copy (one scale per row): half the bytes of
-    bfloat16 for a draft, which only needs the top token and is verified at full precision. An int8
-    or int4 head is read as it is."""
+    On the CPU a float head's first rows are scored from an int8 copy (`int8_first_rows`): half the
+    bytes of bfloat16 for a draft, which only needs the top token and is verified at full precision."""
 
     MAX_EXTRA = 8192  # rows copied for conversation ids beyond `size`
     RESCORED = 4  # int8-scored ids whose logits are recomputed at the head's precision
@@ -78,7 +80,7 @@ class DraftVocabulary:
         self.extra_rows = None  # head rows of extra_ids, [n, hidden] in the activations' dtype
         self._known: set[int] = set()  # extra_ids, for lookups
         self._index = None  # extra_ids as a tensor
-        self.first_rows = int8_first_rows(head, size)  # None: the head is int8 / int4 already
+        self.first_rows = int8_first_rows(head, size)  # None: the head's own rows are read
 
     def extend(self, token_ids: torch.Tensor) -> None:
         fresh = [t for t in dict.fromkeys(token_ids.tolist()) if t >= self.size and t not in self._known]

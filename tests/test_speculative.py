@@ -188,9 +188,11 @@ def test_draft_vocabulary_limits_the_drafts(family_model):
     assert any(token >= 300 and token not in used for token, used in drafts(None))
 
 
-@pytest.mark.parametrize("head", [None, "int8", "int4"])
+@pytest.mark.parametrize("head", [None, "int8", "int4", "nf4"])
 def test_draft_vocabulary_scores_the_frequent_ids_and_those_of_the_conversation(checkpoints, head, tmp_path):
-    from mimo_local.speculative import DraftVocabulary
+    from mimo_local.kernels.quant import dequantize_int8, quantize_int8
+    from mimo_local.quant.linear import dequantized_linear_weight
+    from mimo_local.speculative import DraftVocabulary, int8_first_rows
 
     recipe = tmp_path / "head.yaml"
     group = "\n    group_size: 32" if head == "int4" else ""
@@ -209,20 +211,23 @@ def test_draft_vocabulary_scores_the_frequent_ids_and_those_of_the_conversation(
     scored[[700, 900, 1000]] = True
     assert limited.shape == full.shape and torch.isinf(limited[..., ~scored]).all()
     expected = full.clone()
-    # An int8 / int4 head is read as it is; a float head's first rows get an int8 copy, made once.
-    assert (vocabulary.first_rows is None) == (head is not None)
-    if head is None:
-        from mimo_local.kernels.quant import dequantize_int8, quantize_int8
-        from mimo_local.speculative import int8_first_rows
-
+    # An int8 / int4 head is read as it is; a float or nf4 head's first rows get an int8 copy, made once.
+    assert (vocabulary.first_rows is None) == (head in ("int8", "int4"))
+    if vocabulary.first_rows is not None:
         assert int8_first_rows(model.lm_head, 256) is vocabulary.first_rows
-
         normed = model.mtp_layers[0].final_norm(hidden)
-        int8_scores = normed @ dequantize_int8(*quantize_int8(model.lm_head.weight[:256])).T
+        int8_scores = normed @ dequantize_int8(*quantize_int8(dequantized_linear_weight(model.lm_head)[:256])).T
         rescored = int8_scores.topk(DraftVocabulary.RESCORED, dim=-1).indices  # at the head's precision
         expected[..., :256] = int8_scores.scatter(-1, rescored, full[..., :256].gather(-1, rescored))
         assert torch.equal(limited[..., :256].argmax(-1), full[..., :256].argmax(-1))
     assert torch.allclose(limited[..., scored], expected[..., scored], atol=1e-4)
+
+
+def test_heads_off_the_cpu_draft_from_their_own_rows():
+    from mimo_local.models.layers import Linear
+    from mimo_local.speculative import int8_first_rows
+
+    assert int8_first_rows(Linear(64, 40, bias=False, device="meta"), 32) is None
 
 
 def test_mtp_continues_a_conversation_on_the_same_cache(family_model):
