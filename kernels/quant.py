@@ -161,7 +161,8 @@ def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None,
                 float32_out: bool = False) -> torch.Tensor:
-    """x @ W.T in x's dtype, or in float32 with `float32_out` (logits)."""
+    """x @ W.T in x's dtype, or in float32 with `float32_out` (logits; the Triton kernel on CUDA
+    rounds through x's dtype first)."""
     out_dtype = torch.float32 if float32_out else x.dtype
     if x.is_cuda and triton_quant.available():
         return triton_quant.int8_linear(x, qweight, scales, bias).to(out_dtype)
