@@ -57,16 +57,23 @@ def dequantize_int4(
     return weight.reshape(out, features).to(dtype)
 
 
+def int8_codes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of float rows [out, in] (row * 127 / row absmax, rounded) and the row
+    absmax: the rounding LLM.int8 (bitsandbytes) and the int8 layout share."""
+    absmax = rows.abs().amax(dim=1)
+    codes = torch.round(rows * (127.0 / absmax.clamp(min=1e-12))[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, absmax
+
+
 def quantize_int8(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float [out, in] -> the int8 layout (symmetric, one scale per row), `chunk_rows` rows at a
-    time so a large matrix never needs a float32 copy of itself."""
+    """Float [out, in] -> the int8 layout (one scale per row), `chunk_rows` rows at a time so a
+    large matrix never needs a float32 copy of itself."""
     qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for begin in range(0, weight.shape[0], chunk_rows):
-        rows = weight[begin : begin + chunk_rows].float()
-        scale = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        qweight[begin : begin + chunk_rows] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        scales[begin : begin + chunk_rows] = scale
+        codes, absmax = int8_codes(weight[begin : begin + chunk_rows].float())
+        qweight[begin : begin + chunk_rows] = codes
+        scales[begin : begin + chunk_rows] = absmax.clamp(min=1e-12) / 127.0
     return qweight, scales
 
 

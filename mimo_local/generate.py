@@ -12,7 +12,7 @@ from .cache import ModelCache
 from .errors import MimoError
 from .models.model import MiMoForCausalLM
 from .sampling import Sampler, SamplingSettings
-from .speculative import MTPDrafter, SpeculationStats, accept_drafts, int8_first_rows
+from .speculative import MTPDrafter, SpeculationStats, accept_drafts
 from .tokenizer import ChatTokenizer, IncrementalDetokenizer
 
 PREFILL_CHUNK = 512
@@ -150,16 +150,15 @@ class SpeculativeDecoder(PlainDecoder):
             cache.drafter = MTPDrafter(model, cache)
         self.drafter = cache.drafter
         self.drafter.rewind(cache.length)
-        self.draft_tokens, self.vocab_limit = draft_tokens, vocab_limit
-        if vocab_limit and vocab_limit < model.config.vocab_size:
-            int8_first_rows(model.lm_head, vocab_limit)  # once per model, as part of loading it
+        self.drafter.use_vocabulary(vocab_limit)
+        self.draft_tokens = draft_tokens
         self.depth = draft_tokens  # drafts in the next step
         self.stats = SpeculationStats()
         self.observe = self.drafter.observe
 
     def next(self, history):
         processed = self.cache.length
-        drafts, distributions = self.drafter.draft(history, self.sampler, self.depth, self.vocab_limit)
+        drafts, distributions = self.drafter.draft(history, self.sampler, self.depth)
         ids = torch.cat([history[-1:], history.new_tensor(drafts)])[None]
         out = self.model(ids, self.cache, all_logits=True)
         kept = accept_drafts(out.logits[0], drafts, distributions, self.sampler, history)

@@ -56,8 +56,7 @@ def int8_first_rows(head, size: int) -> tuple[torch.Tensor, torch.Tensor] | None
         return None
     made = _INT8_FIRST_ROWS.setdefault(head, {})
     if size not in made:
-        rows = head.weight[:size] if not isinstance(head, QuantLinear) else dequantized_linear_weight(
-            head, torch.arange(size, device=head.device))
+        rows = dequantized_linear_weight(head, torch.arange(size, device=device)) if quantized else head.weight[:size]
         made[size] = quant_kernels.quantize_int8(rows)
     return made[size]
 
@@ -147,15 +146,24 @@ class MTPDrafter:
         else:
             self.hidden = torch.cat([self.hidden[: start - self.hidden_start], hidden[0]])
 
-    def draft(self, history: torch.Tensor, sampler: Sampler, draft_tokens: int, vocab_limit: int | None = None):
+    def use_vocabulary(self, size: int | None) -> None:
+        """Score drafts over a DraftVocabulary of `size` ids from now on (None, or the whole
+        vocabulary: over the whole head). Called before the timed decode: the first DraftVocabulary
+        of a float head makes its int8 rows."""
+        if size is None or size >= self.model.config.vocab_size:
+            self.vocabulary = None
+        elif self.vocabulary is None or self.vocabulary.size != size:
+            self.vocabulary = DraftVocabulary(self.model.lm_head, size, self.model.config.vocab_size, self.model.dtype)
+            self.scanned = 0
+
+    def draft(self, history: torch.Tensor, sampler: Sampler, draft_tokens: int):
         """Draft tokens after x_P = history[-1] (the target has processed P = cache.length
-        positions). Returns (draft ids, the draft distributions [n, V] when sampling, else None).
-        `vocab_limit`: score drafts over a DraftVocabulary of that size instead of the whole head."""
+        positions). Returns (draft ids, the draft distributions [n, V] when sampling, else None)."""
         model, layers = self.model, len(self.model.mtp_layers)
         processed = self.cache.length
         base = self.hidden_start
         sequence = torch.cat([self.cache.token_ids[base:processed], history[-1:]])  # x_base..x_P
-        vocabulary = self._vocabulary(vocab_limit, history[-1:])
+        vocabulary = self._vocabulary_told(history[-1:])
         drafts: list[int] = []
         distributions = []
         previous = None
@@ -182,16 +190,12 @@ class MTPDrafter:
         self._forget_before(min(self.final, default=processed))
         return drafts, (torch.stack(distributions) if distributions else None)
 
-    def _vocabulary(self, size: int | None, newest: torch.Tensor) -> DraftVocabulary | None:
-        """The draft vocabulary of `size` ids, told every id of the conversation so far."""
-        if size is None or size >= self.model.config.vocab_size:
-            return None
-        if self.vocabulary is None or self.vocabulary.size != size:
-            self.vocabulary = DraftVocabulary(self.model.lm_head, size, self.model.config.vocab_size, self.model.dtype)
-            self.scanned = 0
-        processed = self.cache.length
-        self.vocabulary.extend(torch.cat([self.cache.token_ids[self.scanned : processed], newest]))
-        self.scanned = processed
+    def _vocabulary_told(self, newest: torch.Tensor) -> DraftVocabulary | None:
+        """The draft vocabulary, told every id of the conversation so far."""
+        if self.vocabulary is not None:
+            processed = self.cache.length
+            self.vocabulary.extend(torch.cat([self.cache.token_ids[self.scanned : processed], newest]))
+            self.scanned = processed
         return self.vocabulary
 
     def _catch_up(self, layer: int, sequence: torch.Tensor, base: int, processed: int) -> torch.Tensor:

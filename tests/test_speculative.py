@@ -86,9 +86,9 @@ def test_each_step_drafts_one_more_than_the_last_step_kept(oracles, monkeypatch)
     depths = []
     draft = MTPDrafter.draft
 
-    def recording(self, history, sampler, draft_tokens, vocab_limit=None):
+    def recording(self, history, sampler, draft_tokens):
         depths.append(draft_tokens)
-        return draft(self, history, sampler, draft_tokens, vocab_limit)
+        return draft(self, history, sampler, draft_tokens)
 
     monkeypatch.setattr(MTPDrafter, "draft", recording)
     for mode, expected in (("copy", lambda steps: [3] * steps), ("negate", lambda steps: [3] + [1] * (steps - 1))):
@@ -169,10 +169,13 @@ def test_draft_vocabulary_limits_the_drafts(family_model):
         cache = model.new_cache(128)
         sampler = Sampler(SamplingSettings(temperature=0))
         decoder = SpeculativeDecoder(model, cache, sampler, 3, vocab_limit)
+        # made with the decoder, before the timed decode (a float head's int8 rows take a while)
+        vocabulary = decoder.drafter.vocabulary
+        assert vocabulary is None if vocab_limit is None else vocabulary.first_rows is not None
         draft, made = decoder.drafter.draft, []
 
-        def recording(history, sampler, *limits):
-            tokens, distributions = draft(history, sampler, *limits)
+        def recording(history, sampler, draft_tokens):
+            tokens, distributions = draft(history, sampler, draft_tokens)
             made.extend((token, set(history.tolist())) for token in tokens)  # with the ids used so far
             return tokens, distributions
 

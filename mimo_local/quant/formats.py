@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MimoError
+from ..kernels.quant import int8_codes
 from .rtn import IntWeight
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -156,9 +157,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
 
 def bnb_int8_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """LLM.int8 weights as transformers saves a Linear8bitLt: int8 rows scaled by 127 / row absmax."""
-    w = weight.float()
-    absmax = w.abs().amax(dim=1)
-    codes = torch.round(w * (127.0 / absmax.clamp(min=1e-12))[:, None]).clamp(-127, 127).to(torch.int8)
+    codes, absmax = int8_codes(weight.float())
     return {"weight": codes, "SCB": absmax, "weight_format": torch.tensor(0, dtype=torch.uint8)}
 
 
