@@ -47,7 +47,8 @@ class ChatTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """`template_kwargs`: further template variables (`tools`, `enable_thinking`, ...)."""
         if not self.chat_template:
             raise MimoError("this model's tokenizer_config.json has no chat_template (use --raw)")
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -56,6 +57,7 @@ class ChatTokenizer:
         try:
             template = environment.from_string(self.chat_template)
             return template.render(
+                **template_kwargs,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.special_token("bos_token") or "",

@@ -1,0 +1,1 @@
+"""`mimo serve`: the OpenAI- and Ollama-compatible HTTP server and its output parsers."""
