@@ -8,12 +8,13 @@ from typing import Optional
 
 import typer
 
-from ..errors import MimoError
+from .. import sizes
 
 # torch, accelerate and the planner are imported where used: this module is read at CLI start-up.
 
-GPU_MEM_HELP = "GPU memory budget, e.g. 24GiB (default: the free memory of GPU 0; 0 without CUDA)."
-CPU_MEM_HELP = "CPU memory budget, e.g. 96GiB (default: the available RAM)."
+UNITS_HELP = "G = GB = GiB = 2^30 bytes: every unit is a power of 1024; a unit is required, 0 excepted"
+GPU_MEM_HELP = f"GPU memory budget, e.g. 24G, 1500MiB or 0 ({UNITS_HELP}; default: the free memory of GPU 0, 0 without CUDA)."
+CPU_MEM_HELP = f"CPU memory budget, e.g. 96G or 1.5T ({UNITS_HELP}; default: the available RAM)."
 CPU_MOE_HELP = "Keep every routed expert on the CPU (computed there)."
 N_CPU_MOE_HELP = "Keep the routed experts of the first N MoE layers on the CPU."
 OVERRIDE_HELP = "REGEX=DEVICE: put tensors whose hub name matches on cpu or gpu (repeatable)."
@@ -40,18 +41,8 @@ def override_tensor_option():
 
 
 def parse_size(text: Optional[str], flag: str) -> Optional[int]:
-    """'24GiB', '96GB', '512MiB' or plain bytes; None stays None (detect)."""
-    from accelerate.utils import convert_file_size_to_int
-
-    if text is None:
-        return None
-    stripped = text.strip()
-    if stripped.isdigit():
-        return int(stripped)
-    try:
-        return convert_file_size_to_int(stripped)
-    except ValueError:
-        raise MimoError(f"{flag} {text}: not a size (like 24GiB, 96GB or a number of bytes)") from None
+    """'24G', '24GiB', '1.5T', '512M' (powers of 1024) or 0; None stays None (detect)."""
+    return None if text is None else sizes.parse_size(text, flag)
 
 
 def placement_request(
