@@ -22,6 +22,8 @@ PREFILL_CHUNK = 512
 class TokenEvent:
     text: str  # the text this token adds (may be "" while UTF-8 or a possible stop string is pending)
     token_id: int
+    logprob: float | None = None  # with `logprobs`: the model's log probability of this token
+    top_logprobs: list[tuple[int, float]] | None = None  # with `logprobs` > 0: the likeliest (id, logprob)
 
 
 @dataclass
@@ -124,15 +126,18 @@ class PlainDecoder:
 
     def __init__(self, model: MiMoForCausalLM, cache: ModelCache, sampler: Sampler):
         self.model, self.cache, self.sampler = model, cache, sampler
+        self.last_logits: torch.Tensor | None = None  # the model's logits the last token was picked from
 
     observe = None  # called with the hidden states of every prefill chunk
 
     def first(self, prompt_ids: list[int], history: torch.Tensor) -> list[int]:
-        logits = prefill(self.model, self.cache, prompt_ids, observe=self.observe)
-        return [self.sampler.pick(self.sampler.adjust(logits, history))]
+        return self._pick(prefill(self.model, self.cache, prompt_ids, observe=self.observe), history)
 
     def next(self, history: torch.Tensor) -> list[int]:
-        logits = self.model(history[-1:].view(1, 1), self.cache).logits[0, -1]
+        return self._pick(self.model(history[-1:].view(1, 1), self.cache).logits[0, -1], history)
+
+    def _pick(self, logits: torch.Tensor, history: torch.Tensor) -> list[int]:
+        self.last_logits = logits
         return [self.sampler.pick(self.sampler.adjust(logits, history))]
 
 
@@ -173,6 +178,12 @@ class SpeculativeDecoder(PlainDecoder):
         return kept
 
 
+def token_logprobs(logits: torch.Tensor, token: int, alternatives: int) -> tuple[float, list[tuple[int, float]]]:
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    top = log_probs.topk(alternatives) if alternatives else None
+    return float(log_probs[token]), ([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
+
+
 def stream(
     model: MiMoForCausalLM,
     tokenizer: ChatTokenizer,
@@ -182,13 +193,20 @@ def stream(
     eos_ids: tuple[int, ...] | None = None,
     draft_tokens: int = 0,
     draft_vocab: int | None = None,
+    constraint=None,
+    logprobs: int | None = None,
 ) -> Iterator[TokenEvent | DoneEvent]:
     """Generate after `prompt_ids`. With a `cache` holding earlier turns, only the new ids are
     prefilled. `draft_tokens` > 0 decodes speculatively with the model's MTP layers.
+    `constraint` (e.g. a grammar) masks the logits before each pick and is told each token;
+    `logprobs` (the number of alternatives, 0 for none) adds the model's log probabilities to each
+    token. Both decode without speculation.
     Yields a TokenEvent per token, then one DoneEvent with the stats."""
     settings.validate()
     if not prompt_ids:
         raise MimoError("the prompt is empty")
+    if constraint is not None or logprobs is not None:
+        draft_tokens = 0
     if draft_tokens and not model.mtp_layers:
         raise MimoError("this checkpoint has no MTP layers (use --no-mtp)")
     if draft_tokens and cache is not None and cache.length and cache.drafter is None:
@@ -207,7 +225,7 @@ def stream(
     max_tokens = min(settings.max_tokens, room)
 
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    sampler = Sampler(settings, model.device)
+    sampler = Sampler(settings, model.device, constraint=constraint, prompt_length=len(prompt_ids))
     if draft_tokens:
         decoder = SpeculativeDecoder(model, cache, sampler, draft_tokens, draft_vocab)
     else:
@@ -231,12 +249,17 @@ def stream(
         for token in pending:
             stats.token_ids.append(token)
             stats.completion_tokens += 1
+            if constraint is not None:
+                constraint.advance(token)
             if token in eos_ids:
                 stats.finish_reason = "stop"
                 finished = True
                 break
             text, hit_stop_string = stops.feed(detokenizer.add(token))
-            yield TokenEvent(text, token)
+            event = TokenEvent(text, token)
+            if logprobs is not None:
+                event.logprob, event.top_logprobs = token_logprobs(decoder.last_logits, token, logprobs)
+            yield event
             if hit_stop_string:
                 stats.finish_reason = "stop"
                 finished = True

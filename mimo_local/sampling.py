@@ -18,6 +18,8 @@ class SamplingSettings:
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     seed: int | None = None
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)
@@ -29,6 +31,8 @@ class SamplingSettings:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
         ]
         for ok, message in checks:
@@ -119,9 +123,22 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     return min(index, int((cumulative < cumulative[-1]).sum()))
 
 
+def penalize_presence(logits: torch.Tensor, generated: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+    if (presence == 0 and frequency == 0) or generated.numel() == 0:
+        return logits
+    counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 class Sampler:
-    def __init__(self, settings: SamplingSettings, device: torch.device | str = "cpu"):
+    """`constraint`: masks disallowed tokens (a grammar) after the penalties. `prompt_length`: how
+    many ids of the history are prompt; presence and frequency penalties count only the rest."""
+
+    def __init__(self, settings: SamplingSettings, device: torch.device | str = "cpu", constraint=None,
+                 prompt_length: int = 0):
         self.settings = settings
+        self.constraint, self.prompt_length = constraint, prompt_length
         self.generator = torch.Generator(device=device)
         if settings.seed is not None:
             self.generator.manual_seed(settings.seed)
@@ -129,7 +146,10 @@ class Sampler:
             self.generator.seed()
 
     def adjust(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        return penalize_repetition(logits, history, self.settings.repetition_penalty)
+        logits = penalize_repetition(logits, history, self.settings.repetition_penalty)
+        logits = penalize_presence(logits, history[self.prompt_length :], self.settings.presence_penalty,
+                                   self.settings.frequency_penalty)
+        return logits if self.constraint is None else self.constraint.mask(logits)
 
     def pick(self, logits: torch.Tensor) -> int:
         """One token from adjusted logits [V]."""

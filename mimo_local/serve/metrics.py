@@ -1,0 +1,27 @@
+"""Prometheus metrics of the server (prometheus_client, one registry per server)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("mimo_requests", "HTTP requests served", ["endpoint", "status"], registry=registry)
+        self.prompt_tokens = Counter("mimo_prompt_tokens", "Prompt tokens of finished generations", registry=registry)
+        self.cached_prompt_tokens = Counter("mimo_cached_prompt_tokens", "Prompt tokens reused from the KV cache",
+                                            registry=registry)
+        self.generated_tokens = Counter("mimo_generated_tokens", "Tokens generated", registry=registry)
+        self.prefill_speed = Gauge("mimo_prefill_tokens_per_second", "Prefill speed of the last request",
+                                   registry=registry)
+        self.decode_speed = Gauge("mimo_decode_tokens_per_second", "Decode speed of the last request",
+                                  registry=registry)
+        self.queue_length = Gauge("mimo_queue_length", "Requests waiting for the model", registry=registry)
+        self.in_progress = Gauge("mimo_requests_in_progress", "Generation requests being answered", registry=registry)
+        self.kv_used = Gauge("mimo_kv_cache_tokens", "Positions held in the KV cache", registry=registry)
+        self.kv_capacity = Gauge("mimo_kv_cache_capacity_tokens", "Positions the KV cache holds at most (--ctx)",
+                                 registry=registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
