@@ -293,15 +293,22 @@ def pull(
     include: list[str] = typer.Option([], "--include", help="Only files matching this glob (repeatable)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Skip files matching this glob (repeatable)."),
     retries: int = typer.Option(5, "--retries", help="Attempts per file after the first, with exponential backoff."),
+    read_timeout: Optional[float] = typer.Option(
+        None, "--read-timeout", metavar="S",
+        help="Give up an attempt after S seconds without data [default: $MIMO_PULL_READ_TIMEOUT or 60]."),
+    min_speed: Optional[float] = typer.Option(
+        None, "--min-speed", metavar="BYTES_PER_S",
+        help="Give up an attempt slower than this over --read-timeout seconds; 0: no floor "
+             "[default: $MIMO_PULL_MIN_SPEED or 1024]."),
     debug: bool = debug_option(),
 ):
     """Download a model into the local store: resumable, every file verified (sha256 / git hash)."""
-    from .pull import pull as pull_model
+    from .pull import pull as pull_model, transfer_limits
 
     try:
         if retries < 0:
             raise MimoError("--retries must be >= 0")
-        pull_model(name, tuple(include), tuple(exclude), retries)
+        pull_model(name, tuple(include), tuple(exclude), retries, transfer_limits(read_timeout, min_speed))
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: run `mimo pull {name}` again to resume", err=True)
         raise typer.Exit(130)
@@ -629,6 +636,66 @@ def profile_experts(
         table.add_row(*row)
     _console().print(table)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to serve (as for `mimo run`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (another than loopback needs --api-key)."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MIMO_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on every request."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the model's, at most 32768)."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait for the model; more get 503."),
+    max_body: str = typer.Option("4MiB", "--max-body", help="Largest request body (bigger: 413)."),
+    reasoning_format: str = typer.Option("auto", "--reasoning-format",
+                                         help="auto: <think> blocks go to reasoning_content; none: raw tags in content."),
+    log_prompts: bool = typer.Option(False, "--log-prompts", help="Log prompts and answers (never logged otherwise)."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="Default most tokens per answer (requests set theirs)."),
+    temperature: float = temperature_option(),
+    top_p: float = top_p_option(),
+    top_k: int = top_k_option(),
+    min_p: float = min_p_option(),
+    repetition_penalty: float = repetition_penalty_option(),
+    mtp: Optional[bool] = mtp_option(),
+    draft_tokens: int = draft_tokens_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Quantize while loading with this recipe (nothing written)."),
+    gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
+    cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
+    cpu_moe: bool = offload_options.cpu_moe_option(),
+    n_cpu_moe: int = offload_options.n_cpu_moe_option(),
+    override_tensor: list[str] = offload_options.override_tensor_option(),
+    yes: bool = yes_option(),
+    debug: bool = debug_option(),
+):
+    """Serve the model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and
+    Ollama's (/api/chat, /api/generate, /api/tags, ...), plus /health and /metrics."""
+    from .serve.launch import ServeOptions, serve as serve_model
+    from .sampling import SamplingSettings
+    from .sizes import parse_size
+
+    try:
+        if reasoning_format not in ("auto", "none"):
+            raise MimoError("--reasoning-format must be auto or none")
+        if max_queue < 0 or draft_tokens < 0 or not 0 < port < 65536:
+            raise MimoError("--max-queue and --draft-tokens must be >= 0, --port in 1..65535")
+        defaults = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, max_tokens=max_tokens).validate()
+        model_dir = _resolve_model_for_run(model, yes)
+        placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
+                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True)
+        options = ServeOptions(model or model_dir.name, model_dir, host, port, api_key, ctx, max_queue,
+                               parse_size(max_body, "--max-body"), reasoning_format, log_prompts, defaults, mtp,
+                               draft_tokens, device, dtype, quant, placement)
+        code = serve_model(options, on_message=lambda line: typer.echo(line, err=True))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    except (MimoError, OSError, RuntimeError, ValueError) as error:
+        _fail(error, debug)
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

@@ -2,24 +2,33 @@
 
 The manifest (`.mimo/manifest.json`) is written last and atomically: a model directory counts as
 complete only once every file in it has been verified.
+
+The file list is not trusted: every name in it must be a safe relative path (repo_paths.py) or the
+whole pull is refused before anything is written, and every write stays inside the model
+directory as resolved on disk (a symbolic link inside it cannot lead a file elsewhere).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .download import Expected, Progress, download_file
+from .download import DISK_FULL_ERRNOS, Expected, Progress, TransferLimits, download_file
 from .errors import MimoError
 from .hub import MANIFEST, SOURCE, STATE_DIR, ModelRef, parse_name, write_json_atomic
+from .repo_paths import conflicting_names, unsafe_reason
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DISK_MARGIN = 256 << 20  # keep this much free after a pull
 METADATA_TIMEOUT = 30.0
+READ_TIMEOUT_ENV = "MIMO_PULL_READ_TIMEOUT"  # defaults for --read-timeout / --min-speed
+MIN_SPEED_ENV = "MIMO_PULL_MIN_SPEED"
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class PullPlan:
     exclude: tuple[str, ...] = ()
     retries: int = 5
     backoff: float = field(default=0.5, repr=False)
+    limits: TransferLimits = field(default_factory=lambda: transfer_limits())
 
     @property
     def size(self) -> int:
@@ -54,6 +64,30 @@ def format_bytes(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+def transfer_limits(read_timeout: float | None = None, min_speed: float | None = None) -> TransferLimits:
+    """The stall and speed limits: the values given, else $MIMO_PULL_READ_TIMEOUT / $MIMO_PULL_MIN_SPEED, else 60 s and 1 KiB/s."""
+    defaults = TransferLimits()
+    if read_timeout is None:
+        read_timeout = _env_number(READ_TIMEOUT_ENV, defaults.read_timeout)
+    if min_speed is None:
+        min_speed = _env_number(MIN_SPEED_ENV, defaults.min_speed)
+    if not (math.isfinite(read_timeout) and read_timeout > 0):
+        raise MimoError(f"--read-timeout must be a number of seconds > 0, not {read_timeout:g}")
+    if not (math.isfinite(min_speed) and min_speed >= 0):
+        raise MimoError(f"--min-speed must be bytes per second >= 0 (0: no floor), not {min_speed:g}")
+    return TransferLimits(read_timeout, min_speed)
+
+
+def _env_number(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise MimoError(f"${name} must be a number, not {text[:40]!r}") from None
 
 
 def endpoint() -> str:
@@ -124,14 +158,66 @@ def _hub_error(error: Exception, ref: ModelRef, url: str) -> MimoError:
     raise error
 
 
-def _selected(path: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    if include and not any(fnmatch.fnmatch(path, pattern) for pattern in include):
+def matches(path: str, pattern: str) -> bool:
+    """huggingface_hub's allow_patterns (fnmatch; a trailing '/' means everything below), except that
+    the wildcards of a pattern without '/' never match across '/': '*.json' names top-level files only."""
+    if pattern.endswith("/"):
+        pattern += "*"
+    if "/" not in pattern and "/" in path:
         return False
-    return not any(fnmatch.fnmatch(path, pattern) for pattern in exclude)
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def _selected(path: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    if include and not any(matches(path, pattern) for pattern in include):
+        return False
+    return not any(matches(path, pattern) for pattern in exclude)
+
+
+def _shown(name: object) -> str:
+    text = repr(name)  # escapes control characters: the message stays one line
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_hex(value: object, length: int) -> bool:
+    return isinstance(value, str) and re.fullmatch(f"[0-9a-fA-F]{{{length}}}", value) is not None
+
+
+def _remote_files(siblings: list, ref: ModelRef, url: str) -> list[RemoteFile]:
+    """Every entry of the hub's file list, checked: safe names, sizes and hashes of the right form."""
+    refuse = f"refusing to pull {ref.repo_id}: the file list from {url}"
+    files = []
+    for sibling in siblings:
+        name = sibling.rfilename
+        if reason := unsafe_reason(name, reserved=(STATE_DIR,)):
+            raise MimoError(f"{refuse} names {_shown(name)} ({reason}); nothing was written")
+        lfs = sibling.lfs
+        if lfs is not None:
+            if not (_is_size(lfs.size) and _is_hex(lfs.sha256, 64)):
+                raise MimoError(f"{refuse} gives {_shown(name)} an invalid size or sha256; nothing was written")
+            files.append(RemoteFile(name, Expected(size=lfs.size, sha256=lfs.sha256.lower())))
+        elif sibling.size is not None:
+            if not (_is_size(sibling.size) and (sibling.blob_id is None or _is_hex(sibling.blob_id, 40))):
+                raise MimoError(f"{refuse} gives {_shown(name)} an invalid size or git hash; nothing was written")
+            blob = sibling.blob_id.lower() if sibling.blob_id else None
+            files.append(RemoteFile(name, Expected(size=sibling.size, git_sha1=blob)))
+        else:
+            raise MimoError(f"{url} gave no size for {ref.repo_id}/{name}: cannot verify it")
+    if clash := conflicting_names([f.path for f in files]):
+        raise MimoError(f"{refuse} names {_shown(clash[0])} twice or as a file and a folder ({_shown(clash[1])}); nothing was written")
+    return files
 
 
 def fetch_plan(
-    ref: ModelRef, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), retries: int = 5
+    ref: ModelRef,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    retries: int = 5,
+    limits: TransferLimits | None = None,
 ) -> PullPlan:
     """The files to pull, with sizes and hashes, from the hub's metadata for one commit."""
     if ref.kind != "hub":
@@ -140,27 +226,31 @@ def fetch_plan(
     if offline():
         raise offline_error(ref)
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError
 
     try:
         info = HfApi(endpoint=url, library_name="mimo-local").model_info(
             ref.repo_id, revision=ref.revision or "main", files_metadata=True, timeout=METADATA_TIMEOUT
         )
+    except HFValidationError as error:
+        raise MimoError(f"invalid hub repo id {ref.repo_id}: {str(error).splitlines()[0]}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise MimoError(f"{url} sent malformed metadata for {ref.repo_id} ({type(error).__name__}: {error})"[:300]) from None
     except Exception as error:  # noqa: BLE001 - turned into a one-line message or re-raised
         raise _hub_error(error, ref, url) from None
-    files = []
-    for sibling in info.siblings or []:
-        if not _selected(sibling.rfilename, include, exclude):
-            continue
-        if sibling.lfs is not None:
-            expected = Expected(size=sibling.lfs.size, sha256=sibling.lfs.sha256)
-        elif sibling.size is not None:
-            expected = Expected(size=sibling.size, git_sha1=sibling.blob_id)
-        else:
-            raise MimoError(f"{url} gave no size for {ref.repo_id}/{sibling.rfilename}: cannot verify it")
-        files.append(RemoteFile(sibling.rfilename, expected))
+    if not isinstance(info.siblings or [], list) or not (info.sha is None or _is_hex_commit(info.sha)):
+        raise MimoError(f"{url} sent malformed metadata for {ref.repo_id} (file list or commit)")
+    files = [f for f in _remote_files(info.siblings or [], ref, url) if _selected(f.path, include, exclude)]
     if not files:
         raise MimoError(f"no files of {ref.repo_id} match --include/--exclude")
-    return PullPlan(ref, url, info.sha or ref.revision or "main", files, tuple(include), tuple(exclude), retries)
+    return PullPlan(
+        ref, url, info.sha or ref.revision or "main", files, tuple(include), tuple(exclude), retries,
+        limits=limits or transfer_limits(),
+    )
+
+
+def _is_hex_commit(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{7,64}", value) is not None
 
 
 # --- downloading ----------------------------------------------------------------------------
@@ -170,7 +260,7 @@ def _verified_before(directory: Path, manifest: dict, file: RemoteFile) -> bool:
     """True when a file is on disk and was verified with the same hash by an earlier pull."""
     path = directory / file.path
     record = manifest.get("files", {}).get(file.path)
-    if not path.is_file() or record is None:
+    if record is None or path.is_symlink() or not path.is_file():
         return False
     stat = path.stat()
     return record == _record(file, stat.st_size, stat.st_mtime_ns)
@@ -184,18 +274,36 @@ def _read_json(path: Path) -> dict:
     import json
 
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) and isinstance(data.get("files", {}), dict) else {}
+
+
+def _part_path(directory: Path, file: RemoteFile) -> Path:
+    return directory / STATE_DIR / "partial" / (file.path + ".part")
+
+
+def _part_size(directory: Path, file: RemoteFile) -> int:
+    """Bytes of `file` a resume can use (0 for a missing, linked or oversized partial file)."""
+    try:
+        stat = os.lstat(_part_path(directory, file))
+    except OSError:
+        return 0
+    return stat.st_size if stat.st_size <= file.expected.size and not os.path.islink(_part_path(directory, file)) else 0
+
+
+def _to_fetch(directory: Path, todo: list[RemoteFile]) -> int:
+    return sum(f.expected.size - _part_size(directory, f) for f in todo)
 
 
 def _check_disk(plan: PullPlan, directory: Path, todo: list[RemoteFile]) -> None:
-    have = sum(_part_path(directory, f).stat().st_size for f in todo if _part_path(directory, f).exists())
-    need = sum(f.expected.size for f in todo) - have
+    need = _to_fetch(directory, todo)
+    reclaimed = sum(_unusable_part_bytes(directory, f) for f in plan.files)  # dropped before anything is written
     probe = directory
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(probe).free + reclaimed
     if need + DISK_MARGIN > free:
         raise MimoError(
             f"not enough disk space to pull {plan.ref.name}: need {format_bytes(need)}, "
@@ -203,86 +311,135 @@ def _check_disk(plan: PullPlan, directory: Path, todo: list[RemoteFile]) -> None
         )
 
 
-def _part_path(directory: Path, file: RemoteFile) -> Path:
-    return directory / STATE_DIR / "partial" / (file.path + ".part")
+def _unusable_part_bytes(directory: Path, file: RemoteFile) -> int:
+    try:
+        size = os.lstat(_part_path(directory, file)).st_size
+    except OSError:
+        return 0
+    return size if size > file.expected.size else 0
 
 
-class _Lock:
-    """One pull per model directory at a time (partial files are appended to)."""
+def _drop_unusable_parts(directory: Path, plan: PullPlan, todo: list[RemoteFile]) -> None:
+    """Free the space of partial files no resume can use (longer than their file, links, already verified)
+    before the pull writes anything, so that a full disk can always be recovered by running it again."""
+    for file in plan.files:
+        part = _part_path(directory, file)
+        if _unusable_part_bytes(directory, file) or part.is_symlink() or (file not in todo and part.exists()):
+            part.unlink(missing_ok=True)
 
-    def __init__(self, path: Path, name: str):
-        self.path, self.name = path, name
+
+def _inside(root: Path, path: Path) -> Path:
+    """`path` (under `root`), after checking that no symbolic link on the way leads out of `root`."""
+    parent = Path(os.path.realpath(path.parent))
+    if parent != root and root not in parent.parents:
+        raise MimoError(
+            f"{path.parent} leads outside {root} (a symbolic link?): refusing to write {path.name} there; "
+            "remove the link and pull again"
+        )
+    return path
+
+
+class PullLock:
+    """One pull per model directory at a time (partial files are appended to); `mimo rm` takes it too."""
+
+    def __init__(self, directory: Path, busy: str):
+        self.path, self.busy = directory / STATE_DIR / "lock", busy
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "w")
+        # no O_TRUNC and no following a planted link: the lock file itself is never written
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             import fcntl
         except ImportError:
             return self
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.close()
-            raise MimoError(f"another `mimo pull {self.name}` is running") from None
+            os.close(self.fd)
+            raise MimoError(self.busy) from None
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        os.close(self.fd)
 
 
 def download(plan: PullPlan) -> Path:
     """Download and verify every file of `plan`, then mark the model complete."""
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
-
     ref, directory = plan.ref, plan.ref.path
     # files verified by an earlier pull are kept when their hash is still the hub's
     previous = _read_json(directory / MANIFEST) or _read_json(directory / STATE_DIR / "verified.json")
     todo = [f for f in plan.files if not _verified_before(directory, previous, f)]
     _check_disk(plan, directory, todo)
-    with _Lock(directory / STATE_DIR / "lock", ref.name):
-        write_json_atomic(directory / SOURCE, {"repo_id": ref.repo_id, "revision": ref.revision, "name": ref.name})
-        verified = {"commit": plan.commit, "files": {f.path: previous["files"][f.path] for f in plan.files if f not in todo}}
-        if todo and (directory / MANIFEST).exists():
-            os.replace(directory / MANIFEST, directory / STATE_DIR / "verified.json")
-        headers = build_hf_headers(library_name="mimo-local")
-        started = time.monotonic()
-        with _PullProgress(plan, todo) as progress:
-            for file in todo:
-                url = hf_hub_url(ref.repo_id, file.path, revision=plan.commit, endpoint=plan.endpoint)
-                progress.begin(file)
-                try:
-                    download_file(
-                        url, directory / file.path, _part_path(directory, file), file.expected, headers=headers,
-                        retries=plan.retries, backoff=plan.backoff, progress=progress,
-                    )
-                except MimoError as error:
-                    raise MimoError(f"{error}; run `{ref.pull_command}` again to resume") from None
-                progress.end(file)
-                stat = (directory / file.path).stat()
-                verified["files"][file.path] = _record(file, stat.st_size, stat.st_mtime_ns)
-                write_json_atomic(directory / STATE_DIR / "verified.json", verified)
-        manifest = {
-            **verified,
-            "repo_id": ref.repo_id,
-            "revision": ref.revision,
-            "name": ref.name,
-            "endpoint": plan.endpoint,
-            "include": list(plan.include),
-            "exclude": list(plan.exclude),
-            "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        write_json_atomic(directory / MANIFEST, manifest)
-        (directory / STATE_DIR / "verified.json").unlink(missing_ok=True)
-        shutil.rmtree(directory / STATE_DIR / "partial", ignore_errors=True)
+    root = directory.resolve()  # the model directory may itself be a link (a store on another disk)
+    _inside(root, root / STATE_DIR / "lock")
+    with PullLock(root, f"another `mimo pull {ref.name}` is running"):
+        try:
+            return _download_locked(plan, root, previous, todo)
+        except OSError as error:
+            if error.errno not in DISK_FULL_ERRNOS:
+                raise
+            raise MimoError(
+                f"disk full in {root}: {format_bytes(_to_fetch(root, todo))} more needed to finish {ref.name} "
+                f"({format_bytes(shutil.disk_usage(root).free)} free); free some space, then run "
+                f"`{ref.pull_command}` again to resume"
+            ) from None
+
+
+def _download_locked(plan: PullPlan, root: Path, previous: dict, todo: list[RemoteFile]) -> Path:
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    ref = plan.ref
+    _drop_unusable_parts(root, plan, todo)  # before any housekeeping write: a full disk must not block it
+    write_json_atomic(root / SOURCE, {"repo_id": ref.repo_id, "revision": ref.revision, "name": ref.name})
+    verified = {"commit": plan.commit, "files": {f.path: previous["files"][f.path] for f in plan.files if f not in todo}}
+    if todo and (root / MANIFEST).exists():
+        os.replace(root / MANIFEST, root / STATE_DIR / "verified.json")
+    headers = build_hf_headers(library_name="mimo-local")
+    started = time.monotonic()
+    with _PullProgress(plan, todo) as progress:
+        for file in todo:
+            dest, part = _inside(root, root / file.path), _inside(root, _part_path(root, file))
+            url = hf_hub_url(ref.repo_id, file.path, revision=plan.commit, endpoint=plan.endpoint)
+            progress.begin(file)
+            try:
+                download_file(
+                    url, dest, part, file.expected, headers=headers,
+                    retries=plan.retries, backoff=plan.backoff, limits=plan.limits, progress=progress,
+                )
+            except MimoError as error:
+                raise MimoError(f"{error}; run `{ref.pull_command}` again to resume") from None
+            progress.end(file)
+            stat = dest.stat()
+            verified["files"][file.path] = _record(file, stat.st_size, stat.st_mtime_ns)
+            write_json_atomic(root / STATE_DIR / "verified.json", verified)
+    manifest = {
+        **verified,
+        "repo_id": ref.repo_id,
+        "revision": ref.revision,
+        "name": ref.name,
+        "endpoint": plan.endpoint,
+        "include": list(plan.include),
+        "exclude": list(plan.exclude),
+        "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json_atomic(root / MANIFEST, manifest)
+    (root / STATE_DIR / "verified.json").unlink(missing_ok=True)
+    shutil.rmtree(root / STATE_DIR / "partial", ignore_errors=True)
     progress.summary(time.monotonic() - started)
-    return directory
+    return plan.ref.path
 
 
-def pull(name: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), retries: int = 5) -> Path:
+def pull(
+    name: str,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    retries: int = 5,
+    limits: TransferLimits | None = None,
+) -> Path:
     ref = parse_name(name)
-    return download(fetch_plan(ref, include, exclude, retries))
+    return download(fetch_plan(ref, include, exclude, retries, limits))
 
 
 class _PullProgress(Progress):

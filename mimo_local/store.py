@@ -231,7 +231,13 @@ def removable(name: str) -> ModelRef:
 
 
 def remove(ref: ModelRef) -> None:
-    """Move the directory aside in one rename, then delete it: no half-removed model is ever listed."""
-    trash = ref.path.with_name(f".removing-{ref.path.name}-{os.getpid()}")
-    os.replace(ref.path, trash)
-    shutil.rmtree(trash)
+    """Move the directory aside in one rename, then delete it: no half-removed model is ever listed.
+
+    A running `mimo pull` of the model holds its lock: then nothing is removed."""
+    from .pull import PullLock
+
+    busy = f"{ref.name} is being pulled right now: let `mimo pull` finish (or stop it), then remove it"
+    with PullLock(ref.path, busy):
+        trash = ref.path.with_name(f".removing-{ref.path.name}-{os.getpid()}")
+        os.replace(ref.path, trash)
+        shutil.rmtree(trash)

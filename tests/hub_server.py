@@ -11,6 +11,15 @@ Faults for tests: `fail[key] = [status, ...]` answers the next requests for `key
 name) with those statuses; `cut[file] = n` ends the next body of that file after n bytes;
 `corrupt.add(file)` flips one byte in the next body of that file. `served[file]` counts body bytes
 sent, `requests` logs (method, path, headers) of every request.
+
+Hostile behaviour (tests/test_hostile_hub.py): any name can be put in `repo.files` (it is listed as
+is); `oversize[file] = n` sends n bytes too many (Content-Length included); `endless.add(file)`
+sends bodies without Content-Length that never end; `range_answer[file] = (status, content_range)`
+answers every Range request for that file so (content_range None: no header), `answer[file]` every
+request; `repo.overrides[file]` replaces fields of its file list entry, `raw_info[repo]` is sent as
+the whole model info body; `stall[file] = n`
+sends n bytes, then nothing until the server closes; `trickle[file] = seconds` sends one byte per
+`seconds`.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ def git_blob_sha1(data: bytes) -> str:
 class HubRepo:
     def __init__(self, repo_id: str, directory: Path, commit: str):
         self.repo_id, self.commit = repo_id, commit
+        self.overrides: dict[str, dict] = {}
         self.files = {
             str(path.relative_to(directory)): path.read_bytes()
             for path in sorted(directory.rglob("*"))
@@ -50,7 +60,7 @@ class HubRepo:
             sha = hashlib.sha256(data).hexdigest()
             entry["lfs"] = {"size": len(data), "sha256": sha, "pointerSize": 134}
             entry["blobId"] = git_blob_sha1(f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\n".encode())
-        return entry
+        return {**entry, **self.overrides.get(name, {})}
 
 
 class HubServer:
@@ -61,6 +71,14 @@ class HubServer:
         self.fail: dict[str, list[int]] = {}
         self.cut: dict[str, int] = {}
         self.corrupt: set[str] = set()
+        self.oversize: dict[str, int] = {}
+        self.endless: set[str] = set()
+        self.range_answer: dict[str, tuple[int, str | None]] = {}
+        self.answer: dict[str, tuple[int, str | None]] = {}
+        self.raw_info: dict[str, bytes] = {}
+        self.stall: dict[str, int] = {}
+        self.trickle: dict[str, float] = {}
+        self.closing = threading.Event()
         self.served: Counter = Counter()
         self.requests: list[tuple[str, str, dict]] = []
         self.lock = threading.Lock()
@@ -88,6 +106,7 @@ class HubServer:
             return statuses.pop(0) if statuses else None
 
     def close(self) -> None:
+        self.closing.set()
         for server in (self.hub, self.cdn):
             server.shutdown()
             server.server_close()
@@ -155,6 +174,8 @@ def _handler(hub: HubServer):
             commit = hub.revisions.get((repo_id, revision))
             if commit is None:
                 return self._error(404, "RevisionNotFound", "Invalid rev id")
+            if repo_id in hub.raw_info:
+                return self._send(200, hub.raw_info[repo_id], {"Content-Type": "application/json"}, True)
             repo = hub.repos[repo_id]
             info = {
                 "_id": commit[:24], "id": repo_id, "modelId": repo_id, "sha": commit, "private": hub.token is not None,
@@ -192,6 +213,15 @@ def _handler(hub: HubServer):
                 "ETag": f'"{hashlib.sha256(data).hexdigest() if repo.is_lfs(name) else git_blob_sha1(data)}"',
             }
             status, start = 200, 0
+            hostile = hub.answer.get(name) or (hub.range_answer.get(name) if self.headers.get("Range") else None)
+            if hostile:
+                status, content_range = hostile
+                if content_range is not None:
+                    headers["Content-Range"] = content_range
+                if status >= 400:
+                    return self._error(status, None, "hostile", headers)
+                headers["Content-Length"] = str(len(data))
+                return self._send(status, data, headers, body, served_as=name)
             if match := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")):
                 start = int(match[1])
                 end = int(match[2]) + 1 if match[2] else len(data)
@@ -210,10 +240,60 @@ def _handler(hub: HubServer):
                 flipped = bytearray(data)
                 flipped[len(flipped) // 2] ^= 0xFF
                 data = bytes(flipped)
+            if body and self._hostile(name, data, status, headers):
+                return
             headers["Content-Length"] = str(len(data))
             self._send(status, data[:cut] if cut is not None else data, headers, body, served_as=name)
             if cut is not None:
                 self.close_connection = True
+
+        def _hostile(self, name: str, data: bytes, status: int, headers: dict) -> bool:
+            """Serve `name` the hostile way set for it, if any (True when the answer was sent)."""
+            with hub.lock:
+                extra = hub.oversize.pop(name, None)
+                stall = hub.stall.pop(name, None)
+                trickle = hub.trickle.pop(name, None)
+                endless = name in hub.endless
+            if extra is not None:
+                headers["Content-Length"] = str(len(data) + extra)
+                self._send(status, data + b"x" * extra, headers, True, served_as=name)
+                return True
+            if endless or stall is not None or trickle is not None:
+                if stall is not None or trickle is not None:
+                    headers["Content-Length"] = str(len(data))
+                headers["Connection"] = "close"
+                self.close_connection = True
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                try:
+                    if endless:
+                        self._write_until_hangup(data + b"y" * (1 << 16))
+                    elif stall is not None:
+                        self._write_counted(name, data[:stall])
+                        hub.closing.wait(60)
+                    else:
+                        for index in range(len(data)):
+                            self._write_counted(name, data[index:index + 1])
+                            if hub.closing.wait(trickle):
+                                break
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up, as it should
+                return True
+            return False
+
+        def _write_counted(self, name: str, payload: bytes) -> None:
+            self.wfile.write(payload)
+            self.wfile.flush()
+            with hub.lock:
+                hub.served[name] += len(payload)
+
+        def _write_until_hangup(self, block: bytes) -> None:
+            for _ in range((256 << 20) // len(block)):  # bounded, in case a client never hangs up
+                if hub.closing.is_set():
+                    return
+                self.wfile.write(block)
 
         def _send(self, status: int, payload: bytes, headers: dict, body: bool, served_as: str | None = None):
             """Send `payload` (for a cut file, fewer bytes than the Content-Length already in `headers`)."""
