@@ -373,24 +373,26 @@ def download(plan: PullPlan) -> Path:
     _check_disk(plan, directory, todo)
     root = directory.resolve()  # the model directory may itself be a link (a store on another disk)
     _inside(root, root / STATE_DIR / "lock")
+    pending = list(todo)  # emptied as files are verified
     with PullLock(root, f"another `mimo pull {ref.name}` is running"):
         try:
-            return _download_locked(plan, root, previous, todo)
+            return _download_locked(plan, root, previous, pending)
         except OSError as error:
             if error.errno not in DISK_FULL_ERRNOS:
                 raise
             raise MimoError(
-                f"disk full in {root}: {format_bytes(_to_fetch(root, todo))} more needed to finish {ref.name} "
+                f"disk full in {root}: {format_bytes(_to_fetch(root, pending))} more needed to finish {ref.name} "
                 f"({format_bytes(shutil.disk_usage(root).free)} free); free some space, then run "
                 f"`{ref.pull_command}` again to resume"
             ) from None
 
 
-def _download_locked(plan: PullPlan, root: Path, previous: dict, todo: list[RemoteFile]) -> Path:
+def _download_locked(plan: PullPlan, root: Path, previous: dict, pending: list[RemoteFile]) -> Path:
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
     ref = plan.ref
+    todo = list(pending)
     _drop_unusable_parts(root, plan, todo)  # before any housekeeping write: a full disk must not block it
     write_json_atomic(root / SOURCE, {"repo_id": ref.repo_id, "revision": ref.revision, "name": ref.name})
     verified = {"commit": plan.commit, "files": {f.path: previous["files"][f.path] for f in plan.files if f not in todo}}
@@ -413,6 +415,7 @@ def _download_locked(plan: PullPlan, root: Path, previous: dict, todo: list[Remo
             progress.end(file)
             stat = dest.stat()
             verified["files"][file.path] = _record(file, stat.st_size, stat.st_mtime_ns)
+            pending.remove(file)
             write_json_atomic(root / STATE_DIR / "verified.json", verified)
     manifest = {
         **verified,

@@ -63,6 +63,14 @@ class HubRepo:
         return {**entry, **self.overrides.get(name, {})}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client hanging up on a hostile body is expected
+            super().handle_error(request, client_address)
+
+
 class HubServer:
     def __init__(self):
         self.repos: dict[str, HubRepo] = {}
@@ -88,7 +96,7 @@ class HubServer:
         self.cdn_url = f"http://127.0.0.1:{self.cdn.server_port}"
 
     def _serve(self) -> ThreadingHTTPServer:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        server = _QuietServer(("127.0.0.1", 0), _handler(self))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return server
