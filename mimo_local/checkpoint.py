@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from . import limits
 from .errors import MimoError
+from .limits import check_regular_file, confined_file, json_type, open_regular
 
 DTYPES = {
     "F64": torch.float64,
@@ -45,45 +47,80 @@ class TensorEntry:
     nbytes: int
 
 
+def header_limit(file_size: int) -> int:
+    """Most header bytes a safetensors file of `file_size` bytes may have (see limits.py)."""
+    proportional = limits.HEADER_BASE_BYTES + int(file_size * limits.HEADER_BYTES_PER_DATA_BYTE)
+    return min(limits.MAX_HEADER_BYTES, proportional)
+
+
 def read_header(path: Path) -> list[TensorEntry]:
+    """The tensors of one safetensors file, every field checked before any tensor is read: the header
+    size is capped (see header_limit), each entry has a known dtype, a shape of non-negative integers
+    whose size is exactly its byte span, and spans lie inside the file without overlapping."""
+    with open_regular(path, f"checkpoint shard {path.name}") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise MimoError(f"{path.name}: truncated safetensors file (no header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise MimoError(f"{path.name}: truncated (header needs {header_len + 8} bytes, file has {size})")
+        if header_len > header_limit(size):
+            raise MimoError(f"{path.name}: safetensors header of {header_len} bytes is over the limit of "
+                            f"{header_limit(size)} bytes for a {size}-byte file")
+        raw = handle.read(header_len)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise MimoError(f"{path.name}: truncated safetensors file (no header)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > 100_000_000:
-                raise MimoError(f"{path.name}: corrupt safetensors header (length {header_len})")
-            if header_len > size - 8:
-                raise MimoError(f"{path.name}: truncated (header needs {header_len + 8} bytes, file has {size})")
-            header = json.loads(handle.read(header_len))
-    except FileNotFoundError:
-        raise MimoError(f"checkpoint shard not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = limits.parse_json(raw, f"{path.name}: corrupt safetensors header")
+    except MimoError:
         raise MimoError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise MimoError(f"{path.name}: corrupt safetensors header (a JSON {json_type(header).split()[-1]}, not an object)")
+    if len(header) > limits.MAX_HEADER_ENTRIES + 1:
+        raise MimoError(f"{path.name}: {len(header)} header entries is over the limit of {limits.MAX_HEADER_ENTRIES}")
     data_start = 8 + header_len
+    data_size = size - data_start
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise MimoError(f"{path.name}: corrupt header entry for tensor '{name}'") from None
+        begin, end, dtype, shape = _entry_fields(path, name, info)
         expected = dtype.itemsize * _numel(shape)
-        if end - begin != expected or begin < 0:
+        if end - begin != expected:
             raise MimoError(
                 f"{path.name}: tensor '{name}' has {end - begin} bytes, shape {list(shape)} needs {expected}"
             )
-        if data_start + end > size:
+        if end > data_size:
             raise MimoError(
                 f"{path.name}: truncated (tensor '{name}' ends at byte {data_start + end}, file has {size})"
             )
         entries.append(TensorEntry(name, path, dtype, shape, data_start + begin, end - begin))
+    spans = sorted((e.offset, e.offset + e.nbytes, e.name) for e in entries if e.nbytes)
+    for (_, previous_end, previous), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < previous_end:
+            raise MimoError(f"{path.name}: tensors '{previous}' and '{name}' overlap in the file")
     return entries
+
+
+def _entry_fields(path: Path, name: str, info) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
+    def corrupt(why: str) -> MimoError:
+        return MimoError(f"{path.name}: corrupt header entry for tensor '{name[:80]}' ({why})")
+
+    if not isinstance(info, dict):
+        raise corrupt("not an object")
+    dtype = DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise corrupt(f"unknown dtype {info.get('dtype')!r:.20}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or len(shape) > limits.MAX_TENSOR_DIMS or not all(
+        type(d) is int and d >= 0 for d in shape
+    ):
+        raise corrupt(f"shape must be a list of at most {limits.MAX_TENSOR_DIMS} non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets):
+        raise corrupt("data_offsets must be two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise corrupt(f"data_offsets {offsets} are not 0 <= begin <= end")
+    return begin, end, dtype, tuple(shape)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -93,31 +130,49 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
+def _read_index(directory: Path) -> dict[str, str]:
+    """The index's weight_map (tensor -> shard file), each file confined to the model directory."""
+    path = directory / INDEX_FILE
+    index = limits.read_json_object(path, limits.MAX_INDEX_BYTES, f"{path}")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise MimoError(f"{path}: corrupt index (no weight_map object)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise MimoError(f"{path}: corrupt index (tensor '{name[:80]}' maps to {json_type(file)})")
+    files = set(weight_map.values())
+    if len(files) > limits.MAX_SHARDS:
+        raise MimoError(f"{path}: {len(files)} shard files is over the limit of {limits.MAX_SHARDS}")
+    for file in files:
+        confined_file(directory, file, f"{path.name}: weight_map entry")
+    return weight_map
+
+
 class Checkpoint:
     """All tensors of a checkpoint directory (sharded through the index, or a single file)."""
 
     def __init__(self, model_dir: str | Path, fp8_block: tuple[int, int] | None = None):
         self.dir = Path(model_dir)
         self.fp8_block = fp8_block or (128, 128)
-        index_path = self.dir / INDEX_FILE
-        if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                raise MimoError(f"{index_path}: corrupt index (no weight_map)") from None
+        if os.path.lexists(self.dir / INDEX_FILE):
+            weight_map = _read_index(self.dir)
             files = sorted(set(weight_map.values()))
-        elif (self.dir / SINGLE_FILE).exists():
+        elif os.path.lexists(self.dir / SINGLE_FILE):
             weight_map, files = None, [SINGLE_FILE]
         else:
             raise MimoError(f"{self.dir}: no {INDEX_FILE} or {SINGLE_FILE}")
+        for file in files:  # every file is checked before any is opened
+            check_regular_file(confined_file(self.dir, file, "weight_map entry"), f"checkpoint shard {file}")
         self.entries: dict[str, TensorEntry] = {}
         for file in files:
-            for entry in read_header(self.dir / file):
+            for entry in read_header(confined_file(self.dir, file, "weight_map entry")):
+                if entry.name in self.entries:
+                    raise MimoError(f"tensor '{entry.name}' is in both {self.entries[entry.name].file.name} and {file}")
                 self.entries[entry.name] = entry
         if weight_map is not None:
             for name, file in weight_map.items():
                 entry = self.entries.get(name)
-                if entry is None or entry.file.name != file:
+                if entry is None or entry.file != confined_file(self.dir, file, "weight_map entry"):
                     raise MimoError(f"{file}: tensor '{name}' listed in the index is missing from the shard")
 
     def __contains__(self, name: str) -> bool:
@@ -140,7 +195,7 @@ class Checkpoint:
         if not entry.nbytes:
             return
         buffer = out.view(-1).view(torch.uint8).numpy()
-        with open(entry.file, "rb") as handle:
+        with open_regular(entry.file) as handle:
             handle.seek(entry.offset)
             if handle.readinto(buffer) != entry.nbytes:
                 raise MimoError(f"{entry.file.name}: truncated while reading tensor '{entry.name}'")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import limits
 from .errors import MimoError
+from .limits import json_type, positive_int
 
 FAMILIES = {"mimo": "MiMo-7B", "mimo_v2_flash": "MiMo-V2-Flash"}
 
@@ -89,7 +92,8 @@ class MiMoConfig:
 
 
 class _Keys:
-    """Reads hub config keys, turning a missing one into a one-line error naming it."""
+    """Reads hub config keys with their types and bounds checked: a missing or bad one is a one-line
+    error naming it (and the limit it breaks), found before anything is built from it."""
 
     def __init__(self, raw: dict, source: str):
         self.raw, self.source = raw, source
@@ -104,138 +108,215 @@ class _Keys:
         value = self.raw.get(name)
         return default if value is None else value
 
+    def _name(self, names: tuple[str, ...]) -> str:
+        return next((n for n in names if self.raw.get(n) is not None), names[0])
 
-def _eos_ids(raw: dict, generation_config: dict) -> tuple[int, ...]:
+    def need_int(self, *names: str, limit: int, minimum: int = 1) -> int:
+        return self.integer(self._name(names), self.need(*names), limit, minimum)
+
+    def get_int(self, name: str, default: int, limit: int, minimum: int = 1) -> int:
+        return self.integer(name, self.get(name, default), limit, minimum)
+
+    def integer(self, name: str, value, limit: int, minimum: int = 1) -> int:
+        try:
+            return positive_int(value, f"'{name}'", limit, minimum)
+        except MimoError as error:
+            raise MimoError(f"{self.source}: {error}") from None
+
+    def need_float(self, *names: str, positive: bool = True) -> float:
+        return self.number(self._name(names), self.need(*names), positive)
+
+    def get_float(self, name: str, default: float, positive: bool = True) -> float:
+        return self.number(name, self.get(name, default), positive)
+
+    def number(self, name: str, value, positive: bool = True) -> float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise MimoError(f"{self.source}: '{name}' must be a finite number, not {json_type(value)} ({value!r:.40})")
+        if positive and value <= 0:
+            raise MimoError(f"{self.source}: '{name}' must be positive (got {value})")
+        return float(value)
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        return self.flag(name, self.get(name, default))
+
+    def flag(self, name: str, value) -> bool:
+        if value not in (True, False) or type(value) not in (bool, int):  # 0 / 1 as some configs write them
+            raise MimoError(f"{self.source}: '{name}' must be true or false, not {value!r:.40}")
+        return bool(value)
+
+
+def _eos_ids(raw: dict, generation_config: dict, vocab_size: int, source: str) -> tuple[int, ...]:
     ids: list[int] = []
     for value in (generation_config.get("eos_token_id"), raw.get("eos_token_id")):
         if value is None:
             continue
         for token in value if isinstance(value, list) else [value]:
+            if type(token) is not int or not 0 <= token < vocab_size:
+                raise MimoError(f"{source}: eos_token_id {token!r:.40} is not a token id below vocab_size {vocab_size}")
             if token not in ids:
-                ids.append(int(token))
+                ids.append(token)
     return tuple(ids)
 
 
-def _fp8_block(raw: dict) -> tuple[int, int] | None:
-    quant = raw.get("quantization_config") or {}
+def _fp8_block(keys: _Keys) -> tuple[int, int] | None:
+    quant = keys.raw.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise MimoError(f"{keys.source}: 'quantization_config' must be an object, not {json_type(quant)}")
     if quant.get("quant_method") != "fp8":
         return None
     block = quant.get("weight_block_size") or [128, 128]
-    return int(block[0]), int(block[1])
+    if not isinstance(block, list) or len(block) != 2:
+        raise MimoError(f"{keys.source}: 'weight_block_size' must be a list of two integers, not {block!r:.40}")
+    rows, cols = (keys.integer("weight_block_size", b, limits.MAX_FP8_BLOCK) for b in block)
+    return rows, cols
+
+
+def _attention_heads(keys: _Keys, prefix: str = "") -> tuple[int, int]:
+    heads = keys.need_int(prefix + "num_attention_heads", limit=limits.MAX_HEADS)
+    kv_heads = keys.need_int(prefix + "num_key_value_heads", limit=limits.MAX_HEADS)
+    if heads % kv_heads:
+        raise MimoError(f"{keys.source}: '{prefix}num_attention_heads' ({heads}) is not a multiple of "
+                        f"'{prefix}num_key_value_heads' ({kv_heads})")
+    return heads, kv_heads
+
+
+def _layers(keys: _Keys) -> int:
+    return keys.need_int("num_hidden_layers", limit=limits.MAX_LAYERS)
 
 
 def _parse_mimo(keys: _Keys, raw: dict) -> dict:
-    hidden = keys.need("hidden_size")
-    heads = keys.need("num_attention_heads")
-    head_dim = keys.get("head_dim", hidden // heads)
+    hidden = keys.need_int("hidden_size", limit=limits.MAX_HIDDEN_SIZE)
+    heads, kv_heads = _attention_heads(keys)
+    if raw.get("head_dim") is None and hidden % heads:
+        raise MimoError(f"{keys.source}: 'hidden_size' ({hidden}) is not a multiple of 'num_attention_heads' ({heads})")
+    head_dim = keys.get_int("head_dim", hidden // heads, limit=limits.MAX_HEAD_DIM)
+    if head_dim % 2:
+        raise MimoError(f"{keys.source}: head dimension {head_dim} must be even (rotary embedding)")
     if raw.get("use_sliding_window"):
         raise MimoError(f"{keys.source}: use_sliding_window=true is not a MiMo-7B layout")
     attention = AttentionSpec(
         num_heads=heads,
-        num_kv_heads=keys.need("num_key_value_heads"),
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
         v_head_dim=head_dim,
-        rope_theta=float(keys.need("rope_theta")),
+        rope_theta=keys.need_float("rope_theta"),
         rope_dim=head_dim,
         sliding_window=None,
         has_sink=False,
-        bias=bool(keys.get("attention_bias", True)),
+        bias=keys.get_bool("attention_bias", True),
     )
-    layers = keys.need("num_hidden_layers")
+    layers = _layers(keys)
     return dict(
         global_attention=attention,
         sliding_attention=None,
         layer_is_sliding=(False,) * layers,
         layer_is_moe=(False,) * layers,
         moe=None,
-        num_mtp_layers=int(keys.get("num_nextn_predict_layers", 0)),
-        rms_norm_eps=float(keys.need("rms_norm_eps")),
+        num_mtp_layers=keys.get_int("num_nextn_predict_layers", 0, limit=limits.MAX_MTP_LAYERS, minimum=0),
+        rms_norm_eps=keys.need_float("rms_norm_eps"),
     )
 
 
 def _parse_v2_flash(keys: _Keys, raw: dict) -> dict:
-    layers = keys.need("num_hidden_layers")
+    layers = _layers(keys)
     pattern = keys.need("hybrid_layer_pattern")
     moe_freq = keys.need("moe_layer_freq")
     for name, values in (("hybrid_layer_pattern", pattern), ("moe_layer_freq", moe_freq)):
         if not isinstance(values, list) or len(values) != layers:
             raise MimoError(f"{keys.source}: '{name}' must list one entry per layer ({layers})")
-    rotary = float(keys.need("partial_rotary_factor"))
-    value_scale = float(keys.get("attention_value_scale", 1.0))
+        for value in values:
+            keys.flag(name, value)
+    rotary = keys.need_float("partial_rotary_factor")
+    if rotary > 1:
+        raise MimoError(f"{keys.source}: 'partial_rotary_factor' must be in (0, 1] (got {rotary})")
+    value_scale = keys.get_float("attention_value_scale", 1.0)
 
     def spec(prefix: str, theta_key: str, sink_key: str, window: int | None) -> AttentionSpec:
-        head_dim = keys.need(prefix + "head_dim")
+        heads, kv_heads = _attention_heads(keys, prefix)
+        head_dim = keys.need_int(prefix + "head_dim", limit=limits.MAX_HEAD_DIM)
+        rope_dim = int(head_dim * rotary)
+        if rope_dim < 2 or rope_dim % 2:
+            raise MimoError(f"{keys.source}: '{prefix}head_dim' {head_dim} x partial_rotary_factor {rotary} gives "
+                            f"{rope_dim} rotated dimensions (an even number >= 2 is needed)")
         return AttentionSpec(
-            num_heads=keys.need(prefix + "num_attention_heads"),
-            num_kv_heads=keys.need(prefix + "num_key_value_heads"),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
-            v_head_dim=keys.need(prefix + "v_head_dim"),
-            rope_theta=float(keys.need(theta_key)),
-            rope_dim=int(head_dim * rotary),
+            v_head_dim=keys.need_int(prefix + "v_head_dim", limit=limits.MAX_HEAD_DIM),
+            rope_theta=keys.need_float(theta_key),
+            rope_dim=rope_dim,
             sliding_window=window,
-            has_sink=bool(keys.get(sink_key, False)),
-            bias=bool(keys.get("attention_bias", False)),
+            has_sink=keys.get_bool(sink_key, False),
+            bias=keys.get_bool("attention_bias", False),
             value_scale=value_scale,
         )
 
     sliding = any(pattern)
     scoring = keys.get("scoring_func", "sigmoid")
     if scoring != "sigmoid":
-        raise MimoError(f"{keys.source}: scoring_func '{scoring}' is not supported (MiMo uses sigmoid)")
+        raise MimoError(f"{keys.source}: scoring_func {scoring!r:.40} is not supported (MiMo uses sigmoid)")
     return dict(
         global_attention=spec("", "rope_theta", "add_full_attention_sink_bias", None),
         sliding_attention=spec(
-            "swa_", "swa_rope_theta", "add_swa_attention_sink_bias", keys.need("sliding_window_size")
+            "swa_", "swa_rope_theta", "add_swa_attention_sink_bias",
+            keys.need_int("sliding_window_size", limit=limits.MAX_CONTEXT),
         )
         if sliding
         else None,
         layer_is_sliding=tuple(bool(p) for p in pattern),
         layer_is_moe=tuple(bool(m) for m in moe_freq),
-        moe=MoESpec(
-            num_experts=keys.need("n_routed_experts"),
-            experts_per_token=keys.need("num_experts_per_tok"),
-            intermediate_size=keys.need("moe_intermediate_size"),
-            norm_topk_prob=bool(keys.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(keys.get("routed_scaling_factor", 1.0)),
-            n_group=int(keys.get("n_group", 1)),
-            topk_group=int(keys.get("topk_group", 1)),
-        )
-        if any(moe_freq)
-        else None,
+        moe=_moe(keys, sum(bool(m) for m in moe_freq)) if any(moe_freq) else None,
         num_mtp_layers=0,  # not in the config: counted from the checkpoint's keys
-        rms_norm_eps=float(keys.need("layernorm_epsilon", "rms_norm_eps")),
+        rms_norm_eps=keys.need_float("layernorm_epsilon", "rms_norm_eps"),
+    )
+
+
+def _moe(keys: _Keys, moe_layers: int) -> MoESpec:
+    experts = keys.need_int("n_routed_experts", limit=limits.MAX_EXPERTS)
+    if experts * moe_layers > limits.MAX_EXPERT_MODULES:
+        raise MimoError(f"{keys.source}: {experts} experts x {moe_layers} MoE layers is over the limit of "
+                        f"{limits.MAX_EXPERT_MODULES} routed experts")
+    groups = keys.get_int("n_group", 1, limit=experts)
+    if experts % groups:
+        raise MimoError(f"{keys.source}: 'n_routed_experts' ({experts}) is not a multiple of 'n_group' ({groups})")
+    return MoESpec(
+        num_experts=experts,
+        experts_per_token=keys.need_int("num_experts_per_tok", limit=experts),
+        intermediate_size=keys.need_int("moe_intermediate_size", limit=limits.MAX_INTERMEDIATE_SIZE),
+        norm_topk_prob=keys.get_bool("norm_topk_prob", True),
+        routed_scaling_factor=keys.get_float("routed_scaling_factor", 1.0),
+        n_group=groups,
+        topk_group=keys.get_int("topk_group", 1, limit=groups),
     )
 
 
 def parse_config(raw: dict, source: str = "config.json", generation_config: dict | None = None) -> MiMoConfig:
+    """Every key is type- and range-checked (limits.MAX_*) before anything is built from it."""
+    if not isinstance(raw, dict):
+        raise MimoError(f"{source}: expected a JSON object, found {json_type(raw)}")
+    generation_config = generation_config or {}
+    if not isinstance(generation_config, dict):
+        raise MimoError(f"generation_config.json: expected a JSON object, found {json_type(generation_config)}")
     keys = _Keys(raw, source)
     model_type = raw.get("model_type")
     if model_type not in FAMILIES:
         raise MimoError(
-            f"{source}: unknown model_type {model_type!r} (supported: {', '.join(FAMILIES)})"
+            f"{source}: unknown model_type {model_type!r:.40} (supported: {', '.join(FAMILIES)})"
         )
     family_fields = (_parse_mimo if model_type == "mimo" else _parse_v2_flash)(keys, raw)
+    vocab_size = keys.need_int("vocab_size", limit=limits.MAX_VOCAB_SIZE)
     return MiMoConfig(
         family=model_type,
-        vocab_size=keys.need("vocab_size"),
-        hidden_size=keys.need("hidden_size"),
-        num_layers=keys.need("num_hidden_layers"),
-        intermediate_size=keys.need("intermediate_size"),
-        max_position_embeddings=keys.need("max_position_embeddings"),
-        tie_word_embeddings=bool(keys.get("tie_word_embeddings", False)),
-        eos_token_ids=_eos_ids(raw, generation_config or {}),
-        fp8_block_size=_fp8_block(raw),
+        vocab_size=vocab_size,
+        hidden_size=keys.need_int("hidden_size", limit=limits.MAX_HIDDEN_SIZE),
+        num_layers=_layers(keys),
+        intermediate_size=keys.need_int("intermediate_size", limit=limits.MAX_INTERMEDIATE_SIZE),
+        max_position_embeddings=keys.need_int("max_position_embeddings", limit=limits.MAX_CONTEXT),
+        tie_word_embeddings=keys.get_bool("tie_word_embeddings", False),
+        eos_token_ids=_eos_ids(raw, generation_config, vocab_size, source),
+        fp8_block_size=_fp8_block(keys),
         **family_fields,
     )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MimoError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MimoError(f"{path}: not valid JSON ({error})") from None
 
 
 def load_config(model_dir: str | Path) -> MiMoConfig:
@@ -243,6 +324,13 @@ def load_config(model_dir: str | Path) -> MiMoConfig:
     if not model_dir.is_dir():
         raise MimoError(f"model directory not found: {model_dir}")
     generation_path = model_dir / "generation_config.json"
-    generation = _read_json(generation_path) if generation_path.exists() else {}
+    generation = (
+        limits.read_json_object(generation_path, limits.MAX_CONFIG_BYTES) if os.path.lexists(generation_path) else {}
+    )
     config_path = model_dir / "config.json"
-    return parse_config(_read_json(config_path), str(config_path), generation)
+    return parse_config(limits.read_json_object(config_path, limits.MAX_CONFIG_BYTES), str(config_path), generation)
+
+
+def read_raw_config(model_dir: str | Path) -> dict:
+    """config.json of a model directory as a dict (size-capped, a regular file, a JSON object)."""
+    return limits.read_json_object(Path(model_dir) / "config.json", limits.MAX_CONFIG_BYTES)

@@ -6,14 +6,15 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
-import json
+import os
 from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .checkpoint import Checkpoint
-from .config import load_config
+from . import limits
+from .config import MiMoConfig, load_config, read_raw_config
 from .errors import MimoError
 from .models import mimo, mimo_v2_flash
 from .models.layers import RotaryEmbedding, Router
@@ -65,11 +66,12 @@ def load_model(
     placement without MTP skips the MTP layers."""
     from .quant import loading, manifest
 
+    raw_config = read_raw_config(model_dir) if os.path.lexists(Path(model_dir, "config.json")) else {}
+    manifest.verify(Path(model_dir), raw_config)  # an interrupted `mimo quantize` output says so first
     config = load_config(model_dir)
-    manifest.verify(Path(model_dir), json.loads((Path(model_dir) / "config.json").read_text()))
     checkpoint = Checkpoint(model_dir, config.fp8_block_size)
     family = FAMILY_MODULES[config.family]
-    num_mtp = family.count_mtp_layers(config, checkpoint.names()) if placement is None or placement.mtp else 0
+    num_mtp = count_mtp_layers(config, checkpoint) if placement is None or placement.mtp else 0
     config = dataclasses.replace(config, num_mtp_layers=num_mtp)
     device = torch.device(device) if placement is None else torch_device(placement.main)
 
@@ -81,6 +83,7 @@ def load_model(
             placement.split_experts(model)
     targets = family.weight_map(model).targets
     quantized = loading.prepare(model, targets, checkpoint, quant)  # drops float weights it replaces
+    check_coverage(model, quantized.plain_targets, checkpoint)  # before any memory is allocated
     if placement is None:
         model.to_empty(device=device)
     else:
@@ -123,12 +126,40 @@ def advise_huge_pages(tensor: torch.Tensor) -> None:
     libc.madvise(begin, end - begin, 14)  # MADV_HUGEPAGE; a refusal only costs speed
 
 
+def count_mtp_layers(config: MiMoConfig, checkpoint: Checkpoint) -> int:
+    """MTP layers present in the checkpoint (at most limits.MAX_MTP_LAYERS)."""
+    try:
+        count = FAMILY_MODULES[config.family].count_mtp_layers(config, checkpoint.names())
+    except (ValueError, IndexError):
+        raise MimoError(f"{checkpoint.dir}: an MTP tensor name has no layer number") from None
+    if count > limits.MAX_MTP_LAYERS:
+        raise MimoError(f"{checkpoint.dir}: {count} MTP layers is over the limit of {limits.MAX_MTP_LAYERS}")
+    return count
+
+
+def check_coverage(model: MiMoForCausalLM, targets: dict, checkpoint: Checkpoint) -> None:
+    """On the meta model: every parameter is filled exactly by checkpoint tensors of the right shape,
+    so a config that disagrees with the tensors present is refused before its memory is allocated."""
+    params = dict(model.named_parameters())
+    filled = {name: 0 for name in params}
+    for hub_name, target in targets.items():
+        entry = checkpoint.entries.get(hub_name)
+        if entry is None:
+            raise MimoError(f"{checkpoint.dir}: missing tensor '{hub_name}'")
+        destination = params[target.param][target.index] if target.index else params[target.param]
+        if entry.shape != tuple(destination.shape):
+            raise MimoError(
+                f"{entry.file.name}: tensor '{hub_name}' has shape {list(entry.shape)}, the config gives {list(destination.shape)}"
+            )
+        filled[target.param] += destination.numel()
+    for name, param in params.items():
+        if filled[name] != param.numel():
+            raise MimoError(f"{checkpoint.dir}: checkpoint does not provide all of '{name}'")
+
+
 def _stream_weights(model: MiMoForCausalLM, targets: dict, checkpoint: Checkpoint, show_progress: bool) -> None:
     params = dict(model.named_parameters())
     filled = {name: 0 for name in params}
-    for hub_name in targets:
-        if hub_name not in checkpoint:
-            raise MimoError(f"{checkpoint.dir}: missing tensor '{hub_name}'")
     total = sum(checkpoint.entries[name].nbytes for name in targets)
     progress = Progress(
         TextColumn("loading"),

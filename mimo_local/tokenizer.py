@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from datetime import date
+import os
 from pathlib import Path
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from . import limits
+from .chat_template import render_template
 from .errors import MimoError
 
 
@@ -17,29 +16,32 @@ class ChatTokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
-        if not path.exists():
+        if not os.path.lexists(path):
             raise MimoError(f"{model_dir}: no tokenizer.json")
+        data = limits.read_capped(path, limits.MAX_TOKENIZER_BYTES)
         try:
-            self.tokenizer = Tokenizer.from_file(str(path))
+            self.tokenizer = Tokenizer.from_str(data.decode("utf-8"))
         except Exception as error:  # the tokenizers library raises plain Exception subclasses
-            raise MimoError(f"{path}: cannot be read ({error})") from None
+            raise MimoError(f"{path}: cannot be read ({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})") from None
         config_path = model_dir / "tokenizer_config.json"
-        try:
-            self.config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise MimoError(f"{config_path}: not valid JSON ({error})") from None
+        self.config = (
+            limits.read_json_object(config_path, limits.MAX_TOKENIZER_CONFIG_BYTES) if os.path.lexists(config_path) else {}
+        )
         self.chat_template = self.config.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
             self.chat_template = next(
-                (t["template"] for t in self.chat_template if t.get("name") == "default"), None
+                (t.get("template") for t in self.chat_template if isinstance(t, dict) and t.get("name") == "default"), None
             )
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise MimoError(f"{config_path}: chat_template is {limits.json_type(self.chat_template)}, not a string")
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
     def special_token(self, key: str) -> str | None:
         value = self.config.get(key)
-        return value.get("content") if isinstance(value, dict) else value
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -48,27 +50,18 @@ class ChatTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
-        """`template_kwargs`: further template variables (`tools`, `enable_thinking`, ...)."""
+        """`template_kwargs`: further template variables (`tools`, `enable_thinking`, ...). Rendering is
+        bounded in time and size (chat_template.py) and safe to call from any thread."""
         if not self.chat_template:
             raise MimoError("this model's tokenizer_config.json has no chat_template (use --raw)")
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        environment.globals["raise_exception"] = _raise_template_error
-        environment.globals["strftime_now"] = lambda fmt: date.today().strftime(fmt)
-        try:
-            template = environment.from_string(self.chat_template)
-            return template.render(
-                **template_kwargs,
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.special_token("bos_token") or "",
-                eos_token=self.special_token("eos_token") or "",
-            )
-        except TemplateError as error:
-            raise MimoError(f"chat template failed: {error}") from None
-
-
-def _raise_template_error(message: str):
-    raise TemplateError(message)
+        return render_template(
+            self.chat_template,
+            **template_kwargs,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.special_token("bos_token") or "",
+            eos_token=self.special_token("eos_token") or "",
+        )
 
 
 class IncrementalDetokenizer:

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .. import __version__
+from .. import __version__, limits
 from ..cache import make_layer_cache
 from ..checkpoint import INDEX_FILE, Checkpoint, read_header, write_safetensors
-from ..config import load_config
+from ..config import load_config, read_raw_config
 from ..errors import MimoError
 from ..models.layers import RotaryEmbedding, Router
 from . import formats, manifest, runtime
@@ -82,22 +82,27 @@ def quantize_checkpoint(
     return job.run(show_progress, after_shard, started)
 
 
+def _is_temporary(path: Path) -> bool:
+    """A file an interrupted atomic write of ours leaves behind (temp file + rename)."""
+    return path.is_file() and path.name.endswith(".tmp")
+
+
 class QuantizeJob:
     def __init__(self, source: Path, recipe: Recipe, out: Path):
-        from ..loader import FAMILY_MODULES
+        from ..loader import FAMILY_MODULES, count_mtp_layers
 
         if not source.is_dir():
             raise MimoError(f"model directory not found: {source}")
         if out.resolve() == source.resolve():
             raise MimoError("--out must differ from the source directory")
         self.source, self.recipe, self.out = source, recipe, out
-        self.raw_config = json.loads((source / "config.json").read_text()) if (source / "config.json").exists() else {}
-        if self.raw_config.get("quantization_config", {}).get("quant_method") not in (None, "fp8"):
-            raise MimoError(f"{source} is already quantized; quantize a bf16 or FP8 checkpoint")
         self.config = load_config(source)
+        self.raw_config = read_raw_config(source)
+        if (self.raw_config.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
+            raise MimoError(f"{source} is already quantized; quantize a bf16 or FP8 checkpoint")
         self.checkpoint = Checkpoint(source, self.config.fp8_block_size)
         family = FAMILY_MODULES[self.config.family]
-        num_mtp = family.count_mtp_layers(self.config, self.checkpoint.names())
+        num_mtp = count_mtp_layers(self.config, self.checkpoint)
         self.config = dataclasses.replace(self.config, num_mtp_layers=num_mtp)
         with torch.device("meta"):
             self.model = family.build(self.config, num_mtp).float()
@@ -239,21 +244,24 @@ class QuantizeJob:
         done = {}
         if progress_path.exists():
             try:
-                state = json.loads(progress_path.read_text())
-            except json.JSONDecodeError:
+                state = limits.read_json_object(progress_path, limits.MAX_INDEX_BYTES)
+            except MimoError:
                 state = {}
             if state.get("fingerprint") != self.fingerprint:
                 raise MimoError(f"{out} holds another quantization (other source, recipe or settings): choose another --out")
-            for name, digest in state.get("shards", {}).items():
-                path = out / name
-                if path.exists() and manifest.sha256_file(path) == digest:
+            shards = state.get("shards") if isinstance(state.get("shards"), dict) else {}
+            for name, digest in shards.items():
+                if name in self.shard_names and (out / name).is_file() and manifest.sha256_file(out / name) == digest:
                     done[name] = digest
-        elif out.exists() and any(out.iterdir()):
+        elif out.exists() and any(not _is_temporary(path) for path in out.iterdir()):
             raise MimoError(f"--out {out} is not empty and holds no interrupted quantization")
         if manifest_path.exists() and len(done) == len(self.shard_names):
             return done
         manifest_path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        # The progress marker comes first: an interrupt at any later instant leaves an output that a
+        # rerun recognises as this job's and resumes.
+        self._save_progress(done)
         config = {k: v for k, v in self.raw_config.items() if k != "quantization_config"}
         config["quantization_config"] = self.quantization_config()
         config["torch_dtype"] = "bfloat16"
@@ -263,10 +271,10 @@ class QuantizeJob:
             if (self.source / name).exists():
                 shutil.copyfile(self.source / name, out / (name + ".tmp"))
                 (out / (name + ".tmp")).replace(out / name)
-        self._save_progress(done)
         return done
 
     def _save_progress(self, done: dict) -> None:
+        """Atomic: the marker is either absent or whole (its temporary file counts as nothing written)."""
         manifest.write_json_atomic(self.out / manifest.PROGRESS, {"fingerprint": self.fingerprint, "shards": done})
 
     def run(self, show_progress: bool, after_shard, started: float) -> QuantizeResult:

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from .. import limits
 from ..errors import MimoError
 
 MANIFEST = "quant-manifest.json"
@@ -40,15 +41,16 @@ def verify(model_dir: Path, config: dict) -> None:
     if not is_ours(model_dir, config):
         return
     path = model_dir / MANIFEST
-    if not path.exists():
+    if not os.path.lexists(path):
         raise MimoError(f"{model_dir}: incomplete quantized output (no {MANIFEST}); rerun `mimo quantize` to finish it")
-    try:
-        files = json.loads(path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise MimoError(f"{path}: corrupt manifest") from None
+    files = limits.read_json_object(path, limits.MAX_INDEX_BYTES).get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str) for e in files.values()
+    ):
+        raise MimoError(f"{path}: corrupt manifest")
     for name, expected in files.items():
-        file = model_dir / name
-        if not file.exists():
+        file = limits.confined_file(model_dir, name, f"{MANIFEST} entry")
+        if not os.path.lexists(file):
             raise MimoError(f"{model_dir}: '{name}' listed in {MANIFEST} is missing")
-        if file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
+        if limits.check_regular_file(file).st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
             raise MimoError(f"{model_dir}: '{name}' is corrupt (sha256 does not match {MANIFEST})")
