@@ -44,20 +44,20 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._too_large(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        # Read the body here (it is small by then) so that one sent without a length is counted too.
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLarge:
-            await self._too_large(scope, receive, send)
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], then=receive), send)
 
     async def _too_large(self, scope, receive, send):
         request = Request(scope, receive)
@@ -66,8 +66,18 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-class BodyTooLarge(Exception):
-    pass
+def _replay(messages: list[dict], then: Receive | None = None) -> Receive:
+    """A receive() that gives `messages` first, then waits on `then` (a disconnect, later)."""
+    pending = list(messages)
+
+    async def receive():
+        if pending:
+            return pending.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
 
 
 def create_app(service: Service, load=None, on_load_error=None) -> FastAPI:
@@ -167,7 +177,8 @@ def create_app(service: Service, load=None, on_load_error=None) -> FastAPI:
 
 
 def _logged(service: Service, request: Request, response, started: float):
-    service.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+    route = request.scope.get("route")  # the route's template: no label per made-up path
+    service.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
     log.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code,
              (time.perf_counter() - started) * 1000)
     return response

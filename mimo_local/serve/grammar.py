@@ -29,7 +29,9 @@ def grammar_tokenizer(tokenizer: ChatTokenizer, eos_id: int) -> llguidance.LLTok
 def json_schema_grammar(schema: dict | None) -> str:
     """A grammar for any JSON object (`schema` None: response_format json_object) or for `schema`."""
     schema = {"type": "object"} if schema is None else schema
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    # Compact separators: flexible whitespace lets a model pad forever instead of answering.
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
+                                                            overrides={"whitespace_flexible": False})
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
         raise MimoError(f"invalid JSON schema: {error}")

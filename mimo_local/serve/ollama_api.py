@@ -127,7 +127,7 @@ def model_details(service: Service) -> dict:
     config = service.engine.config if service.engine is not None else None
     return {
         "parent_model": "", "format": "safetensors",
-        "family": config.model_type if config else "mimo", "families": [config.model_type] if config else ["mimo"],
+        "family": config.family if config else "mimo", "families": [config.family] if config else ["mimo"],
         "parameter_size": "", "quantization_level": "",
     }
 
@@ -169,10 +169,10 @@ def router(service: Service) -> APIRouter:
             capabilities.append("thinking")
         return {"modelfile": "", "parameters": "", "template": service.engine.tokenizer.chat_template or "",
                 "details": model_details(service), "modified_at": now(), "capabilities": capabilities,
-                "model_info": {"general.architecture": config.model_type,
-                               f"{config.model_type}.context_length": config.max_position_embeddings,
-                               f"{config.model_type}.embedding_length": config.hidden_size,
-                               f"{config.model_type}.block_count": config.num_hidden_layers}}
+                "model_info": {"general.architecture": config.family,
+                               f"{config.family}.context_length": config.max_position_embeddings,
+                               f"{config.family}.embedding_length": config.hidden_size,
+                               f"{config.family}.block_count": config.num_layers}}
 
     @api.post("/api/chat")
     async def chat(body: ChatRequest, request: Request):

@@ -36,6 +36,7 @@ class SamplingFields(Lenient):
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
     return_token_ids: bool = False  # vLLM's extension: the ids of the prompt and the answer
+    ignore_eos: bool = False  # vLLM's and llama-server's extension: generate up to max_tokens
 
     def settings(self, service: Service):
         if self.n not in (None, 1):
@@ -183,7 +184,7 @@ def router(service: Service) -> APIRouter:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         output = service.start(prompt.ids, settings, in_reasoning=prompt.in_reasoning, tool_format=prompt.tool_format,
                                tools=tools, json_schema=schema, structured=structured, forced_tool=forced,
-                               logprobs=logprobs)
+                               logprobs=logprobs, ignore_eos=body.ignore_eos)
         common = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model}
         if body.stream:
             return EventSourceResponse(stream_chat(service, output, common, body, request), ping=15)
@@ -207,7 +208,7 @@ def router(service: Service) -> APIRouter:
             ids = service.engine.tokenizer.encode(prompt)
         if not ids:
             raise BadRequest("the prompt is empty", param="prompt")
-        output = service.start(ids, settings, logprobs=body.logprobs, tool_format="json")
+        output = service.start(ids, settings, logprobs=body.logprobs, ignore_eos=body.ignore_eos)
         common = {"id": new_id("cmpl"), "created": int(time.time()), "model": body.model}
         if body.stream:
             return EventSourceResponse(stream_completion(service, output, common, body, request), ping=15)

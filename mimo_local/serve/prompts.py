@@ -73,12 +73,31 @@ def build_chat_prompt(engine, messages: list[dict], tools: list[dict] | None, th
     text = tokenizer.render_chat([template_message(m) for m in messages], **kwargs)
     if thinking is False and not text.rstrip().endswith("</think>"):
         text += EMPTY_THINKING
-    tool_format = tool_format_for(tokenizer.chat_template, engine.config.model_type)
+    tool_format = tool_format_for(tokenizer.chat_template, engine.config.family)
     return ChatPrompt(text, tokenizer.encode(text), prompt_ends_in_reasoning(text), tool_format)
+
+
+COMPACT = {"x-guidance": {"whitespace_flexible": False}}  # no endless padding between JSON tokens
 
 
 def _lark_literal(text: str) -> str:
     return json.dumps(text)
+
+
+def _closed(parameters: dict | None) -> dict:
+    """The arguments' schema without properties the tool did not declare (unless it allows them)."""
+    parameters = dict(parameters or {"type": "object"})
+    parameters.setdefault("additionalProperties", False)
+    return parameters
+
+
+def _xml_value(schema: dict) -> str:
+    """A parameter value as the XML format writes it: strings verbatim, anything else as JSON."""
+    if schema.get("type", "string") == "string":
+        if schema.get("enum"):
+            return "(" + " | ".join(_lark_literal(str(option)) for option in schema["enum"]) + ")"
+        return "PLAIN"
+    return f"%json {json.dumps({**schema, **COMPACT})}"
 
 
 def forced_tool_call_grammar(tools: list[dict], tool_format: str, name: str | None = None) -> str:
@@ -94,17 +113,17 @@ def forced_tool_call_grammar(tools: list[dict], tool_format: str, name: str | No
     if tool_format == "json":
         schema = {"oneOf": [{
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+            "properties": {"name": {"const": f["name"]}, "arguments": _closed(f.get("parameters"))},
             "required": ["name", "arguments"], "additionalProperties": False,
         } for f in functions]}
-        return f'start: "<tool_call>\\n" %json {json.dumps(schema)} "\\n</tool_call>"\n'
+        return f'start: "<tool_call>\\n" %json {json.dumps({**schema, **COMPACT})} "\\n</tool_call>"\n'
     rules, alternatives = [], []
     for number, function in enumerate(functions):
         parameters = (function.get("parameters") or {}).get("properties") or {}
         required = set((function.get("parameters") or {}).get("required") or [])
         parts = []
         for key, schema in parameters.items():
-            value = "PLAIN" if (schema or {}).get("type", "string") == "string" else f"%json {json.dumps(schema or {})}"
+            value = _xml_value(schema or {})
             part = f'"<parameter=" {_lark_literal(key)} ">\\n" {value} "\\n</parameter>\\n"'
             parts.append(part if key in required else f"({part})?")
         rules.append(f'call{number}: {_lark_literal(function["name"])} ">\\n" {" ".join(parts)}')

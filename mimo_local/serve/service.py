@@ -9,13 +9,16 @@ import time
 from dataclasses import dataclass
 
 from ..errors import MimoError
-from ..generate import DoneEvent, TokenEvent
+from ..generate import DoneEvent
 from ..sampling import SamplingSettings
 from .grammar import GrammarConstraint, json_schema_grammar, lark_grammar
 from .metrics import ServerMetrics
 from .parsers import OutputParser
 from .prompts import ChatPrompt, build_chat_prompt, forced_tool_call_grammar
 from .worker import Failed, GenerationRequest, GenerationWorker, Job
+
+
+DISCONNECT_POLL_SECONDS = 0.5
 
 
 class BadRequest(MimoError):
@@ -95,7 +98,7 @@ class Service:
     def start(self, prompt_ids: list[int], settings: SamplingSettings, *, in_reasoning: bool = False,
               tool_format: str = "json", tools: list[dict] | None = None, json_schema: dict | None = None,
               structured: str | None = None, forced_tool: tuple[str, str | None] | None = None,
-              logprobs: int | None = None) -> Output:
+              logprobs: int | None = None, ignore_eos: bool = False) -> Output:
         """Queue a generation. `structured`: "json" (with `json_schema` or any object) constrains the
         answer; `forced_tool`: ("required", None) or ("function", NAME) forces a call to a tool."""
         if self.worker is None:
@@ -118,7 +121,7 @@ class Service:
                 raise BadRequest(str(error), param="response_format" if structured else "tool_choice") from None
         parse_reasoning = self.settings.reasoning_format != "none"
         parser = OutputParser(tool_format, tools, in_reasoning=in_reasoning, parse_reasoning=parse_reasoning)
-        job = Job(GenerationRequest(prompt_ids, settings, constraint, logprobs), asyncio.get_running_loop())
+        job = Job(GenerationRequest(prompt_ids, settings, constraint, logprobs, ignore_eos), asyncio.get_running_loop())
         self.worker.submit(job)
         self.metrics.queue_length.set(self.worker.waiting)
         return Output(job, parser, len(prompt_ids))
@@ -146,30 +149,26 @@ class Loading(MimoError):
 
 async def events(output: Output, is_disconnected=None):
     """(TokenEvent | DoneEvent) of a job; raises the job's error. `is_disconnected`: an async
-    callable polled while waiting, so a client that went away cancels its generation."""
-    stream = output.job.stream()
+    callable polled while waiting, so a client that went away cancels its generation. Leaving
+    early (a closed stream) cancels it too."""
+    job = output.job
+    getter = None
     try:
         while True:
-            next_item = asyncio.ensure_future(stream.__anext__())
-            while is_disconnected is not None:
-                done, _ = await asyncio.wait({next_item}, timeout=0.5)
-                if done:
-                    break
-                if await is_disconnected():
-                    next_item.cancel()
-                    output.job.cancelled.set()
+            getter = asyncio.ensure_future(job.events.get())
+            while not (await asyncio.wait({getter}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+                if is_disconnected is not None and await is_disconnected():
                     return
-            try:
-                item = await next_item
-            except StopAsyncIteration:
-                return
+            item = getter.result()
             if isinstance(item, Failed):
                 raise item.error
             yield item
             if isinstance(item, DoneEvent):
                 return
     finally:
-        await stream.aclose()
+        job.cancelled.set()
+        if getter is not None:
+            getter.cancel()
 
 
 def usage(output: Output, stats) -> dict:
@@ -200,5 +199,3 @@ def finish_reason(stats, parser: OutputParser) -> str:
         return "tool_calls"
     return "stop" if stats.finish_reason == "stop" else "length"
 
-
-__all__ = ["TokenEvent", "DoneEvent", "Service", "ServeSettings", "BadRequest", "events", "usage", "timings"]

@@ -30,6 +30,7 @@ class GenerationRequest:
     settings: SamplingSettings
     constraint: object | None = None  # a GrammarConstraint
     logprobs: int | None = None  # alternatives per token; None: no log probabilities
+    ignore_eos: bool = False  # go on past end-of-text up to max_tokens (benchmarks, tests)
 
 
 @dataclass
@@ -47,17 +48,6 @@ class Job:
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-
-    async def stream(self):
-        """TokenEvents, then a DoneEvent (or a Failed). Leaving early cancels the generation."""
-        try:
-            while True:
-                item = await self.events.get()
-                yield item
-                if not isinstance(item, TokenEvent):
-                    return
-        finally:
-            self.cancelled.set()
 
 
 class GenerationWorker:
@@ -109,7 +99,8 @@ class GenerationWorker:
                 speculation = {"draft_tokens": 0}
             job.cached_tokens = self._reuse_cache(request.prompt_ids, speculation["draft_tokens"])
             events = self.engine.stream(request.prompt_ids[job.cached_tokens :], request.settings, cache=self.cache,
-                                        constraint=request.constraint, logprobs=request.logprobs, **speculation)
+                                        constraint=request.constraint, logprobs=request.logprobs,
+                                        eos_ids=() if request.ignore_eos else None, **speculation)
             for event in events:
                 if job.cancelled.is_set():
                     return

@@ -1,0 +1,301 @@
+"""`mimo serve` over real HTTP on loopback, with the real `openai` and `ollama` client libraries."""
+
+import json
+import os
+import threading
+
+import httpx
+import ollama
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from mimo_local.cli import app
+from mimo_local.hub import resolve_model
+from serve_server import running_server
+
+PROMPT = "Tell me about Emma."
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def nano():
+    with running_server(resolve_model("mimo-nano"), "mimo-nano", max_queue=4) as (base, service):
+        yield base, service
+
+
+@pytest.fixture(scope="module")
+def client(nano):
+    return openai.OpenAI(base_url=nano[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def good_request_works(base: str) -> None:
+    response = httpx.post(f"{base}/v1/chat/completions", json={"model": "mimo-nano", "messages": MESSAGES,
+                                                               "max_tokens": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+
+
+def test_greedy_chat_equals_mimo_run(client):
+    result = CliRunner().invoke(app, ["run", "-m", "mimo-nano", "--temperature", "0", "-n", "24", "--dtype",
+                                      "float32", "--device", "cpu", "--json", PROMPT])
+    assert result.exit_code == 0, result.output
+    expected = json.loads(result.stdout.strip().splitlines()[-1])
+    for _ in range(2):  # the second request reuses the first one's KV cache: same answer
+        answer = client.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=24, temperature=0,
+                                                extra_body={"return_token_ids": True})
+        choice = answer.model_dump()["choices"][0]
+        assert choice["token_ids"] == expected["token_ids"]
+        assert choice["message"]["content"] == expected["text"]
+        assert answer.usage.prompt_tokens == expected["prompt_tokens"]
+        assert answer.usage.completion_tokens == expected["completion_tokens"]
+    assert answer.usage.prompt_tokens_details.cached_tokens == expected["prompt_tokens"] - 1
+
+
+def test_streaming_chunks_as_openai_sends_them(client, nano):
+    chunks = list(client.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert streamed == whole.choices[0].message.content
+    raw = httpx.post(f"{nano[0]}/v1/chat/completions", json={"model": "mimo-nano", "messages": MESSAGES,
+                                                             "max_tokens": 2, "stream": True}).text
+    assert raw.rstrip().endswith("data: [DONE]")
+
+
+def test_completions_plain_and_streamed(client):
+    text = client.completions.create(model="mimo-nano", prompt="It is a truth", max_tokens=8, temperature=0,
+                                     logprobs=2)
+    choice = text.choices[0]
+    assert choice.text and len(choice.logprobs.tokens) == 8
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    streamed = client.completions.create(model="mimo-nano", prompt="It is a truth", max_tokens=8, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+
+
+def test_chat_logprobs_and_sampling_with_a_seed(client):
+    answer = client.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=5, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    entries = answer.choices[0].logprobs.content
+    assert len(entries) == 5 and all(len(e.top_logprobs) == 3 for e in entries)
+    assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in entries)  # greedy picks the top one
+
+    def sampled():
+        return client.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=16, temperature=1.0,
+                                              top_p=0.9, seed=7, presence_penalty=0.5, frequency_penalty=0.5,
+                                              extra_body={"top_k": 40, "min_p": 0.01}).choices[0].message.content
+
+    assert sampled() == sampled()
+
+
+def test_models_health_and_metrics(client, nano):
+    assert [m.id for m in client.models.list().data] == ["mimo-nano"]
+    assert httpx.get(f"{nano[0]}/health").json() == {"status": "ok"}
+    metrics = httpx.get(f"{nano[0]}/metrics").text
+    for name in ("mimo_requests_total", "mimo_generated_tokens_total", "mimo_decode_tokens_per_second",
+                 "mimo_queue_length", "mimo_kv_cache_tokens", "mimo_prefill_tokens_per_second"):
+        assert name in metrics
+
+
+def test_json_schema_output_always_validates(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    for seed in range(3):
+        answer = client.chat.completions.create(
+            model="mimo-nano", messages=[{"role": "user", "content": "Who is Emma? Answer in JSON."}],
+            max_tokens=200, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+        value = json.loads(answer.choices[0].message.content)
+        assert set(value) == {"name", "age"} and isinstance(value["age"], int) and len(value["name"]) <= 20
+    anything = client.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=60, temperature=0,
+                                              response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_tool_choice_required_forces_a_valid_call(client):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Bath", "London"]},
+                                                        "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+                       "required": ["city", "days"]}}}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        answer = client.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=60, temperature=0,
+                                                tools=tools, tool_choice=choice)
+        assert answer.choices[0].finish_reason == "tool_calls"
+        call = answer.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and call.id
+        arguments = json.loads(call.function.arguments)
+        assert arguments["city"] in ("Bath", "London") and 1 <= arguments["days"] <= 9
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"model": "mimo-nano", "messages": MESSAGES, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "mimo-nano", "messages": []}, 400, "messages"),
+    ({"model": "mimo-nano"}, 400, "messages"),
+    ({"model": "gpt-5", "messages": MESSAGES}, 404, "model"),
+    ({"model": "mimo-nano", "messages": MESSAGES, "n": 2}, 400, "n"),
+    ({"model": "mimo-nano", "messages": MESSAGES, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"model": "mimo-nano", "messages": MESSAGES, "response_format": {"type": "json_schema",
+                                                                      "json_schema": {"schema": {"type": 5}}}},
+     400, "response_format"),
+    ({"model": "mimo-nano", "messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice"),
+    ({"model": "mimo-nano", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(nano, body, status, param):
+    base = nano[0]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{base}/v1/chat/completions", content=content,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in response.text
+    if param:
+        assert error["param"] == param
+    good_request_works(base)
+
+
+def test_a_body_over_the_limit_gets_413(nano):
+    base = nano[0]
+    huge = json.dumps({"model": "mimo-nano", "messages": [{"role": "user", "content": "x" * (10 << 20)}]})
+    response = httpx.post(f"{base}/v1/chat/completions", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b'{"model": "mimo-nano", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"x" * (1 << 20)
+        yield b'"}]}'
+
+    response = httpx.post(f"{base}/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    good_request_works(base)
+
+
+def test_max_tokens_beyond_the_context_is_clamped(tmp_path):
+    with running_server(resolve_model("mimo-nano"), "mimo-nano", context=64) as (base, _):
+        answer = httpx.post(f"{base}/v1/completions", json={"model": "mimo-nano", "prompt": "It is a truth",
+                                                            "max_tokens": 100000, "ignore_eos": True}).json()
+        assert answer["usage"]["completion_tokens"] + answer["usage"]["prompt_tokens"] < 64
+        assert answer["choices"][0]["finish_reason"] == "length"
+        too_long = httpx.post(f"{base}/v1/chat/completions", json={
+            "model": "mimo-nano", "messages": [{"role": "user", "content": "x " * 100}]})
+        assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_client_that_disconnects_cancels_its_generation(nano):
+    base, service = nano
+    before = service.metrics.generated_tokens._value.get()
+    with httpx.stream("POST", f"{base}/v1/completions", json={
+            "model": "mimo-nano", "prompt": "It is a truth", "max_tokens": 3000, "ignore_eos": True,
+            "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # one token arrived: hang up
+    good_request_works(base)  # queued behind the cancelled one: runs once it stopped
+    generated = service.metrics.generated_tokens._value.get() - before
+    assert generated < 3000
+    assert service.worker.waiting == 0 and not service.worker.busy
+
+
+def test_api_key_is_required_when_set():
+    with running_server(resolve_model("mimo-nano"), "mimo-nano", api_key="s3cret") as (base, _):
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        wrong = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{base}/health").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
+        keyed = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
+        assert keyed.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=2).choices
+        assert ollama.Client(host=base, headers={"Authorization": "Bearer s3cret"}).list().models
+
+
+def test_a_full_queue_answers_503_with_retry_after():
+    with running_server(resolve_model("mimo-nano"), "mimo-nano", max_queue=1) as (base, service):
+        long = {"model": "mimo-nano", "prompt": "It is a truth", "max_tokens": 600, "ignore_eos": True}
+        results = []
+
+        def send():
+            results.append(httpx.post(f"{base}/v1/completions", json=long, timeout=120))
+
+        threads = [threading.Thread(target=send) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        codes = sorted(r.status_code for r in results)
+        assert codes.count(200) >= 2 and set(codes) <= {200, 503}, codes
+        busy = [r for r in results if r.status_code == 503]
+        assert busy and all(r.headers["retry-after"] and r.json()["error"]["code"] == "queue_full" for r in busy)
+        good_request_works(base)
+
+
+def rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_load_8_clients_x_4_requests(nano):
+    base = nano[0]
+
+    def round_of_requests():
+        results = []
+
+        def client_loop(number):
+            for i in range(4):
+                try:
+                    r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+                        "model": "mimo-nano", "messages": [{"role": "user", "content": f"Client {number} asks {i}"}],
+                        "max_tokens": 16, "stream": i % 2 == 0})
+                    results.append(r.status_code)
+                except httpx.HTTPError as error:  # pragma: no cover - the assertion below reports it
+                    results.append(repr(error))
+
+        threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not any(thread.is_alive() for thread in threads), "a request hung"
+        assert len(results) == 32 and set(results) <= {200, 503}, results
+        assert results.count(200) >= 8
+
+    round_of_requests()
+    after_first = rss_bytes()
+    for _ in range(2):
+        round_of_requests()
+    assert rss_bytes() < after_first * 1.1
+
+
+def test_ollama_client_chat_generate_and_model_listing(nano):
+    client = ollama.Client(host=nano[0])
+    answer = client.chat(model="mimo-nano", messages=MESSAGES, options={"temperature": 0, "num_predict": 12})
+    assert answer.done and answer.message.role == "assistant" and answer.message.content
+    assert answer.eval_count == 12 and answer.prompt_eval_count > 0
+    streamed = list(client.chat(model="mimo-nano", messages=MESSAGES, stream=True,
+                                options={"temperature": 0, "num_predict": 12}))
+    assert streamed[-1].done and not any(part.done for part in streamed[:-1])
+    assert "".join(part.message.content for part in streamed) == answer.message.content
+    generated = client.generate(model="mimo-nano", prompt="It is a truth", raw=True,
+                                options={"temperature": 0, "num_predict": 6})
+    assert generated.done and generated.response
+    structured = client.chat(model="mimo-nano", messages=MESSAGES, format={"type": "object", "properties": {
+        "ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False},
+        options={"temperature": 0, "num_predict": 30})
+    assert isinstance(json.loads(structured.message.content)["ok"], bool)
+    assert [m.model for m in client.list().models] == ["mimo-nano"]
+    assert client.show("mimo-nano").capabilities
+    assert client.ps().models[0].model == "mimo-nano"
+    assert httpx.get(f"{nano[0]}/api/version").json()["version"]
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.chat(model="llama3", messages=MESSAGES)
+    assert missing.value.status_code == 404
