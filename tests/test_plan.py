@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from mimo_local.cli import app
 from mimo_local.errors import MimoError
 from mimo_local.offload.hotness import ExpertStats
-from mimo_local.offload.inventory import build_meta_model, read_model_config, take_inventory
+from mimo_local.offload.inventory import build_meta_model, read_model_source, take_inventory
 from mimo_local.offload.plan import PlanRequest, make_plan, parse_overrides
-from mimo_local.offload.schemes import load_recipe
+from mimo_local.quant.recipes import load_recipe
 
 DATA = Path(__file__).parent / "data"
 V2 = DATA / "mimo-v2-flash.config.json"
@@ -60,7 +60,7 @@ def test_mimo_7b_parameters_and_kv_cache():
 
 
 def test_unquantized_bytes_agree_with_accelerate_module_sizes():
-    config, _ = read_model_config(V2)
+    config = read_model_source(V2).config
     inventory = take_inventory(config, 3, torch.bfloat16)
     model = build_meta_model(config, 3, torch.bfloat16)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # RoPE tables, not weights
@@ -78,7 +78,7 @@ def test_recipe_bytes_follow_the_runtime_layouts():
 
 
 def test_policy_fills_the_gpu_with_the_hottest_experts():
-    config, _ = read_model_config(V2)
+    config = read_model_source(V2).config
     counts = {layer: [0] * 256 for layer in range(1, 48)}
     counts[30][7] = 1000  # a few very hot experts in the middle of the model
     counts[12][200] = 900

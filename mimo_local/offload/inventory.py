@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,13 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from ..config import MiMoConfig, load_config, parse_config
+from ..config import MiMoConfig, load_config, parse_config, read_raw_config
 from ..errors import MimoError
 from ..models import mimo, mimo_v2_flash
-from ..models.layers import Linear, MoE, Router
+from ..models.layers import MoE, Router
 from ..models.model import MiMoForCausalLM
-from .schemes import Recipe, runtime_bytes
+from ..quant.loading import linear_targets
+from .schemes import runtime_bytes
 
 FAMILY_MODULES = {"mimo": mimo, "mimo_v2_flash": mimo_v2_flash}
 RELEASED_V2_MTP_LAYERS = 3  # V2-Flash's config does not say; the released checkpoints have three
@@ -71,25 +73,41 @@ class Inventory:
         return self.total_params - expert_params + round(expert_params * active_share)
 
 
-def read_model_config(source: str | Path) -> tuple[MiMoConfig, Path | None]:
-    """The config of a model directory, or of a config.json file given directly."""
+@dataclass
+class ModelSource:
+    """What the planner reads of a model: its config (parsed and as written) and, when the weights
+    are there, the safetensors headers (what each tensor really is)."""
+
+    path: Path  # the model directory, or a config.json given alone
+    config: MiMoConfig
+    raw: dict
+    model_dir: Path | None
+    entries: dict | None = None  # hub tensor name -> checkpoint entry
+
+
+def read_model_source(source: str | Path) -> ModelSource:
+    """A model directory, or a config.json file given directly."""
     path = Path(source)
     if path.is_file():
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise MimoError(f"{path}: not valid JSON ({error})") from None
-        return parse_config(raw, str(path)), None
-    return load_config(path), path
-
-
-def count_mtp_layers(config: MiMoConfig, model_dir: Path | None) -> int:
-    """From the checkpoint's tensor names when there is one, else from what the config implies."""
-    family = FAMILY_MODULES[config.family]
-    if model_dir is not None and any(model_dir.glob("*.safetensors")):
+        return ModelSource(path, parse_config(raw, str(path)), raw, None)
+    config = load_config(path)
+    entries = None
+    if any(path.glob("*.safetensors")):
         from ..checkpoint import Checkpoint
 
-        return family.count_mtp_layers(config, Checkpoint(model_dir).names())
+        entries = Checkpoint(path).entries
+    return ModelSource(path, config, read_raw_config(path), path, entries)
+
+
+def count_mtp_layers(model: ModelSource) -> int:
+    """From the checkpoint's tensor names when there is one, else from what the config implies."""
+    config = model.config
+    if model.entries is not None:
+        return FAMILY_MODULES[config.family].count_mtp_layers(config, list(model.entries))
     return config.num_mtp_layers if config.family == "mimo" else RELEASED_V2_MTP_LAYERS
 
 
@@ -134,32 +152,24 @@ def _component(module_name: str) -> str:
     return "dense_ffn"
 
 
-def _quantizable(hub_name: str, param_name: str, modules: dict, param) -> bool:
-    """What mimo_local.quant may replace: linear projection weights (an untied lm_head too) and expert stacks."""
-    if not hub_name.endswith(".weight"):
-        return False
-    owner, _, attribute = param_name.rpartition(".")
-    return (isinstance(modules[owner], Linear) and attribute == "weight") or param.dim() == 3
-
-
-def take_inventory(config: MiMoConfig, num_mtp: int, dtype: torch.dtype, recipe: Recipe | None = None) -> Inventory:
+def take_inventory(config: MiMoConfig, num_mtp: int, dtype: torch.dtype, quantization=None) -> Inventory:
+    """`quantization`: a Recipe (--quant) or the StoredQuantization of a quantized checkpoint;
+    its plan gives the scheme of each quantizable weight, sized in its runtime layout."""
     model = build_meta_model(config, num_mtp, dtype)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     targets = FAMILY_MODULES[config.family].weight_map(model).targets
-    grouped: dict[str, dict] = {}
-    shapes: dict[str, tuple] = {}
+    shapes = {}
     for hub_name, target in targets.items():
         param = params[target.param]
-        if hub_name not in shapes:
-            shapes[hub_name] = tuple(param[target.index].shape) if target.index else tuple(param.shape)
+        shapes[hub_name] = tuple(param[target.index].shape) if target.index else tuple(param.shape)
+    schemes = quantization.plan(shapes, set(linear_targets(model, targets))) if quantization is not None else {}
+    grouped: dict[str, dict] = {}
+    for hub_name, target in targets.items():
+        itemsize = params[target.param].element_size()
         shape = shapes[hub_name]
-        numel = int(torch.Size(shape).numel())
-        quantizable = recipe is not None and _quantizable(hub_name, target.param, modules, param)
-        if quantizable:
-            nbytes = runtime_bytes(recipe.scheme_for(hub_name), shape, param.element_size())
-        else:
-            nbytes = numel * param.element_size()
+        scheme = schemes.get(hub_name)
+        nbytes = runtime_bytes(scheme, shape, itemsize) if scheme else math.prod(shape) * itemsize
         expert = EXPERT_KEY.match(hub_name)
         if expert:
             layer, index = int(expert.group(1)), int(expert.group(2))
@@ -171,7 +181,7 @@ def take_inventory(config: MiMoConfig, num_mtp: int, dtype: torch.dtype, recipe:
             extra = dict(component=_component(key), movable=movable)
         entry = grouped.setdefault(key, dict(nbytes=0, params=0, hub_names=[], **extra))
         entry["nbytes"] += nbytes
-        entry["params"] += numel
+        entry["params"] += math.prod(shape)
         entry["hub_names"].append(hub_name)
     units = [Unit(name=k, **{**v, "hub_names": tuple(v["hub_names"])}) for k, v in grouped.items()]
     return Inventory(config, dtype, units)

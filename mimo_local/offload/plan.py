@@ -5,6 +5,7 @@ on the GPU first, then the hottest experts while they fit, the rest of the exper
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +15,15 @@ import torch
 from ..config import MiMoConfig
 from ..errors import MimoError
 from .hotness import ExpertStats, load_stats
-from .inventory import COMPONENTS, Inventory, count_mtp_layers, moe_layers, read_model_config, take_inventory
+from .inventory import COMPONENTS, Inventory, ModelSource, count_mtp_layers, moe_layers, read_model_source, take_inventory
 from .placement import Placement
-from .schemes import load_recipe
+from .schemes import weight_quantization
 
 GIB = 1 << 30
 PREFILL_CHUNK = 512  # generate.PREFILL_CHUNK: tokens per prefill forward
 SPARE_SLOTS = 8  # sliding-window ring slots beyond the window (generate's default)
 DEVICES = ("gpu", "cpu")
+FOUR_BIT_RECIPE = "int4-g128"  # the recipe the advice names: it fits every MiMo shape (quant.recipes.Scheme.fit)
 
 
 @dataclass
@@ -55,6 +57,9 @@ class MemoryPlan:
     placement: Placement
     experts_on_gpu: int = 0
     experts_total: int = 0
+    source: ModelSource | None = None  # what was planned (None: a bare inventory, as in tests)
+    stats: ExpertStats | None = None
+    weights_format: str = ""  # how the weights are held, e.g. 'int4-g128' or 'gptq 4-bit g128'
 
     @property
     def budgets(self) -> dict[str, int]:
@@ -74,31 +79,60 @@ class MemoryPlan:
     def fits(self) -> bool:
         return all(self.over(d) <= 0 for d in self.devices)
 
-    def advice(self) -> list[str]:
-        """What to change so that a plan that does not fit would."""
-        tips = []
+    @property
+    def weight_bytes(self) -> int:
+        return sum(sum(per.values()) for per in self.weights.values())
+
+    def _ctx_room(self, device: str) -> int | None:
+        """The largest context (a multiple of 512, at least 512) whose KV cache fits `device`."""
+        fixed = self.used(device) - self.kv_bytes_per_token * self.request.ctx
+        room = (self.budgets[device] - fixed) // max(self.kv_bytes_per_token, 1)
+        return room // 512 * 512 if 512 <= room < self.request.ctx else None
+
+    def _candidates(self) -> list[tuple[str, dict]]:
+        """Changes that could make the plan fit: (the flag as the user types it, request fields)."""
+        candidates = []
+        ctx_device = "gpu" if self.over("gpu") > 0 else "cpu" if self.over("cpu") > 0 and self.main == "cpu" else None
+        room = self._ctx_room(ctx_device) if ctx_device else None
+        if room:
+            candidates.append((f"--ctx {room}", {"ctx": room}))
+        if self.over("gpu") > 0 and self.experts_on_gpu:
+            candidates.append(("--cpu-moe", {"cpu_moe": True}))
         if self.over("gpu") > 0:
-            fixed = self.used("gpu") - self.kv_bytes_per_token * self.request.ctx
-            room = (self.budgets["gpu"] - fixed) // max(self.kv_bytes_per_token, 1)
-            if 512 <= room < self.request.ctx:
-                tips.append(f"--ctx {room // 512 * 512}")
-            if any(u.expert is not None for u in self.inventory.units) and self.experts_on_gpu:
-                tips.append("--cpu-moe")
+            candidates.append(("--gpu-mem 0 (all on the CPU)", {"gpu_mem": 0, "overrides": []}))
         if self.over("cpu") > 0 and self.budgets["gpu"] > 0 and self.over("gpu") < 0 and not self.request.cpu_moe:
-            tips.append("a larger --gpu-mem")
-        everything = sum(self.used(d) for d in DEVICES) - self.workspace["cpu"]
-        if self.over("gpu") > 0 and everything <= self.budgets["cpu"]:
-            tips.append("--gpu-mem 0 (all on the CPU)")
-        weight_bytes = sum(sum(per.values()) for per in self.weights.values())
+            larger = -(-(self.budgets["gpu"] + self.over("cpu")) // GIB)
+            candidates.append((f"a larger --gpu-mem ({larger}G)", {"gpu_mem": larger * GIB}))
+        stored = self.source is not None and weight_quantization(self.source, None) is not None
         all_params = self.inventory.total_params + self.inventory.mtp_params
-        if weight_bytes > 0.75 * all_params:  # not mostly 4-bit yet
-            tips.append("a 4-bit recipe (--quant int4-g128)")
-        if self.over("cpu") > 0 and self.budgets["gpu"] == 0 and self.kv_bytes_per_token * self.request.ctx > GIB:
-            room = (self.budgets["cpu"] - (self.used("cpu") - self.kv_bytes_per_token * self.request.ctx))
-            room //= max(self.kv_bytes_per_token, 1)
-            if 512 <= room < self.request.ctx:
-                tips.insert(0, f"--ctx {room // 512 * 512}")
-        return tips
+        if not stored and self.request.quant != FOUR_BIT_RECIPE and self.weight_bytes > 0.75 * all_params:
+            candidates.append((f"a 4-bit recipe (--quant {FOUR_BIT_RECIPE})", {"quant": FOUR_BIT_RECIPE}))
+        return candidates
+
+    def _replan(self, changes: dict) -> "MemoryPlan":
+        request = dataclasses.replace(self.request, **changes)
+        inventory = self.inventory
+        if request.quant != self.request.quant:
+            inventory = take_inventory(self.config, self.mtp_layers, request.dtype, weight_quantization(self.source, request.quant))
+        return place(self.config, request, inventory, self.mtp_layers, self.stats, self.source)
+
+    @functools.cached_property
+    def advice(self) -> list[str]:
+        """What to change so that a plan that does not fit would: only changes checked to fit (each
+        alone; else all that combine together), so every suggestion works for this model."""
+        if self.fits:
+            return []
+        candidates = self._candidates()
+        if self.source is None:  # nothing to re-plan from
+            return [label for label, _ in candidates]
+        working = [label for label, changes in candidates if self._replan(changes).fits]
+        if working or len(candidates) < 2:
+            return working
+        combinable = [(label, changes) for label, changes in candidates if "gpu_mem" not in changes]
+        together = {key: value for _, changes in combinable for key, value in changes.items()}
+        if len(combinable) > 1 and self._replan(together).fits:
+            return [" with ".join(label for label, _ in combinable)]
+        return []
 
     def verdict(self) -> str:
         """One line: fits (with what is left) or not (by how much, and what to change)."""
@@ -108,7 +142,7 @@ class MemoryPlan:
             return f"fits: {', '.join(parts)} ({free})"
         over = [f"{d} needs {_gib(self.used(d))} of {_gib(self.budgets[d])} ({_gib(self.over(d))} over)"
                 for d in self.devices if self.over(d) > 0]
-        tips = self.advice()
+        tips = self.advice
         return f"does not fit: {'; '.join(over)}" + (f"; try {_join_or(tips)}" if tips else "")
 
     def oom_message(self, device: str = "gpu") -> str:
@@ -127,6 +161,7 @@ class MemoryPlan:
             "ctx": self.request.ctx,
             "dtype": str(self.request.dtype).removeprefix("torch."),
             "quant": self.request.quant,
+            "weights_format": self.weights_format,
             "mtp_layers": self.mtp_layers,
             "total_params": inventory.total_params,
             "active_params_per_token": inventory.active_params_per_token,
@@ -215,9 +250,12 @@ def _override(unit, overrides) -> str | None:
 
 
 def make_plan(source: str | Path, request: PlanRequest, stats: ExpertStats | None = None) -> MemoryPlan:
-    """Plan a model directory (or a bare config.json) for the budgets in `request`."""
-    config, model_dir = read_model_config(source)
-    available_mtp = count_mtp_layers(config, model_dir)
+    """Plan a model directory (or a bare config.json) for the budgets in `request`. Weights are
+    counted as they will be held: under the --quant recipe, as a quantized checkpoint stores them
+    (its tensors, or its quantization_config when there are none), FP8 dequantized to `dtype`."""
+    model = read_model_source(source)
+    config = model.config
+    available_mtp = count_mtp_layers(model)
     if request.mtp and not available_mtp:
         raise MimoError(f"{Path(source).name} has no MTP layers: --mtp is not possible")
     mtp_layers = available_mtp if request.mtp is not False else 0
@@ -229,14 +267,26 @@ def make_plan(source: str | Path, request: PlanRequest, stats: ExpertStats | Non
         raise MimoError(f"--ctx {request.ctx} is beyond the model's {config.max_position_embeddings} positions")
     if request.n_cpu_moe < 0:
         raise MimoError("--n-cpu-moe must be >= 0")
-    recipe = load_recipe(request.quant) if request.quant else None
-    inventory = take_inventory(config, mtp_layers, request.dtype, recipe)
+    inventory = take_inventory(config, mtp_layers, request.dtype, weight_quantization(model, request.quant))
     if stats is None:
-        stats = load_stats(model_dir)
-    return place(config, request, inventory, mtp_layers, stats)
+        stats = load_stats(model.model_dir)
+    return place(config, request, inventory, mtp_layers, stats, model)
 
 
-def place(config, request: PlanRequest, inventory: Inventory, mtp_layers: int, stats: ExpertStats | None) -> MemoryPlan:
+def _weights_format(request: PlanRequest, model: ModelSource | None) -> str:
+    dtype = str(request.dtype).removeprefix("torch.")
+    if request.quant:
+        return request.quant
+    stored = weight_quantization(model, None) if model is not None else None
+    if stored is not None:
+        return stored.name
+    if model is not None and model.config.fp8_block_size:
+        return f"fp8 -> {dtype} (dequantized on load)"
+    return dtype
+
+
+def place(config, request: PlanRequest, inventory: Inventory, mtp_layers: int, stats: ExpertStats | None,
+          source: ModelSource | None = None) -> MemoryPlan:
     has_gpu = request.gpu_mem > 0
     main = "gpu" if has_gpu else "cpu"
     itemsize = request.dtype.itemsize
@@ -290,4 +340,5 @@ def place(config, request: PlanRequest, inventory: Inventory, mtp_layers: int, s
     placement.experts = expert_devices
     on_gpu = sum(d == "gpu" for row in expert_devices.values() for d in row)
     return MemoryPlan(config, request, inventory, mtp_layers, main, weights, kv, workspace, kv_per_token, kv_fixed,
-                      placement, experts_on_gpu=on_gpu, experts_total=len(inventory.experts))
+                      placement, experts_on_gpu=on_gpu, experts_total=len(inventory.experts), source=source,
+                      stats=stats, weights_format=_weights_format(request, source))

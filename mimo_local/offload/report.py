@@ -30,12 +30,11 @@ def _size(nbytes: int) -> str:
 
 def render(plan: MemoryPlan, console: Console) -> None:
     request, inventory = plan.request, plan.inventory
-    quant = request.quant or str(request.dtype).removeprefix("torch.")
     console.print(
         f"[bold]{plan.config.display_family}[/]: {inventory.total_params / 1e9:,.2f}B parameters, "
         f"{inventory.active_params_per_token / 1e9:,.2f}B active per token"
         + (f", {plan.mtp_layers} MTP layers ({inventory.mtp_params / 1e9:,.2f}B)" if plan.mtp_layers else "")
-        + f" | weights {quant} | context {request.ctx:,} tokens"
+        + f" | weights {plan.weights_format} | context {request.ctx:,} tokens"
     )
     devices = plan.devices
     table = Table(title="memory plan", title_justify="left")

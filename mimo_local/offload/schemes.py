@@ -1,27 +1,46 @@
-"""Bytes a weight takes in memory under a quantization recipe (mimo_local.quant recipes: ordered
-regex -> scheme rules over hub tensor names), in the runtime layouts QuantLinear holds:
-int8 [out, in] + float32 scale per row; int4 packed [out, in/2] + float32 scale and zero per group
-(+ an int64 input permutation with act-order); nf4 packed [out, in/2] + float32 absmax per block."""
+"""Which scheme each weight of a model gets, and the bytes it then takes in memory: a recipe
+(--quant) on a float or FP8 checkpoint, or what a quantized checkpoint already holds. Bytes come
+from the runtime layouts QuantLinear allocates (quant.linear.layout_shapes), not from the file."""
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING
 
-from ..quant.recipes import Recipe, Scheme, load_recipe
+from ..errors import MimoError
+from ..quant.linear import layout_nbytes
+from ..quant.recipes import Scheme, load_recipe
+from ..quant.stored import StoredQuantization, describe, stored_method
 
-__all__ = ["Recipe", "load_recipe", "runtime_bytes"]
-SCALE = 4  # float32
+if TYPE_CHECKING:
+    from .inventory import ModelSource
 
 
+@functools.lru_cache(maxsize=4096)  # a MoE model has thousands of experts of a few shapes
 def runtime_bytes(scheme: Scheme, shape: tuple[int, ...], native_itemsize: int) -> int:
     """In-memory bytes of one linear weight [out, in] under `scheme` (its own dtype when kept)."""
-    if not scheme.quantized or len(shape) != 2:
+    kind = scheme.runtime_kind
+    if kind is None or len(shape) != 2:
         return math.prod(shape) * native_itemsize
     out_features, in_features = shape
-    if scheme.name == "nf4":
-        return out_features * in_features // 2 + out_features * math.ceil(in_features / scheme.blocksize) * SCALE
-    if scheme.bits == 8:
-        return out_features * in_features + out_features * SCALE
-    groups = scheme.groups(in_features)
-    perm = in_features * 8 if scheme.act_order else 0
-    return out_features * math.ceil(in_features / 2) + 2 * out_features * groups * SCALE + perm
+    if kind == "int4":
+        group = in_features if scheme.group_size == -1 else scheme.group_size
+        return layout_nbytes(kind, in_features, out_features, group_size=group, permuted=scheme.act_order)
+    if kind == "nf4":
+        return layout_nbytes(kind, in_features, out_features, blocksize=scheme.blocksize)
+    return layout_nbytes(kind, in_features, out_features)
+
+
+def weight_quantization(model: "ModelSource", quant: str | None):
+    """What `plan` of the inventory asks: the recipe of --quant, the stored quantization of a
+    quantized checkpoint, or None (float weights; FP8 ones are dequantized on load)."""
+    stored = stored_method(model.raw)
+    if quant and stored:
+        raise MimoError(f"{model.path.name} is already quantized ({describe(model.raw)}): "
+                        f"load it without --quant (--quant quantizes a float or FP8 checkpoint while loading)")
+    if quant:
+        return load_recipe(quant)
+    if stored:
+        return StoredQuantization(model.raw, model.entries, str(model.path))
+    return None

@@ -7,6 +7,8 @@ runs expert e), so fused q|k|v and gate|up parts and stacked experts are filled 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,25 @@ LAYOUTS = {
 }
 
 
+def layout_shapes(kind: str, in_features: int, out_features: int, group_size: int = 0, blocksize: int = 64,
+                  permuted: bool = False) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Runtime tensor name -> (dtype, shape) of one projection in layout `kind`: what QuantLinear
+    allocates and what the memory planner counts."""
+    dims = {"out": out_features, "in": in_features, "in/2": in_features // 2,
+            "groups": in_features // group_size if group_size > 0 else 1, "blocks": in_features // blocksize}
+    shapes = {name: (dtype, tuple(dims[d] for d in shape.split(",")))
+              for name, (dtype, shape) in LAYOUTS[kind].items() if name != "perm" or permuted}
+    if kind == "nf4":
+        shapes["code"] = (torch.float32, (16,))
+    return shapes
+
+
+def layout_nbytes(kind: str, in_features: int, out_features: int, **layout) -> int:
+    """Bytes of one projection in runtime layout `kind` (see layout_shapes)."""
+    return sum(dtype.itemsize * math.prod(shape)
+               for dtype, shape in layout_shapes(kind, in_features, out_features, **layout).values())
+
+
 class QuantLinear(nn.Module):
     """A linear layer (or a stack of `experts`) with weights in one quantized runtime layout."""
 
@@ -31,17 +52,11 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.kind, self.in_features, self.out_features = kind, in_features, out_features
         self.experts, self.group_size, self.blocksize = experts, group_size, blocksize
-        dims = {"out": out_features, "in": in_features, "in/2": in_features // 2,
-                "groups": in_features // group_size if group_size else 0, "blocks": in_features // blocksize}
         lead = (experts,) if experts else ()
-        for name, (dtype, shape) in LAYOUTS[kind].items():
-            if name == "perm" and not permuted:
-                self.perm = None
-                continue
-            size = tuple(dims[d] for d in shape.split(","))
-            self.register_buffer(name, torch.zeros(lead + size, dtype=dtype, device=device))
+        self.perm = None
+        for name, (dtype, size) in layout_shapes(kind, in_features, out_features, group_size, blocksize, permuted).items():
+            self.register_buffer(name, torch.zeros((lead if name != "code" else ()) + size, dtype=dtype, device=device))
         if kind == "nf4":
-            self.register_buffer("code", torch.zeros(16, dtype=torch.float32, device=device))
             self._bnb_state = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias_dtype else None
 

@@ -39,11 +39,12 @@ def linear_targets(model: nn.Module, targets: dict) -> dict[str, tuple]:
     projection (lm_head included when it is not tied to the embeddings) or a slice of a stacked
     expert weight: what quantization may replace."""
     found = {}
+    modules = dict(model.named_modules())
     for hub_name, target in targets.items():
         if not hub_name.endswith(".weight"):
             continue
         owner_path, _, attribute = target.param.rpartition(".")
-        owner = model.get_submodule(owner_path)
+        owner = modules[owner_path]
         value = getattr(owner, attribute)
         if isinstance(owner, Linear) and attribute == "weight":
             found[hub_name] = (owner_path, None)

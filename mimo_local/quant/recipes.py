@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -45,15 +45,43 @@ class Scheme:
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
 
-    def check_shape(self, tensor: str, shape: tuple) -> None:
-        """One-line error for shapes the packed layouts cannot hold."""
+    @property
+    def runtime_kind(self) -> str | None:
+        """The QuantLinear layout it loads into: int8 (int8, 8-bit GPTQ, bnb-int8), int4 or nf4."""
+        if not self.quantized:
+            return None
+        return "nf4" if self.name == "nf4" else "int8" if self.bits == 8 else "int4"
+
+    def fit(self, tensor: str, shape: tuple) -> "Scheme":
+        """This scheme adapted to a weight's shape: inputs that are not a multiple of the group (or
+        nf4 block) take the largest power of two that divides them, down to MIN_GROUP, then one
+        group per row (int4); a shape no layout can hold stays unquantized (KEEP), or is a one-line
+        error where keeping it would split a fused projection (outputs GPTQ cannot pack)."""
+        if not self.quantized:
+            return self
         out_features, in_features = shape[-2], shape[-1]
-        if self.bits == 4 and self.group_size != -1 and in_features % self.group_size:
-            raise MimoError(f"'{tensor}': {in_features} inputs are not a multiple of group_size {self.group_size}")
-        if self.bits in (4, 8) and self.file_format == "gptq" and (in_features % 8 or out_features % 8):
-            raise MimoError(f"'{tensor}': GPTQ packing needs in/out features divisible by 8, got {list(shape)}")
+        if self.file_format == "gptq":
+            if out_features % 8:
+                raise MimoError(f"'{tensor}': GPTQ packing needs out features divisible by 8, got {list(shape)}")
+            if in_features % 8:
+                return KEEP  # inputs are shared by every fused part: they all stay unquantized
+            if self.bits == 4 and self.group_size != -1 and in_features % self.group_size:
+                group = largest_group(in_features, self.group_size)
+                return replace(self, group_size=group or -1)
+            return self
         if self.name == "nf4" and in_features % self.blocksize:
-            raise MimoError(f"'{tensor}': {in_features} inputs are not a multiple of the nf4 block {self.blocksize}")
+            block = largest_group(in_features, self.blocksize)
+            return replace(self, blocksize=block) if block else KEEP
+        return self
+
+
+MIN_GROUP = 32  # smaller groups cost more in scales than they win in accuracy; bitsandbytes' smallest block
+
+
+def largest_group(in_features: int, limit: int) -> int | None:
+    """The largest power of two <= `limit` that divides `in_features`, if at least MIN_GROUP."""
+    group = 1 << (min(in_features & -in_features, limit).bit_length() - 1)
+    return group if group >= MIN_GROUP else None
 
 
 KEEP = Scheme()
@@ -114,16 +142,18 @@ class Recipe:
         return KEEP
 
     def plan(self, shapes: dict[str, tuple], quantizable: set[str]) -> dict[str, Scheme]:
-        """The scheme of every quantizable tensor that gets one; errors (before any work) for a rule
-        matching no tensor, shapes a layout cannot hold, or formats that cannot share one checkpoint."""
+        """The scheme of every quantizable tensor that gets one, fitted to its shape (Scheme.fit:
+        smaller groups where the inputs are not a multiple of the group); errors (before any work)
+        for a rule matching no tensor, shapes no layout can hold, or formats that cannot share one
+        checkpoint."""
         for rule in self.rules:
             if not rule.optional and not any(rule.regex.search(name) for name in shapes):
                 raise MimoError(f"recipe '{self.name}': rule '{rule.pattern}' matches no tensor of this checkpoint")
         plan = {}
         for name in quantizable:
             scheme = self.scheme_for(name)
+            scheme = scheme.fit(name, shapes[name])
             if scheme.quantized:
-                scheme.check_shape(name, shapes[name])
                 plan[name] = scheme
         formats = {s.file_format for s in plan.values()}
         if len(formats) > 1:
