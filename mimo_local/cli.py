@@ -135,6 +135,10 @@ def run(
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
+    server: Optional[str] = typer.Option(
+        None, "--server", envvar="MIMO_SERVER", help="URL of a running `mimo serve`: it generates with the model it "
+        "has loaded (the model, placement and MTP flags are the server's)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MIMO_API_KEY", help="Key for --server."),
     debug: bool = debug_option(),
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
@@ -161,6 +165,8 @@ def run(
         settings.validate()
         if draft_tokens < 0 or (draft_vocab or 0) < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
+        if server:
+            return _run_on_server(server, text, settings, model, system, raw, ignore_eos, api_key, as_json)
         model_dir = _resolve_model_for_run(model, yes)
         context = len((text + (system or "")).encode()) + 64 + max_tokens + 8  # byte-level BPE: <= 1 token per byte
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=context,
@@ -194,6 +200,26 @@ def run(
         _fail(MimoError(plan.oom_message()) if plan else error, debug)
     except (MimoError, OSError, RuntimeError, ValueError) as error:
         _fail(error, debug)
+
+
+def _run_on_server(url, text, settings, model, system, raw, ignore_eos, api_key, as_json) -> None:
+    from .serve.client import remote_run
+
+    for piece in remote_run(url, text, settings, model=model, system=system, raw=raw, ignore_eos=ignore_eos,
+                            api_key=api_key):
+        if isinstance(piece, dict):
+            stats = piece
+        elif not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if as_json:
+        sys.stdout.write(json.dumps(stats, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n")
+        typer.echo(f"[{url}] prompt {stats['prompt_tokens']} tok {stats['prefill_tokens_per_s']:.1f} tok/s | "
+                   f"generated {stats['completion_tokens']} tok {stats['decode_tokens_per_s']:.1f} tok/s | "
+                   f"finish: {stats['finish_reason']}", err=True)
+    sys.stdout.flush()
 
 
 def _resolve_model_for_run(model: Optional[str], assume_yes: bool) -> Path:

@@ -299,3 +299,94 @@ def test_ollama_client_chat_generate_and_model_listing(nano):
     with pytest.raises(ollama.ResponseError) as missing:
         client.chat(model="llama3", messages=MESSAGES)
     assert missing.value.status_code == 404
+
+
+def run_json(*args) -> dict:
+    result = CliRunner().invoke(app, ["run", "--temperature", "0", "-n", "20", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_mimo_run_against_a_server_gives_the_local_answer(nano):
+    local = run_json("-m", "mimo-nano", "--dtype", "float32", "--device", "cpu", PROMPT)
+    remote = run_json("--server", nano[0], PROMPT)
+    for key in ("text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason"):
+        assert remote[key] == local[key], key
+    assert remote["decode_tokens_per_s"] > 0
+    raw_local = run_json("-m", "mimo-nano", "--dtype", "float32", "--device", "cpu", "--raw", "It is a truth")
+    raw_remote = run_json("--server", nano[0], "--raw", "It is a truth")
+    assert raw_remote["token_ids"] == raw_local["token_ids"]
+    streamed = CliRunner().invoke(app, ["run", "--server", nano[0], "--temperature", "0", "-n", "20", PROMPT])
+    assert streamed.exit_code == 0 and streamed.stdout.strip() == local["text"].strip()
+
+
+def test_mimo_run_against_an_absent_server_is_a_one_line_error():
+    result = CliRunner().invoke(app, ["run", "--server", "http://127.0.0.1:9", "hello"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot reach the server") and result.stderr.count("\n") == 1
+
+
+def start_cli_server(*args) -> tuple:
+    import subprocess
+    import sys
+
+    from serve_server import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mimo_local.cli", "serve", "--port", str(port), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_for_health(process, base: str, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server not ready: {process.poll()} {process.stderr.read() if process.poll() else ''}")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_mimo_serve_cli_serves_until_a_signal_and_exits_cleanly(signal_name):
+    import signal
+
+    process, base = start_cli_server("-m", "mimo-nano", "--temperature", "0")
+    try:
+        wait_for_health(process, base)
+        answer = httpx.post(f"{base}/v1/completions", json={"model": "mimo-nano", "prompt": "It is", "max_tokens": 4})
+        assert answer.status_code == 200
+        process.send_signal(getattr(signal, signal_name))
+        assert process.wait(timeout=30) == 0
+        stderr = process.stderr.read()
+        assert "Traceback" not in stderr and "POST /v1/completions 200" in stderr and "It is" not in stderr
+    finally:
+        process.kill()
+
+
+def test_a_model_that_fails_to_load_ends_the_server_with_a_one_line_error(tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(resolve_model("mimo-nano"), broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    process, _ = start_cli_server("-m", str(broken))
+    try:
+        assert process.wait(timeout=60) == 1
+        errors = [line for line in process.stderr.read().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "safetensors" in errors[0]
+    finally:
+        process.kill()
+
+
+def test_loopback_addresses():
+    from mimo_local.serve.launch import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.2", "::", "example.com"))

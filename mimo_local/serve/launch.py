@@ -3,9 +3,12 @@ with uvicorn until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,6 +43,23 @@ class ServeOptions:
     dtype: str = "auto"
     quant: str | None = None
     placement: object | None = None  # an offload PlanRequest
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, except that Ctrl-C or SIGTERM ends it with exit code 0 once in-flight requests
+    are done (uvicorn raises the signal again after its shutdown, which kills the process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.signal(number, self.handle_exit) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def is_loopback(host: str) -> bool:
@@ -89,7 +109,7 @@ def serve(options: ServeOptions, on_message: Callable[[str], None] = print) -> i
         on_message(f"warning: serving on {options.host} without --api-key: anyone who reaches this address "
                    "can use the model")
     failure: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
     def stop_on_load_error(error: BaseException) -> None:
         failure.append(error)
@@ -98,7 +118,7 @@ def serve(options: ServeOptions, on_message: Callable[[str], None] = print) -> i
     service, app = build(options, on_load_error=stop_on_load_error)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
-    server = uvicorn.Server(config)
+    server = Server(config)
     on_message(f"mimo serve: {options.model_name} on http://{options.host}:{options.port} "
                f"(OpenAI API under /v1, Ollama API under /api; loading the model...)")
     server.run()

@@ -73,6 +73,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: Optional[bool] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     reasoning_effort: Optional[str] = None
+    reasoning_format: Optional[Literal["auto", "none"]] = None  # llama-server's: per request
 
 
 class CompletionRequest(SamplingFields):
@@ -184,7 +185,7 @@ def router(service: Service) -> APIRouter:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         output = service.start(prompt.ids, settings, in_reasoning=prompt.in_reasoning, tool_format=prompt.tool_format,
                                tools=tools, json_schema=schema, structured=structured, forced_tool=forced,
-                               logprobs=logprobs, ignore_eos=body.ignore_eos)
+                               logprobs=logprobs, ignore_eos=body.ignore_eos, reasoning_format=body.reasoning_format)
         common = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model}
         if body.stream:
             return EventSourceResponse(stream_chat(service, output, common, body, request), ping=15)

@@ -98,7 +98,7 @@ class Service:
     def start(self, prompt_ids: list[int], settings: SamplingSettings, *, in_reasoning: bool = False,
               tool_format: str = "json", tools: list[dict] | None = None, json_schema: dict | None = None,
               structured: str | None = None, forced_tool: tuple[str, str | None] | None = None,
-              logprobs: int | None = None, ignore_eos: bool = False) -> Output:
+              logprobs: int | None = None, ignore_eos: bool = False, reasoning_format: str | None = None) -> Output:
         """Queue a generation. `structured`: "json" (with `json_schema` or any object) constrains the
         answer; `forced_tool`: ("required", None) or ("function", NAME) forces a call to a tool."""
         if self.worker is None:
@@ -119,7 +119,7 @@ class Service:
                                                config.vocab_size, after="</think>" if in_reasoning else None)
             except MimoError as error:
                 raise BadRequest(str(error), param="response_format" if structured else "tool_choice") from None
-        parse_reasoning = self.settings.reasoning_format != "none"
+        parse_reasoning = (reasoning_format or self.settings.reasoning_format) != "none"
         parser = OutputParser(tool_format, tools, in_reasoning=in_reasoning, parse_reasoning=parse_reasoning)
         job = Job(GenerationRequest(prompt_ids, settings, constraint, logprobs, ignore_eos), asyncio.get_running_loop())
         self.worker.submit(job)
@@ -189,7 +189,8 @@ def timings(output: Output, stats) -> dict:
         "predicted_n": stats.completion_tokens,
         "predicted_ms": round(stats.decode_seconds * 1000, 3),
         "predicted_per_second": round(stats.decode_tokens_per_s, 3),
-        **({"draft_n": stats.speculation.drafted, "draft_n_accepted": stats.speculation.accepted}
+        **({"draft_n": stats.speculation.drafted, "draft_n_accepted": stats.speculation.accepted,
+            "mean_accepted_length": round(stats.speculation.mean_accepted_length, 3)}
            if stats.speculation else {}),
     }
 
