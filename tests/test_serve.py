@@ -148,6 +148,13 @@ def test_tool_choice_required_forces_a_valid_call(client):
      400, "response_format"),
     ({"model": "mimo-nano", "messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice"),
     ({"model": "mimo-nano", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": "mimo-nano", "messages": MESSAGES, "chat_template_kwargs": {"messages": []}}, 400, "messages"),
+    ({"model": "mimo-nano", "messages": MESSAGES, "chat_template_kwargs": "x"}, 400, "chat_template_kwargs"),
+    ({"model": "mimo-nano", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ({"model": "mimo-nano", "messages": MESSAGES, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "mimo-nano", "messages": MESSAGES, "top_logprobs": 99, "logprobs": True}, 400, "top_logprobs"),
+    ({"model": "mimo-nano", "messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{broken"}}]}]}, 400, "messages"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(nano, body, status, param):
     base = nano[0]

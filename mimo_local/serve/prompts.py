@@ -11,6 +11,9 @@ from ..errors import MimoError
 from .parsers import prompt_ends_in_reasoning, tool_format_for
 
 
+RESERVED_TEMPLATE_VARIABLES = {"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"}
+
+
 @dataclass
 class ChatPrompt:
     text: str
@@ -66,6 +69,9 @@ def build_chat_prompt(engine, messages: list[dict], tools: list[dict] | None, th
         raise MimoError("messages must not be empty")
     tokenizer = engine.tokenizer
     kwargs = dict(template_kwargs or {})
+    reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_VARIABLES)
+    if reserved:
+        raise MimoError(f"chat_template_kwargs may not set {', '.join(reserved)}")
     if tools:
         kwargs["tools"] = tools
     if thinking is not None:
