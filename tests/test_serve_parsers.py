@@ -276,7 +276,8 @@ def test_string_values_are_verbatim_except_qwen3_coder_framing_newlines():
     code = "def f():\n    return 1\n"
     text = xml_call("configure", name=code)
     assert parsed_everywhere(text)[2] == [("configure", {"name": code})]
-    text = "<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"
+    text = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+            "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>")
     assert parsed_everywhere(text)[2] == [("get_weather", {"city": "New York", "days": 2})]
     text = xml_call("get_weather", city="  <b>Paris</b> & co  ")
     assert parsed_everywhere(text)[2] == [("get_weather", {"city": "  <b>Paris</b> & co  "})]

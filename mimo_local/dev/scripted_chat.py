@@ -88,9 +88,12 @@ def make_scripted_chat_checkpoint(
 
     prose = ids(f"<think>{thinking}</think>{answer}")  # before the pieces join the vocabulary
     known = tokenizer.get_vocab_size()
-    prompt_tails = ["<|im_start|>assistant\n<think></think>", CHAT_THINKING_OFF]
-    pieces = _cut_into_pieces(calls_text, lambda piece: tokenizer.token_to_id(piece) is None and not any(
-        piece in tail for tail in prompt_tails))
+
+    def usable(piece: str) -> bool:  # a new token, and never the end of a generation prompt
+        tails = ("<|im_start|>assistant\n<think></think>", CHAT_THINKING_OFF)
+        return tokenizer.token_to_id(piece) is None and not any(piece in tail for tail in tails)
+
+    pieces = _cut_into_pieces(calls_text, usable)
     tokenizer.add_tokens([AddedToken(piece, normalized=False, special=False) for piece in pieces])
     piece_ids = [tokenizer.token_to_id(piece) for piece in pieces]
     if any(token < known for token in piece_ids):
@@ -166,8 +169,8 @@ def _generation_prompts(tokenizer, tool_calls: list[dict]):
     from ..serve.parsers import prompt_ends_in_reasoning
 
     messages = [{"role": "user", "content": "What is the weather like?"}]
-    tools = [{"type": "function", "function": {"name": call["name"], "parameters": {"type": "object", "properties": {}}}}
-             for call in tool_calls]
+    no_parameters = {"type": "object", "properties": {}}
+    tools = [{"type": "function", "function": {"name": call["name"], "parameters": no_parameters}} for call in tool_calls]
     for options in ({}, {"enable_thinking": True}, {"enable_thinking": False}):
         for tool_list in ([None, tools] if tools else [None]):
             prompt = tokenizer.render_chat(messages, tools=tool_list, **options)

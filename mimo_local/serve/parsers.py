@@ -21,7 +21,6 @@ from the MiMo chat templates and from vLLM's and SGLang's MiMo/Qwen parsers; the
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -113,52 +112,51 @@ class _ReasoningSplitter:
         self.trim_newlines = not raw  # drop the newlines right after an opening/closing tag
 
     def feed(self, text: str) -> list[tuple[str, str]]:
+        """(kind, text) segments, kind "reasoning" or "content", in order."""
         self.buffer += text
         segments: list[tuple[str, str]] = []
-        while True:
-            if self.state == "start":
-                stripped = self.buffer.lstrip()
-                if not stripped or _is_tag_prefix(stripped, THINK_OPEN):
-                    return segments
-                if stripped.startswith(THINK_OPEN):
-                    if self.raw:
-                        segments.append(("reasoning", self.buffer[: len(self.buffer) - len(stripped) + len(THINK_OPEN)]))
-                    self.buffer = stripped[len(THINK_OPEN):]
-                    self.state = "reasoning"
-                    self.trim_newlines = not self.raw
-                    continue
-                self.state = "content"
-                self.trim_newlines = False
-                continue
-            if self.trim_newlines:
-                self.buffer = self.buffer.lstrip("\n")
-                if not self.buffer:
-                    return segments
-                self.trim_newlines = False
-            if self.state == "content":
-                if self.buffer:
-                    segments.append(("content", self.buffer))
-                self.buffer = ""
-                return segments
-            end = self.buffer.find(THINK_CLOSE)
-            if end >= 0:
+        while self._step(segments):
+            pass
+        return [(kind, part) for kind, part in segments if part]
+
+    def _step(self, segments: list[tuple[str, str]]) -> bool:
+        """Consume what can be decided from the buffer; False when more text is needed."""
+        if self.state == "start":
+            stripped = self.buffer.lstrip()
+            if not stripped or _is_tag_prefix(stripped, THINK_OPEN):
+                return False
+            if stripped.startswith(THINK_OPEN):
                 if self.raw:
-                    segments.append(("reasoning", self.buffer[: end + len(THINK_CLOSE)]))
-                else:
-                    segments.append(("reasoning", self.buffer[:end].rstrip("\n")))
-                self.buffer = self.buffer[end + len(THINK_CLOSE):]
+                    segments.append(("reasoning", self.buffer[: len(self.buffer) - len(stripped) + len(THINK_OPEN)]))
+                self.buffer = stripped[len(THINK_OPEN):]
+                self.state = "reasoning"
+            else:
                 self.state = "content"
-                self.trim_newlines = not self.raw
-                continue
-            held = _held_tail(self.buffer, (THINK_CLOSE,))
-            ready = self.buffer[: len(self.buffer) - held]
-            if not self.raw:  # newlines before `</think>` are dropped: hold them until we know
-                held += len(ready) - len(ready.rstrip("\n"))
-                ready = ready.rstrip("\n")
-            if ready:
-                segments.append(("reasoning", ready))
-            self.buffer = self.buffer[len(ready):]
-            return segments
+                self.trim_newlines = False
+            return True
+        if self.trim_newlines:
+            self.buffer = self.buffer.lstrip("\n")
+            if not self.buffer:
+                return False
+            self.trim_newlines = False
+        if self.state == "content":
+            segments.append(("content", self.buffer))
+            self.buffer = ""
+            return False
+        end = self.buffer.find(THINK_CLOSE)
+        if end >= 0:
+            reasoning = self.buffer[: end + len(THINK_CLOSE)] if self.raw else self.buffer[:end].rstrip("\n")
+            segments.append(("reasoning", reasoning))
+            self.buffer = self.buffer[end + len(THINK_CLOSE):]
+            self.state = "content"
+            self.trim_newlines = not self.raw
+            return True
+        ready = self.buffer[: len(self.buffer) - _held_tail(self.buffer, (THINK_CLOSE,))]
+        if not self.raw:  # newlines right before `</think>` are dropped: hold them until we know
+            ready = ready.rstrip("\n")
+        segments.append(("reasoning", ready))
+        self.buffer = self.buffer[len(ready):]
+        return False
 
     def finish(self) -> list[tuple[str, str]]:
         rest, self.buffer = self.buffer, ""
