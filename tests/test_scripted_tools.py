@@ -150,3 +150,19 @@ def test_templates_and_bad_arguments():
         chat_template("llama")
     with pytest.raises(MimoError, match="unknown family"):
         make_scripted_chat_checkpoint("/nonexistent/x", family="gpt")
+
+
+def test_template_whose_generation_prompt_opens_the_think_block(tmp_path):
+    template = chat_template("mimo-7b").replace("{{- '<|im_start|>assistant\\n' }}",
+                                                "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    assert template != chat_template("mimo-7b")
+    path = make_scripted_chat_checkpoint(tmp_path / "scripted", TOOL_THINKING, TOOL_ANSWER, template=template,
+                                         tool_calls=[PARIS])
+    engine = Engine.load(path, device="cpu", dtype="float32")
+    prompt = engine.tokenizer.render_chat(QUESTION, tools=[WEATHER])
+    assert prompt.endswith("assistant\n<think>\n") and prompt_ends_in_reasoning(prompt)
+    tokens = generate(engine, prompt)
+    assert not "".join(tokens).startswith("<think>")
+    parser, _ = parse_stream(engine, prompt, [WEATHER], tokens)
+    assert (parser.reasoning, parser.content) == (TOOL_THINKING, TOOL_ANSWER)
+    assert calls_of(parser) == [PARIS]

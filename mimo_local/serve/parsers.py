@@ -196,6 +196,7 @@ class _ToolCallExtractor:
         self.after_call = False  # only whitespace since the last call
         self.content_written = False
         self.functions_in_block = 0  # XML: functions completed in the current <tool_call> block
+        self.searched = 0  # how much of the buffer holds no start of the closing tag awaited
         self.open_call: _OpenCall | None = None
         self.calls: list[ToolCall] = []
 
@@ -221,6 +222,7 @@ class _ToolCallExtractor:
             self._write(delta, self.held_space + CALL_OPEN + self.buffer)
         self.buffer = self.held_space = ""
         self.state = "text"
+        self.searched = 0
         return delta
 
     def _step(self, delta: ParsedDelta) -> bool:
@@ -272,9 +274,11 @@ class _ToolCallExtractor:
 
     # MiMo-7B: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
     def _json_call(self, delta: ParsedDelta) -> bool:
-        end = self.buffer.find(CALL_CLOSE)
+        end = self.buffer.find(CALL_CLOSE, self.searched)
         if end < 0:
+            self.searched = max(0, len(self.buffer) - len(CALL_CLOSE) + 1)
             return False
+        self.searched = 0
         body = self.buffer[:end]
         self.buffer = self.buffer[end + len(CALL_CLOSE):]
         self.state = "text"
@@ -375,9 +379,11 @@ class _ToolCallExtractor:
                 self.buffer = stripped[len(PARAMETER_OPEN):]
                 return True
             return False
-        value_end = stripped.find(PARAMETER_CLOSE, key_end + 1)
-        if value_end < 0:
+        value_end = stripped.find(PARAMETER_CLOSE, max(key_end + 1, self.searched))
+        if value_end < 0:  # a long value arrives over many tokens: search only the new text next time
+            self.searched = max(0, len(stripped) - len(PARAMETER_CLOSE) + 1)
             return False
+        self.searched = 0
         key = stripped[len(PARAMETER_OPEN):key_end].strip()
         call = self.open_call
         value = _parameter_value(stripped[key_end + 1:value_end], self.schemas[call.name].get(key))
