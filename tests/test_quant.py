@@ -223,9 +223,11 @@ def test_recipe_errors_come_before_any_work(dense, tmp_path):
     runner = CliRunner()
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - match: 'proj'\n    scheme: int3\n")
+    nothing = tmp_path / "nothing.yaml"
+    nothing.write_text("rules:\n  - match: 'no_such_proj'\n    scheme: int8\n  - match: 'proj'\n    scheme: int8\n")
     cases = [
         (str(bad), "unknown scheme 'int3'"),
-        ("v2flash-mixed", "matches no tensor"),
+        (str(nothing), "matches no tensor"),
         ("no-such-recipe", "unknown recipe 'no-such-recipe'"),
     ]
     for recipe, message in cases:
@@ -234,9 +236,10 @@ def test_recipe_errors_come_before_any_work(dense, tmp_path):
         assert result.exit_code == 1, result.output
         assert message in result.output and len(result.output.strip().splitlines()) == 1
         assert not out.exists()
-    small = make_checkpoint(tmp_path / "small", "mimo")  # hidden 64: no group of 128 fits
-    with pytest.raises(MimoError, match="not a multiple of group_size 128"):
-        quantize_checkpoint(small, "int4-g128", tmp_path / "never")
+    odd = make_checkpoint(tmp_path / "odd", "mimo", overrides={"num_attention_heads": 3, "num_key_value_heads": 1,
+                                                                 "hidden_size": 60})  # k_proj: 20 outputs
+    with pytest.raises(MimoError, match="GPTQ packing needs out features divisible by 8"):
+        quantize_checkpoint(odd, "int8", tmp_path / "never")
     mixed = tmp_path / "mixed.yaml"
     mixed.write_text("rules:\n  - match: 'q_proj'\n    scheme: nf4\n  - match: 'proj'\n    scheme: int8\n")
     with pytest.raises(MimoError, match="mixes GPTQ-layout and bitsandbytes"):

@@ -53,7 +53,8 @@ class QuantLinear(nn.Module):
         self.kind, self.in_features, self.out_features = kind, in_features, out_features
         self.experts, self.group_size, self.blocksize = experts, group_size, blocksize
         lead = (experts,) if experts else ()
-        self.perm = None
+        if not permuted:
+            self.perm = None
         for name, (dtype, size) in layout_shapes(kind, in_features, out_features, group_size, blocksize, permuted).items():
             self.register_buffer(name, torch.zeros((lead if name != "code" else ()) + size, dtype=dtype, device=device))
         if kind == "nf4":
