@@ -120,13 +120,22 @@ def test_json_schema_output_always_validates(client):
 
 
 def test_tool_choice_required_forces_a_valid_call(client):
+    check_forced_tool_calls(client, "mimo-nano")
+
+
+def test_tool_choice_required_forces_a_valid_xml_call_on_the_v2_flash_family():
+    with running_server(resolve_model("mimo-nano-moe"), "mimo-nano-moe") as (base, _):
+        check_forced_tool_calls(openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0), "mimo-nano-moe")
+
+
+def check_forced_tool_calls(client, model):
     tools = [{"type": "function", "function": {
         "name": "get_weather", "description": "Weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Bath", "London"]},
                                                         "days": {"type": "integer", "minimum": 1, "maximum": 9}},
                        "required": ["city", "days"]}}}]
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        answer = client.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=60, temperature=0,
+        answer = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=60, temperature=0,
                                                 tools=tools, tool_choice=choice)
         assert answer.choices[0].finish_reason == "tool_calls"
         call = answer.choices[0].message.tool_calls[0]

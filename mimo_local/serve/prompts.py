@@ -130,7 +130,7 @@ def forced_tool_call_grammar(tools: list[dict], tool_format: str, name: str | No
         parts = []
         for key, schema in parameters.items():
             value = _xml_value(schema or {})
-            part = f'"<parameter=" {_lark_literal(key)} ">\\n" {value} "\\n</parameter>\\n"'
+            part = f'"<parameter=" {_lark_literal(key)} ">" {value} "</parameter>\\n"'
             parts.append(part if key in required else f"({part})?")
         rules.append(f'call{number}: {_lark_literal(function["name"])} ">\\n" {" ".join(parts)}')
         alternatives.append(f"call{number}")
