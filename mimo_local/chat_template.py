@@ -48,7 +48,8 @@ def _text_size(value) -> int:
 
 
 class RenderBudget:
-    def __init__(self, seconds: float = limits.MAX_RENDER_SECONDS):
+    def __init__(self, seconds: float | None = None):
+        seconds = limits.MAX_RENDER_SECONDS if seconds is None else seconds
         self.deadline = time.monotonic() + seconds
         self.seconds = seconds
         self.work = 0

@@ -83,6 +83,7 @@ def read_header(path: Path) -> list[TensorEntry]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        _check_tensor_name(name, path.name)
         begin, end, dtype, shape = _entry_fields(path, name, info)
         expected = dtype.itemsize * _numel(shape)
         if end - begin != expected:
@@ -99,6 +100,12 @@ def read_header(path: Path) -> list[TensorEntry]:
         if begin < previous_end:
             raise MimoError(f"{path.name}: tensors '{previous}' and '{name}' overlap in the file")
     return entries
+
+
+def _check_tensor_name(name: str, where: str) -> None:
+    """Tensor names end up in messages and tables: printable text of reasonable length only."""
+    if not name.isprintable() or len(name) > limits.MAX_TENSOR_NAME:
+        raise MimoError(f"{where}: tensor name {name[:40]!r} is not printable text of at most {limits.MAX_TENSOR_NAME} characters")
 
 
 def _entry_fields(path: Path, name: str, info) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
@@ -138,6 +145,7 @@ def _read_index(directory: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict):
         raise MimoError(f"{path}: corrupt index (no weight_map object)")
     for name, file in weight_map.items():
+        _check_tensor_name(name, path.name)
         if not isinstance(file, str):
             raise MimoError(f"{path}: corrupt index (tensor '{name[:80]}' maps to {json_type(file)})")
     files = set(weight_map.values())

@@ -192,7 +192,7 @@ def _parse_mimo(keys: _Keys, raw: dict) -> dict:
     head_dim = keys.get_int("head_dim", hidden // heads, limit=limits.MAX_HEAD_DIM)
     if head_dim % 2:
         raise MimoError(f"{keys.source}: head dimension {head_dim} must be even (rotary embedding)")
-    if raw.get("use_sliding_window"):
+    if raw.get("use_sliding_window") not in (None, False, 0):
         raise MimoError(f"{keys.source}: use_sliding_window=true is not a MiMo-7B layout")
     attention = AttentionSpec(
         num_heads=heads,
@@ -253,7 +253,7 @@ def _parse_v2_flash(keys: _Keys, raw: dict) -> dict:
 
     sliding = any(pattern)
     scoring = keys.get("scoring_func", "sigmoid")
-    if scoring != "sigmoid":
+    if not isinstance(scoring, str) or scoring != "sigmoid":
         raise MimoError(f"{keys.source}: scoring_func {scoring!r:.40} is not supported (MiMo uses sigmoid)")
     return dict(
         global_attention=spec("", "rope_theta", "add_full_attention_sink_bias", None),
@@ -299,7 +299,7 @@ def parse_config(raw: dict, source: str = "config.json", generation_config: dict
         raise MimoError(f"generation_config.json: expected a JSON object, found {json_type(generation_config)}")
     keys = _Keys(raw, source)
     model_type = raw.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise MimoError(
             f"{source}: unknown model_type {model_type!r:.40} (supported: {', '.join(FAMILIES)})"
         )

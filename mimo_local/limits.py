@@ -7,6 +7,7 @@ headers of tens of thousands of entries, a ~10 KB chat template with tools).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -29,6 +30,7 @@ HEADER_BASE_BYTES = 1 * MiB
 HEADER_BYTES_PER_DATA_BYTE = 1 / 64
 MAX_HEADER_ENTRIES = 200_000
 MAX_TENSOR_DIMS = 8
+MAX_TENSOR_NAME = 1024  # characters
 
 # config.json
 MAX_LAYERS = 512
@@ -152,3 +154,22 @@ def positive_int(value, what: str, limit: int, minimum: int = 1) -> int:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+@contextlib.contextmanager
+def reading(what):
+    """Around code that interprets untrusted files: whatever goes wrong inside becomes one MimoError
+    naming `what`, so a bad model is a one-line error wherever it is read."""
+    try:
+        yield
+    except MimoError:
+        raise
+    except RecursionError:
+        raise MimoError(f"{what}: cannot be read (nested too deeply)") from None
+    except MemoryError:
+        raise MimoError(f"{what}: cannot be read (out of memory)") from None
+    except OSError as error:
+        raise MimoError(f"{what}: cannot be read ({error.strerror or error})") from None
+    except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as error:
+        detail = str(error).splitlines()[0][:200] if str(error) else ""
+        raise MimoError(f"{what}: cannot be read ({type(error).__name__}{': ' + detail if detail else ''})") from None

@@ -66,24 +66,25 @@ def load_model(
     placement without MTP skips the MTP layers."""
     from .quant import loading, manifest
 
-    raw_config = read_raw_config(model_dir) if os.path.lexists(Path(model_dir, "config.json")) else {}
-    manifest.verify(Path(model_dir), raw_config)  # an interrupted `mimo quantize` output says so first
-    config = load_config(model_dir)
-    checkpoint = Checkpoint(model_dir, config.fp8_block_size)
-    family = FAMILY_MODULES[config.family]
-    num_mtp = count_mtp_layers(config, checkpoint) if placement is None or placement.mtp else 0
-    config = dataclasses.replace(config, num_mtp_layers=num_mtp)
-    device = torch.device(device) if placement is None else torch_device(placement.main)
+    with limits.reading(model_dir):  # any failure interpreting the files is a one-line error
+        raw_config = read_raw_config(model_dir) if os.path.lexists(Path(model_dir, "config.json")) else {}
+        manifest.verify(Path(model_dir), raw_config)  # an interrupted `mimo quantize` output says so first
+        config = load_config(model_dir)
+        checkpoint = Checkpoint(model_dir, config.fp8_block_size)
+        family = FAMILY_MODULES[config.family]
+        num_mtp = count_mtp_layers(config, checkpoint) if placement is None or placement.mtp else 0
+        config = dataclasses.replace(config, num_mtp_layers=num_mtp)
+        device = torch.device(device) if placement is None else torch_device(placement.main)
 
-    with meta_device():
-        model = family.build(config, num_mtp).to(dtype)
-        for router in (m for m in model.modules() if isinstance(m, Router)):
-            router.float()  # routing is computed in fp32, as in the reference
-        if placement is not None:
-            placement.split_experts(model)
-    targets = family.weight_map(model).targets
-    quantized = loading.prepare(model, targets, checkpoint, quant)  # drops float weights it replaces
-    check_coverage(model, quantized.plain_targets, checkpoint)  # before any memory is allocated
+        with meta_device():
+            model = family.build(config, num_mtp).to(dtype)
+            for router in (m for m in model.modules() if isinstance(m, Router)):
+                router.float()  # routing is computed in fp32, as in the reference
+            if placement is not None:
+                placement.split_experts(model)
+        targets = family.weight_map(model).targets
+        quantized = loading.prepare(model, targets, checkpoint, quant)  # drops float weights it replaces
+        check_coverage(model, quantized.plain_targets, checkpoint)  # before any memory is allocated
     if placement is None:
         model.to_empty(device=device)
     else:
@@ -95,8 +96,9 @@ def load_model(
     for rope in (m for m in model.modules() if isinstance(m, RotaryEmbedding)):
         rope.inv_freq = rope.compute_inv_freq(device)
 
-    _stream_weights(model, quantized.plain_targets, checkpoint, show_progress)
-    quantized.load(device)
+    with limits.reading(model_dir):
+        _stream_weights(model, quantized.plain_targets, checkpoint, show_progress)
+        quantized.load(device)
     if placement is not None:
         placement.attach_hooks(model)
     return model.eval()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import limits
 from .config import MiMoConfig, load_config
 from .errors import MimoError
 from .hub import DEMO_MODELS, MANIFEST, SOURCE, STATE_DIR, ModelRef, is_complete, models_dir, parse_name
@@ -36,15 +36,17 @@ def stored_models() -> list[StoredModel]:
         if directory.name.startswith("."):
             continue  # being removed
         source = _read_json(directory / MANIFEST) or _read_json(directory / SOURCE)
-        if source.get("name"):
+        if isinstance(source.get("name"), str) and source["name"]:
             found.append(StoredModel(source["name"], "hub", directory, is_complete(directory)))
     return found
 
 
 def _read_json(path: Path) -> dict:
+    """A small JSON object from the store, or {} when it is missing or unreadable (a FIFO, too large,
+    not an object): listing never blocks or fails on one bad file."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return limits.read_json_object(path, limits.MAX_CONFIG_BYTES) if os.path.lexists(path) else {}
+    except MimoError:
         return {}
 
 
@@ -57,18 +59,27 @@ def disk_size(path: Path) -> int:
 
 
 def quantization(path: Path) -> str:
-    """How the weights are stored: the config's quantization_config, else its dtype."""
+    """How the weights are stored: the config's quantization_config, else its dtype ("?" when the
+    config does not say in a form we understand)."""
     raw = _read_json(path / "config.json")
     quant = raw.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        return "?"
     if quant:
-        label = str(quant.get("quant_method") or quant.get("method") or "quantized")
-        if quant.get("bits"):
-            label += f" {quant['bits']}-bit" + (f" g{quant['group_size']}" if quant.get("group_size", -1) > 0 else "")
+        label = _label(quant.get("quant_method") or quant.get("method")) or "quantized"
+        bits, group_size = quant.get("bits"), quant.get("group_size", -1)
+        if type(bits) is int and bits > 0:
+            label += f" {bits}-bit" + (f" g{group_size}" if type(group_size) is int and group_size > 0 else "")
         elif label == "bitsandbytes":
-            label += f" {quant.get('bnb_4bit_quant_type', 'nf4')}" if quant.get("load_in_4bit") else " int8"
+            label += f" {_label(quant.get('bnb_4bit_quant_type')) or 'nf4'}" if quant.get("load_in_4bit") is True else " int8"
         return label
-    dtype = str(raw.get("torch_dtype") or raw.get("dtype") or "?")
+    dtype = _label(raw.get("torch_dtype") or raw.get("dtype")) or "?"
     return DTYPE_LABELS.get(dtype, dtype)
+
+
+def _label(value) -> str | None:
+    """A short config string fit for a table cell."""
+    return value[:40] if isinstance(value, str) and value.isprintable() else None
 
 
 @dataclass(frozen=True)
@@ -82,15 +93,15 @@ def model_facts(path: Path) -> ModelFacts:
     import dataclasses
 
     from .checkpoint import Checkpoint
-    from .loader import FAMILY_MODULES
+    from .loader import count_mtp_layers
 
-    config = load_config(path)
-    checkpoint = Checkpoint(path, config.fp8_block_size)
-    names = checkpoint.names()
-    mtp = FAMILY_MODULES[config.family].count_mtp_layers(config, names)
-    parameters = sum(
-        _numel(entry.shape) for name, entry in checkpoint.entries.items() if not name.endswith("_scale_inv")
-    )
+    with limits.reading(path):
+        config = load_config(path)
+        checkpoint = Checkpoint(path, config.fp8_block_size)
+        mtp = count_mtp_layers(config, checkpoint)
+        parameters = sum(
+            _numel(entry.shape) for name, entry in checkpoint.entries.items() if not name.endswith("_scale_inv")
+        )
     return ModelFacts(dataclasses.replace(config, num_mtp_layers=mtp), parameters)
 
 
@@ -118,16 +129,37 @@ def list_table():
     for column in ("name", "family", "size", "quantization", "MTP", "path"):
         table.add_column(column, justify="right" if column in ("size", "MTP") else "left", overflow="fold")
     for model in stored_models():
-        family, mtp = "?", "?"
-        if model.complete:
-            try:
-                facts = model_facts(model.path)
-                family, mtp = facts.config.display_family, str(facts.config.num_mtp_layers)
-            except MimoError:
-                pass  # a pull restricted by --include may lack config or weights; the row still shows it
-        name = model.name + ("" if model.complete else " (incomplete)") + (" (demo)" if model.kind == "demo" else "")
-        table.add_row(name, family, format_bytes(disk_size(model.path)), quantization(model.path), mtp, str(model.path))
+        table.add_row(*list_row(model))
     return table
+
+
+def list_row(model: StoredModel) -> tuple[str, ...]:
+    """One row of `mimo list`. A model whose files cannot be read shows as broken, with the reason
+    where its family would be; the other rows are unaffected."""
+    family, mtp, status = "?", "?", "" if model.complete else " (incomplete)"
+    if model.complete:
+        try:
+            facts = model_facts(model.path)
+            family, mtp = facts.config.display_family, str(facts.config.num_mtp_layers)
+        except MimoError as error:
+            if _has_model_files(model.path):
+                status, family = " (broken)", f"broken: {error}"
+            # else: a pull restricted by --include may lack config or weights; the row still shows it
+    name = model.name + status + (" (demo)" if model.kind == "demo" else "")
+    try:
+        size = format_bytes(disk_size(model.path))
+    except OSError:
+        size = "?"
+    return name, family, size, quantization(model.path), mtp, str(model.path)
+
+
+def _has_model_files(path: Path) -> bool:
+    """Whether a directory holds a config and weights (so failing to read them means it is broken)."""
+    from .checkpoint import INDEX_FILE, SINGLE_FILE
+
+    return os.path.lexists(path / "config.json") and any(
+        os.path.lexists(path / name) for name in (INDEX_FILE, SINGLE_FILE)
+    )
 
 
 def show_table(name: str):
@@ -136,6 +168,8 @@ def show_table(name: str):
     ref, path = _installed(name)
     facts = model_facts(path)
     config = facts.config
+    with limits.reading(path):
+        plan = _plan_summary(path, config)
     table = Table(title=f"{ref.name}", title_justify="left", show_header=False)
     table.add_column("property")
     table.add_column("value", overflow="fold")
@@ -151,7 +185,7 @@ def show_table(name: str):
         ("MTP layers", str(config.num_mtp_layers)),
         ("quantization", quantization(path)),
         ("KV cache (bf16)", _kv(config)),
-        ("memory plan", _plan_summary(path, config)),
+        ("memory plan", plan),
         ("size on disk", format_bytes(disk_size(path))),
         ("path", str(path)),
     ]

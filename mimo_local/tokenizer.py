@@ -15,6 +15,10 @@ from .errors import MimoError
 class ChatTokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
+        with limits.reading(model_dir):
+            self._read(model_dir)
+
+    def _read(self, model_dir: Path) -> None:
         path = model_dir / "tokenizer.json"
         if not os.path.lexists(path):
             raise MimoError(f"{model_dir}: no tokenizer.json")

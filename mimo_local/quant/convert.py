@@ -77,7 +77,9 @@ def quantize_checkpoint(
     after_shard=None,
 ) -> QuantizeResult:
     started = time.perf_counter()
-    job = QuantizeJob(Path(source), recipe if isinstance(recipe, Recipe) else load_recipe(recipe), Path(out))
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    with limits.reading(source):
+        job = QuantizeJob(Path(source), recipe, Path(out))
     job.calibration = (calibration_text, calibration_tokens, sequence_length)
     return job.run(show_progress, after_shard, started)
 
