@@ -247,3 +247,103 @@ def test_ctrl_d_quits(scripted_chat):
         assert not app.is_running
 
     run(app, scenario)
+
+
+def long_answering_app(checkpoints, **settings):
+    """A tiny random model that never ends its answer (no end-of-text id): stopped only by Esc."""
+    app = make_app(checkpoints("mimo"), mtp=False, temperature=0, max_tokens=20000, **settings)
+    model = app.session.engine.model
+    model.config = dataclasses.replace(model.config, eos_token_ids=())
+    return app
+
+
+def stats_rows(app) -> dict:
+    table = notices(app)[-1]
+    assert table.startswith("last answer"), table
+    return {line[:15].strip(): line[15:].strip() for line in table.splitlines()[1:]}
+
+
+def test_stats_right_after_escape_describe_the_stopped_answer(checkpoints):
+    app = long_answering_app(checkpoints)
+
+    async def scenario(pilot):
+        await send(pilot, "/set max_tokens=5")
+        await send(pilot, "hi")
+        await send(pilot, "/stats")
+        finished = stats_rows(app)
+        assert finished["finish"] == "length" and finished["decode"].startswith("5 tok")
+        await send(pilot, "/set max_tokens=20000")
+        await pilot.click(ChatInput)
+        app.query_one(ChatInput).load_text("hello there")
+        await pilot.press("enter")
+        while not app.query(AssistantTurn) or len(app.query(AssistantTurn).last().pending) < 40:
+            await pilot.pause(0.02)
+        await pilot.press("escape")
+        app.query_one(ChatInput).load_text("/stats")  # typed before the answer has stopped
+        await pilot.press("enter")
+        await wait_idle(pilot, timeout=10)
+        await pilot.pause(0.2)
+        assert notices(app)[-2] == "stopped"
+        rows = stats_rows(app)
+        figures = app.controller.figures
+        assert rows["finish"] == "stopped" and figures.finish == "stopped"
+        assert rows["decode"].startswith(f"{figures.tokens} tok") and figures.tokens > 5
+        assert rows["prompt tokens"].startswith(f"{figures.turn.prompt_tokens} (")
+        assert figures.turn.prompt_tokens > figures.turn.reused_tokens > 0  # this turn's, not the first's
+        assert figures.decode_tokens_per_s > 0 and f"decode {figures.decode_tokens_per_s:.1f} tok/s" in status(app)
+        assert rows["context"].startswith(f"{app.session.context_used} / ")
+        transcript = app.transcript  # the table is in view, not below the fold
+        assert transcript.scroll_y == transcript.max_scroll_y
+        table = app.query(Notice).last().region
+        assert table.height and transcript.region.contains_region(table)
+
+    run(app, scenario)
+
+
+def test_clear_load_and_model_reset_the_figures(scripted_chat, checkpoints):
+    app = make_app(scripted_chat, mtp=True)
+
+    async def scenario(pilot):
+        await send(pilot, "hi")
+        assert "MTP 100% accepted" in status(app) and "decode" in status(app)
+        await send(pilot, "/save first")
+        await send(pilot, "/clear")
+        line = status(app)
+        assert "ctx 0/32768" in line and "decode" not in line and "accepted" not in line
+        await send(pilot, "/stats")
+        assert notices(app)[-1] == "error: no answer yet"
+        await send(pilot, "hi")
+        await send(pilot, "/load first")
+        assert "ctx 0/32768" in status(app) and "decode" not in status(app)
+        await send(pilot, "hi again")
+        other = checkpoints("mimo")
+        await send(pilot, f"/model {other}")
+        while "now chatting with" not in notices(app)[-1]:
+            await pilot.pause(0.05)
+        line = status(app)
+        assert line.startswith(str(other)) and "accepted" not in line and "decode" not in line and " 0/" in line
+        await send(pilot, "/stats")
+        assert notices(app)[-1] == "error: no answer yet"  # not the other model's answer
+        await send(pilot, "hello")
+        await send(pilot, "/stats")
+        assert stats_rows(app)["model"] == str(other)
+
+    run(app, scenario)
+
+
+def test_a_message_after_set_shows_at_once(scripted_chat):
+    app = make_app(scripted_chat)
+
+    async def scenario(pilot):
+        for _ in range(3):  # fill the transcript past the screen
+            await send(pilot, "/help")
+        await send(pilot, "/set temperature=0.5")
+        await pilot.click(ChatInput)
+        app.query_one(ChatInput).load_text("a message")
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        user = app.query(UserTurn).last()
+        assert str(user.render()) == "a message" and app.transcript.region.contains_region(user.region)
+        await wait_idle(pilot)
+
+    run(app, scenario)

@@ -161,6 +161,7 @@ class ChatApp(App):
         self.generating = False
         self.stop_requested = threading.Event()
         self.current: AssistantTurn | None = None
+        self.waiting: list[str] = []  # lines typed after Esc, before the answer had stopped
 
     @property
     def session(self):
@@ -186,7 +187,11 @@ class ChatApp(App):
 
     def add(self, widget) -> None:
         self.transcript.mount(widget)
-        self.transcript.scroll_end(animate=False)
+        self.scroll_to_end()
+
+    def scroll_to_end(self) -> None:
+        """Scroll once the widgets just mounted are laid out: scrolling now would stop short of them."""
+        self.call_after_refresh(self.transcript.scroll_end, animate=False)
 
     def notice(self, text, error: bool = False) -> None:
         self.add(Notice(f"error: {text}" if error else text, error=error))
@@ -201,17 +206,20 @@ class ChatApp(App):
                 self.add(AssistantTurn(opened, message["content"]))
 
     def update_status(self) -> None:
-        session, stats = self.session, self.session.last_stats
+        """The current model, the last answer's figures (none after /clear, /load, /model), context."""
+        session, figures = self.session, self.controller.figures
         parts = [session.model_name]
-        if stats is not None:
-            parts.append(f"prefill {stats.prefill_tokens_per_s:.1f} tok/s")
-            parts.append(f"decode {stats.decode_tokens_per_s:.1f} tok/s")
-            if stats.speculation and stats.speculation.drafted:
-                spec = stats.speculation
-                parts.append(f"MTP {100 * spec.accepted / spec.drafted:.0f}% accepted")
+        if figures is not None and figures.first_token is not None:
+            parts.append(f"prefill {figures.prefill_tokens_per_s:.1f} tok/s")
+            if figures.decode_tokens_per_s:
+                parts.append(f"decode {figures.decode_tokens_per_s:.1f} tok/s")
+        stats = figures.stats if figures is not None else None
+        if stats is not None and stats.speculation and stats.speculation.drafted:
+            spec = stats.speculation
+            parts.append(f"MTP {100 * spec.accepted / spec.drafted:.0f}% accepted")
         elif session.speculation["draft_tokens"]:
             parts.append(f"MTP {session.speculation['draft_tokens']} drafts")
-        parts.append(f"ctx {session.context_used}/{session.context}")
+        parts.append(f"ctx {self.controller.context_used}/{session.context}")
         parts.append(self.device)
         parts.append(f"RSS {memory_rss_bytes() / 2**30:.2f} GiB")
         if self.generating:
@@ -226,9 +234,14 @@ class ChatApp(App):
         if self.generating:
             if text.strip() == "/exit":
                 self.action_quit_chat()
+            elif self.stop_requested.is_set():  # stopping: run it as soon as the answer has ended
+                self.waiting.append(text)
             else:
                 self.notice("still answering: press Esc to stop first", error=True)
             return
+        self.run_line(text)
+
+    def run_line(self, text: str) -> None:
         try:
             outcome = self.controller.handle(text)
         except MimoError as error:
@@ -293,24 +306,27 @@ class ChatApp(App):
     def _reply_ended(self, turn: AssistantTurn, error: str | None) -> None:
         self.generating = False
         turn.refresh_text()
+        figures = self.controller.figures
         if error:
             self.notice(error, error=True)
         elif self.stop_requested.is_set():
             self.notice("stopped")
-        elif self.session.last_turn and self.session.last_turn.dropped_messages:
-            self.notice(f"the {self.session.last_turn.dropped_messages} oldest messages left the context")
-        if self.session.last_stats and self.session.last_stats.finish_reason == "length":
+        elif figures and figures.turn and figures.turn.dropped_messages:
+            self.notice(f"the {figures.turn.dropped_messages} oldest messages left the context")
+        if figures and figures.finish == "length":
             self.notice("the answer hit max_tokens or the end of the context (/set max_tokens=N)")
         self.current = None
-        self.transcript.scroll_end(animate=False)
+        self.scroll_to_end()
         self.update_status()
+        while self.waiting and not self.generating:  # a message among them starts the next answer:
+            self.run_line(self.waiting.pop(0))      # the lines after it wait for that one to end
 
     def _refresh_stream(self) -> None:
         if self.current is not None and self.current.is_mounted:
             before = self.current.shown
             self.current.refresh_text()
             if self.current.shown != before:
-                self.transcript.scroll_end(animate=False)
+                self.scroll_to_end()
 
     def _switch_model(self, name: str) -> None:
         try:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ..errors import MimoError
+from ..generate import DoneEvent, GenerationStats
 from . import commands, store
-from .session import ChatSession
+from .session import ChatSession, TurnInfo
 from .settings import describe
 
 
@@ -32,24 +34,103 @@ class Outcome:
     exit: bool = False
 
 
+@dataclass
+class AnswerFigures:
+    """What the last answer cost, measured as its tokens arrive: the generator's own statistics come
+    only with its last event, which a stopped answer never reaches."""
+
+    model: str
+    started: float
+    turn: TurnInfo | None = None
+    tokens: int = 0
+    first_token: float | None = None
+    last_token: float | None = None
+    stats: GenerationStats | None = None  # the generator's, when the answer ran to its end
+    failed: bool = False
+
+    @property
+    def finish(self) -> str:
+        return self.stats.finish_reason if self.stats else "error" if self.failed else "stopped"
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.turn.prompt_tokens - self.turn.reused_tokens if self.turn else 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        if self.stats:
+            return self.stats.prefill_tokens_per_s
+        seconds = (self.first_token or self.started) - self.started
+        return self.prefilled_tokens / seconds if seconds > 0 else 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.stats.completion_tokens if self.stats else self.tokens
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        if self.stats:
+            return self.stats.decode_tokens_per_s
+        seconds = (self.last_token or 0.0) - (self.first_token or 0.0)
+        return (self.tokens - 1) / seconds if self.tokens > 1 and seconds > 0 else 0.0
+
+
 class ChatController:
     def __init__(self, session: ChatSession, load_engine: Callable[[str], object]):
         self.session = session
         self.load_engine = load_engine  # model name -> Engine
+        self.figures: AnswerFigures | None = None  # the last answer of this conversation with this model
 
     def handle(self, line: str) -> Outcome:
         """Run one submitted line: a message to answer or a slash command. Raises MimoError for
         anything the user got wrong, with a one-line message."""
         if not commands.is_command(line):
             text = line[1:] if line.startswith("//") else line  # '//' sends a message that starts with '/'
-            return Outcome(reply=self.session.ask(text), user_text=text)
+            return Outcome(reply=self._measured(self.session.ask(text)), user_text=text)
         command = commands.parse(line)
         return getattr(self, f"_{command.name}")(command.argument)
 
     def switch_model(self, name: str) -> str:
         engine = self.load_engine(name)
         self.session.use_engine(engine, name)
+        self.figures = None
         return f"now chatting with {name} (the next answer prefills the whole conversation)"
+
+    @property
+    def context_used(self) -> int:
+        """Tokens the conversation holds in the context: none after /clear, /load or /model (the
+        cache still holds the old tokens until the next answer rewinds it)."""
+        return self.session.context_used if self.figures is not None else 0
+
+    def _measured(self, reply: Iterator) -> Iterator:
+        """`reply`, recording its figures in self.figures as tokens arrive (also when it is stopped
+        by closing it, or fails). The figures are the new answer's from now on."""
+        self.figures = AnswerFigures(self.session.model_name, time.perf_counter())
+        return self._record(reply, self.figures, self.session.last_turn)
+
+    def _record(self, reply: Iterator, figures: AnswerFigures, previous_turn) -> Iterator:
+        def this_turn():
+            turn = self.session.last_turn
+            return turn if turn is not previous_turn else None
+
+        figures.started = time.perf_counter()
+        try:
+            for event in reply:
+                now = time.perf_counter()
+                figures.turn = this_turn()
+                if isinstance(event, DoneEvent):
+                    figures.stats = event.stats
+                elif event.token_id >= 0:  # -1: the detokenizer's held-back tail, not a token
+                    figures.tokens += 1
+                    figures.first_token = figures.first_token or now
+                    figures.last_token = now
+                yield event
+        except Exception:
+            figures.failed = True
+            raise
+        finally:
+            reply.close()
+            figures.turn = this_turn()
 
     # -- commands ----------------------------------------------------------------------------------
 
@@ -62,12 +143,13 @@ class ChatController:
 
     def _clear(self, _: str) -> Outcome:
         self.session.clear()
+        self.figures = None
         return Outcome(notice="new conversation", transcript_changed=True)
 
     def _regen(self, _: str) -> Outcome:
         if not self.session.messages:
             raise MimoError("nothing to regenerate yet")
-        return Outcome(reply=self.session.regenerate(), transcript_changed=True)
+        return Outcome(reply=self._measured(self.session.regenerate()), transcript_changed=True)
 
     def _undo(self, _: str) -> Outcome:
         if self.session.undo() is None:
@@ -79,7 +161,7 @@ class ChatController:
             raise MimoError("no message to edit yet")
         previous = self.session.undo()
         if argument:
-            return Outcome(reply=self.session.ask(argument), user_text=argument, transcript_changed=True)
+            return Outcome(reply=self._measured(self.session.ask(argument)), user_text=argument, transcript_changed=True)
         return Outcome(edit_text=previous, transcript_changed=True, notice="editing the last message")
 
     def _system(self, argument: str) -> Outcome:
@@ -103,6 +185,7 @@ class ChatController:
     def _load(self, name: str) -> Outcome:
         payload = store.load_session(name)
         self.session.restore(payload)
+        self.figures = None
         notice = f"loaded session '{name}' ({len(self.session.messages)} messages)"
         if payload.get("model") and payload["model"] != self.session.model_name:
             notice += f"; it was saved with {payload['model']} (/model {payload['model']} to switch)"
@@ -116,26 +199,26 @@ class ChatController:
         return Outcome(table=Table("saved sessions", ["name", "saved", "model", "messages"], rows))
 
     def _stats(self, _: str) -> Outcome:
-        stats, turn = self.session.last_stats, self.session.last_turn
-        if turn is None:
+        figures = self.figures
+        if figures is None:
             raise MimoError("no answer yet")
-        rows = [
-            ["prompt tokens", f"{turn.prompt_tokens} ({turn.reused_tokens} reused from the cache)"],
-            ["context", f"{self.session.context_used} / {self.session.context} tokens"],
+        rows = [["model", figures.model]]
+        if figures.turn is not None:
+            turn = figures.turn
+            rows.append(["prompt tokens", f"{turn.prompt_tokens} ({turn.reused_tokens} reused from the cache)"])
+        rows += [
+            ["context", f"{self.context_used} / {self.session.context} tokens"],
+            ["prefill", f"{figures.prefilled_tokens} tok at {figures.prefill_tokens_per_s:.1f} tok/s"],
+            ["decode", f"{figures.completion_tokens} tok at {figures.decode_tokens_per_s:.1f} tok/s"],
+            ["finish", figures.finish],
         ]
-        if stats is None:
-            rows.append(["finish", "stopped"])
-        else:
-            rows += [
-                ["prefill", f"{stats.prompt_tokens} tok at {stats.prefill_tokens_per_s:.1f} tok/s"],
-                ["decode", f"{stats.completion_tokens} tok at {stats.decode_tokens_per_s:.1f} tok/s"],
-                ["finish", stats.finish_reason],
-            ]
-            if stats.speculation:
-                s = stats.speculation
-                rows.append(["MTP", f"{s.accepted}/{s.drafted} drafts accepted, mean accepted length {s.mean_accepted_length:.2f}"])
-        if turn.dropped_messages:
-            rows.append(["dropped", f"{turn.dropped_messages} oldest messages left the context"])
+        if figures.stats is not None and figures.stats.speculation:
+            s = figures.stats.speculation
+            rows.append(["MTP", f"{s.accepted}/{s.drafted} drafts accepted, mean accepted length {s.mean_accepted_length:.2f}"])
+        elif figures.stats is None and self.session.speculation["draft_tokens"]:
+            rows.append(["MTP", "not counted for an answer that did not finish"])
+        if figures.turn is not None and figures.turn.dropped_messages:
+            rows.append(["dropped", f"{figures.turn.dropped_messages} oldest messages left the context"])
         return Outcome(table=Table("last answer", ["", ""], rows))
 
     def _model(self, name: str) -> Outcome:
