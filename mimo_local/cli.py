@@ -170,7 +170,7 @@ def run(
         model_dir = _resolve_model_for_run(model, yes)
         context = len((text + (system or "")).encode()) + 64 + max_tokens + 8  # byte-level BPE: <= 1 token per byte
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=context,
-                                                      mtp=mtp, clamp_ctx=True)
+                                                      mtp=mtp, clamp_ctx=True, ctx_flag=None)
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
                              placement=placement)
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
@@ -280,7 +280,7 @@ def bench(
             raise MimoError("--draft-tokens must be >= 0")
         model_dir = _resolve_model_for_run(model, yes)
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
-                                                      ctx=prompt_tokens + gen_tokens + 8, mtp=mtp, clamp_ctx=True)
+                                                      ctx=prompt_tokens + gen_tokens + 8, mtp=mtp, clamp_ctx=True, ctx_flag=None)
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
                              placement=placement)
         speculation = engine.speculation(mtp, draft_tokens)

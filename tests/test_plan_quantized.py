@@ -149,3 +149,12 @@ def test_quant_on_a_bare_gptq_config_is_refused(tmp_path):
     config.write_text(json.dumps(raw))
     with pytest.raises(MimoError, match="already quantized"):
         run_plan(config, quant="int8")
+
+
+def test_advice_names_only_flags_the_front_end_has():
+    from test_plan import M7B
+
+    chat = run_plan(M7B, ctx=32768, gpu_mem=17 * GIB, cpu_mem=8 * GIB)
+    assert "--ctx 16384" in chat.verdict()
+    run = run_plan(M7B, ctx=32768, gpu_mem=17 * GIB, cpu_mem=8 * GIB, ctx_flag=None)  # `mimo run` has no --ctx
+    assert "--ctx" not in run.verdict() and "--quant int4-g128" in run.verdict()

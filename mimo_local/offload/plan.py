@@ -40,6 +40,7 @@ class PlanRequest:
     n_cpu_moe: int = 0
     overrides: list[tuple[re.Pattern, str]] = field(default_factory=list)  # (regex, "gpu" | "cpu")
     clamp_ctx: bool = False  # a run's estimate: cut to the model's positions instead of refusing
+    ctx_flag: str | None = "--ctx"  # the flag that sets the context, for advice (None: the front end has none)
 
 
 @dataclass
@@ -93,9 +94,9 @@ class MemoryPlan:
         """Changes that could make the plan fit: (the flag as the user types it, request fields)."""
         candidates = []
         ctx_device = "gpu" if self.over("gpu") > 0 else "cpu" if self.over("cpu") > 0 and self.main == "cpu" else None
-        room = self._ctx_room(ctx_device) if ctx_device else None
+        room = self._ctx_room(ctx_device) if ctx_device and self.request.ctx_flag else None
         if room:
-            candidates.append((f"--ctx {room}", {"ctx": room}))
+            candidates.append((f"{self.request.ctx_flag} {room}", {"ctx": room}))
         if self.over("gpu") > 0 and self.experts_on_gpu:
             candidates.append(("--cpu-moe", {"cpu_moe": True}))
         if self.over("gpu") > 0:
