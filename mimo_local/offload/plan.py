@@ -103,7 +103,8 @@ class MemoryPlan:
             candidates.append(("--gpu-mem 0 (all on the CPU)", {"gpu_mem": 0, "overrides": []}))
         if self.over("cpu") > 0 and self.budgets["gpu"] > 0 and self.over("gpu") < 0 and not self.request.cpu_moe:
             larger = -(-(self.budgets["gpu"] + self.over("cpu")) // GIB)
-            candidates.append((f"a larger --gpu-mem ({larger}G)", {"gpu_mem": larger * GIB}))
+            if larger * GIB <= _gpu_free():  # only what the GPU has
+                candidates.append((f"a larger --gpu-mem ({larger}G)", {"gpu_mem": larger * GIB}))
         stored = self.source is not None and weight_quantization(self.source, None) is not None
         all_params = self.inventory.total_params + self.inventory.mtp_params
         if not stored and self.request.quant != FOUR_BIT_RECIPE and self.weight_bytes > 0.75 * all_params:
@@ -179,6 +180,10 @@ class MemoryPlan:
             "fits": self.fits,
             "verdict": self.verdict(),
         }
+
+
+def _gpu_free() -> int:
+    return torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else 0
 
 
 def _join_or(items: list[str]) -> str:
