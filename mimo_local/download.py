@@ -81,6 +81,10 @@ class _Retry(Exception):
     """A failure worth another attempt (network trouble, a server error, a corrupt download)."""
 
 
+class TooSlow(_Retry):
+    """A transfer below the speed floor."""
+
+
 class _Unusable(Exception):
     """An answer the resume logic cannot use (416, a wrong Content-Range): the partial file must go."""
 
@@ -192,7 +196,7 @@ def _fetch(url: str, part: Path, expected: Expected, headers: dict, limits: Tran
             length = _content_length(response)
             if length is not None and length > expected.size - done:
                 raise _Oversized(f"server announced {done + length} bytes, the file has {expected.size}")
-            pace = _Pace(limits, done)
+            pace = Pace(limits, done)
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             try:
                 os.ftruncate(fd, done)
@@ -231,8 +235,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-class _Pace:
-    """Abandons a transfer slower than `min_speed` bytes/s over any `read_timeout` seconds."""
+class Pace:
+    """Abandons a transfer slower than `min_speed` bytes/s over any `read_timeout` seconds (raises TooSlow)."""
 
     def __init__(self, limits: TransferLimits, done: int):
         self.limits = limits
@@ -245,7 +249,7 @@ class _Pace:
             return
         speed = (done - self.at) / elapsed
         if speed < self.limits.min_speed:
-            raise _Retry(
+            raise TooSlow(
                 f"transfer too slow at byte {done}: {speed:.0f} B/s over {elapsed:.1f} s, "
                 f"below the floor of {self.limits.min_speed:g} B/s"
             )

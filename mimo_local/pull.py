@@ -10,6 +10,7 @@ directory as resolved on disk (a symbolic link inside it cannot lead a file else
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
@@ -19,14 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .download import DISK_FULL_ERRNOS, Expected, Progress, TransferLimits, download_file
+from .download import DISK_FULL_ERRNOS, Expected, Pace, Progress, TooSlow, TransferLimits, download_file
 from .errors import MimoError
 from .hub import MANIFEST, SOURCE, STATE_DIR, ModelRef, parse_name, write_json_atomic
 from .repo_paths import conflicting_names, unsafe_reason
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DISK_MARGIN = 256 << 20  # keep this much free after a pull
-METADATA_TIMEOUT = 30.0
+MAX_METADATA_BYTES = 64 << 20  # the hub's file list of a repository (100k files is about 30 MB)
 READ_TIMEOUT_ENV = "MIMO_PULL_READ_TIMEOUT"  # defaults for --read-timeout / --min-speed
 MIN_SPEED_ENV = "MIMO_PULL_MIN_SPEED"
 
@@ -228,10 +229,16 @@ def fetch_plan(
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError
 
+    limits = limits or transfer_limits()
     try:
-        info = HfApi(endpoint=url, library_name="mimo-local").model_info(
-            ref.repo_id, revision=ref.revision or "main", files_metadata=True, timeout=METADATA_TIMEOUT
-        )
+        with _bounded_answers(limits):
+            info = HfApi(endpoint=url, library_name="mimo-local").model_info(
+                ref.repo_id, revision=ref.revision or "main", files_metadata=True, timeout=limits.read_timeout
+            )
+    except _TooLarge:
+        raise MimoError(f"{url} sent more than {format_bytes(MAX_METADATA_BYTES)} of metadata for {ref.repo_id}: refused") from None
+    except TooSlow as error:
+        raise MimoError(f"{url} sent the metadata of {ref.repo_id} too slowly ({error})") from None
     except HFValidationError as error:
         raise MimoError(f"invalid hub repo id {ref.repo_id}: {str(error).splitlines()[0]}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -245,8 +252,57 @@ def fetch_plan(
         raise MimoError(f"no files of {ref.repo_id} match --include/--exclude")
     return PullPlan(
         ref, url, info.sha or ref.revision or "main", files, tuple(include), tuple(exclude), retries,
-        limits=limits or transfer_limits(),
+        limits=limits,
     )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _bounded_answers(limits: TransferLimits):
+    """Within the block, huggingface_hub's answers (which it reads whole into memory) are capped at
+    MAX_METADATA_BYTES and abandoned below the speed floor, so a hostile endpoint cannot fill memory
+    or trickle forever."""
+    import importlib
+
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    if not hasattr(session, "event_hooks"):  # an older huggingface_hub on requests: nothing to hook into
+        yield
+        return
+    http_client = importlib.import_module(type(session).__module__.split(".")[0])  # httpx2 or httpx
+
+    class Bounded(http_client.SyncByteStream):
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __iter__(self):
+            total, pace = 0, Pace(limits, 0)
+            for chunk in self.stream:
+                total += len(chunk)
+                if total > MAX_METADATA_BYTES:
+                    raise _TooLarge()
+                pace.check(total)
+                yield chunk
+
+        def close(self):
+            self.stream.close()
+
+        def __getattr__(self, name):  # e.g. `elapsed` of httpx's own stream wrapper
+            return getattr(self.stream, name)
+
+    def bound(response):
+        response.stream = Bounded(response.stream)
+
+    hooks = session.event_hooks
+    session.event_hooks = {**hooks, "response": [*hooks.get("response", []), bound]}
+    try:
+        yield
+    finally:
+        session.event_hooks = hooks
 
 
 def _is_hex_commit(value: object) -> bool:

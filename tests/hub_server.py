@@ -19,7 +19,7 @@ answers every Range request for that file so (content_range None: no header), `a
 request; `repo.overrides[file]` replaces fields of its file list entry, `raw_info[repo]` is sent as
 the whole model info body; `stall[file] = n`
 sends n bytes, then nothing until the server closes; `trickle[file] = seconds` sends one byte per
-`seconds`.
+`seconds`. The key "api" applies these to the model info answer.
 """
 
 from __future__ import annotations
@@ -189,7 +189,9 @@ def _handler(hub: HubServer):
                 "_id": commit[:24], "id": repo_id, "modelId": repo_id, "sha": commit, "private": hub.token is not None,
                 "siblings": [repo.sibling(name) for name in repo.files], "tags": [], "downloads": 0, "likes": 0,
             }
-            self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, True)
+            payload, headers = json.dumps(info).encode(), {"Content-Type": "application/json"}
+            if not self._hostile("api", payload, 200, headers):
+                self._send(200, payload, headers, True)
 
         def _resolve(self, repo_id: str, revision: str, name: str, body: bool):
             if (status := hub.take_failure(name)) is not None:

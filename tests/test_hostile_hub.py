@@ -453,3 +453,28 @@ def test_conflicting_names_finds_a_file_that_is_also_a_folder(names):
     folders = {"/".join(n.split("/")[:i]) for n in names for i in range(1, len(n.split("/")))}
     expected = len(set(names)) < len(names) or bool(folders & set(names))
     assert (clash is not None) == expected
+
+
+# --- hostile metadata answers ---------------------------------------------------------------
+
+
+def test_an_endless_file_list_is_cut_off(hub, isolated):  # noqa: F811
+    hub.endless.add("api")
+    result = pull(*FAST)
+    refused(result, "sent more than 67.1 MB of metadata for acme/small: refused")
+    assert result.seconds < 10
+    assert not (isolated / "home").exists()
+
+
+def test_a_trickled_file_list_is_abandoned(hub, isolated):  # noqa: F811
+    hub.trickle["api"] = 0.1
+    result = pull("--read-timeout", "1", "--min-speed", "1000")
+    refused(result, "sent the metadata of acme/small too slowly", "below the floor of 1000 B/s")
+    assert result.seconds < 5
+
+
+def test_a_stalled_file_list_times_out(hub, isolated):  # noqa: F811
+    hub.stall["api"] = 10
+    result = pull("--read-timeout", "1")
+    refused(result, "cannot be reached")
+    assert result.seconds < 5
