@@ -12,6 +12,9 @@ import typer
 
 from .errors import MimoError
 from .offload import options as offload_options
+from .options import (debug_option, device_option, draft_tokens_option, dtype_option, min_p_option, mtp_option,
+                      repetition_penalty_option, seed_option, temperature_option, top_k_option, top_p_option,
+                      yes_option)
 
 app = typer.Typer(
     help="Run Xiaomi MiMo models locally.",
@@ -23,64 +26,41 @@ dev_app = typer.Typer(help="Developer tools (tiny checkpoints for tests and expe
 app.add_typer(dev_app, name="dev")
 
 
-# Options that several commands share, defined once so their flags and help stay the same.
-def debug_option():
-    return typer.Option(False, "--debug", help="Show tracebacks.")
-
-
-def yes_option():
-    return typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking.")
-
-
-def device_option():
-    return typer.Option("auto", help="auto | cpu | cuda")
-
-
-def dtype_option():
-    return typer.Option("auto", help="auto | float32 | bfloat16 | float16")
-
-
-def temperature_option():
-    return typer.Option(0.6, help="0 = greedy (exact argmax).")
-
-
-def top_p_option():
-    return typer.Option(0.95, "--top-p")
-
-
-def top_k_option():
-    return typer.Option(0, "--top-k", help="0 = off.")
-
-
-def min_p_option():
-    return typer.Option(0.0, "--min-p")
-
-
-def repetition_penalty_option():
-    return typer.Option(1.0, "--repetition-penalty")
-
-
-def seed_option():
-    return typer.Option(None, help="Random seed for sampling.")
-
-
-def draft_tokens_option():
-    return typer.Option(0, "--draft-tokens", help="Most tokens drafted per step (default: one per MTP layer); a step drafts one more than "
-                        "the last step kept.")
-
-
-def mtp_option():
-    return typer.Option(
-        None, "--mtp/--no-mtp", help="Speculative decoding with the MTP layers (default: on when the checkpoint has them)."
-    )
-
-
 def _fail(error: BaseException, debug: bool) -> None:
     if debug:
         raise error
     message = str(error) if isinstance(error, MimoError) else f"{type(error).__name__}: {error}"
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
+
+
+class FrontEnd:
+    """Interrupts, out-of-memory and errors of a command, handled the same way everywhere:
+    `with FrontEnd(debug) as front:` and, once a model is placed, `front.plan = engine.plan` (an
+    out-of-memory then says what the plan counted)."""
+
+    def __init__(self, debug: bool, interrupted: str = "interrupted"):
+        self.debug, self.interrupted, self.plan = debug, interrupted, None
+
+    def __enter__(self) -> "FrontEnd":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is None or isinstance(error, (typer.Exit, typer.Abort)):
+            return False
+        if isinstance(error, BrokenPipeError):  # the reader of our stdout went away (`| head`)
+            _silence_stdout()
+            return True
+        if isinstance(error, KeyboardInterrupt):
+            typer.echo(f"\n{self.interrupted}", err=True)
+            raise typer.Exit(130)
+        if type(error).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+            first_line = f"out of memory: {error}".splitlines()[0]
+            error = MimoError(self.plan.oom_message() if self.plan else
+                              first_line + " (see `mimo plan` for a placement that fits)")
+        if isinstance(error, (MimoError, OSError, RuntimeError, ValueError)):
+            _fail(error, self.debug)
+        return False
 
 
 def _silence_stdout() -> None:
@@ -142,15 +122,12 @@ def run(
     debug: bool = debug_option(),
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
-    import torch
-
     from .engine import Engine
     from .offload.hotness import save_recorded
     from .generate import DoneEvent
     from .sampling import SamplingSettings
 
     text = _read_prompt(prompt)
-    engine = None
     settings = SamplingSettings(
         temperature=temperature,
         top_p=top_p,
@@ -161,7 +138,7 @@ def run(
         max_tokens=max_tokens,
         stop=list(stop),
     )
-    try:
+    with FrontEnd(debug) as front:
         settings.validate()
         if draft_tokens < 0 or (draft_vocab or 0) < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
@@ -173,6 +150,7 @@ def run(
                                                       mtp=mtp, clamp_ctx=True, ctx_flag=None)
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
                              placement=placement)
+        front.plan = engine.plan
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
         events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings,
                                eos_ids=() if ignore_eos else None, **speculation)
@@ -190,16 +168,6 @@ def run(
             typer.echo(_stats_line(engine, stats), err=True)
         sys.stdout.flush()
         save_recorded(engine.model, engine.path)
-    except BrokenPipeError:
-        _silence_stdout()
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted", err=True)
-        raise typer.Exit(130)
-    except torch.OutOfMemoryError as error:
-        plan = engine.plan if engine is not None else None
-        _fail(MimoError(plan.oom_message()) if plan else error, debug)
-    except (MimoError, OSError, RuntimeError, ValueError) as error:
-        _fail(error, debug)
 
 
 def _run_on_server(url, text, settings, model, system, raw, ignore_eos, api_key, as_json) -> None:
@@ -274,7 +242,7 @@ def bench(
     from .bench import check_counts, measure, weight_bytes_by_device
     from .engine import Engine
 
-    try:
+    with FrontEnd(debug) as front:
         check_counts(prompt_tokens, gen_tokens, repetitions)
         if draft_tokens < 0:
             raise MimoError("--draft-tokens must be >= 0")
@@ -286,13 +254,9 @@ def bench(
         speculation = engine.speculation(mtp, draft_tokens)
         with Progress(console=Console(stderr=True), transient=True, disable=as_json or not sys.stderr.isatty()) as progress:
             task = progress.add_task("bench", total=repetitions + 1)
+            front.plan = engine.plan
             results = measure(engine, prompt_tokens, gen_tokens, repetitions, speculation,
                               on_run=lambda: progress.advance(task))
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted", err=True)
-        raise typer.Exit(130)
-    except (MimoError, OSError, RuntimeError, ValueError) as error:
-        _fail(error, debug)
     weights = weight_bytes_by_device(engine)
     mode = f"MTP, up to {speculation['draft_tokens']} drafts" if speculation["draft_tokens"] else "no MTP"
     if as_json:
@@ -448,13 +412,11 @@ def chat(
     debug: bool = debug_option(),
 ):
     """Chat in the terminal (a plain line REPL when stdin or stdout is not a terminal)."""
-    import torch
-
     from .chat.launch import ChatOptions, start_chat
     from .chat.settings import ChatSettings
     from .hub import resolve_model
 
-    try:
+    with FrontEnd(debug):
         settings = ChatSettings(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
             seed=seed, max_tokens=max_tokens, think=think, overflow="drop" if drop_oldest else "refuse",
@@ -465,12 +427,6 @@ def chat(
                                                       ctx=ctx or 32768, mtp=mtp, clamp_ctx=True)
         options = ChatOptions(settings, system, mtp, draft_tokens, ctx, device, dtype, load, quant, placement)
         start_chat(model, lambda name, ask: resolve_model(name, assume_yes=yes, ask=ask), options)
-    except KeyboardInterrupt:
-        raise typer.Exit(130)
-    except torch.OutOfMemoryError as error:
-        _fail(MimoError(f"CUDA out of memory: {error}".splitlines()[0] + " (see `mimo plan` for a placement that fits)"), debug)
-    except (MimoError, OSError, RuntimeError, ValueError) as error:
-        _fail(error, debug)
 
 
 @dev_app.command("make-tiny")
@@ -702,7 +658,7 @@ def serve(
     from .sampling import SamplingSettings
     from .sizes import parse_size
 
-    try:
+    with FrontEnd(debug):
         if reasoning_format not in ("auto", "none"):
             raise MimoError("--reasoning-format must be auto or none")
         if max_queue < 0 or draft_tokens < 0 or not 0 < port < 65536:
@@ -716,10 +672,6 @@ def serve(
                                parse_size(max_body, "--max-body"), reasoning_format, log_prompts, defaults, mtp,
                                draft_tokens, device, dtype, quant, placement)
         code = serve_model(options, on_message=lambda line: typer.echo(line, err=True))
-    except KeyboardInterrupt:
-        raise typer.Exit(130)
-    except (MimoError, OSError, RuntimeError, ValueError) as error:
-        _fail(error, debug)
     if code:
         raise typer.Exit(code)
 

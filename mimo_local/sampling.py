@@ -3,46 +3,10 @@ repetition penalty)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from .errors import MimoError
 from .kernels import cpu as cpu_kernels
-
-
-@dataclass
-class SamplingSettings:
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0  # 0 = off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
-    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
-    seed: int | None = None
-    max_tokens: int = 512
-    stop: list[str] = field(default_factory=list)
-
-    def validate(self) -> "SamplingSettings":
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise MimoError(message)
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from .sampling_settings import SamplingSettings  # noqa: F401 - the settings live beside the sampler
 
 
 def penalize_repetition(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

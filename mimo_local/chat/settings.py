@@ -10,13 +10,16 @@ from ..sampling import SamplingSettings
 OVERFLOW_POLICIES = ("refuse", "drop")
 
 
+SAMPLING_DEFAULTS = SamplingSettings()
+
+
 @dataclass(frozen=True)
 class ChatSettings:
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    temperature: float = SAMPLING_DEFAULTS.temperature
+    top_p: float = SAMPLING_DEFAULTS.top_p
+    top_k: int = SAMPLING_DEFAULTS.top_k
+    min_p: float = SAMPLING_DEFAULTS.min_p
+    repetition_penalty: float = SAMPLING_DEFAULTS.repetition_penalty
     max_tokens: int = 2048
     seed: int | None = None
     think: bool = True

@@ -1,0 +1,62 @@
+"""The flags the front ends share (run, chat, bench, serve), declared once: their names, help and
+defaults. Sampling defaults come from SamplingSettings (MiMo's model-card values), the placement
+flags from offload/options.py."""
+
+from __future__ import annotations
+
+import typer
+
+from .sampling_settings import SamplingSettings
+
+SAMPLING_DEFAULTS = SamplingSettings()
+
+
+def debug_option():
+    return typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+def yes_option():
+    return typer.Option(False, "--yes", "-y", help="Pull a missing hub model without asking.")
+
+
+def device_option():
+    return typer.Option("auto", help="auto | cpu | cuda")
+
+
+def dtype_option():
+    return typer.Option("auto", help="auto | float32 | bfloat16 | float16")
+
+
+def temperature_option():
+    return typer.Option(SAMPLING_DEFAULTS.temperature, help="0 = greedy (exact argmax).")
+
+
+def top_p_option():
+    return typer.Option(SAMPLING_DEFAULTS.top_p, "--top-p")
+
+
+def top_k_option():
+    return typer.Option(SAMPLING_DEFAULTS.top_k, "--top-k", help="0 = off.")
+
+
+def min_p_option():
+    return typer.Option(SAMPLING_DEFAULTS.min_p, "--min-p")
+
+
+def repetition_penalty_option():
+    return typer.Option(SAMPLING_DEFAULTS.repetition_penalty, "--repetition-penalty")
+
+
+def seed_option():
+    return typer.Option(None, help="Random seed for sampling.")
+
+
+def draft_tokens_option():
+    return typer.Option(0, "--draft-tokens", help="Most tokens drafted per step (default: one per MTP layer); a step drafts one more than "
+                        "the last step kept.")
+
+
+def mtp_option():
+    return typer.Option(
+        None, "--mtp/--no-mtp", help="Speculative decoding with the MTP layers (default: on when the checkpoint has them)."
+    )
