@@ -280,16 +280,17 @@ def bench(
 @app.command()
 def pull(
     name: str = typer.Argument(..., help="Alias (mimo-7b-rl, mimo-v2-flash, ...) or hub repo id org/name[@revision]."),
-    include: list[str] = typer.Option([], "--include", help="Only files matching this glob (repeatable)."),
+    include: list[str] = typer.Option(
+        [], "--include", help="Only files matching this glob (repeatable; without a '/' it matches top-level files only)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Skip files matching this glob (repeatable)."),
     retries: int = typer.Option(5, "--retries", help="Attempts per file after the first, with exponential backoff."),
     read_timeout: Optional[float] = typer.Option(
         None, "--read-timeout", metavar="S",
-        help="Give up an attempt after S seconds without data [default: $MIMO_PULL_READ_TIMEOUT or 60]."),
+        help="Give up an attempt after S seconds without data (default: $MIMO_PULL_READ_TIMEOUT, else 60)."),
     min_speed: Optional[float] = typer.Option(
         None, "--min-speed", metavar="BYTES_PER_S",
         help="Give up an attempt slower than this over --read-timeout seconds; 0: no floor "
-             "[default: $MIMO_PULL_MIN_SPEED or 1024]."),
+             "(default: $MIMO_PULL_MIN_SPEED, else 1024)."),
     debug: bool = debug_option(),
 ):
     """Download a model into the local store: resumable, every file verified (sha256 / git hash)."""

@@ -208,8 +208,15 @@ def _remote_files(siblings: list, ref: ModelRef, url: str) -> list[RemoteFile]:
             files.append(RemoteFile(name, Expected(size=sibling.size, git_sha1=blob)))
         else:
             raise MimoError(f"{url} gave no size for {ref.repo_id}/{name}: cannot verify it")
-    if clash := conflicting_names([f.path for f in files]):
-        raise MimoError(f"{refuse} names {_shown(clash[0])} twice or as a file and a folder ({_shown(clash[1])}); nothing was written")
+    names = [f.path for f in files]
+    clash = conflicting_names(names)
+    if clash is None and (clash := conflicting_names([name + ".part" for name in names])):
+        clash = (clash[0].removesuffix(".part"), clash[1].removesuffix(".part"))  # "a" and "a.part/b": their partial files
+    if clash:
+        raise MimoError(
+            f"{refuse} names both {_shown(clash[0])} and {_shown(clash[1])}, which cannot be stored side by side "
+            "(the same name twice, or a file that is also a folder); nothing was written"
+        )
     return files
 
 
@@ -242,7 +249,7 @@ def fetch_plan(
     except HFValidationError as error:
         raise MimoError(f"invalid hub repo id {ref.repo_id}: {str(error).splitlines()[0]}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise MimoError(f"{url} sent malformed metadata for {ref.repo_id} ({type(error).__name__}: {error})"[:300]) from None
+        raise MimoError(f"{url} sent malformed metadata for {ref.repo_id} ({type(error).__name__}: {' '.join(str(error).split())})"[:300]) from None
     except Exception as error:  # noqa: BLE001 - turned into a one-line message or re-raised
         raise _hub_error(error, ref, url) from None
     if not isinstance(info.siblings or [], list) or not (info.sha is None or _is_hex_commit(info.sha)):

@@ -137,9 +137,10 @@ def test_hostile_name_is_refused_even_when_include_would_skip_it(hub, isolated, 
     assert not (isolated / "home").exists()
 
 
-def test_a_file_that_is_also_a_folder_is_refused(hub, isolated):  # noqa: F811
-    hub.repos[REPO].files["config.json/x"] = b"{}"
-    refused(pull(), "'config.json'", "as a file and a folder")
+@pytest.mark.parametrize("extra", ["config.json/x", "config.json.part/x"])
+def test_a_file_that_is_also_a_folder_is_refused(hub, isolated, extra):  # noqa: F811
+    hub.repos[REPO].files[extra] = b"{}"
+    refused(pull(), f"names both 'config.json' and '{extra}'", "cannot be stored side by side")
     assert not (isolated / "home").exists()
 
 
