@@ -479,3 +479,21 @@ def test_a_stalled_file_list_times_out(hub, isolated):  # noqa: F811
     result = pull("--read-timeout", "1")
     refused(result, "cannot be reached")
     assert result.seconds < 5
+
+
+@pytest.mark.parametrize("key,message", [("api", "sent more than 67.1 MB of metadata"),
+                                         (WEIGHTS, f"server sent more than the {WEIGHTS_SIZE} bytes")])
+def test_endless_answers_stay_within_a_memory_bound(hub, key, message):
+    """A real `mimo pull` process under a 400 MiB address-space limit (the fake hub sends up to 256 MiB)."""
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20))
+
+    hub.endless.add(key)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "mimo_local.cli", "pull", REPO, *FAST], capture_output=True,
+                            text=True, timeout=60, preexec_fn=limit_memory)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+    assert time.monotonic() - started < 10
