@@ -541,7 +541,9 @@ class _PullProgress(Progress):
         self.bars.__exit__(*exc)
 
     def begin(self, file: RemoteFile) -> None:
-        self.current = self.bars.add_task(f"  {file.path}", total=file.expected.size)
+        from rich.markup import escape
+
+        self.current = self.bars.add_task(f"  {escape(file.path)}", total=file.expected.size)  # a name like "a[/b]" is no markup
         self.current_size = file.expected.size
 
     def start(self, done: int) -> None:
@@ -563,5 +565,5 @@ class _PullProgress(Progress):
             f"pulled {self.plan.ref.name} ({self.plan.ref.repo_id} @ {self.plan.commit[:12]}): {len(self.plan.files)} files, "
             f"{self.plan.size_text}, fetched {format_bytes(self.fetched)} in {seconds:.1f}s "
             f"({format_bytes(speed)}/s) -> {self.plan.ref.path}",
-            highlight=False, soft_wrap=True,
+            highlight=False, soft_wrap=True, markup=False,
         )

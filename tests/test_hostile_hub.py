@@ -497,3 +497,28 @@ def test_endless_answers_stay_within_a_memory_bound(hub, key, message):
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
     assert time.monotonic() - started < 10
+
+
+def test_a_file_name_that_looks_like_markup_is_shown_as_is_on_a_terminal(hub, files):
+    """The progress bars (drawn only on a terminal) print file names as text, never as rich markup."""
+    import pty
+    import select
+
+    name = "notes[/b]y.txt"  # a folder "notes[" and, as markup, a closing tag that matches nothing
+    hub.repos[REPO].files[name] = b"odd\n"
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "mimo_local.cli", "pull", REPO, *FAST],
+                               stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    screen, deadline = b"", time.monotonic() + 30
+    while process.poll() is None and time.monotonic() < deadline:
+        if select.select([leader], [], [], 0.1)[0]:
+            try:
+                screen += os.read(leader, 65536)
+            except OSError:
+                break
+    process.wait(timeout=30)
+    os.close(leader)
+    assert process.returncode == 0, screen.decode(errors="replace")
+    assert (model_dir() / name).read_bytes() == b"odd\n"
+    assert b"Traceback" not in screen and b"pulled acme/small" in screen
