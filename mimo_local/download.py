@@ -279,7 +279,7 @@ def _content_length(response) -> int | None:
 def _raise_for_status(error: urllib.error.HTTPError, url: str, ranged: bool):
     status = error.code
     if status in RETRY_STATUSES:
-        raise _Retry(f"server answered {status} {error.reason}") from None
+        raise _Retry(f"server answered {status} {_printable(error.reason)}") from None
     if status == 416:  # the partial file does not fit this file any more
         raise _Unusable("server answered 416 Range Not Satisfiable", ranged) from None
     if status == 401:
@@ -288,9 +288,15 @@ def _raise_for_status(error: urllib.error.HTTPError, url: str, ranged: bool):
         raise MimoError(f"access forbidden to {url} (403): the repository may be gated; accept its terms on the hub") from None
     if status == 404:
         raise MimoError(f"{url} not found (404)") from None
-    raise MimoError(f"{url}: server answered {status} {error.reason}") from None
+    raise MimoError(f"{url}: server answered {status} {_printable(error.reason)}") from None
 
 
 def _reason(error: BaseException) -> str:
     reason = getattr(error, "reason", None) or error
-    return str(reason) or type(reason).__name__
+    return _printable(reason) or type(reason).__name__
+
+
+def _printable(text: object, limit: int = 100) -> str:
+    """A server's words for the one-line error: no control characters (terminal escapes), bounded."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in str(text))
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."

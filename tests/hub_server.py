@@ -84,6 +84,7 @@ class HubServer:
         self.range_answer: dict[str, tuple[int, str | None]] = {}
         self.answer: dict[str, tuple[int, str | None]] = {}
         self.raw_info: dict[str, bytes] = {}
+        self.reason: str | None = None  # the reason phrase of hostile error answers
         self.stall: dict[str, int] = {}
         self.trickle: dict[str, float] = {}
         self.closing = threading.Event()
@@ -145,9 +146,9 @@ def _handler(hub: HubServer):
                 return self._file(hub.repos[match[1]], match[2], body)
             self._error(404, "EntryNotFound", "not found")
 
-        def _error(self, status: int, code: str | None, message: str, extra: dict | None = None):
+        def _error(self, status: int, code: str | None, message: str, extra: dict | None = None, reason: str | None = None):
             payload = json.dumps({"error": message}).encode()
-            self.send_response(status)
+            self.send_response(status, reason)
             if code:
                 self.send_header("X-Error-Code", code)
             self.send_header("X-Error-Message", message)
@@ -229,7 +230,7 @@ def _handler(hub: HubServer):
                 if content_range is not None:
                     headers["Content-Range"] = content_range
                 if status >= 400:
-                    return self._error(status, None, "hostile", headers)
+                    return self._error(status, None, "hostile", headers, reason=hub.reason)
                 headers["Content-Length"] = str(len(data))
                 return self._send(status, data, headers, body, served_as=name)
             if match := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")):

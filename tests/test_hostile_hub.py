@@ -296,6 +296,13 @@ def test_a_server_that_never_answers_usably_gives_up_after_one_fresh_start(hub, 
     assert len(cdn_ranges(hub)) == 2 and not weights_part().exists()
 
 
+def test_a_server_reason_phrase_cannot_write_terminal_escapes(hub):
+    hub.answer[WEIGHTS] = (418, None)
+    hub.reason = "\x1b]0;pwned\x07\x1b[2J teapot"
+    line = refused(pull(*FAST), "server answered 418 ?]0;pwned??[2J teapot")
+    assert "\x1b" not in line and "\x07" not in line
+
+
 def test_a_stall_ends_in_a_resumable_error(hub, files):
     hub.stall[WEIGHTS] = 50_000
     result = pull(*FAST)
