@@ -14,7 +14,7 @@ from .errors import MimoError
 from .offload import options as offload_options
 from .options import (debug_option, device_option, draft_tokens_option, dtype_option, min_p_option, mtp_option,
                       repetition_penalty_option, seed_option, temperature_option, top_k_option, top_p_option,
-                      yes_option)
+                      server_option, api_key_option, yes_option)
 
 app = typer.Typer(
     help="Run Xiaomi MiMo models locally.",
@@ -115,10 +115,8 @@ def run(
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
-    server: Optional[str] = typer.Option(
-        None, "--server", envvar="MIMO_SERVER", help="URL of a running `mimo serve`: it generates with the model it "
-        "has loaded (the model, placement and MTP flags are the server's)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MIMO_API_KEY", help="Key for --server."),
+    server: Optional[str] = server_option(),
+    api_key: Optional[str] = api_key_option(),
     debug: bool = debug_option(),
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
@@ -409,6 +407,8 @@ def chat(
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
+    server: Optional[str] = server_option(),
+    api_key: Optional[str] = api_key_option(),
     yes: bool = yes_option(),
     debug: bool = debug_option(),
 ):
@@ -426,7 +426,8 @@ def chat(
             raise MimoError("--draft-tokens must be >= 0")
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
                                                       ctx=ctx or 32768, mtp=mtp, clamp_ctx=True)
-        options = ChatOptions(settings, system, mtp, draft_tokens, ctx, device, dtype, load, quant, placement)
+        options = ChatOptions(settings, system, mtp, draft_tokens, ctx, device, dtype, load, quant, placement, server,
+                              api_key)
         start_chat(model, lambda name, ask: resolve_model(name, assume_yes=yes, ask=ask), options)
 
 

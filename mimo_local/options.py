@@ -60,3 +60,12 @@ def mtp_option():
     return typer.Option(
         None, "--mtp/--no-mtp", help="Speculative decoding with the MTP layers (default: on when the checkpoint has them)."
     )
+
+
+def server_option():
+    return typer.Option(None, "--server", envvar="MIMO_SERVER", help="URL of a running `mimo serve`: it generates with "
+                        "the model it has loaded (the model, placement and MTP flags are the server's).")
+
+
+def api_key_option():
+    return typer.Option(None, "--api-key", envvar="MIMO_API_KEY", help="Key for --server.")

@@ -406,3 +406,23 @@ def test_loopback_addresses():
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.2", "::", "example.com"))
+
+
+def test_mimo_chat_against_a_server_answers_as_a_local_chat(scripted_chat, tmp_path):
+    import subprocess
+    import sys
+
+    lines = "hi\n/think off\nhi again\n/stats\n"
+    env = {**os.environ, "MIMO_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    local = subprocess.run([sys.executable, "-m", "mimo_local.cli", "chat", "--model", str(scripted_chat), "--no-mtp"],
+                           input=lines, capture_output=True, text=True, env=env, timeout=120)
+    with running_server(scripted_chat, "scripted", defaults=None) as (base, service):
+        remote = subprocess.run([sys.executable, "-m", "mimo_local.cli", "chat", "--server", base],
+                                input=lines, capture_output=True, text=True, env=env, timeout=120)
+        cached = service.metrics.cached_prompt_tokens._value.get()
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout and "hi again" not in remote.stdout
+    assert cached > 0  # the second turn reused the first one's KV on the server
+    switched = subprocess.run([sys.executable, "-m", "mimo_local.cli", "chat", "--server", "http://127.0.0.1:9"],
+                              input="hi\n", capture_output=True, text=True, env=env, timeout=60)
+    assert switched.returncode == 1 and switched.stderr.startswith("error: cannot reach the server")

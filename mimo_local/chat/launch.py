@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import MimoError
 from .controller import ChatController
 from .session import ChatSession
 from .settings import ChatSettings
@@ -24,6 +25,8 @@ class ChatOptions:
     load_session: str | None = None
     quant: str | None = None  # a recipe applied while loading
     placement: object | None = None  # an offload PlanRequest (expert placement flags)
+    server: str | None = None  # a running `mimo serve` to talk to instead of loading a model
+    api_key: str | None = None
 
 
 def start_chat(model_name: str, resolve: Callable[..., Path], options: ChatOptions) -> None:
@@ -36,10 +39,18 @@ def start_chat(model_name: str, resolve: Callable[..., Path], options: ChatOptio
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
 
     def load_engine(name: str, ask: bool = False):
+        if options.server:
+            raise MimoError(f"this chat runs on {options.server}: the server's model is the one it has loaded")
         return Engine.load(resolve(name, ask=ask), device=options.device, dtype=options.dtype,
                            show_progress=sys.stderr.isatty(), quant=options.quant, placement=options.placement)
 
-    engine = load_engine(model_name, ask=True)
+    if options.server:
+        from ..serve.client import RemoteEngine
+
+        engine = RemoteEngine(options.server, options.api_key)
+        model_name = engine.name
+    else:
+        engine = load_engine(model_name, ask=True)
     session = ChatSession(
         engine,
         display_name(model_name, engine),
@@ -62,7 +73,8 @@ def start_chat(model_name: str, resolve: Callable[..., Path], options: ChatOptio
 
             run_repl(controller, sys.stdin, sys.stdout, sys.stderr)
     finally:
-        save_recorded(controller.session.engine.model, controller.session.engine.path)  # router statistics
+        if not options.server:
+            save_recorded(controller.session.engine.model, controller.session.engine.path)  # router statistics
 
 
 def display_name(model_name: str | None, engine) -> str:

@@ -4,6 +4,7 @@ the answer streams back; the same text and --json fields as a local run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -90,3 +91,106 @@ def _error_message(response: httpx.Response) -> str:
         return error["message"] if isinstance(error, dict) else str(error)
     except (ValueError, KeyError, TypeError):
         return response.text[:200]
+
+
+class RemoteCache:
+    """The chat's view of the server's KV cache: the ids the server was last given. The server
+    keeps the longest prefix it holds of each request, so resending them costs nothing."""
+
+    drafter = None
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens, self.ids = max_tokens, []
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def token_ids(self):
+        import torch
+
+        return torch.tensor(self.ids, dtype=torch.long)
+
+    def can_truncate(self, length: int) -> bool:
+        return True
+
+    def truncate(self, length: int) -> None:
+        del self.ids[length:]
+
+
+class RemoteEngine:
+    """What `mimo chat --server URL` talks to in place of a loaded model: the same `tokenizer`,
+    `stream` and `speculation` a ChatSession uses, answered by a running `mimo serve`."""
+
+    def __init__(self, url: str, api_key: str | None = None):
+        from types import SimpleNamespace
+
+        self.base = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.name = _served_model(self.base, self.headers)
+        loaded = self._call("GET", "/api/ps")["models"]
+        context = loaded[0]["context_length"] if loaded else 4096
+        self.path = Path(self.name)
+        self.plan = None
+        self.config = SimpleNamespace(max_position_embeddings=context)
+        self.model = SimpleNamespace(device=self.base, new_cache=lambda size, spare_slots=0: RemoteCache(size))
+        self.tokenizer = SimpleNamespace(
+            render_chat=lambda messages, add_generation_prompt=True: self._call(
+                "POST", "/apply-template", {"messages": messages, "add_generation_prompt": add_generation_prompt}
+            )["prompt"],
+            encode=lambda text: self._call("POST", "/tokenize", {"content": text})["tokens"],
+        )
+
+    def speculation(self, mtp=None, draft_tokens: int = 0, draft_vocab=None) -> dict:
+        return {"draft_tokens": 0}  # the server decides (its --mtp)
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        try:
+            response = httpx.request(method, self.base + path, json=body, headers=self.headers,
+                                     timeout=CONNECT_TIMEOUT_SECONDS * 6)
+        except httpx.TransportError as error:
+            raise MimoError(f"cannot reach the server at {self.base} ({error})") from None
+        if response.status_code != 200:
+            raise MimoError(f"{self.base}: {response.status_code} {_error_message(response)}")
+        return response.json()
+
+    def stream(self, prompt_ids: list[int], settings: SamplingSettings, cache: RemoteCache | None = None, **_):
+        from ..generate import DoneEvent, GenerationStats, TokenEvent
+
+        cache = cache or RemoteCache(self.config.max_position_embeddings)
+        ids = cache.ids + list(prompt_ids)
+        body = {"model": self.name, "prompt": ids, "max_tokens": settings.max_tokens, "stream": True,
+                "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
+                "min_p": settings.min_p, "repetition_penalty": settings.repetition_penalty, "seed": settings.seed,
+                "stop": settings.stop or None, "return_token_ids": True, "stream_options": {"include_usage": True}}
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        pieces = []
+        cache.ids = ids
+        try:
+            with httpx.stream("POST", self.base + "/v1/completions", json=body, headers=self.headers,
+                              timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_SECONDS)) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise MimoError(f"{self.base}: {response.status_code} {_error_message(response)}")
+                for line in response.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[len("data: "):])
+                    for choice in chunk.get("choices", []):
+                        if choice.get("text"):
+                            pieces.append(choice["text"])
+                            yield TokenEvent(choice["text"], -1)
+                        if choice.get("finish_reason"):
+                            timings = chunk.get("timings", {})
+                            stats.token_ids = choice.get("token_ids", [])
+                            stats.completion_tokens = len(stats.token_ids)
+                            stats.finish_reason = choice["finish_reason"]
+                            stats.prefill_seconds = timings.get("prompt_ms", 0) / 1000
+                            stats.decode_seconds = timings.get("predicted_ms", 0) / 1000
+        except httpx.TransportError as error:
+            raise MimoError(f"lost the server at {self.base} ({error})") from None
+        # As a local cache: every id fed, i.e. all but the last one sampled.
+        cache.ids = ids + stats.token_ids[:-1]
+        stats.text = "".join(pieces)
+        yield DoneEvent(stats)

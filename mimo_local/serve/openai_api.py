@@ -11,7 +11,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
+from ..errors import MimoError
 from ..generate import DoneEvent
+from .prompts import template_message
 from .service import BadRequest, Output, Service, events, finish_reason, timings, usage
 
 
@@ -74,6 +76,20 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     reasoning_effort: Optional[str] = None
     reasoning_format: Optional[Literal["auto", "none"]] = None  # llama-server's: per request
+
+
+class TokenizeRequest(Lenient):
+    content: str
+
+
+class DetokenizeRequest(Lenient):
+    tokens: list[int]
+
+
+class TemplateRequest(Lenient):
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(SamplingFields):
@@ -214,6 +230,28 @@ def router(service: Service) -> APIRouter:
         if body.stream:
             return EventSourceResponse(stream_completion(service, output, common, body, request), ping=15)
         return await complete_text(service, output, common, body, request)
+
+    # llama-server's helpers: what `mimo chat --server` needs to keep its conversation exact.
+    @api.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        service.require_model()
+        return {"tokens": service.engine.tokenizer.encode(body.content)}
+
+    @api.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        service.require_model()
+        return {"content": service.engine.tokenizer.decode(body.tokens)}
+
+    @api.post("/apply-template")
+    async def apply_template(body: TemplateRequest):
+        service.require_model()
+        try:
+            prompt = service.engine.tokenizer.render_chat(
+                [template_message(m.model_dump(exclude_none=True)) for m in body.messages],
+                add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {}))
+        except MimoError as error:
+            raise BadRequest(str(error), param="messages") from None
+        return {"prompt": prompt}
 
     return api
 

@@ -59,9 +59,9 @@ class Service:
         self.started = time.time()
 
     def attach(self, engine, speculation: dict) -> None:
-        self.engine = engine
         self.worker = GenerationWorker(engine, self.settings.context, self.settings.max_queue, speculation,
                                        on_done=self._record)
+        self.engine = engine  # last: a request that sees the engine finds the worker too
         self.metrics.kv_capacity.set(self.settings.context)
 
     @property
@@ -74,6 +74,10 @@ class Service:
         if self.engine is not None:
             names.add(self.engine.path.name)
         return names
+
+    def require_model(self) -> None:
+        if self.engine is None:
+            raise Loading("the model is still loading")
 
     def check_model(self, name: str | None) -> None:
         if name and name not in self.model_names and name.removesuffix(":latest") not in self.model_names:
@@ -101,8 +105,7 @@ class Service:
               logprobs: int | None = None, ignore_eos: bool = False, reasoning_format: str | None = None) -> Output:
         """Queue a generation. `structured`: "json" (with `json_schema` or any object) constrains the
         answer; `forced_tool`: ("required", None) or ("function", NAME) forces a call to a tool."""
-        if self.worker is None:
-            raise Loading("the model is still loading")
+        self.require_model()
         room = self.settings.context - len(prompt_ids) - 1 - self.worker.speculation["draft_tokens"]
         if room < 1:
             raise BadRequest(
