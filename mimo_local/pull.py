@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from .download import DISK_FULL_ERRNOS, Expected, Pace, Progress, TooSlow, TransferLimits, download_file
 from .errors import MimoError
@@ -347,22 +348,24 @@ def _part_path(directory: Path, file: RemoteFile) -> Path:
     return directory / STATE_DIR / "partial" / (file.path + ".part")
 
 
-def _part_size(directory: Path, file: RemoteFile) -> int:
-    """Bytes of `file` a resume can use (0 for a missing, linked or oversized partial file)."""
+def _part_sizes(directory: Path, file: RemoteFile) -> tuple[int, int]:
+    """(bytes of `file` a resume can use, bytes of a partial file no resume can use: longer than the file, or a link)."""
     try:
         stat = os.lstat(_part_path(directory, file))
     except OSError:
-        return 0
-    return stat.st_size if stat.st_size <= file.expected.size and not os.path.islink(_part_path(directory, file)) else 0
+        return 0, 0
+    if S_ISREG(stat.st_mode) and stat.st_size <= file.expected.size:
+        return stat.st_size, 0
+    return 0, stat.st_size
 
 
 def _to_fetch(directory: Path, todo: list[RemoteFile]) -> int:
-    return sum(f.expected.size - _part_size(directory, f) for f in todo)
+    return sum(f.expected.size - _part_sizes(directory, f)[0] for f in todo)
 
 
 def _check_disk(plan: PullPlan, directory: Path, todo: list[RemoteFile]) -> None:
     need = _to_fetch(directory, todo)
-    reclaimed = sum(_unusable_part_bytes(directory, f) for f in plan.files)  # dropped before anything is written
+    reclaimed = sum(_part_sizes(directory, f)[1] for f in plan.files)  # dropped before anything is written
     probe = directory
     while not probe.exists():
         probe = probe.parent
@@ -374,20 +377,12 @@ def _check_disk(plan: PullPlan, directory: Path, todo: list[RemoteFile]) -> None
         )
 
 
-def _unusable_part_bytes(directory: Path, file: RemoteFile) -> int:
-    try:
-        size = os.lstat(_part_path(directory, file)).st_size
-    except OSError:
-        return 0
-    return size if size > file.expected.size else 0
-
-
 def _drop_unusable_parts(directory: Path, plan: PullPlan, todo: list[RemoteFile]) -> None:
     """Free the space of partial files no resume can use (longer than their file, links, already verified)
     before the pull writes anything, so that a full disk can always be recovered by running it again."""
     for file in plan.files:
         part = _part_path(directory, file)
-        if _unusable_part_bytes(directory, file) or part.is_symlink() or (file not in todo and part.exists()):
+        if part.is_symlink() or _part_sizes(directory, file)[1] or (file not in todo and part.exists()):
             part.unlink(missing_ok=True)
 
 
