@@ -131,12 +131,12 @@ class PlainDecoder:
     observe = None  # called with the hidden states of every prefill chunk
 
     def first(self, prompt_ids: list[int], history: torch.Tensor) -> list[int]:
-        return self._pick(prefill(self.model, self.cache, prompt_ids, observe=self.observe), history)
+        return self.pick(prefill(self.model, self.cache, prompt_ids, observe=self.observe), history)
 
     def next(self, history: torch.Tensor) -> list[int]:
-        return self._pick(self.model(history[-1:].view(1, 1), self.cache).logits[0, -1], history)
+        return self.pick(self.model(history[-1:].view(1, 1), self.cache).logits[0, -1], history)
 
-    def _pick(self, logits: torch.Tensor, history: torch.Tensor) -> list[int]:
+    def pick(self, logits: torch.Tensor, history: torch.Tensor) -> list[int]:
         self.last_logits = logits
         return [self.sampler.pick(self.sampler.adjust(logits, history))]
 
@@ -184,102 +184,187 @@ def token_logprobs(logits: torch.Tensor, token: int, alternatives: int) -> tuple
     return float(log_probs[token]), ([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
 
 
-def stream(
-    model: MiMoForCausalLM,
-    tokenizer: ChatTokenizer,
-    prompt_ids: list[int],
-    settings: SamplingSettings,
-    cache: ModelCache | None = None,
-    eos_ids: tuple[int, ...] | None = None,
-    draft_tokens: int = 0,
-    draft_vocab: int | None = None,
-    constraint=None,
-    logprobs: int | None = None,
-) -> Iterator[TokenEvent | DoneEvent]:
+class Generation:
+    """One sequence being generated: its cache, decoder, sampler, stop matching and statistics.
+    `stream` drives one alone; `decode_batch` advances several in one forward per step. Both feed
+    the picked tokens through `take`, so a sequence gives the same events either way."""
+
+    def __init__(
+        self,
+        model: MiMoForCausalLM,
+        tokenizer: ChatTokenizer,
+        prompt_ids: list[int],
+        settings: SamplingSettings,
+        cache: ModelCache | None = None,
+        eos_ids: tuple[int, ...] | None = None,
+        draft_tokens: int = 0,
+        draft_vocab: int | None = None,
+        constraint=None,
+        logprobs: int | None = None,
+    ):
+        settings.validate()
+        if not prompt_ids:
+            raise MimoError("the prompt is empty")
+        if constraint is not None or logprobs is not None:
+            draft_tokens = 0
+        if draft_tokens and not model.mtp_layers:
+            raise MimoError("this checkpoint has no MTP layers (use --no-mtp)")
+        if draft_tokens and cache is not None and cache.length and cache.drafter is None:
+            raise MimoError("MTP was off for the earlier turns on this cache: start from a fresh cache to turn it on")
+        self.model, self.prompt_ids, self.constraint, self.logprobs = model, prompt_ids, constraint, logprobs
+        self.eos_ids = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
+        if cache is None:
+            cache = model.new_cache(
+                min(len(prompt_ids) + settings.max_tokens + draft_tokens + 1, model.config.max_position_embeddings),
+                spare_slots=max(8, draft_tokens + 2),
+            )
+        room = cache.max_tokens - cache.length - len(prompt_ids) - draft_tokens
+        if room < 1:
+            raise MimoError(
+                f"the prompt ({len(prompt_ids)} tokens) does not fit the context ({cache.max_tokens - cache.length} left)"
+            )
+        self.cache, self.max_tokens = cache, min(settings.max_tokens, room)
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        sampler = Sampler(settings, model.device, constraint=constraint, prompt_length=len(prompt_ids))
+        if draft_tokens:
+            self.decoder = SpeculativeDecoder(model, cache, sampler, draft_tokens, draft_vocab)
+        else:
+            self.decoder = PlainDecoder(model, cache, sampler)
+            cache.drafter = None  # it would miss the hidden states of this turn
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stops = StopMatcher(settings.stop)
+        # Prompt and generated ids, preallocated: `history` is a view of its filled part.
+        self.ids = torch.empty(len(prompt_ids) + self.max_tokens + draft_tokens + 1, dtype=torch.long,
+                               device=model.device)
+        self.ids[: len(prompt_ids)] = torch.tensor(prompt_ids)
+        self.history = self.ids[: len(prompt_ids)]
+        self.pending: list[int] = []  # tokens picked, not yet taken
+        self.finished = False
+        self.hit_stop_string = False
+
+    @property
+    def speculative(self) -> bool:
+        return isinstance(self.decoder, SpeculativeDecoder)
+
+    def prefill(self) -> None:
+        started = time.perf_counter()
+        self.pending = self.decoder.first(self.prompt_ids, self.history)
+        self.stats.prefill_seconds = time.perf_counter() - started
+        self.decode_started = time.perf_counter()
+
+    def decode_step(self) -> None:
+        """This sequence alone: one decoder step (a target forward, or a draft and verify)."""
+        self.pending = self.decoder.next(self.history)
+
+    def take(self) -> Iterator[TokenEvent]:
+        """Events of the pending tokens, up to the end of the generation; then the history grows by
+        them, ready for the next step."""
+        stats = self.stats
+        for token in self.pending:
+            stats.token_ids.append(token)
+            stats.completion_tokens += 1
+            if self.constraint is not None:
+                self.constraint.advance(token)
+            if token in self.eos_ids:
+                stats.finish_reason = "stop"
+                self.finished = True
+                break
+            text, self.hit_stop_string = self.stops.feed(self.detokenizer.add(token))
+            event = TokenEvent(text, token)
+            if self.logprobs is not None:
+                event.logprob, event.top_logprobs = token_logprobs(self.decoder.last_logits, token, self.logprobs)
+            yield event
+            if self.hit_stop_string:
+                stats.finish_reason = "stop"
+                self.finished = True
+                break
+            if stats.completion_tokens >= self.max_tokens:
+                self.finished = True
+                break
+        if not self.finished:
+            filled = len(self.history)
+            self.ids[filled : filled + len(self.pending)] = self.history.new_tensor(self.pending)
+            self.history = self.ids[: filled + len(self.pending)]
+        self.pending = []
+
+    def finish(self) -> Iterator[TokenEvent | DoneEvent]:
+        stats = self.stats
+        stats.decode_seconds = time.perf_counter() - self.decode_started
+        if self.speculative:
+            stats.speculation = self.decoder.stats
+        if not self.hit_stop_string:
+            tail, self.hit_stop_string = self.stops.feed(self.detokenizer.flush())
+            if not self.hit_stop_string:
+                tail += self.stops.flush()
+            if tail:
+                yield TokenEvent(tail, -1)
+        stats.text = self.stops.text
+        yield DoneEvent(stats)
+
+
+def stream(model: MiMoForCausalLM, tokenizer: ChatTokenizer, prompt_ids: list[int], settings: SamplingSettings,
+           **options) -> Iterator[TokenEvent | DoneEvent]:
     """Generate after `prompt_ids`. With a `cache` holding earlier turns, only the new ids are
     prefilled. `draft_tokens` > 0 decodes speculatively with the model's MTP layers.
     `constraint` (e.g. a grammar) masks the logits before each pick and is told each token;
     `logprobs` (the number of alternatives, 0 for none) adds the model's log probabilities to each
-    token. Both decode without speculation.
+    token. Both decode without speculation. `eos_ids`: the tokens that end it (default the model's).
     Yields a TokenEvent per token, then one DoneEvent with the stats."""
-    settings.validate()
-    if not prompt_ids:
-        raise MimoError("the prompt is empty")
-    if constraint is not None or logprobs is not None:
-        draft_tokens = 0
-    if draft_tokens and not model.mtp_layers:
-        raise MimoError("this checkpoint has no MTP layers (use --no-mtp)")
-    if draft_tokens and cache is not None and cache.length and cache.drafter is None:
-        raise MimoError("MTP was off for the earlier turns on this cache: start from a fresh cache to turn it on")
-    eos_ids = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
-    if cache is None:
-        cache = model.new_cache(
-            min(len(prompt_ids) + settings.max_tokens + draft_tokens + 1, model.config.max_position_embeddings),
-            spare_slots=max(8, draft_tokens + 2),
-        )
-    room = cache.max_tokens - cache.length - len(prompt_ids) - draft_tokens
-    if room < 1:
-        raise MimoError(
-            f"the prompt ({len(prompt_ids)} tokens) does not fit the context ({cache.max_tokens - cache.length} left)"
-        )
-    max_tokens = min(settings.max_tokens, room)
+    generation = Generation(model, tokenizer, prompt_ids, settings, **options)
+    generation.prefill()
+    while True:
+        yield from generation.take()
+        if generation.finished:
+            break
+        generation.decode_step()
+    yield from generation.finish()
 
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    sampler = Sampler(settings, model.device, constraint=constraint, prompt_length=len(prompt_ids))
-    if draft_tokens:
-        decoder = SpeculativeDecoder(model, cache, sampler, draft_tokens, draft_vocab)
-    else:
-        decoder = PlainDecoder(model, cache, sampler)
-        cache.drafter = None  # it would miss the hidden states of this turn
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    stops = StopMatcher(settings.stop)
-    # Prompt and generated ids, preallocated: `history` is a view of its filled part.
-    ids = torch.empty(len(prompt_ids) + max_tokens + draft_tokens + 1, dtype=torch.long, device=model.device)
-    ids[: len(prompt_ids)] = torch.tensor(prompt_ids)
-    history = ids[: len(prompt_ids)]
 
-    started = time.perf_counter()
-    pending = decoder.first(prompt_ids, history)
-    stats.prefill_seconds = time.perf_counter() - started
+class Batch:
+    """Continuous batching: sequences join once their prompt is prefilled and leave when they end;
+    each `step` advances every one of them by one decoder step, the plain ones in one forward
+    together, a speculative one in its own draft-and-verify step."""
 
-    decode_started = time.perf_counter()
-    hit_stop_string = False
-    finished = False
-    while not finished:
-        for token in pending:
-            stats.token_ids.append(token)
-            stats.completion_tokens += 1
-            if constraint is not None:
-                constraint.advance(token)
-            if token in eos_ids:
-                stats.finish_reason = "stop"
-                finished = True
-                break
-            text, hit_stop_string = stops.feed(detokenizer.add(token))
-            event = TokenEvent(text, token)
-            if logprobs is not None:
-                event.logprob, event.top_logprobs = token_logprobs(decoder.last_logits, token, logprobs)
-            yield event
-            if hit_stop_string:
-                stats.finish_reason = "stop"
-                finished = True
-                break
-            if stats.completion_tokens >= max_tokens:
-                finished = True
-                break
-        if not finished:
-            filled = len(history)
-            ids[filled : filled + len(pending)] = history.new_tensor(pending)
-            history = ids[: filled + len(pending)]
-            pending = decoder.next(history)
-    stats.decode_seconds = time.perf_counter() - decode_started
-    if isinstance(decoder, SpeculativeDecoder):
-        stats.speculation = decoder.stats
-    if not hit_stop_string:
-        tail, hit_stop_string = stops.feed(detokenizer.flush())
-        if not hit_stop_string:
-            tail += stops.flush()
-        if tail:
-            yield TokenEvent(tail, -1)
-    stats.text = stops.text
-    yield DoneEvent(stats)
+    def __init__(self):
+        self.active: list[Generation] = []
+
+    def join(self, generation: Generation) -> list[TokenEvent | DoneEvent]:
+        """Prefill it; returns its first events (all of them if it ended at once)."""
+        generation.prefill()
+        events = list(generation.take())
+        if generation.finished:
+            return events + list(generation.finish())
+        self.active.append(generation)
+        return events
+
+    def leave(self, generation: Generation) -> None:
+        self.active.remove(generation)
+
+    def step(self) -> list[tuple[Generation, list[TokenEvent | DoneEvent]]]:
+        plain = [g for g in self.active if not g.speculative]
+        if plain:
+            decode_batch(plain)
+        for generation in self.active:
+            if generation.speculative:
+                generation.decode_step()
+        results = []
+        for generation in list(self.active):
+            events = list(generation.take())
+            if generation.finished:
+                events += list(generation.finish())
+                self.active.remove(generation)
+            results.append((generation, events))
+        return results
+
+
+def decode_batch(generations: list[Generation]) -> None:
+    """One decode step for several sequences (none speculative, none finished): a single forward
+    reads each weight once for all of them; each picks its next token with its own sampler."""
+    if len(generations) == 1:
+        generations[0].decode_step()
+        return
+    model = generations[0].model
+    tokens = torch.stack([g.history[-1] for g in generations])
+    out = model.forward_batch(tokens, [g.cache for g in generations])
+    for generation, logits in zip(generations, out.logits[:, -1]):
+        generation.pending = generation.decoder.pick(logits, generation.history)

@@ -140,25 +140,35 @@ class Attention(nn.Module):
         self.scale = spec.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
-        batch, steps, _ = x.shape
-        spec = self.spec
+        return self.o_proj(self.attend_projected(self.qkv_proj(x), start, cache))
+
+    def forward_batch(self, x: torch.Tensor, starts: list[int], caches: list) -> torch.Tensor:
+        """One token for each of several sequences (x [B, 1, H]), each at its own position with its
+        own cache: the projections read their weights once for the batch."""
         qkv = self.qkv_proj(x)
+        outs = [self.attend_projected(qkv[b : b + 1], start, cache) for b, (start, cache) in enumerate(zip(starts, caches))]
+        return self.o_proj(torch.cat(outs))
+
+    def attend_projected(self, qkv: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """RoPE, cache write and attention of projected q|k|v [B, T, *]: the input of o_proj."""
+        batch, steps, _ = qkv.shape
+        spec = self.spec
         if cpu_kernels.attention_supports(qkv, cache, steps):  # decode / verify: one fused call
             cos, sin = self.rope.cos_sin(start, steps, torch.float32)
             sinks = None if self.sinks is None else self.sinks.float()
             out = cpu_kernels.decode_attention(qkv.view(steps, -1), start, cos, sin, cache, sinks, self.scale)
-            return self.o_proj(out.view(batch, steps, -1))
+            return out.view(batch, steps, -1)
         q, k, v = qkv.split([self.q_size, self.k_size, self.v_size], dim=-1)
         q = q.view(batch, steps, spec.num_heads, spec.head_dim).transpose(1, 2)
         k = k.view(batch, steps, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         v = v.view(batch, steps, spec.num_kv_heads, spec.v_head_dim).transpose(1, 2)
         if spec.value_scale != 1.0:
             v = v * spec.value_scale
-        cos, sin = self.rope.cos_sin(start, steps, x.dtype)
+        cos, sin = self.rope.cos_sin(start, steps, qkv.dtype)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         keys, values, mask = cache.update(k, v, start)
         out = attend(q, keys, values, mask, self.scale, self.sinks)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+        return out.transpose(1, 2).reshape(batch, steps, -1)
 
 
 class MLP(nn.Module):
@@ -351,6 +361,11 @@ class DecoderLayer(nn.Module):
             if fused is not None:
                 return fused
         x = x + self.self_attn(self.input_layernorm(x), start, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_batch(self, x: torch.Tensor, starts: list[int], caches: list) -> torch.Tensor:
+        """One token for each of several sequences (x [B, 1, H]); see Attention.forward_batch."""
+        x = x + self.self_attn.forward_batch(self.input_layernorm(x), starts, caches)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _apply(self, fn, *args, **kwargs):

@@ -94,6 +94,23 @@ class MiMoForCausalLM(nn.Module):
         return ForwardOutput(logits=self.lm_head(self.norm(last), float32_out=True), hidden=x)
 
     @torch.inference_mode()
+    def forward_batch(self, tokens: torch.Tensor, caches: list[ModelCache]) -> ForwardOutput:
+        """One token for each of several sequences (`tokens` [B]), each with its own cache (its own
+        length, sliding windows, sinks): each weight is read once for the batch."""
+        for cache in caches:
+            if cache.length + 1 > cache.max_tokens:
+                raise ValueError(f"context full: {cache.length + 1} tokens > cache of {cache.max_tokens}")
+        starts = [cache.length for cache in caches]
+        x = self.embed_tokens(tokens.view(-1, 1))
+        for index, layer in enumerate(self.layers):
+            x = layer.forward_batch(x, starts, [cache.layers[index] for cache in caches])
+        for cache, token in zip(caches, tokens):
+            if cache.token_ids is not None:
+                cache.token_ids[cache.length] = token
+            cache.length += 1
+        return ForwardOutput(logits=self.lm_head(self.norm(x), float32_out=True), hidden=x)
+
+    @torch.inference_mode()
     def mtp_hidden(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor, start: int, cache) -> torch.Tensor:
         """Run MTP layer `layer` on (hidden [B, T, H], next token ids [B, T]) at positions start.."""
         return self.mtp_layers[layer](hidden, self.embed_tokens(token_ids), start, cache)
