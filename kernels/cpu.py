@@ -3,70 +3,35 @@
 `linear(x, weight, bias)` is F.linear for the few-token case (decode, speculative verify): it
 streams the weights once at memory bandwidth, which torch's bf16 GEMV on CPU does not reach.
 Any case it does not cover (GPU tensors, many tokens, other dtypes, no compiler) goes to F.linear.
+The library is built for the best ISA level the CPU runs (build.py: AVX-512, AVX2, generic).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import build
+
 SOURCE = Path(__file__).with_name("cpu_linear.c")
 MAX_ROWS = 16
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mimo-local" / "kernels"
-
-
-def _cpu_signature() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return hashlib.sha256((flags + platform.machine()).encode()).hexdigest()[:12]
-
-
-def _sources(source_path: Path) -> list[Path]:
-    """A kernel source and the sources it includes with `#include "file"` (one level), whose
-    contents all go into the cache key of the compiled library."""
-    included = re.findall(r'^#include "([^"]+)"', source_path.read_text(), flags=re.MULTILINE)
-    return [source_path] + [source_path.with_name(name) for name in included]
-
-
 def load_compiled(source_path: Path) -> ctypes.CDLL | None:
-    """Compile a kernel source for this CPU on first use (cached by source and CPU flags) and load
-    it; None where that is impossible (no gcc, kernels turned off with MIMO_CPU_KERNELS=0)."""
-    if os.environ.get("MIMO_CPU_KERNELS", "1") == "0":
-        return None
-    compiler = shutil.which(os.environ.get("CC", "gcc"))
-    if compiler is None:
-        return None
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in _sources(source_path))).hexdigest()[:12]
-    target = cache_dir() / f"{source_path.stem}-{digest}-{_cpu_signature()}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
-            temporary = handle.name
-        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source_path), "-o",
-                   temporary, "-lm"]
-        if subprocess.run(command, capture_output=True).returncode != 0:
-            os.unlink(temporary)
-            return None
-        os.replace(temporary, target)
-    torch.get_num_threads()  # torch's libgomp is loaded first, so the kernels share its threads
-    return ctypes.CDLL(str(target))
+    """`source_path` built for the best ISA level this CPU runs (see build.py) and loaded; None
+    where the kernels are off or cannot be built."""
+    loaded = build.load(source_path)
+    return None if loaded is None else loaded[0]
+
+
+def active_isa() -> str:
+    """The ISA level of the kernels that run ("avx512", "avx2", "generic"), or "torch" where none do."""
+    lib = library()
+    return "torch" if lib is None else lib.kernel_isa().decode()
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,9 +2,10 @@
  *
  * Decode reads every weight once per token, so speed is memory bandwidth: each thread streams a
  * contiguous block of rows of W once and applies it to all M rows of x held in cache.
- * Compiled on first use with -march=native; the AVX-512 paths are picked at compile time, with a
- * plain C loop (auto-vectorized) for other CPUs. OpenMP resolves to the libgomp torch already
- * loaded, so torch's ops and these share one thread pool.
+ * Compiled on first use once per ISA level (cpu.py: AVX-512, AVX2+FMA, generic), the level the CPU
+ * runs picked at load time; within one build the paths are picked at compile time from the
+ * __AVX512F__ / __AVX2__ macros, with a plain C loop (auto-vectorized) for other CPUs. OpenMP
+ * resolves to the libgomp torch already loaded, so torch's ops and these share one thread pool.
  */
 #include <stdint.h>
 #include <math.h>
@@ -13,6 +14,70 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+#if defined(__AVX2__)
+static inline float hsum256(__m256 v) { /* the sum of 8 float lanes */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* The vector width every float loop below is written in: 16 lanes (AVX-512), 8 (AVX2 with FMA),
+ * or none (scalar loops only). vload_bf16 widens bfloat16 to float32 by a 16-bit shift. */
+#if defined(__AVX512F__)
+#define VLANES 16
+typedef __m512 vfloat;
+#define vzero _mm512_setzero_ps
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vset1 _mm512_set1_ps
+#define vfmadd _mm512_fmadd_ps
+#define vadd _mm512_add_ps
+#define vsum _mm512_reduce_add_ps
+static inline vfloat vload_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+/* 2 * VLANES bfloat16 as two float32 vectors in an order of their own (the same for every
+ * pointer: enough for a dot product of two such loads), cheaper than two vload_bf16. */
+static inline void vload_bf16_pair(const uint16_t *p, vfloat *first, vfloat *second) {
+    __m512i v = _mm512_loadu_si512(p), zero = _mm512_setzero_si512();
+    *first = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
+    *second = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VLANES 8
+typedef __m256 vfloat;
+#define vzero _mm256_setzero_ps
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vset1 _mm256_set1_ps
+#define vfmadd _mm256_fmadd_ps
+#define vadd _mm256_add_ps
+#define vsum hsum256
+static inline vfloat vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline void vload_bf16_pair(const uint16_t *p, vfloat *first, vfloat *second) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p), zero = _mm256_setzero_si256();
+    *first = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+    *second = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+}
+#endif
+
+/* The ISA level this object was built for, so the loader can check it got what it asked for. */
+const char *kernel_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+    return "neon";
+#else
+    return "generic";
+#endif
+}
 
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -43,16 +108,17 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 static float dot_f32(const float *w, const float *x, int64_t k) {
     int64_t j = 0;
     float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; j + 64 <= k; j += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 32), _mm512_loadu_ps(x + j + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 48), _mm512_loadu_ps(x + j + 48), a3);
+#if defined(VLANES)
+    const int L = VLANES;
+    vfloat a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    for (; j + 4 * L <= k; j += 4 * L) {
+        a0 = vfmadd(vload(w + j), vload(x + j), a0);
+        a1 = vfmadd(vload(w + j + L), vload(x + j + L), a1);
+        a2 = vfmadd(vload(w + j + 2 * L), vload(x + j + 2 * L), a2);
+        a3 = vfmadd(vload(w + j + 3 * L), vload(x + j + 3 * L), a3);
     }
-    for (; j + 16 <= k; j += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a0);
-    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; j + L <= k; j += L) a0 = vfmadd(vload(w + j), vload(x + j), a0);
+    s = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
 #endif
     for (; j < k; j++) s += w[j] * x[j];
     return s;
@@ -74,6 +140,26 @@ static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t k) {
     for (; j + 32 <= k; j += 32) a0 = _mm512_dpbf16_ps(a0, BF(w + j), BF(x + j));
 #undef BF
     s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(VLANES) /* widen by a shift, then float32 FMAs (AVX2, or AVX-512 without BF16) */
+    const int L = VLANES;
+    vfloat a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero(), w0, w1, x0, x1;
+    for (; j + 4 * L <= k; j += 4 * L) {
+        vload_bf16_pair(w + j, &w0, &w1);
+        vload_bf16_pair(x + j, &x0, &x1);
+        a0 = vfmadd(w0, x0, a0);
+        a1 = vfmadd(w1, x1, a1);
+        vload_bf16_pair(w + j + 2 * L, &w0, &w1);
+        vload_bf16_pair(x + j + 2 * L, &x0, &x1);
+        a2 = vfmadd(w0, x0, a2);
+        a3 = vfmadd(w1, x1, a3);
+    }
+    for (; j + 2 * L <= k; j += 2 * L) {
+        vload_bf16_pair(w + j, &w0, &w1);
+        vload_bf16_pair(x + j, &x0, &x1);
+        a0 = vfmadd(w0, x0, a0);
+        a1 = vfmadd(w1, x1, a1);
+    }
+    s = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
 #endif
     for (; j < k; j++) s += bf16_to_f32(w[j]) * bf16_to_f32(x[j]);
     return s;
@@ -129,22 +215,15 @@ MOE_KERNEL(moe_f32, float, dot_f32, identity_f32, identity_f32)
 MOE_KERNEL(moe_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)
 
 /* q . k and acc += p * v over one head, q/acc float32, k/v float32 or bfloat16: vectorized (gcc
- * does not vectorize a float reduction by itself), 16 lanes at a time. */
-#if defined(__AVX512F__)
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-#endif
-
-#if defined(__AVX512F__)
-#define HEAD_VECTOR_LOOPS(LOAD16)                                                                         \
-    __m512 a = _mm512_setzero_ps();                                                                       \
-    for (; d + 16 <= dim; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), LOAD16(k + d), a);         \
-    s = _mm512_reduce_add_ps(a);
-#define HEAD_AXPY_LOOP(LOAD16)                                                                            \
-    __m512 scale = _mm512_set1_ps(p);                                                                     \
-    for (; d + 16 <= dim; d += 16)                                                                        \
-        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(scale, LOAD16(v + d), _mm512_loadu_ps(acc + d)));
+ * does not vectorize a float reduction by itself), VLANES lanes at a time. */
+#if defined(VLANES)
+#define HEAD_VECTOR_LOOPS(LOADV)                                                                          \
+    vfloat a = vzero();                                                                                   \
+    for (; d + VLANES <= dim; d += VLANES) a = vfmadd(vload(q + d), LOADV(k + d), a);                     \
+    s = vsum(a);
+#define HEAD_AXPY_LOOP(LOADV)                                                                             \
+    vfloat scale = vset1(p);                                                                              \
+    for (; d + VLANES <= dim; d += VLANES) vstore(acc + d, vfmadd(scale, LOADV(v + d), vload(acc + d)));
 #else
 #define HEAD_VECTOR_LOOPS(LOAD16)
 #define HEAD_AXPY_LOOP(LOAD16)
@@ -163,8 +242,8 @@ static inline __m512 load_bf16x16(const uint16_t *p) {
         HEAD_AXPY_LOOP(LOAD16)                                                                            \
         for (; d < dim; d++) acc[d] += p * TO_F32(v[d]);                                                  \
     }
-HEAD_KERNELS(f32, float, _mm512_loadu_ps, identity_f32)
-HEAD_KERNELS(bf16, uint16_t, load_bf16x16, bf16_to_f32)
+HEAD_KERNELS(f32, float, vload, identity_f32)
+HEAD_KERNELS(bf16, uint16_t, vload_bf16, bf16_to_f32)
 
 /* ---------------------------------------------------------------- per-type decode kernels
  * DECODE_KERNELS(SUFFIX, T, ...) defines, for activations and weights of type T, the steps of a
@@ -370,6 +449,30 @@ void argmax_rows_f32(const float *x, int rows, int64_t n, int64_t *out) {
             }
             top = _mm512_reduce_max_ps(peak);
             best = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(peak, _mm512_set1_ps(top), _CMP_EQ_OQ), where);
+        }
+#elif defined(__AVX2__)
+        if (n >= 8 && n < ((int64_t)1 << 31)) {
+            __m256 peak = _mm256_loadu_ps(row);
+            __m256i where = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            __m256i index = where;
+            const __m256i step = _mm256_set1_epi32(8);
+            for (j = 8; j + 8 <= n; j += 8) {
+                index = _mm256_add_epi32(index, step);
+                __m256 v = _mm256_loadu_ps(row + j);
+                __m256 greater = _mm256_cmp_ps(v, peak, _CMP_GT_OQ);
+                peak = _mm256_blendv_ps(peak, v, greater);
+                where = _mm256_castps_si256(
+                    _mm256_blendv_ps(_mm256_castsi256_ps(where), _mm256_castsi256_ps(index), greater));
+            }
+            float peaks[8];
+            int32_t wheres[8];
+            _mm256_storeu_ps(peaks, peak);
+            _mm256_storeu_si256((__m256i *)wheres, where);
+            top = peaks[0];
+            for (int lane = 1; lane < 8; lane++) top = peaks[lane] > top ? peaks[lane] : top;
+            best = n; /* each lane holds the first index of its own peak: the smallest of the tied lanes */
+            for (int lane = 0; lane < 8; lane++)
+                if (peaks[lane] == top && wheres[lane] < best) best = wheres[lane];
         }
 #endif
         for (; j < n; j++)

@@ -3,7 +3,8 @@
  * Same plan as cpu_linear.c: threads take chunks of output rows, each row of W is streamed once
  * and applied to every row of x (float32, from L1). Each block of weights is dequantized once in
  * registers and used for all M rows of x; the result equals dequantize-then-matmul up to float
- * rounding. Layouts are documented in quant.py.
+ * rounding. Layouts are documented in quant.py. Built once per ISA level as cpu_linear.c is: the
+ * AVX-512 paths (VNNI where the CPU has it), AVX2+FMA paths, or plain C.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -13,6 +14,18 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+/* Integer dot products for bfloat16 activations quantized once per call: 512 (AVX512-VNNI) or 256
+ * (AVX2: vpmaddubsw / vpmaddwd, the same integer sums in more instructions). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define INT_DOT 512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define INT_DOT 256
+#endif
+
+/* decoder_layer_bf16 and its per-step functions, and the vector helpers (vsum...): one
+ * compilation unit with the kernels below. */
+#include "cpu_linear.c"
 
 #define TOKENS_PER_PASS 4
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -54,6 +67,18 @@ ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int toke
         }
     }
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[TOKENS_PER_PASS][2];
+    for (int t = 0; t < tokens; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (; j + 16 <= k; j += 16) {
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + j))));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + j + 8))));
+        for (int t = 0; t < tokens; t++) {
+            acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * k + j), acc[t][0]);
+            acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * k + j + 8), acc[t][1]);
+        }
+    }
+    for (int t = 0; t < tokens; t++) sums[t] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1]));
 #else
     for (int t = 0; t < tokens; t++) sums[t] = 0.f;
 #endif
@@ -61,12 +86,13 @@ ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int toke
         for (int t = 0; t < tokens; t++) sums[t] += (float)w[j] * x[t * k + j];
 }
 
-/* int8 weights with bfloat16 x, on the AVX512-VNNI 16-bit dot product: x is quantized once per
- * call to int16 with one scale per token (absolute error <= max|x| / 65534, far below bfloat16's
- * own rounding of all but the smallest elements), weights widen to int16, and each instruction
- * does 32 multiply-adds into int32 lanes. The int32 sums move to float32 every 2048 inputs, before
- * they could overflow (128 products of at most 127 * 32767 per lane). Needs k % 64 == 0. */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* int8 weights with bfloat16 x, on 16-bit integer dot products (AVX512-VNNI vpdpwssd, or AVX2
+ * vpmaddwd): x is quantized once per call to int16 with one scale per token (absolute error <=
+ * max|x| / 65534, far below bfloat16's own rounding of all but the smallest elements), weights
+ * widen to int16, and each instruction does 32 (16) multiply-adds into int32 lanes. The int32 sums
+ * move to float32 every 2048 inputs, before they could overflow (128 products of at most
+ * 127 * 32767 per lane). Needs k % 64 == 0. */
+#if defined(INT_DOT)
 /* bfloat16 rows x [M, K] -> int16 xq with one scale per row (max |x| maps to 32767). */
 static void quantize_x_int16(const uint16_t *x, int16_t *xq, float *x_scale, int m, int64_t k) {
     for (int t = 0; t < m; t++) {
@@ -79,6 +105,35 @@ static void quantize_x_int16(const uint16_t *x, int16_t *xq, float *x_scale, int
 }
 
 #define INT8_FLUSH 2048
+#if INT_DOT == 256
+ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
+    __m256 acc[TOKENS_PER_PASS];
+    for (int t = 0; t < tokens; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t chunk = 0; chunk < k; chunk += INT8_FLUSH) {
+        int64_t end = chunk + INT8_FLUSH < k ? chunk + INT8_FLUSH : k;
+        __m256i exact[TOKENS_PER_PASS][2];
+        for (int t = 0; t < tokens; t++) exact[t][0] = exact[t][1] = _mm256_setzero_si256();
+        for (int64_t j = chunk; j < end; j += 64) {
+            __m256i w01 = _mm256_loadu_si256((const __m256i *)(w + j));
+            __m256i w23 = _mm256_loadu_si256((const __m256i *)(w + j + 32));
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w01));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w01, 1));
+            __m256i w2 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w23));
+            __m256i w3 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w23, 1));
+            for (int t = 0; t < tokens; t++) {
+                const __m256i *xt = (const __m256i *)(x + t * k + j);
+                exact[t][0] = _mm256_add_epi32(exact[t][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(xt)));
+                exact[t][1] = _mm256_add_epi32(exact[t][1], _mm256_madd_epi16(w1, _mm256_loadu_si256(xt + 1)));
+                exact[t][0] = _mm256_add_epi32(exact[t][0], _mm256_madd_epi16(w2, _mm256_loadu_si256(xt + 2)));
+                exact[t][1] = _mm256_add_epi32(exact[t][1], _mm256_madd_epi16(w3, _mm256_loadu_si256(xt + 3)));
+            }
+        }
+        for (int t = 0; t < tokens; t++)
+            acc[t] = _mm256_add_ps(acc[t], _mm256_cvtepi32_ps(_mm256_add_epi32(exact[t][0], exact[t][1])));
+    }
+    for (int t = 0; t < tokens; t++) sums[t] = hsum256(acc[t]);
+}
+#else
 ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
     __m512 acc[TOKENS_PER_PASS];
     for (int t = 0; t < tokens; t++) acc[t] = _mm512_setzero_ps();
@@ -100,10 +155,11 @@ ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, 
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]);
 }
 #endif
+#endif
 
 int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, const float *bias, float *y, int m,
                      int64_t n, int64_t k) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(INT_DOT)
     if (k % 64) return 0;
     int16_t *xq = malloc(sizeof(int16_t) * m * k);
     float *x_scale = malloc(sizeof(float) * m);
@@ -122,7 +178,7 @@ int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, co
     free(x_scale);
     return 1;
 #else
-    return 0; /* no 16-bit integer dot product on this CPU: the caller takes the float32 kernel */
+    return 0; /* no 16-bit integer dot product in this build: the caller takes the float32 kernel */
 #endif
 }
 
@@ -168,6 +224,27 @@ ALWAYS_INLINE void int4_row(const uint8_t *w, const float *scales, const float *
         for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
         return;
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if (group % 16 == 0) {
+        const __m256i low_mask = _mm256_set1_epi32(0x0F);
+        __m256 acc[TOKENS_PER_PASS][2];
+        for (int t = 0; t < tokens; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < k / group; g++) {
+            __m256 scale = _mm256_set1_ps(scales[g]);
+            __m256 offset = _mm256_set1_ps(-zeros[g] * scales[g]);
+            for (int64_t j = g * group / 2; j < (g + 1) * group / 2; j += 8) {
+                __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + j)));
+                __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, low_mask)), scale, offset);
+                __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), scale, offset);
+                for (int t = 0; t < tokens; t++) {
+                    acc[t][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x_even + t * half + j), acc[t][0]);
+                    acc[t][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x_odd + t * half + j), acc[t][1]);
+                }
+            }
+        }
+        for (int t = 0; t < tokens; t++) sums[t] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1]));
+        return;
+    }
 #endif
     for (int t = 0; t < tokens; t++) sums[t] = 0.f;
     for (int64_t j = 0; j < half; j++) {
@@ -178,13 +255,14 @@ ALWAYS_INLINE void int4_row(const uint8_t *w, const float *scales, const float *
     }
 }
 
-/* The same for bfloat16 x, on the AVX512-VNNI byte dot product (vpdpbusd: 64 multiply-adds of
- * unsigned bytes by signed bytes per instruction). The nibbles are the unsigned bytes as they are;
+/* The same for bfloat16 x, on byte dot products (AVX512-VNNI vpdpbusd: 64 multiply-adds of
+ * unsigned bytes by signed bytes per instruction; AVX2: vpmaddubsw then vpmaddwd, exact here since
+ * a pair of products is at most 2 * 15 * 127 in int16). The nibbles are the unsigned bytes as they are;
  * x is quantized once per call to int8 with one scale per group of inputs (as llama.cpp quantizes
  * activations for its k-quants; the error is at most half a step, max|x_group| / 254, per input),
  * split into its even inputs (meeting the low nibbles) and odd inputs (the high nibbles).
  * Per group: s * (sx * (xq . q) - z * sx * sum(xq)). Needs group % 128 == 0. */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(INT_DOT)
 static void quantize_x_int8(const float *x, int8_t *even, int8_t *odd, float *x_scales, float *x_sums, int64_t k,
                             int64_t group) {
     for (int64_t g = 0; g < k / group; g++) {
@@ -218,6 +296,38 @@ static void quantize_rows_int8(const uint16_t *x, int m, int64_t k, int64_t grou
 
 /* Each token's arithmetic is the same whatever the pass's token count, so a row gives one token
  * the same bits in a 1-token decode step and in a k-token verify step (MTP stays exact). */
+#if INT_DOT == 256
+ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
+                                 const int8_t *x_odd, const float *x_scales, const float *x_sums, int64_t k,
+                                 int64_t groups, int64_t blocks_per_group, int tokens, float *sums) {
+    const int64_t half = k / 2;
+    const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[TOKENS_PER_PASS];
+    float offset[TOKENS_PER_PASS];
+    for (int t = 0; t < tokens; t++) { acc[t] = _mm256_setzero_ps(); offset[t] = 0.f; }
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i exact[TOKENS_PER_PASS];
+        for (int t = 0; t < tokens; t++) exact[t] = _mm256_setzero_si256();
+        for (int64_t j = g * blocks_per_group * 64; j < (g + 1) * blocks_per_group * 64; j += 32) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + j));
+            __m256i lo = _mm256_and_si256(bytes, low_mask);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+            for (int t = 0; t < tokens; t++) {
+                __m256i pairs = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x_even + t * half + j))),
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x_odd + t * half + j))));
+                exact[t] = _mm256_add_epi32(exact[t], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        for (int t = 0; t < tokens; t++) {
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact[t]), _mm256_set1_ps(scales[g] * x_scales[t * groups + g]),
+                                     acc[t]);
+            offset[t] += scales[g] * zeros[g] * x_sums[t * groups + g];
+        }
+    }
+    for (int t = 0; t < tokens; t++) sums[t] = hsum256(acc[t]) - offset[t];
+}
+#else
 ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
                                  const int8_t *x_odd, const float *x_scales, const float *x_sums, int64_t k,
                                  int64_t groups, int64_t blocks_per_group, int tokens, float *sums) {
@@ -247,10 +357,11 @@ ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const fl
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]) - offset[t];
 }
 #endif
+#endif
 
 int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, const float *zeros,
                      const float *bias, float *y, int m, int64_t n, int64_t k, int64_t group) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(INT_DOT)
     if (group % 128) return 0;
     const int64_t groups = k / group, half = k / 2, blocks_per_group = group / 128;
     int8_t *x_even = malloc((size_t)m * k);
@@ -276,7 +387,7 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
     free(x_scales);
     return 1;
 #else
-    return 0; /* no byte dot product on this CPU: the caller takes the float32 kernel */
+    return 0; /* no byte dot product in this build: the caller takes the float32 kernel */
 #endif
 }
 
@@ -316,7 +427,7 @@ typedef struct {
     int vnni;
 } PreparedInput;
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(INT_DOT)
 #define MOE_VNNI(group) ((group) % 128 == 0)
 #else
 #define MOE_VNNI(group) 0
@@ -326,7 +437,7 @@ static void prepare_input(PreparedInput *in, const float *x, int bits, int64_t k
     in->x = x;
     if (bits != 4) return;
     in->vnni = MOE_VNNI(group);
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(INT_DOT)
     if (in->vnni) {
         quantize_x_int8(x, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, group);
         return;
@@ -345,7 +456,7 @@ static float quant_row(int bits, QuantStack s, int64_t expert, int64_t rows, int
     }
     const uint8_t *w = (const uint8_t *)s.weights + r * (k / 2);
     const float *scales = s.scales + r * (k / group), *zeros = s.zeros + r * (k / group);
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(INT_DOT)
     if (in->vnni) {
         int4_row_vnni(w, scales, zeros, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, k / group, group / 128, 1,
                       &sum);
@@ -409,9 +520,8 @@ void moe_quant(int bits, const float *x, const void *gate_up, const float *gate_
  * scale per row) or int4 (groups). Activations are bfloat16; each projection's input is quantized
  * once per call for all its rows (int16 per token for int8 weights, int8 per group for int4) by one
  * thread, then the rows are shared out. Outputs are rounded to bfloat16 as the step-by-step path
- * rounds them. Needs AVX512-VNNI, int8 inputs a multiple of 64, int4 groups a multiple of 128;
- * returns 0 (having done nothing) otherwise. */
-#include "cpu_linear.c"
+ * rounds them. Needs integer dot products (INT_DOT: AVX512-VNNI or AVX2), int8 inputs a multiple
+ * of 64, int4 groups a multiple of 128; returns 0 (having done nothing) otherwise. */
 
 typedef struct {
     int bits;            /* 16: bfloat16 weights, 8: int8, 4: int4 */
@@ -425,7 +535,7 @@ static inline void store_bf16(uint16_t *y, int add_to_y, int64_t index, float va
     y[index] = add_to_y ? f32_to_bf16(bf16_to_f32(y[index]) + bf16_to_f32(f32_to_bf16(value))) : f32_to_bf16(value);
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(INT_DOT)
 static int projection_supported(const Projection *p, int64_t k) {
     return p->bits == 16 || (p->bits == 8 && k % 64 == 0) || (p->bits == 4 && p->group % 128 == 0 && k % p->group == 0);
 }
@@ -477,7 +587,7 @@ int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, cons
                              const Projection *gate_up_p, const Projection *down_p, int64_t inter, uint16_t *keys,
                              uint16_t *values, const attention_args *a, uint16_t *normed, uint16_t *qkv,
                              uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(INT_DOT)
     int64_t attn_width = (int64_t)a->heads * a->v_dim;
     if (!projection_supported(qkv_p, hidden) || !projection_supported(o_p, attn_width) ||
         (gate_up_p && (!projection_supported(gate_up_p, hidden) || !projection_supported(down_p, inter))))

@@ -1,0 +1,193 @@
+"""Building the C kernels for the CPU at hand: one build per ISA level, the best level the CPU runs
+chosen at run time (from its feature flags, not from how the build machine happened to be).
+
+Levels, best first: `avx512` (x86-64-v4, plus AVX512-VNNI / AVX512-BF16 where the CPU has them),
+`avx2` (x86-64-v3: AVX2, FMA, F16C) and `generic` (the compiler's default target, plain C).
+MIMO_CPU_ISA=avx512|avx2|generic forces one (an error where this CPU cannot run it);
+MIMO_CPU_KERNELS=0 turns the kernels off (torch's ops run). Builds are cached under
+~/.cache/mimo-local/kernels, keyed by the sources, the compiler (path and version) and the flags.
+A build that fails prints one line to stderr, once per process, and the torch path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mimo_local.errors import MimoError
+
+_X86_64_V3 = frozenset("avx avx2 bmi1 bmi2 f16c fma abm movbe xsave".split())
+
+
+@dataclass(frozen=True)
+class IsaLevel:
+    name: str
+    flags: tuple[str, ...]  # compiler flags of this level
+    needs: frozenset[str]  # CPU feature flags (as /proc/cpuinfo names them) it needs
+    extras: tuple[tuple[str, str], ...] = ()  # (CPU flag, compiler flag) added where the CPU has the feature
+
+    def compiler_flags(self, cpu_flags: frozenset[str]) -> list[str]:
+        return [*self.flags, *(flag for feature, flag in self.extras if feature in cpu_flags)]
+
+    def runs_on(self, cpu_flags: frozenset[str]) -> bool:
+        return self.needs <= cpu_flags and (not self.needs or _is_x86())
+
+
+LEVELS = (
+    IsaLevel("avx512", ("-march=x86-64-v4",), _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+             (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))),
+    IsaLevel("avx2", ("-march=x86-64-v3",), _X86_64_V3),
+    IsaLevel("generic", (), frozenset()),
+)
+LEVEL_NAMES = tuple(level.name for level in LEVELS)
+COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+
+
+class BuildError(Exception):
+    """A kernel build that failed, with a one-line reason."""
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mimo-local" / "kernels"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo has none: generic)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            line = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return frozenset(line.partition(":")[2].split())
+
+
+def level(name: str) -> IsaLevel:
+    for candidate in LEVELS:
+        if candidate.name == name:
+            return candidate
+    raise MimoError(f"MIMO_CPU_ISA must be one of {', '.join(LEVEL_NAMES)} (got {name!r})")
+
+
+def runnable_levels(flags: frozenset[str] | None = None) -> list[IsaLevel]:
+    """The levels this CPU runs, best first."""
+    flags = cpu_flags() if flags is None else flags
+    return [candidate for candidate in LEVELS if candidate.runs_on(flags)]
+
+
+def chosen_level() -> tuple[IsaLevel, bool]:
+    """(the level to load, whether MIMO_CPU_ISA forced it)."""
+    forced = os.environ.get("MIMO_CPU_ISA", "").strip()
+    if not forced:
+        return runnable_levels()[0], False
+    wanted = level(forced)
+    if not wanted.runs_on(cpu_flags()):
+        missing = sorted(wanted.needs - cpu_flags()) or [f"an x86-64 CPU (this is {platform.machine()})"]
+        raise MimoError(f"MIMO_CPU_ISA={forced}: this CPU cannot run that build (no {', '.join(missing)})")
+    return wanted, True
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "gcc"))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler_identity(path: str) -> str:
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    return f"{os.path.realpath(path)}\n{version.splitlines()[0] if version else ''}"
+
+
+def _sources(source_path: Path) -> list[Path]:
+    """A kernel source and the sources it includes with `#include "file"` (one level)."""
+    included = re.findall(r'^#include "([^"]+)"', source_path.read_text(), flags=re.MULTILINE)
+    return [source_path] + [source_path.with_name(name) for name in included]
+
+
+def build(source_path: Path, isa: IsaLevel, flags: frozenset[str] | None = None, directory: Path | None = None,
+          ) -> Path:
+    """The shared library of `source_path` for `isa`, compiled on first use (atomically: temp file
+    and rename) and cached. Raises BuildError with a one-line reason."""
+    cc = compiler()
+    if cc is None:
+        raise BuildError(f"no C compiler found ({os.environ.get('CC', 'gcc')}; set CC to use another)")
+    command_flags = [*COMMON_FLAGS, *isa.compiler_flags(cpu_flags() if flags is None else flags)]
+    key = hashlib.sha256()
+    for path in _sources(source_path):
+        key.update(path.read_bytes())
+    key.update(_compiler_identity(cc).encode())
+    key.update(" ".join(command_flags).encode())
+    directory = cache_dir() if directory is None else directory
+    target = directory / f"{source_path.stem}-{isa.name}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".so.tmp", delete=False) as handle:
+        temporary = handle.name
+    try:
+        result = subprocess.run([cc, *command_flags, str(source_path), "-o", temporary, "-lm"], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            lines = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+            raise BuildError(f"{Path(cc).name} failed on {source_path.name}: {(lines or ['no output'])[0].strip()}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+_warned = False
+
+
+def warn_once(message: str) -> None:
+    """One line to stderr, for the first problem of the process only."""
+    global _warned
+    if not _warned:
+        _warned = True
+        print(message, file=sys.stderr)
+
+
+def load(source_path: Path) -> tuple[ctypes.CDLL, IsaLevel] | None:
+    """Build (or reuse) and load `source_path` for the best level this CPU runs (MIMO_CPU_ISA: the
+    one named), falling back to lower levels if that build fails. None where the kernels are off
+    (MIMO_CPU_KERNELS=0) or nothing could be built (one line to stderr says why)."""
+    if os.environ.get("MIMO_CPU_KERNELS", "1") == "0":
+        return None
+    wanted, forced = chosen_level()
+    candidates = [wanted] if forced else [c for c in runnable_levels() if LEVELS.index(c) >= LEVELS.index(wanted)]
+    failures = []
+    for candidate in candidates:
+        try:
+            path = build(source_path, candidate)
+        except BuildError as error:
+            failures.append(str(error))
+            continue
+        if failures:
+            warn_once(f"mimo: the {wanted.name} CPU kernels failed to build ({failures[0]}); using the "
+                      f"{candidate.name} build")
+        import torch
+
+        torch.get_num_threads()  # torch's libgomp is loaded first, so the kernels share its threads
+        library = ctypes.CDLL(str(path))
+        library.kernel_isa.restype = ctypes.c_char_p
+        return library, candidate
+    warn_once(f"mimo: fast CPU kernels are off ({failures[0]}); decode runs on torch's ops")
+    return None
