@@ -236,7 +236,7 @@ def test_an_endless_body_is_read_only_to_the_expected_size(hub):
     result = pull(*FAST)
     refused(result, WEIGHTS, f"server sent more than the {WEIGHTS_SIZE} bytes", "dropped the partial file")
     assert not weights_part().exists()
-    assert result.seconds < 5
+    assert result.seconds < 10  # read up to the file size, not to the end of the body
 
 
 def test_an_oversized_partial_file_is_dropped_before_anything_is_written(hub, files, monkeypatch):
@@ -307,7 +307,7 @@ def test_a_stall_ends_in_a_resumable_error(hub, files):
     hub.stall[WEIGHTS] = 50_000
     result = pull(*FAST)
     refused(result, WEIGHTS, "no data for 1 s at byte 50000 (read timeout)", f"run `mimo pull {REPO}` again to resume")
-    assert result.seconds < 5
+    assert result.seconds < 10  # a 1 s read timeout; without it this takes minutes
     assert weights_part().stat().st_size == 50_000  # kept for the resume
 
     again = pull(*FAST)
@@ -320,7 +320,7 @@ def test_a_stall_is_retried_within_a_bounded_time(hub):
     hub.stall[WEIGHTS] = 1000
     result = pull("--read-timeout", "1", "--retries", "1")
     assert result.exit_code == 0, result.output  # the second attempt resumed at byte 1000
-    assert result.seconds < 6
+    assert result.seconds < 12
     assert cdn_ranges(hub) == [None, "bytes=1000-"]
 
 
@@ -330,7 +330,7 @@ def test_a_trickle_is_abandoned_below_the_speed_floor(hub, monkeypatch):
     hub.trickle[WEIGHTS] = 0.1  # 10 bytes a second, never silent for a whole second
     result = pull("--retries", "0")
     refused(result, WEIGHTS, "transfer too slow", "below the floor of 1000 B/s", "again to resume")
-    assert result.seconds < 5
+    assert result.seconds < 10  # a 1 s read timeout; without it this takes minutes
 
 
 def test_no_speed_floor_when_it_is_zero(hub, monkeypatch):
@@ -470,7 +470,7 @@ def test_an_endless_file_list_is_cut_off(hub, isolated):  # noqa: F811
     hub.endless.add("api")
     result = pull(*FAST)
     refused(result, "sent more than 67.1 MB of metadata for acme/small: refused")
-    assert result.seconds < 10
+    assert result.seconds < 15
     assert not (isolated / "home").exists()
 
 
@@ -478,14 +478,14 @@ def test_a_trickled_file_list_is_abandoned(hub, isolated):  # noqa: F811
     hub.trickle["api"] = 0.1
     result = pull("--read-timeout", "1", "--min-speed", "1000")
     refused(result, "sent the metadata of acme/small too slowly", "below the floor of 1000 B/s")
-    assert result.seconds < 5
+    assert result.seconds < 10  # a 1 s read timeout; without it this takes minutes
 
 
 def test_a_stalled_file_list_times_out(hub, isolated):  # noqa: F811
     hub.stall["api"] = 10
     result = pull("--read-timeout", "1")
     refused(result, "cannot be reached")
-    assert result.seconds < 5
+    assert result.seconds < 10  # a 1 s read timeout; without it this takes minutes
 
 
 @pytest.mark.parametrize("key,message", [("api", "sent more than 67.1 MB of metadata"),
@@ -503,7 +503,7 @@ def test_endless_answers_stay_within_a_memory_bound(hub, key, message):
                             text=True, timeout=60, preexec_fn=limit_memory)
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 20
 
 
 def test_a_file_name_that_looks_like_markup_is_shown_as_is_on_a_terminal(hub, files):
