@@ -15,12 +15,15 @@
 #include <immintrin.h>
 #endif
 
-/* Integer dot products for bfloat16 activations quantized once per call: 512 (AVX512-VNNI) or 256
- * (AVX2: vpmaddubsw / vpmaddwd, the same integer sums in more instructions). */
+/* Integer dot products for bfloat16 activations quantized once per call: 512 (AVX512-VNNI), 256
+ * (AVX2: vpmaddubsw / vpmaddwd, the same integer sums in more instructions) or 1 (plain C, which
+ * the compiler vectorizes for the target it has, e.g. NEON). */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define INT_DOT 512
 #elif defined(__AVX2__) && defined(__FMA__)
 #define INT_DOT 256
+#else
+#define INT_DOT 1
 #endif
 
 /* decoder_layer_bf16 and its per-step functions, and the vector helpers (vsum...): one
@@ -92,7 +95,6 @@ ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int toke
  * widen to int16, and each instruction does 32 (16) multiply-adds into int32 lanes. The int32 sums
  * move to float32 every 2048 inputs, before they could overflow (128 products of at most
  * 127 * 32767 per lane). Needs k % 64 == 0. */
-#if defined(INT_DOT)
 /* bfloat16 rows x [M, K] -> int16 xq with one scale per row (max |x| maps to 32767). */
 static void quantize_x_int16(const uint16_t *x, int16_t *xq, float *x_scale, int m, int64_t k) {
     for (int t = 0; t < m; t++) {
@@ -133,7 +135,7 @@ ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, 
     }
     for (int t = 0; t < tokens; t++) sums[t] = hsum256(acc[t]);
 }
-#else
+#elif INT_DOT == 512
 ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
     __m512 acc[TOKENS_PER_PASS];
     for (int t = 0; t < tokens; t++) acc[t] = _mm512_setzero_ps();
@@ -154,12 +156,18 @@ ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, 
     }
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]);
 }
-#endif
+#else
+ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
+    for (int t = 0; t < tokens; t++) {
+        int64_t exact = 0; /* exact: at most k * 127 * 32767 */
+        for (int64_t j = 0; j < k; j++) exact += (int32_t)w[j] * x[t * k + j];
+        sums[t] = (float)exact;
+    }
+}
 #endif
 
 int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, const float *bias, float *y, int m,
                      int64_t n, int64_t k) {
-#if defined(INT_DOT)
     if (k % 64) return 0;
     int16_t *xq = malloc(sizeof(int16_t) * m * k);
     float *x_scale = malloc(sizeof(float) * m);
@@ -177,9 +185,6 @@ int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, co
     free(xq);
     free(x_scale);
     return 1;
-#else
-    return 0; /* no 16-bit integer dot product in this build: the caller takes the float32 kernel */
-#endif
 }
 
 void linear_int8(const float *x, const int8_t *w, const float *scales, const float *bias, float *y, int m,
@@ -262,7 +267,6 @@ ALWAYS_INLINE void int4_row(const uint8_t *w, const float *scales, const float *
  * activations for its k-quants; the error is at most half a step, max|x_group| / 254, per input),
  * split into its even inputs (meeting the low nibbles) and odd inputs (the high nibbles).
  * Per group: s * (sx * (xq . q) - z * sx * sum(xq)). Needs group % 128 == 0. */
-#if defined(INT_DOT)
 static void quantize_x_int8(const float *x, int8_t *even, int8_t *odd, float *x_scales, float *x_sums, int64_t k,
                             int64_t group) {
     for (int64_t g = 0; g < k / group; g++) {
@@ -327,7 +331,7 @@ ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const fl
     }
     for (int t = 0; t < tokens; t++) sums[t] = hsum256(acc[t]) - offset[t];
 }
-#else
+#elif INT_DOT == 512
 ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
                                  const int8_t *x_odd, const float *x_scales, const float *x_sums, int64_t k,
                                  int64_t groups, int64_t blocks_per_group, int tokens, float *sums) {
@@ -356,12 +360,27 @@ ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const fl
     }
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]) - offset[t];
 }
-#endif
+#else
+ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
+                                 const int8_t *x_odd, const float *x_scales, const float *x_sums, int64_t k,
+                                 int64_t groups, int64_t blocks_per_group, int tokens, float *sums) {
+    const int64_t half = k / 2, group_bytes = blocks_per_group * 64;
+    for (int t = 0; t < tokens; t++) {
+        float acc = 0.f, offset = 0.f;
+        for (int64_t g = 0; g < groups; g++) {
+            int32_t exact = 0;
+            for (int64_t j = g * group_bytes; j < (g + 1) * group_bytes; j++)
+                exact += (w[j] & 0x0F) * x_even[t * half + j] + (w[j] >> 4) * x_odd[t * half + j];
+            acc += (float)exact * (scales[g] * x_scales[t * groups + g]);
+            offset += scales[g] * zeros[g] * x_sums[t * groups + g];
+        }
+        sums[t] = acc - offset;
+    }
+}
 #endif
 
 int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, const float *zeros,
                      const float *bias, float *y, int m, int64_t n, int64_t k, int64_t group) {
-#if defined(INT_DOT)
     if (group % 128) return 0;
     const int64_t groups = k / group, half = k / 2, blocks_per_group = group / 128;
     int8_t *x_even = malloc((size_t)m * k);
@@ -386,9 +405,6 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
     free(x_even);
     free(x_scales);
     return 1;
-#else
-    return 0; /* no byte dot product in this build: the caller takes the float32 kernel */
-#endif
 }
 
 void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, const float *scales,
@@ -427,22 +443,16 @@ typedef struct {
     int vnni;
 } PreparedInput;
 
-#if defined(INT_DOT)
 #define MOE_VNNI(group) ((group) % 128 == 0)
-#else
-#define MOE_VNNI(group) 0
-#endif
 
 static void prepare_input(PreparedInput *in, const float *x, int bits, int64_t k, int64_t group) {
     in->x = x;
     if (bits != 4) return;
     in->vnni = MOE_VNNI(group);
-#if defined(INT_DOT)
     if (in->vnni) {
         quantize_x_int8(x, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, group);
         return;
     }
-#endif
     for (int64_t j = 0; j < k / 2; j++) { in->even[j] = x[2 * j]; in->odd[j] = x[2 * j + 1]; }
 }
 
@@ -456,13 +466,11 @@ static float quant_row(int bits, QuantStack s, int64_t expert, int64_t rows, int
     }
     const uint8_t *w = (const uint8_t *)s.weights + r * (k / 2);
     const float *scales = s.scales + r * (k / group), *zeros = s.zeros + r * (k / group);
-#if defined(INT_DOT)
     if (in->vnni) {
         int4_row_vnni(w, scales, zeros, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, k / group, group / 128, 1,
                       &sum);
         return sum;
     }
-#endif
     int4_row(w, scales, zeros, in->even, in->odd, k, group, 1, &sum);
     return sum;
 }
@@ -520,8 +528,8 @@ void moe_quant(int bits, const float *x, const void *gate_up, const float *gate_
  * scale per row) or int4 (groups). Activations are bfloat16; each projection's input is quantized
  * once per call for all its rows (int16 per token for int8 weights, int8 per group for int4) by one
  * thread, then the rows are shared out. Outputs are rounded to bfloat16 as the step-by-step path
- * rounds them. Needs integer dot products (INT_DOT: AVX512-VNNI or AVX2), int8 inputs a multiple
- * of 64, int4 groups a multiple of 128; returns 0 (having done nothing) otherwise. */
+ * rounds them. Needs int8 inputs a multiple of 64, int4 groups a multiple of 128; returns 0
+ * (having done nothing) otherwise. */
 
 typedef struct {
     int bits;            /* 16: bfloat16 weights, 8: int8, 4: int4 */
@@ -535,7 +543,6 @@ static inline void store_bf16(uint16_t *y, int add_to_y, int64_t index, float va
     y[index] = add_to_y ? f32_to_bf16(bf16_to_f32(y[index]) + bf16_to_f32(f32_to_bf16(value))) : f32_to_bf16(value);
 }
 
-#if defined(INT_DOT)
 static int projection_supported(const Projection *p, int64_t k) {
     return p->bits == 16 || (p->bits == 8 && k % 64 == 0) || (p->bits == 4 && p->group % 128 == 0 && k % p->group == 0);
 }
@@ -580,14 +587,12 @@ static void projection_rows(const Projection *p, const uint16_t *x, uint16_t *y,
         }
     }
 }
-#endif
 
 int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, const uint16_t *norm1,
                              const Projection *qkv_p, int64_t qkv_out, const Projection *o_p, const uint16_t *norm2,
                              const Projection *gate_up_p, const Projection *down_p, int64_t inter, uint16_t *keys,
                              uint16_t *values, const attention_args *a, uint16_t *normed, uint16_t *qkv,
                              uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
-#if defined(INT_DOT)
     int64_t attn_width = (int64_t)a->heads * a->v_dim;
     if (!projection_supported(qkv_p, hidden) || !projection_supported(o_p, attn_width) ||
         (gate_up_p && (!projection_supported(gate_up_p, hidden) || !projection_supported(down_p, inter))))
@@ -613,10 +618,4 @@ int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, cons
     }
     free(scratch);
     return 1;
-#else
-    (void)x; (void)m; (void)hidden; (void)eps; (void)norm1; (void)qkv_p; (void)qkv_out; (void)o_p; (void)norm2;
-    (void)gate_up_p; (void)down_p; (void)inter; (void)keys; (void)values; (void)a; (void)normed; (void)qkv;
-    (void)attn; (void)gate_up_out; (void)act;
-    return 0;
-#endif
 }

@@ -1,5 +1,6 @@
 """CPU decode kernels against their pure-torch references."""
 
+import kernel_builds
 import pytest
 import torch
 
@@ -7,6 +8,14 @@ from mimo_local.kernels import cpu
 from mimo_local.loader import load_model
 
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(autouse=True, scope="module", params=kernel_builds.LEVELS)
+def isa_build(request):
+    """Every test of this file runs against each ISA build this CPU can run."""
+    with kernel_builds.kernels(request.param):
+        assert cpu.library().kernel_isa().decode() == request.param
+        yield request.param
 
 
 def ulp_close(got, expected, dtype):

@@ -1,10 +1,20 @@
 """Packed int8/int4 matmuls (kernels/quant.py): the C kernels against the pure-torch references."""
 
+import kernel_builds
 import pytest
 import torch
 
 from mimo_local.kernels import cpu, quant
 from mimo_local.loader import load_model
+
+
+@pytest.fixture(autouse=True, scope="module", params=kernel_builds.LEVELS)
+def isa_build(request):
+    """Every test of this file runs against each ISA build this CPU can run."""
+    with kernel_builds.kernels(request.param):
+        assert quant.library().kernel_isa().decode() == request.param
+        yield request.param
+
 
 SHAPES = [(1, 256, 512, 128), (2, 33, 96, 32), (3, 70, 256, 64), (5, 17, 40, 8), (16, 48, 384, 128)]
 
@@ -17,22 +27,21 @@ def test_the_c_kernels_are_built_here():
     assert quant.library() is not None  # CI has gcc: the fast path is what the tests below exercise
 
 
-def test_bfloat16_activations_take_the_integer_dot_product_kernels_where_the_build_has_them():
+def test_bfloat16_activations_take_the_integer_dot_product_kernels_in_every_build():
     """The int8/int4 kernels for bfloat16 x report whether they ran (0: the caller falls back to the
-    float32 kernel); the AVX2 and AVX-512 builds have them (VNNI or AVX2 integer dot products), so
-    the tests above check them; the generic build does not."""
-    expected = int(quant.library().kernel_isa().decode() in ("avx2", "avx512"))
+    float32 kernel); every build has them (AVX512-VNNI, AVX2 or plain C integer dot products) for
+    these shapes, so the tests below check them."""
     x = torch.randn(1, 256).bfloat16()
     out = torch.empty(1, 8)
     scales, zeros = torch.rand(8, 2), torch.rand(8, 2)
     packed = quant.pack_int4(torch.randint(0, 16, (8, 256)))
     ran = quant.library().linear_int4_bf16(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                                            None, out.data_ptr(), 1, 8, 256, 128)
-    assert ran == expected
+    assert ran == 1
     qweight, row_scales = torch.randint(-127, 128, (8, 256), dtype=torch.int8), torch.rand(8)
     ran = quant.library().linear_int8_bf16(x.data_ptr(), qweight.data_ptr(), row_scales.data_ptr(), None,
                                            out.data_ptr(), 1, 8, 256)
-    assert ran == expected
+    assert ran == 1
 
 
 def test_int4_packing_round_trips():
