@@ -547,6 +547,7 @@ def plan(
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
+    parallel: int = typer.Option(1, "--parallel", help="KV caches of --ctx positions each (`mimo serve --parallel`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
     debug: bool = debug_option(),
 ):
@@ -560,7 +561,7 @@ def plan(
     try:
         request = offload_options.placement_request(
             gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=ctx, quant=quant, mtp=mtp,
-            dtype=resolve_dtype(dtype, None),
+            dtype=resolve_dtype(dtype, None), sequences=parallel,
         )
         result = make_plan(_plan_source(model), offload_options.with_budgets(request))
     except (MimoError, OSError) as error:
@@ -631,6 +632,8 @@ def serve(
                                           help="Require `Authorization: Bearer KEY` on every request."),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the model's, at most 32768)."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait for the model; more get 503."),
+    parallel: int = typer.Option(1, "--parallel", "-np", help="Requests decoded together (continuous batching); "
+                                 "each has a KV cache of --ctx tokens."),
     max_body: str = typer.Option("4MiB", "--max-body", help="Largest request body (bigger: 413)."),
     reasoning_format: str = typer.Option("auto", "--reasoning-format",
                                          help="auto: <think> blocks go to reasoning_content; none: raw tags in content."),
@@ -663,16 +666,17 @@ def serve(
     with FrontEnd(debug):
         if reasoning_format not in ("auto", "none"):
             raise MimoError("--reasoning-format must be auto or none")
-        if max_queue < 0 or draft_tokens < 0 or not 0 < port < 65536:
-            raise MimoError("--max-queue and --draft-tokens must be >= 0, --port in 1..65535")
+        if max_queue < 0 or draft_tokens < 0 or not 0 < port < 65536 or not 1 <= parallel <= 64:
+            raise MimoError("--max-queue and --draft-tokens must be >= 0, --parallel in 1..64, --port in 1..65535")
         defaults = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                     repetition_penalty=repetition_penalty, max_tokens=max_tokens).validate()
         model_dir = _resolve_model_for_run(model, yes)
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
-                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True)
-        options = ServeOptions(model or model_dir.name, model_dir, host, port, api_key, ctx, max_queue,
-                               parse_size(max_body, "--max-body"), reasoning_format, log_prompts, defaults, mtp,
-                               draft_tokens, device, dtype, quant, placement)
+                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True, sequences=parallel)
+        options = ServeOptions(model or model_dir.name, model_dir, host=host, port=port, api_key=api_key, context=ctx,
+                               max_queue=max_queue, parallel=parallel, max_body_bytes=parse_size(max_body, "--max-body"),
+                               reasoning_format=reasoning_format, log_prompts=log_prompts, defaults=defaults, mtp=mtp,
+                               draft_tokens=draft_tokens, device=device, dtype=dtype, quant=quant, placement=placement)
         code = serve_model(options, on_message=lambda line: typer.echo(line, err=True))
     if code:
         raise typer.Exit(code)

@@ -426,3 +426,34 @@ def test_mimo_chat_against_a_server_answers_as_a_local_chat(scripted_chat, tmp_p
     switched = subprocess.run([sys.executable, "-m", "mimo_local.cli", "chat", "--server", "http://127.0.0.1:9"],
                               input="hi\n", capture_output=True, text=True, env=env, timeout=60)
     assert switched.returncode == 1 and switched.stderr.startswith("error: cannot reach the server")
+
+
+def test_parallel_requests_are_decoded_together_and_equal_their_single_answers():
+    prompts = [f"Chapter {n}. It is a truth" for n in range(4)]
+    with running_server(resolve_model("mimo-nano"), "mimo-nano") as (base, _):
+        alone = [httpx.post(f"{base}/v1/completions", json={"model": "mimo-nano", "prompt": p, "max_tokens": 30,
+                                                            "ignore_eos": True, "return_token_ids": True}).json()
+                 for p in prompts]
+    with running_server(resolve_model("mimo-nano"), "mimo-nano", parallel=4) as (base, service):
+        results = [None] * 4
+        peak = []
+
+        def send(index):
+            results[index] = httpx.post(f"{base}/v1/completions", timeout=120, json={
+                "model": "mimo-nano", "prompt": prompts[index], "max_tokens": 30, "ignore_eos": True,
+                "return_token_ids": True}).json()
+
+        def watch():
+            while any(r is None for r in results):
+                peak.append(service.worker.slots_in_use)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)] + [threading.Thread(target=watch)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert max(peak) >= 2  # requests really ran at the same time
+        metrics = httpx.get(f"{base}/metrics").text
+        assert "mimo_slots 4.0" in metrics and "mimo_slots_in_use 0.0" in metrics
+    for single, batched in zip(alone, results):
+        assert batched["choices"][0]["token_ids"] == single["choices"][0]["token_ids"]

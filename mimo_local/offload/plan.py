@@ -40,6 +40,7 @@ class PlanRequest:
     n_cpu_moe: int = 0
     overrides: list[tuple[re.Pattern, str]] = field(default_factory=list)  # (regex, "gpu" | "cpu")
     clamp_ctx: bool = False  # a run's estimate: cut to the model's positions instead of refusing
+    sequences: int = 1  # KV caches of `ctx` positions each (a server's --parallel slots)
     ctx_flag: str | None = "--ctx"  # the flag that sets the context, for advice (None: the front end has none)
 
 
@@ -299,7 +300,7 @@ def place(config, request: PlanRequest, inventory: Inventory, mtp_layers: int, s
     weights = {d: dict.fromkeys(COMPONENTS, 0) for d in DEVICES}
     kv_per_token, kv_fixed = kv_geometry(config, mtp_layers, itemsize)
     kv = {d: 0 for d in DEVICES}
-    kv[main] = kv_per_token * request.ctx + kv_fixed
+    kv[main] = (kv_per_token * request.ctx + kv_fixed) * request.sequences
     workspace = {d: 0 for d in DEVICES}
     workspace[main] = workspace_bytes(config, request.ctx, itemsize, mtp_layers)
     placement = Placement(main=main, mtp=mtp_layers > 0)

@@ -163,8 +163,7 @@ def create_app(service: Service, load=None, on_load_error=None) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         if service.worker is not None:
-            service.metrics.queue_length.set(service.worker.waiting)
-            service.metrics.kv_used.set(service.worker.kv_tokens_used)
+            service.metrics.observe(service.worker)
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/")

@@ -33,6 +33,7 @@ class ServeOptions:
     api_key: str | None = None
     context: int | None = None
     max_queue: int = 16
+    parallel: int = 1
     max_body_bytes: int = 4 * 1024 * 1024
     reasoning_format: str = "auto"
     log_prompts: bool = False
@@ -93,7 +94,7 @@ def build(options: ServeOptions, engine_loader: Callable | None = None, on_load_
     config = load_config(options.model_dir)
     settings = ServeSettings(
         model_name=options.model_name, context=context_size(options.context, config.max_position_embeddings),
-        max_queue=options.max_queue, reasoning_format=options.reasoning_format,
+        max_queue=options.max_queue, parallel=options.parallel, reasoning_format=options.reasoning_format,
         defaults=options.defaults or SamplingSettings(), api_key=options.api_key,
         max_body_bytes=options.max_body_bytes, log_prompts=options.log_prompts,
     )

@@ -19,9 +19,17 @@ class ServerMetrics:
                                   registry=registry)
         self.queue_length = Gauge("mimo_queue_length", "Requests waiting for the model", registry=registry)
         self.in_progress = Gauge("mimo_requests_in_progress", "Generation requests being answered", registry=registry)
-        self.kv_used = Gauge("mimo_kv_cache_tokens", "Positions held in the KV cache", registry=registry)
-        self.kv_capacity = Gauge("mimo_kv_cache_capacity_tokens", "Positions the KV cache holds at most (--ctx)",
+        self.slots = Gauge("mimo_slots", "Requests decoded together at most (--parallel)", registry=registry)
+        self.slots_in_use = Gauge("mimo_slots_in_use", "Requests being decoded now", registry=registry)
+        self.kv_used = Gauge("mimo_kv_cache_tokens", "Positions held in the KV caches of all slots", registry=registry)
+        self.kv_capacity = Gauge("mimo_kv_cache_capacity_tokens", "Positions one slot's KV cache holds at most (--ctx)",
                                  registry=registry)
+
+    def observe(self, worker) -> None:
+        """The worker's state now: queue, slots and KV positions in use."""
+        self.queue_length.set(worker.waiting)
+        self.slots_in_use.set(worker.slots_in_use)
+        self.kv_used.set(worker.kv_tokens_used)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,6 +34,7 @@ class ServeSettings:
     model_name: str
     context: int
     max_queue: int = 16
+    parallel: int = 1  # requests decoded together
     reasoning_format: str = "auto"  # "auto": <think> into reasoning_content; "none": raw tags in content
     defaults: SamplingSettings = dataclasses.field(default_factory=SamplingSettings)
     api_key: str | None = None
@@ -60,7 +61,8 @@ class Service:
 
     def attach(self, engine, speculation: dict) -> None:
         self.worker = GenerationWorker(engine, self.settings.context, self.settings.max_queue, speculation,
-                                       on_done=self._record)
+                                       parallel=self.settings.parallel, on_done=self._record)
+        self.metrics.slots.set(self.settings.parallel)
         self.engine = engine  # last: a request that sees the engine finds the worker too
         self.metrics.kv_capacity.set(self.settings.context)
 
@@ -126,7 +128,7 @@ class Service:
         parser = OutputParser(tool_format, tools, in_reasoning=in_reasoning, parse_reasoning=parse_reasoning)
         job = Job(GenerationRequest(prompt_ids, settings, constraint, logprobs, ignore_eos), asyncio.get_running_loop())
         self.worker.submit(job)
-        self.metrics.queue_length.set(self.worker.waiting)
+        self.metrics.observe(self.worker)
         return Output(job, parser, len(prompt_ids))
 
     def _record(self, job: Job, stats) -> None:
@@ -138,8 +140,7 @@ class Service:
             metrics.prefill_speed.set(stats.prefill_tokens_per_s)
         if stats.decode_tokens_per_s:
             metrics.decode_speed.set(stats.decode_tokens_per_s)
-        metrics.kv_used.set(self.worker.kv_tokens_used)
-        metrics.queue_length.set(self.worker.waiting)
+        self.metrics.observe(self.worker)
 
 
 class ModelNotFound(MimoError):

@@ -1,8 +1,8 @@
-"""The server's generation worker: one thread owns the model and runs the one generator for one
-request at a time; requests wait in a bounded queue. Token events cross to the event loop through
-an asyncio queue per request. The KV cache stays between requests, so a request that starts with
-the same tokens as the previous one (an agent resending its system prompt and tools, a chat
-sending its history again) prefills only what is new."""
+"""The server's generation worker: one thread owns the model and decodes the running requests
+together (generate.Batch); the others wait in a bounded queue. Token events cross to the event loop
+through an asyncio queue per request. Each slot's KV cache stays after its request, and a new
+request takes the free slot holding the longest prefix of its prompt, so an agent resending its
+system prompt and tools, or a chat sending its history again, prefills only what is new."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..chat.session import REWIND_SLOTS, common_prefix_length
 from ..errors import MimoError
-from ..generate import DoneEvent, TokenEvent
+from ..generate import Batch, DoneEvent, Generation
 from ..sampling import SamplingSettings
 
 log = logging.getLogger("mimo.serve")
@@ -50,25 +50,48 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+@dataclass
+class Slot:
+    """A sequence's place in the batch: its KV cache, kept after the request for the next one."""
+
+    cache: object = None
+    job: Job | None = None
+
+
 class GenerationWorker:
-    def __init__(self, engine, context: int, max_queue: int, speculation: dict, on_done=None):
+    """`parallel` slots: up to that many requests are decoded together, one forward per step
+    (continuous batching: a request joins after its prefill and leaves when it ends, is cancelled
+    or its client goes away); the others wait in the queue."""
+
+    def __init__(self, engine, context: int, max_queue: int, speculation: dict, parallel: int = 1, on_done=None):
         self.engine, self.context, self.max_queue, self.speculation = engine, context, max_queue, speculation
         self.on_done = on_done  # called in the worker thread with (job, stats) after each generation
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0  # queued, not yet started
-        self.busy = False
-        self.cache = None
+        self.slots = [Slot() for _ in range(parallel)]
+        self.batch = Batch()
+        self.running: dict[int, tuple[Generation, Slot]] = {}  # id(generation) -> (generation, slot)
         self._lock = threading.Lock()
+        self._stopping = False
         self.thread = threading.Thread(target=self._run, name="mimo-generate", daemon=True)
         self.thread.start()
 
     @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(slot.job is not None for slot in self.slots)
+
+    @property
     def kv_tokens_used(self) -> int:
-        return self.cache.length if self.cache is not None else 0
+        return sum(slot.cache.length for slot in self.slots if slot.cache is not None)
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self.waiting >= self.max_queue + (0 if self.busy else 1):
+            free = len(self.slots) - self.slots_in_use
+            if self.waiting >= self.max_queue + free:
                 raise QueueFull()
             self.waiting += 1
         self.jobs.put(job)
@@ -78,52 +101,103 @@ class GenerationWorker:
         self.thread.join(timeout=30)
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while not self._stopping:
+            self._admit(block=not self.running)
+            if self.running:
+                self._step()
+
+    def _admit(self, block: bool) -> None:
+        """Start queued requests while slots are free (waiting for one when nothing runs)."""
+        while any(slot.job is None for slot in self.slots):
+            try:
+                job = self.jobs.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if job is None:
+                self._stopping = True
+                return
             with self._lock:
                 self.waiting -= 1
-                self.busy = True
-            try:
-                self._generate(job)
-            finally:
-                with self._lock:
-                    self.busy = False
+            if not job.cancelled.is_set():
+                self._start(job)
 
-    def _generate(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            return
+    def _start(self, job: Job) -> None:
         request = job.request
-        events = None
+        speculation = self.speculation
+        if request.constraint is not None or request.logprobs is not None:
+            speculation = {"draft_tokens": 0}
+        slot = self._slot_for(request.prompt_ids, speculation["draft_tokens"])
+        job.cached_tokens = self._reuse(slot, request.prompt_ids, speculation["draft_tokens"])
         try:
-            speculation = self.speculation
-            if request.constraint is not None or request.logprobs is not None:
-                speculation = {"draft_tokens": 0}
-            job.cached_tokens = self._reuse_cache(request.prompt_ids, speculation["draft_tokens"])
-            events = self.engine.stream(request.prompt_ids[job.cached_tokens :], request.settings, cache=self.cache,
-                                        constraint=request.constraint, logprobs=request.logprobs,
-                                        eos_ids=() if request.ignore_eos else None, **speculation)
-            for event in events:
-                if job.cancelled.is_set():
-                    return
-                if isinstance(event, DoneEvent) and self.on_done is not None:
+            generation = Generation(self.engine.model, self.engine.tokenizer, request.prompt_ids[job.cached_tokens :],
+                                    request.settings, cache=slot.cache, constraint=request.constraint,
+                                    logprobs=request.logprobs, eos_ids=() if request.ignore_eos else None,
+                                    **speculation)
+            slot.job = job
+            self.running[id(generation)] = (generation, slot)
+            self._deliver(generation, self.batch.join(generation))
+        except Exception as error:  # noqa: BLE001 - the request fails, the server goes on
+            self._fail([job], error)
+            slot.job = None
+
+    def _step(self) -> None:
+        for generation, slot in list(self.running.values()):
+            if slot.job.cancelled.is_set():
+                self.batch.leave(generation)
+                self._forget(generation)
+        if not self.batch.active:
+            return
+        try:
+            results = self.batch.step()
+        except Exception as error:  # noqa: BLE001 - the batch's requests fail, the server goes on
+            failed = list(self.batch.active)
+            self._fail([self.running[id(g)][1].job for g in failed], error)
+            for generation in failed:
+                self.batch.leave(generation)
+                self._forget(generation)
+            return
+        for generation, events in results:
+            self._deliver(generation, events)
+
+    def _deliver(self, generation: Generation, events: list) -> None:
+        job = self.running[id(generation)][1].job
+        for event in events:
+            if isinstance(event, DoneEvent):
+                if self.on_done is not None:
                     self.on_done(job, event.stats)
                 job.put(event)
-        except MimoError as error:
-            job.put(Failed(error))
-        except Exception as error:  # a bug or an out-of-memory: the request fails, the server goes on
-            log.exception("generation failed")
-            job.put(Failed(error))
-        finally:
-            if events is not None:
-                events.close()
+                self._forget(generation)
+                return
+            job.put(event)
 
-    def _reuse_cache(self, prompt_ids: list[int], draft_tokens: int) -> int:
-        """Rewind the cache to the longest prefix it holds of `prompt_ids`; returns its length."""
-        if self.cache is None:
-            self.cache = self.engine.model.new_cache(self.context, spare_slots=max(REWIND_SLOTS, draft_tokens + 2))
-        held = self.cache.token_ids[: self.cache.length].tolist()
+    def _forget(self, generation: Generation) -> None:
+        _, slot = self.running.pop(id(generation))
+        slot.job = None
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        if not isinstance(error, MimoError):
+            log.error("generation failed: %s: %s", type(error).__name__, error)
+        for job in jobs:
+            job.put(Failed(error))
+
+    def _slot_for(self, prompt_ids: list[int], draft_tokens: int) -> Slot:
+        """The free slot whose cache holds the longest prefix of the prompt (a fresh one otherwise)."""
+        free = [slot for slot in self.slots if slot.job is None]
+        held = [(common_prefix_length(slot.cache.token_ids[: slot.cache.length].tolist(), prompt_ids), index)
+                if slot.cache is not None else (-1, index) for index, slot in enumerate(free)]
+        slot = free[max(held)[1]]
+        if slot.cache is None:
+            slot.cache = self.engine.model.new_cache(self.context, spare_slots=max(REWIND_SLOTS, draft_tokens + 2))
+        return slot
+
+    def _reuse(self, slot: Slot, prompt_ids: list[int], draft_tokens: int) -> int:
+        """Rewind the slot's cache to the longest prefix it holds of `prompt_ids`; returns its length."""
+        cache = slot.cache
+        held = cache.token_ids[: cache.length].tolist()
         # The last prompt token is always fed again: its logits pick the first answer token.
         reused = min(common_prefix_length(held, prompt_ids), len(prompt_ids) - 1)
-        if not self.cache.can_truncate(reused) or (draft_tokens and self.cache.drafter is None):
+        if not cache.can_truncate(reused) or (draft_tokens and cache.drafter is None):
             reused = 0  # (MTP drafts need the hidden states of every position it holds)
-        self.cache.truncate(reused)
+        cache.truncate(reused)
         return reused
