@@ -102,7 +102,8 @@ class _DropAuthOnRedirect(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if urlsplit(newurl).scheme not in ("http", "https"):
-            raise urllib.error.HTTPError(newurl, code, f"redirect to a {urlsplit(newurl).scheme or 'relative'} URL refused", headers, fp)
+            refused = f"redirect to a {urlsplit(newurl).scheme or 'relative'} URL refused"
+            raise urllib.error.HTTPError(newurl, code, refused, headers, fp)
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and urlsplit(newurl).netloc != urlsplit(req.full_url).netloc:
             new.remove_header("Authorization")

@@ -69,7 +69,8 @@ def format_bytes(size: float) -> str:
 
 
 def transfer_limits(read_timeout: float | None = None, min_speed: float | None = None) -> TransferLimits:
-    """The stall and speed limits: the values given, else $MIMO_PULL_READ_TIMEOUT / $MIMO_PULL_MIN_SPEED, else 60 s and 1 KiB/s."""
+    """The stall and speed limits: the values given, else $MIMO_PULL_READ_TIMEOUT / $MIMO_PULL_MIN_SPEED,
+    else 60 s and 1 KiB/s."""
     defaults = TransferLimits()
     if read_timeout is None:
         read_timeout = _env_number(READ_TIMEOUT_ENV, defaults.read_timeout)
@@ -212,7 +213,8 @@ def _remote_files(siblings: list, ref: ModelRef, url: str) -> list[RemoteFile]:
     names = [f.path for f in files]
     clash = conflicting_names(names)
     if clash is None and (clash := conflicting_names([name + ".part" for name in names])):
-        clash = (clash[0].removesuffix(".part"), clash[1].removesuffix(".part"))  # "a" and "a.part/b": their partial files
+        # "a" and "a.part/b": their partial files cannot both exist
+        clash = (clash[0].removesuffix(".part"), clash[1].removesuffix(".part"))
     if clash:
         raise MimoError(
             f"{refuse} names both {_shown(clash[0])} and {_shown(clash[1])}, which cannot be stored side by side "
@@ -244,13 +246,16 @@ def fetch_plan(
                 ref.repo_id, revision=ref.revision or "main", files_metadata=True, timeout=limits.read_timeout
             )
     except _TooLarge:
-        raise MimoError(f"{url} sent more than {format_bytes(MAX_METADATA_BYTES)} of metadata for {ref.repo_id}: refused") from None
+        raise MimoError(
+            f"{url} sent more than {format_bytes(MAX_METADATA_BYTES)} of metadata for {ref.repo_id}: refused"
+        ) from None
     except TooSlow as error:
         raise MimoError(f"{url} sent the metadata of {ref.repo_id} too slowly ({error})") from None
     except HFValidationError as error:
         raise MimoError(f"invalid hub repo id {ref.repo_id}: {str(error).splitlines()[0]}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise MimoError(f"{url} sent malformed metadata for {ref.repo_id} ({type(error).__name__}: {' '.join(str(error).split())})"[:300]) from None
+        detail = " ".join(str(error).split())[:200]
+        raise MimoError(f"{url} sent malformed metadata for {ref.repo_id} ({type(error).__name__}: {detail})") from None
     except Exception as error:  # noqa: BLE001 - turned into a one-line message or re-raised
         raise _hub_error(error, ref, url) from None
     if not isinstance(info.siblings or [], list) or not (info.sha is None or _is_hex_commit(info.sha)):
@@ -349,7 +354,7 @@ def _part_path(directory: Path, file: RemoteFile) -> Path:
 
 
 def _part_sizes(directory: Path, file: RemoteFile) -> tuple[int, int]:
-    """(bytes of `file` a resume can use, bytes of a partial file no resume can use: longer than the file, or a link)."""
+    """(bytes of `file` a resume can use, bytes of a partial file no resume can use: too long, a link)."""
     try:
         stat = os.lstat(_part_path(directory, file))
     except OSError:

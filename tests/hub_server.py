@@ -146,7 +146,8 @@ def _handler(hub: HubServer):
                 return self._file(hub.repos[match[1]], match[2], body)
             self._error(404, "EntryNotFound", "not found")
 
-        def _error(self, status: int, code: str | None, message: str, extra: dict | None = None, reason: str | None = None):
+        def _error(self, status: int, code: str | None, message: str, extra: dict | None = None,
+                   reason: str | None = None):
             payload = json.dumps({"error": message}).encode()
             self.send_response(status, reason)
             if code:

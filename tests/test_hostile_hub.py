@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 import mimo_local.download
 import mimo_local.pull
 from hub_server import HubServer
-from mimo_local.hub import MANIFEST, is_complete, parse_name
+from mimo_local.hub import MANIFEST, parse_name
 from mimo_local.repo_paths import conflicting_names, unsafe_reason
 from test_hub import isolated, mimo  # noqa: F401  (fixtures)
 
@@ -263,12 +263,14 @@ def half_a_part(files: Path) -> int:
 
 
 def cdn_ranges(hub) -> list:
-    return [headers.get("Range") for _, path, headers in hub.requests if path.startswith("/cdn/") and path.endswith(WEIGHTS)]
+    cdn = [(path, headers) for _, path, headers in hub.requests if path.startswith("/cdn/")]
+    return [headers.get("Range") for path, headers in cdn if path.endswith(WEIGHTS)]
 
 
 @pytest.mark.parametrize(
     "answer",
-    [(416, f"bytes */{WEIGHTS_SIZE}"), (416, None), (206, None), (206, "bytes 0-9/10"), (206, f"bytes 0-{WEIGHTS_SIZE - 1}/*")],
+    [(416, f"bytes */{WEIGHTS_SIZE}"), (416, None), (206, None), (206, "bytes 0-9/10"),
+     (206, f"bytes 0-{WEIGHTS_SIZE - 1}/*")],
 )
 def test_an_unusable_answer_to_a_range_request_drops_the_part_and_starts_over_once(hub, files, answer):
     done = half_a_part(files)
@@ -364,7 +366,8 @@ def test_disk_full_mid_file_says_how_much_is_needed_and_resumes(hub, files, monk
         real_write(fd, data)
 
     monkeypatch.setattr(mimo_local.download, "_write_all", fill_up)
-    line = refused(pull(*FAST), "disk full in", "more needed to finish acme/small", f"run `mimo pull {REPO}` again to resume")
+    line = refused(pull(*FAST), "disk full in", "more needed to finish acme/small",
+                   f"run `mimo pull {REPO}` again to resume")
     kept = weights_part().stat().st_size
     listed_before = (files / "config.json").stat().st_size + (files / "docs" / "notes.txt").stat().st_size
     assert kept == sum(written) - listed_before and kept >= 100_000 - listed_before
@@ -437,9 +440,9 @@ def test_every_accepted_name_stays_inside_the_model_directory(name):
         assert all(c.isprintable() for c in name) and "\\" not in name
 
 
-SAFE_COMPONENT = st.text(st.characters(whitelist_categories=("L", "N"), whitelist_characters="-_."), min_size=1, max_size=20).filter(
-    lambda c: c.strip(". ") != ""
-)
+SAFE_COMPONENT = st.text(
+    st.characters(whitelist_categories=("L", "N"), whitelist_characters="-_."), min_size=1, max_size=20
+).filter(lambda c: c.strip(". ") != "")
 
 
 @settings(max_examples=200, deadline=None)
