@@ -47,8 +47,8 @@ MAX_FP8_BLOCK = 1 << 16
 
 # Chat templates (rendering runs in jinja2's sandbox with these bounds).
 MAX_TEMPLATE_CHARS = 1 * MiB  # the template source
-MAX_RENDERED_CHARS = 8 * MiB  # the rendered prompt, and any one string or list a template builds
-MAX_TEMPLATE_WORK_CHARS = 64 * MiB  # all strings a template builds during one render, together
+MAX_RENDERED_CHARS = 2 * MiB  # the rendered prompt (2x the longest MiMo context), and any one value a template builds
+MAX_TEMPLATE_WORK_CHARS = 32 * MiB  # all strings a template builds during one render, together
 MAX_RENDER_SECONDS = 5.0
 MAX_TEMPLATE_INT_ARGUMENT = 100_000  # an integer passed to a call or filter (widths, counts, ranges)
 MAX_TEMPLATE_INT_BITS = 8192  # integers a template computes

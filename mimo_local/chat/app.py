@@ -21,6 +21,9 @@ from .controller import ChatController, Outcome, Table, memory_rss_bytes, plain_
 from .session import split_thinking
 
 REFRESH_SECONDS = 0.05
+# Entries shown at most: older ones leave the screen (the session keeps every message; /save writes
+# them all). Each entry is a few widgets, so without a cap a long chat grows in memory and slows.
+MAX_TRANSCRIPT_ENTRIES = 200
 
 
 class ChatInput(TextArea):
@@ -316,6 +319,8 @@ class ChatApp(App):
         if figures and figures.finish == "length":
             self.notice("the answer hit max_tokens or the end of the context (/set max_tokens=N)")
         self.current = None
+        for entry in list(self.transcript.children)[:-MAX_TRANSCRIPT_ENTRIES]:
+            entry.remove()
         self.scroll_to_end()
         self.update_status()
         while self.waiting and not self.generating:  # a message among them starts the next answer:
