@@ -364,3 +364,108 @@ def test_template_render_time_is_capped_in_a_worker_thread(model, monkeypatch):
     worker.join(30)
     assert outcome == ["chat template: rendering took over the limit of 0.5 s"]
     assert time.monotonic() - started < 10
+
+
+# -- chat templates ------------------------------------------------------------------------------
+
+HOSTILE_TEMPLATES = [
+    ("{{ 'x' * 20000000 }}", "'*' would make 20000000 characters"),
+    ("{{ 'x' * 10**10 }}", "over the limit of"),
+    ("{{ [0] * 10**9 }}", "over the limit of"),
+    ("{% for i in range(10**9) %}{{ i }}{% endfor %}", "called with 1000000000, over the limit of 100000"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "rendering took over the limit"),
+    ("{{ '{x}'.format_map(1, 2) }}", "chat template failed: TypeError: format_map() takes exactly one argument"),
+    ("{{ '{:>1000000000}'.format(1) }}", "format width 1000000000 is over the limit"),
+    ("{{ '%1000000000d' % 1 }}", "format width '1000000000' is over the limit"),
+    ("{{ '%*d' % (1000000000, 1) }}", "format width '*'"),
+    ("{{ 'x'|center(1000000000) }}", "filter 'center' called with 1000000000"),
+    ("{{ 'x'.ljust(1000000000) }}", "ljust called with 1000000000"),
+    ("{{ 7 ** 100000 }}", "over the limit of 8192 bits"),
+    ("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "a ~ concatenation would make"),
+    ("{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}", "8192 bits"),
+    ("{% set ns = namespace(s='aaaa') %}{% for i in range(40) %}{% set ns.s = ns.s.replace('a', 'aaaa') %}{% endfor %}",
+     "str.replace would make"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion too deep"),
+    ("{{ range(99999)|list|tojson(indent=99999) }}", "tojson indent 99999 is over the limit of 16"),
+    ("{{ range(99999)|join('x' * 99999) }}", "filter 'join' would make"),
+    ("{{ ('x\n' * 99999)|indent(99999) }}", "filter 'indent' would make"),
+    ("{{ messages.__class__.__mro__ }}", "access to attribute '__class__' of 'list' object is unsafe"),
+    ("{{ messages.x }}", ""),  # undefined renders nothing; a lookup on it is jinja2's error below
+    ("{{ messages.x.y }}", "chat template failed: 'list object' has no attribute 'x'"),
+    ("{{ raise_exception('bad role') }}", "chat template failed: bad role"),
+    ("{% for %}", "chat template failed: "),
+]
+
+
+def with_template(directory, template):
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("template, message", HOSTILE_TEMPLATES, ids=range(len(HOSTILE_TEMPLATES)))
+def test_hostile_templates_are_bounded_one_line_errors(model, monkeypatch, template, message):
+    from mimo_local.tokenizer import ChatTokenizer
+
+    monkeypatch.setattr(limits, "MAX_RENDER_SECONDS", 1.0)
+    with_template(model, template)
+    started = time.monotonic()
+    try:
+        text = ChatTokenizer(model).render_chat([{"role": "user", "content": "hi"}])
+    except MimoError as error:
+        assert message and message in str(error) and "\n" not in str(error), str(error)
+    else:
+        assert not message and text == ""
+    assert time.monotonic() - started < 10
+
+
+def test_hostile_templates_through_the_cli(model):
+    for template, message in HOSTILE_TEMPLATES[3:6]:
+        with_template(model, template)
+        assert_one_line_error(runner.invoke(app, ["run", "--model", str(model), "-n", "1", "hi"]), message)
+    with_template(model, 42)
+    assert_one_line_error(runner.invoke(app, ["run", "--model", str(model), "-n", "1", "hi"]), "chat_template is a number")
+
+
+# A template in the style of MiMo's and Qwen3's (tools, reasoning, namespace, string methods): the
+# caps leave it untouched on a long conversation.
+REALISTIC_TEMPLATE = """
+{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- "# Tools\\n\\n<tools>" }}{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}{{- "\\n</tools><|im_end|>\\n" }}
+{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+{%- set ns = namespace(last_query=messages|length - 1) %}
+{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}
+{%- if ns.last_query == messages|length - 1 and message.role == 'user' %}{%- set ns.last_query = index %}{%- endif %}{%- endfor %}
+{%- for message in messages %}
+{%- set content = message.content if message.content is string else '' %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+{%- elif message.role == 'assistant' %}
+{%- set reasoning = '' %}
+{%- if '</think>' in content %}{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}
+{%- if loop.index0 > ns.last_query %}{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
+{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}
+"""
+
+
+def test_a_realistic_template_renders_a_long_conversation_with_tools(model):
+    from mimo_local.tokenizer import ChatTokenizer
+
+    with_template(model, REALISTIC_TEMPLATE)
+    tokenizer = ChatTokenizer(model)
+    messages = [{"role": "system", "content": "Be brief."}]
+    for turn in range(300):
+        messages.append({"role": "user", "content": f"Question {turn}: " + "words " * 200})
+        messages.append({"role": "assistant", "content": f"<think>\nreasoning {turn}\n</think>\n\nanswer {turn} " * 20})
+    tools = [{"type": "function", "function": {"name": f"tool{i}", "description": "d" * 500,
+                                               "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+             for i in range(50)]
+    started = time.monotonic()
+    text = tokenizer.render_chat(messages, tools=tools, enable_thinking=False)
+    assert time.monotonic() - started < limits.MAX_RENDER_SECONDS
+    assert text.count("<|im_start|>user") == 300 and text.endswith("<think>\n\n</think>\n\n")
+    assert '"name": "tool49"' in text and len(text) > 400_000
