@@ -3,7 +3,8 @@
 `linear(x, weight, bias)` is F.linear for the few-token case (decode, speculative verify): it
 streams the weights once at memory bandwidth, which torch's bf16 GEMV on CPU does not reach.
 Any case it does not cover (GPU tensors, many tokens, other dtypes, no compiler) goes to F.linear.
-The library is built for the best ISA level the CPU runs (build.py: AVX-512, AVX2, generic).
+The library is built for the best ISA level the CPU runs (build.py: AVX-512, AVX2, generic), and
+a weight shape on which torch's own op is faster on this machine goes to torch (choice.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import build
+from . import build, choice
 
 SOURCE = Path(__file__).with_name("cpu_linear.c")
 MAX_ROWS = 16
@@ -92,6 +93,25 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def torch_is_faster(weight: torch.Tensor) -> bool:
+    """Whether F.linear beats the kernel on this weight's shape here (measured once: choice.py)."""
+
+    def contenders():
+        x = torch.randn(1, weight.shape[1]).to(weight.dtype)
+        return (lambda: _kernel_linear(x, weight, None, False)), (lambda: F.linear(x, weight))
+
+    return choice.prefers_torch(f"linear-{str(weight.dtype).removeprefix('torch.')}", *weight.shape, active_isa(),
+                                contenders)
+
+
+def torch_rows(function, x: torch.Tensor, *args) -> torch.Tensor:
+    """function(x, *args) one row of x at a time: each token gets the arithmetic of a one-token call
+    however many a call has (torch's GEMM may block several rows otherwise)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.cat([function(flat[i : i + 1], *args) for i in range(flat.shape[0])])
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            float32_out: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias), through the bandwidth-bound kernel when it applies. With
@@ -99,6 +119,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not supports(x, weight):
         out = F.linear(x, weight, bias)
         return out.float() if float32_out else out
+    if torch_is_faster(weight):
+        out = torch_rows(F.linear, x, weight, bias)
+        return out.float() if float32_out else out
+    return _kernel_linear(x, weight, bias, float32_out)
+
+
+def _kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, float32_out: bool):
     out_features, in_features = weight.shape
     flat = x.reshape(-1, in_features).contiguous()
     rows = flat.shape[0]
@@ -197,7 +224,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_supports(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
-    return supports_contiguous(x, gate_up) and down.dtype == gate_up.dtype and down.is_contiguous()
+    """Whether `mlp` applies (not where torch is faster on a projection: the three calls then run)."""
+    return (supports_contiguous(x, gate_up) and down.dtype == gate_up.dtype and down.is_contiguous()
+            and not torch_is_faster(gate_up) and not torch_is_faster(down))
 
 
 def mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -285,12 +314,16 @@ class LayerBuffers:
 
 
 def decoder_layer(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, start: int, cos, sin, cache, sinks,
-                  scale: float, gate_up=None, down=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float, gate_up=None, down=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A pre-norm decoder layer for the few tokens x [1, steps, H] in one call (one thread team
     for all of it): h = x + o_proj(attention(qkv_proj(norm1(x)))), then, with gate_up/down,
     h + down(swiglu(gate_up(norm2(h)))). Returns (that, norm2(h)): without gate_up the caller
     adds its own FFN (MoE) of norm2(h) to h. Callers check `attention_supports` and
-    `supports_contiguous` for every weight first."""
+    `supports_contiguous` for every weight first. None (nothing done) where torch's op is faster
+    on one of the projections: the caller runs the layer step by step, the same arithmetic as here
+    for every other step."""
+    if any(torch_is_faster(w) for w in (qkv_weight, o_weight, gate_up, down) if w is not None):
+        return None
     qkv_out = qkv_weight.shape[0]
     inter = 0 if down is None else down.shape[1]
     buffers = LayerBuffers(x, cache, start, qkv_out, inter, cos, sin, sinks, scale)

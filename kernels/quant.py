@@ -8,8 +8,9 @@ Layouts (row = output channel, so a decode GEMV streams each row once):
   W[o, i] = (q[o, i] - zeros[o, i // g]) * scales[o, i // g]. Symmetric int4 (GPTQ sym) has zeros = 8.
 
 Each op has a pure-torch reference (`reference_*`). On CPU, the few-token case (decode, speculative
-verify) runs the C kernels of cpu_quant.c, which stream the packed bytes once per call; on CUDA the
-Triton kernels of triton_quant.py run; everything else dequantizes and calls F.linear.
+verify) runs the C kernels of cpu_quant.c, which stream the packed bytes once per call (int8: unless
+torch's own int8 op, torch._weight_int8pack_mm, is faster for the shape here: choice.py); on CUDA
+the Triton kernels of triton_quant.py run; everything else dequantizes and calls F.linear.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import cpu, triton_quant
+from . import choice, cpu, triton_quant
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
 # Rows (tokens) up to which the C kernels beat dequantize + F.linear: decode for int8; for int4 a
@@ -137,8 +138,11 @@ def decoder_layer(x, eps: float, norm1, qkv, o, norm2, start: int, cos, sin, cac
                   gate_up=None, down=None, inter: int = 0):
     """cpu.decoder_layer with projections from `projection` (any mix of bfloat16, int8 and int4;
     `inter` the MLP's intermediate size).
-    Returns (h, norm2(h)) as cpu.decoder_layer does, or None where the kernel does not apply (the
-    caller then runs the layer step by step; nothing was changed)."""
+    Returns (h, norm2(h)) as cpu.decoder_layer does, or None where the kernel does not apply or
+    torch's op is faster on one of the projections (the caller then runs the layer step by step;
+    nothing was changed)."""
+    if any(_projection_prefers_torch(p) for p in (qkv, o, gate_up, down) if p is not None):
+        return None
     spec = cache.spec
     qkv_out = spec.num_heads * spec.head_dim + spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
     inter = inter if down is not None else 0
@@ -150,6 +154,32 @@ def decoder_layer(x, eps: float, norm1, qkv, o, norm2, start: int, cos, sin, cac
         *buffers.pointers(),
     )
     return (buffers.out, buffers.normed) if done else None
+
+
+def _projection_prefers_torch(described) -> bool:
+    structure, tensors = described
+    if structure.bits == 16:
+        return cpu.torch_is_faster(tensors[0])
+    return structure.bits == 8 and int8_torch_is_faster(tensors[0], tensors[1])
+
+
+def _torch_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
+    """torch's own int8 weight-only matmul (its scales in x's dtype), bias added after."""
+    out = torch._weight_int8pack_mm(x.contiguous(), qweight, scales.to(x.dtype))
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def int8_torch_is_faster(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether torch._weight_int8pack_mm beats the int8 kernel on this shape here (choice.py)."""
+    if not hasattr(torch, "_weight_int8pack_mm") or dtype not in (torch.bfloat16, torch.float32):
+        return False
+
+    def contenders():
+        x = torch.randn(1, qweight.shape[1]).to(dtype)
+        return (lambda: _int8_kernel(x, qweight, scales, None, dtype)), (lambda: _torch_int8_linear(x, qweight, scales))
+
+    return choice.prefers_torch(f"int8-{str(dtype).removeprefix('torch.')}", *qweight.shape, cpu.active_isa(),
+                                contenders)
 
 
 def _kernel_applies(x: torch.Tensor, *packed: torch.Tensor, max_rows: int = INT8_MAX_ROWS) -> bool:
@@ -175,6 +205,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         return triton_quant.int8_linear(x, qweight, scales, bias).to(out_dtype)
     if not _kernel_applies(x, qweight):
         return reference_int8_linear(x.to(out_dtype), qweight, scales, None if bias is None else bias.to(out_dtype))
+    if int8_torch_is_faster(qweight, scales, x.dtype):
+        return cpu.torch_rows(_torch_int8_linear, x, qweight, scales, bias).to(out_dtype)
+    return _int8_kernel(x, qweight, scales, bias, out_dtype)
+
+
+def _int8_kernel(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias, out_dtype: torch.dtype):
     out_features, in_features = qweight.shape
     out = torch.empty(x.numel() // in_features, out_features, dtype=torch.float32)
     scales, bias = _float32(scales), _float32(bias)
