@@ -106,14 +106,30 @@ class QuantizedLoad:
 
     def load(self, device: torch.device, progress=None) -> None:
         for module in self.modules.values():
-            parts = [(part, self._runtime(part.hub_base)) for part in module.parts]
-            quantized = _build(module, parts, device).requires_grad_(False)
+            quantized = self._load_module(module, device).requires_grad_(False)
             with torch.no_grad():
                 for bias_name, index in module.bias_parts:
                     self.checkpoint.read_into(bias_name, quantized.bias[index] if index else quantized.bias)
             _set_module(self.model, module.path, quantized)
             if progress is not None:
                 progress()
+
+    def _load_module(self, module: QuantizedModule, device) -> QuantLinear:
+        """Convert the parts one at a time, each straight into the module: memory beyond the model
+        stays at one part's conversion, not a whole stack of experts."""
+        quantized, first = None, None
+        for part in module.parts:
+            weight = self._runtime(part.hub_base)
+            if quantized is None:
+                first = weight
+                quantized = QuantLinear(
+                    weight.kind, module.in_features, module.out_features, experts=module.experts,
+                    group_size=weight.group_size, blocksize=weight.blocksize, permuted=weight.perm is not None,
+                    bias_dtype=module.bias_dtype, device=device,
+                )
+            _check_agrees(module, part, weight, first)
+            _fill(quantized, module, part, weight)
+        return quantized
 
     def _runtime(self, base: str) -> runtime.RuntimeWeight:
         hub_name = base + ".weight"
@@ -125,32 +141,28 @@ class QuantizedLoad:
         return runtime.from_checkpoint(self.checkpoint, base)
 
 
-def _build(module: QuantizedModule, parts: list, device) -> QuantLinear:
-    first = parts[0][1]
-    for part, weight in parts:
-        if (weight.kind, weight.group_size, weight.blocksize) != (first.kind, first.group_size, first.blocksize):
-            raise MimoError(f"{module.path}: its fused parts are quantized differently ({part.hub_base})")
-        if (weight.perm is None) != (first.perm is None) or (
-            module.experts is None and weight.perm is not None and not torch.equal(weight.perm, first.perm)
-        ):
-            raise MimoError(f"{module.path}: act-order permutations of its fused parts differ")
-    quantized = QuantLinear(
-        first.kind, module.in_features, module.out_features, experts=module.experts, group_size=first.group_size,
-        blocksize=first.blocksize, permuted=first.perm is not None, bias_dtype=module.bias_dtype, device=device,
-    )
+def _check_agrees(module: QuantizedModule, part: Part, weight, first) -> None:
+    """Fused / stacked parts share one QuantLinear: one layout, and one act-order permutation."""
+    if (weight.kind, weight.group_size, weight.blocksize) != (first.kind, first.group_size, first.blocksize):
+        raise MimoError(f"{module.path}: its fused parts are quantized differently ({part.hub_base})")
+    if (weight.perm is None) != (first.perm is None) or (
+        module.experts is None and weight.perm is not None and not torch.equal(weight.perm, first.perm)
+    ):
+        raise MimoError(f"{module.path}: act-order permutations of its fused parts differ")
+
+
+def _fill(quantized: QuantLinear, module: QuantizedModule, part: Part, weight) -> None:
     with torch.no_grad():
-        for part, weight in parts:
-            for name, tensor in weight.tensors.items():
-                destination = getattr(quantized, name)
-                destination = destination[part.index] if part.index else destination
-                if destination.shape != tensor.shape:
-                    raise MimoError(f"'{part.hub_base}': quantized shape {list(tensor.shape)} does not fit {list(destination.shape)}")
-                destination.copy_(tensor)
-            if weight.perm is not None:
-                (quantized.perm[part.index[0]] if module.experts else quantized.perm).copy_(weight.perm)
-            if weight.code is not None:
-                quantized.code.copy_(weight.code)
-    return quantized
+        for name, tensor in weight.tensors.items():
+            destination = getattr(quantized, name)
+            destination = destination[part.index] if part.index else destination
+            if destination.shape != tensor.shape:
+                raise MimoError(f"'{part.hub_base}': quantized shape {list(tensor.shape)} does not fit {list(destination.shape)}")
+            destination.copy_(tensor)
+        if weight.perm is not None:
+            (quantized.perm[part.index[0]] if module.experts else quantized.perm).copy_(weight.perm)
+        if weight.code is not None:
+            quantized.code.copy_(weight.code)
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
