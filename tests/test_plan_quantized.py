@@ -178,3 +178,16 @@ def test_quantized_load_and_run_stay_within_the_plan(tmp_path):
     figures = json.loads(measured.stdout)
     assert figures["planned"] > 40_000_000
     assert abs(figures["measured"] - figures["planned"]) <= 0.10 * figures["planned"], figures
+
+
+def test_an_unfinished_output_is_named_so_by_the_plan(outputs, tmp_path):
+    import shutil
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(outputs[1]["int8"], unfinished)
+    (unfinished / "quant-manifest.json").unlink()
+    (unfinished / "model.safetensors.index.json").unlink(missing_ok=True)
+    for command in (["plan", str(unfinished)], ["run", "-m", str(unfinished), "hi"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1
+        assert "incomplete quantized output" in result.stderr and "rerun `mimo quantize`" in result.stderr

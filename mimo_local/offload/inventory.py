@@ -94,13 +94,15 @@ def read_model_source(source: str | Path) -> ModelSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise MimoError(f"{path}: not valid JSON ({error})") from None
         return ModelSource(path, parse_config(raw, str(path)), raw, None)
-    config = load_config(path)
+    config, raw = load_config(path), read_raw_config(path)
     entries = None
     if any(path.glob("*.safetensors")):
         from ..checkpoint import Checkpoint
+        from ..quant.manifest import check_complete
 
+        check_complete(path, raw)  # before the headers: a half-written output says so, not what it lacks
         entries = Checkpoint(path).entries
-    return ModelSource(path, config, read_raw_config(path), path, entries)
+    return ModelSource(path, config, raw, path, entries)
 
 
 def count_mtp_layers(model: ModelSource) -> int:

@@ -34,15 +34,20 @@ def is_ours(model_dir: Path, config: dict) -> bool:
     return MARKER in config or (model_dir / PROGRESS).exists()
 
 
+def check_complete(model_dir: Path, config: dict) -> None:
+    """The cheap half of `verify`: an output of ours without its manifest (written last) is unfinished."""
+    if is_ours(model_dir, config) and not os.path.lexists(Path(model_dir) / MANIFEST):
+        raise MimoError(f"{model_dir}: incomplete quantized output (no {MANIFEST}); rerun `mimo quantize` to finish it")
+
+
 def verify(model_dir: Path, config: dict) -> None:
     """For an output of `mimo quantize`: one-line errors unless the manifest is there and every file
     it lists has its recorded sha256. Other checkpoints pass untouched."""
     model_dir = Path(model_dir)
     if not is_ours(model_dir, config):
         return
+    check_complete(model_dir, config)
     path = model_dir / MANIFEST
-    if not os.path.lexists(path):
-        raise MimoError(f"{model_dir}: incomplete quantized output (no {MANIFEST}); rerun `mimo quantize` to finish it")
     files = limits.read_json_object(path, limits.MAX_INDEX_BYTES).get("files")
     if not isinstance(files, dict) or not all(
         isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str) for e in files.values()
