@@ -457,3 +457,41 @@ def test_parallel_requests_are_decoded_together_and_equal_their_single_answers()
         assert "mimo_slots 4.0" in metrics and "mimo_slots_in_use 0.0" in metrics
     for single, batched in zip(alone, results):
         assert batched["choices"][0]["token_ids"] == single["choices"][0]["token_ids"]
+
+
+def test_soak_200_requests_from_16_clients_with_cancellations():
+    import random
+
+    with running_server(resolve_model("mimo-nano"), "mimo-nano", parallel=4, max_queue=64) as (base, service):
+        allocated = None
+        outcomes = []
+
+        def client_loop(number):
+            rng = random.Random(number)
+            for i in range(200 // 16 + (number < 200 % 16)):
+                body = {"model": "mimo-nano", "prompt": "word " * rng.randint(1, 40), "ignore_eos": True,
+                        "max_tokens": rng.randint(1, 24), "stream": rng.random() < 0.5}
+                try:
+                    if rng.random() < 0.2:  # hang up after the first streamed line
+                        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True},
+                                          timeout=120) as response:
+                            next(response.iter_lines(), None)
+                        outcomes.append("cancelled")
+                    else:
+                        outcomes.append(httpx.post(f"{base}/v1/completions", json=body, timeout=120).status_code)
+                except httpx.HTTPError as error:  # pragma: no cover - reported by the assertion below
+                    outcomes.append(repr(error))
+
+        threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        assert not any(thread.is_alive() for thread in threads), "a request hung"
+        assert len(outcomes) == 200 and set(outcomes) <= {200, 503, "cancelled"}, set(outcomes)
+        assert outcomes.count(200) >= 100
+        good_request_works(base)
+        allocated = sum(slot.cache.nbytes for slot in service.worker.slots if slot.cache is not None)
+        assert service.worker.slots_in_use == 0 and service.worker.waiting == 0 and not service.worker.running
+        assert not service.worker.batch.active
+        assert allocated <= 4 * service.worker.slots[0].cache.nbytes  # one preallocated cache per slot, no more
