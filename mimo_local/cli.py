@@ -14,7 +14,7 @@ from .errors import MimoError
 from .offload import options as offload_options
 from .options import (debug_option, device_option, draft_tokens_option, dtype_option, min_p_option, mtp_option,
                       repetition_penalty_option, seed_option, temperature_option, top_k_option, top_p_option,
-                      server_option, api_key_option, yes_option)
+                      quant_option, server_option, api_key_option, yes_option)
 
 app = typer.Typer(
     help="Run Xiaomi MiMo models locally.",
@@ -107,9 +107,7 @@ def run(
     dtype: str = dtype_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of text."),
     yes: bool = yes_option(),
-    quant: Optional[str] = typer.Option(
-        None, "--quant", help="Quantize while loading with this recipe (name or YAML file; no file is written)."
-    ),
+    quant: Optional[str] = quant_option(),
     gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
     cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
     cpu_moe: bool = offload_options.cpu_moe_option(),
@@ -222,7 +220,7 @@ def bench(
     draft_tokens: int = draft_tokens_option(),
     device: str = device_option(),
     dtype: str = dtype_option(),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Quantize while loading with this recipe."),
+    quant: Optional[str] = quant_option(),
     gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
     cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
     cpu_moe: bool = offload_options.cpu_moe_option(),
@@ -401,7 +399,7 @@ def chat(
     draft_tokens: int = draft_tokens_option(),
     device: str = device_option(),
     dtype: str = dtype_option(),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Quantize while loading with this recipe (nothing written)."),
+    quant: Optional[str] = quant_option(),
     gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
     cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
     cpu_moe: bool = offload_options.cpu_moe_option(),
@@ -648,7 +646,7 @@ def serve(
     draft_tokens: int = draft_tokens_option(),
     device: str = device_option(),
     dtype: str = dtype_option(),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Quantize while loading with this recipe (nothing written)."),
+    quant: Optional[str] = quant_option(),
     gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
     cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
     cpu_moe: bool = offload_options.cpu_moe_option(),

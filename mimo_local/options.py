@@ -69,3 +69,8 @@ def server_option():
 
 def api_key_option():
     return typer.Option(None, "--api-key", envvar="MIMO_API_KEY", help="Key for --server.")
+
+
+def quant_option():
+    return typer.Option(None, "--quant", help="Quantize while loading with this recipe (name or YAML file; no file "
+                        "is written).")
