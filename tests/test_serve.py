@@ -385,6 +385,20 @@ def test_mimo_serve_cli_serves_until_a_signal_and_exits_cleanly(signal_name):
         process.kill()
 
 
+def test_log_prompts_logs_the_prompt_and_the_answer():
+    import signal
+
+    process, base = start_cli_server("-m", "mimo-nano", "--temperature", "0", "--log-prompts")
+    try:
+        wait_for_health(process, base)
+        answer = httpx.post(f"{base}/v1/completions", json={"model": "mimo-nano", "prompt": "It is", "max_tokens": 4})
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert f"prompt 'It is' -> answer {answer.json()['choices'][0]['text']!r}" in process.stderr.read()
+    finally:
+        process.kill()
+
+
 def test_a_model_that_fails_to_load_ends_the_server_with_a_one_line_error(tmp_path):
     import shutil
 

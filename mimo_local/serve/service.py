@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from .parsers import OutputParser
 from .prompts import ChatPrompt, build_chat_prompt, forced_tool_call_grammar
 from .worker import Failed, GenerationRequest, GenerationWorker, Job
 
+
+log = logging.getLogger("mimo.serve")
 
 DISCONNECT_POLL_SECONDS = 0.5
 
@@ -132,6 +135,9 @@ class Service:
         return Output(job, parser, len(prompt_ids))
 
     def _record(self, job: Job, stats) -> None:
+        if self.settings.log_prompts:
+            prompt = self.engine.tokenizer.decode(job.request.prompt_ids, skip_special_tokens=False)
+            log.info("prompt %r -> answer %r", prompt, stats.text)
         metrics = self.metrics
         metrics.prompt_tokens.inc(len(job.request.prompt_ids))
         metrics.cached_prompt_tokens.inc(job.cached_tokens)
