@@ -116,12 +116,10 @@ ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, 
         __m256i exact[TOKENS_PER_PASS][2];
         for (int t = 0; t < tokens; t++) exact[t][0] = exact[t][1] = _mm256_setzero_si256();
         for (int64_t j = chunk; j < end; j += 64) {
-            __m256i w01 = _mm256_loadu_si256((const __m256i *)(w + j));
-            __m256i w23 = _mm256_loadu_si256((const __m256i *)(w + j + 32));
-            __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w01));
-            __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w01, 1));
-            __m256i w2 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w23));
-            __m256i w3 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w23, 1));
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j + 16)));
+            __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j + 32)));
+            __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j + 48)));
             for (int t = 0; t < tokens; t++) {
                 const __m256i *xt = (const __m256i *)(x + t * k + j);
                 exact[t][0] = _mm256_add_epi32(exact[t][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(xt)));
