@@ -191,3 +191,13 @@ def test_an_unfinished_output_is_named_so_by_the_plan(outputs, tmp_path):
         result = runner.invoke(app, command)
         assert result.exit_code == 1
         assert "incomplete quantized output" in result.stderr and "rerun `mimo quantize`" in result.stderr
+
+
+def test_advice_does_not_contradict_other_flags():
+    from mimo_local.offload.plan import parse_overrides
+    from test_plan import M7B
+
+    free_to_move = run_plan(M7B, ctx=32768, gpu_mem=17 * GIB, cpu_mem=64 * GIB)
+    assert "--gpu-mem 0 (all on the CPU)" in free_to_move.verdict()
+    pinned = run_plan(M7B, ctx=32768, gpu_mem=17 * GIB, cpu_mem=64 * GIB, overrides=parse_overrides(["lm_head=gpu"]))
+    assert not pinned.fits and "--gpu-mem 0" not in pinned.verdict()  # lm_head=gpu needs a GPU

@@ -100,8 +100,8 @@ class MemoryPlan:
             candidates.append((f"{self.request.ctx_flag} {room}", {"ctx": room}))
         if self.over("gpu") > 0 and self.experts_on_gpu:
             candidates.append(("--cpu-moe", {"cpu_moe": True}))
-        if self.over("gpu") > 0:
-            candidates.append(("--gpu-mem 0 (all on the CPU)", {"gpu_mem": 0, "overrides": []}))
+        if self.over("gpu") > 0 and all(device == "cpu" for _, device in self.request.overrides):
+            candidates.append(("--gpu-mem 0 (all on the CPU)", {"gpu_mem": 0}))
         if self.over("cpu") > 0 and self.budgets["gpu"] > 0 and self.over("gpu") < 0 and not self.request.cpu_moe:
             larger = -(-(self.budgets["gpu"] + self.over("cpu")) // GIB)
             if larger * GIB <= _gpu_free():  # only what the GPU has
@@ -112,30 +112,24 @@ class MemoryPlan:
             candidates.append((f"a 4-bit recipe (--quant {FOUR_BIT_RECIPE})", {"quant": FOUR_BIT_RECIPE}))
         return candidates
 
-    def _replan(self, changes: dict) -> "MemoryPlan":
+    def _fits_with(self, changes: dict) -> bool:
         request = dataclasses.replace(self.request, **changes)
-        inventory = self.inventory
-        if request.quant != self.request.quant:
-            inventory = take_inventory(self.config, self.mtp_layers, request.dtype, weight_quantization(self.source, request.quant))
-        return place(self.config, request, inventory, self.mtp_layers, self.stats, self.source)
+        try:
+            inventory = self.inventory
+            if request.quant != self.request.quant:
+                quantization = weight_quantization(self.source, request.quant)
+                inventory = take_inventory(self.config, self.mtp_layers, request.dtype, quantization)
+            return place(self.config, request, inventory, self.mtp_layers, self.stats, self.source).fits
+        except MimoError:  # the change conflicts with another flag: not a suggestion
+            return False
 
     @functools.cached_property
     def advice(self) -> list[str]:
-        """What to change so that a plan that does not fit would: only changes checked to fit (each
-        alone; else all that combine together), so every suggestion works for this model."""
-        if self.fits:
+        """What to change so that a plan that does not fit would: only changes checked to make it
+        fit, so every suggestion works for this model (none when no single change does)."""
+        if self.fits or self.source is None:
             return []
-        candidates = self._candidates()
-        if self.source is None:  # nothing to re-plan from
-            return [label for label, _ in candidates]
-        working = [label for label, changes in candidates if self._replan(changes).fits]
-        if working or len(candidates) < 2:
-            return working
-        combinable = [(label, changes) for label, changes in candidates if "gpu_mem" not in changes]
-        together = {key: value for _, changes in combinable for key, value in changes.items()}
-        if len(combinable) > 1 and self._replan(together).fits:
-            return [" with ".join(label for label, _ in combinable)]
-        return []
+        return [label for label, changes in self._candidates() if self._fits_with(changes)]
 
     def verdict(self) -> str:
         """One line: fits (with what is left) or not (by how much, and what to change)."""
