@@ -120,3 +120,14 @@ def test_ollama_client_gets_thinking_and_tool_calls_as_objects(flash):
                                                    stream=True, options={"temperature": 0}))
     assert "".join(part.message.thinking or "" for part in streamed) == TOOL_THINKING
     assert len(streamed[-1].message.tool_calls) == 2 and streamed[-1].done
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(flash):
+    answer = client(flash).chat.completions.create(model="flash", messages=QUESTION, tools=[WEATHER], temperature=0,
+                                                   parallel_tool_calls=False, extra_body=THINKING_ON)
+    assert calls(answer.choices[0].message) == [PARIS]
+    chunks = list(client(flash).chat.completions.create(model="flash", messages=QUESTION, tools=[WEATHER],
+                                                        temperature=0, parallel_tool_calls=False, stream=True,
+                                                        extra_body=THINKING_ON))
+    indexes = {call.index for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []}
+    assert indexes == {0}

@@ -144,16 +144,21 @@ def thinking_setting(request: ChatCompletionRequest) -> bool | None:
     return None
 
 
-def chat_message(parser) -> dict:
+def chat_message(parser, most_calls: int | None = None) -> dict:
+    """`most_calls`: 1 when the request said parallel_tool_calls false (later calls are dropped)."""
     message: dict[str, Any] = {"role": "assistant", "content": parser.content or (None if parser.tool_calls else "")}
     if parser.reasoning:
         message["reasoning_content"] = message["reasoning"] = parser.reasoning
     if parser.tool_calls:
         message["tool_calls"] = [
             {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-            for call in parser.tool_calls
+            for call in parser.tool_calls[:most_calls]
         ]
     return message
+
+
+def most_calls(body) -> int | None:
+    return 1 if body.parallel_tool_calls is False else None
 
 
 def token_logprob_entry(service: Service, token_id: int, logprob: float, top: list | None) -> dict:
@@ -164,15 +169,16 @@ def token_logprob_entry(service: Service, token_id: int, logprob: float, top: li
     return {**entry(token_id, logprob), "top_logprobs": [entry(t, v) for t, v in (top or [])]}
 
 
-def delta_dict(delta) -> dict:
+def delta_dict(delta, most_calls: int | None = None) -> dict:
     out: dict[str, Any] = {}
     if delta.reasoning:
         out["reasoning_content"] = out["reasoning"] = delta.reasoning
     if delta.content:
         out["content"] = delta.content
-    if delta.tool_calls:
+    calls = [call for call in delta.tool_calls if most_calls is None or call.index < most_calls]
+    if calls:
         out["tool_calls"] = []
-        for call in delta.tool_calls:
+        for call in calls:
             item: dict[str, Any] = {"index": call.index, "function": {"arguments": call.arguments}}
             if call.id is not None:
                 item.update(id=call.id, type="function")
@@ -269,7 +275,7 @@ async def complete_chat(service, output: Output, common: dict, body, request: Re
                     logprobs.append(token_logprob_entry(service, event.token_id, event.logprob, event.top_logprobs))
     if stats is None:  # the client went away
         return {}
-    choice = {"index": 0, "message": chat_message(output.parser),
+    choice = {"index": 0, "message": chat_message(output.parser, most_calls(body)),
               "logprobs": {"content": logprobs} if body.logprobs else None,
               "finish_reason": finish_reason(stats, output.parser)}
     if body.return_token_ids:
@@ -289,7 +295,7 @@ async def stream_chat(service, output: Output, common: dict, body, request: Requ
         async for event in events(output, request.is_disconnected):
             if isinstance(event, DoneEvent):
                 stats = event.stats
-                tail = delta_dict(output.parser.finish())
+                tail = delta_dict(output.parser.finish(), most_calls(body))
                 if tail:
                     yield chunk(tail)
                 extra = {"token_ids": stats.token_ids} if body.return_token_ids else {}
@@ -299,7 +305,7 @@ async def stream_chat(service, output: Output, common: dict, body, request: Requ
                                                "usage": usage(output, stats)})}
                 yield {"data": "[DONE]"}
                 return
-            delta = delta_dict(output.parser.feed(event.text))
+            delta = delta_dict(output.parser.feed(event.text), most_calls(body))
             logprobs = None
             if event.logprob is not None:
                 logprobs = {"content": [token_logprob_entry(service, event.token_id, event.logprob,
