@@ -201,3 +201,17 @@ def test_advice_does_not_contradict_other_flags():
     assert "--gpu-mem 0 (all on the CPU)" in free_to_move.verdict()
     pinned = run_plan(M7B, ctx=32768, gpu_mem=17 * GIB, cpu_mem=64 * GIB, overrides=parse_overrides(["lm_head=gpu"]))
     assert not pinned.fits and "--gpu-mem 0" not in pinned.verdict()  # lm_head=gpu needs a GPU
+
+
+@pytest.mark.parametrize("quantization_config", [
+    {"quant_method": "gptq", "bits": "four", "group_size": 128},
+    {"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": ["not", "a", "dict"]},
+    {"quant_method": "awq", "bits": 4},
+])
+def test_a_bad_quantization_config_is_a_one_line_error(quantization_config, tmp_path):
+    raw = json.loads(V2.read_text())
+    raw["quantization_config"] = quantization_config
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(raw))
+    result = runner.invoke(app, ["plan", str(config)])
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: {config}: ") and result.stderr.count("\n") == 1

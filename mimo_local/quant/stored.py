@@ -66,10 +66,13 @@ class StoredQuantization:
             raise MimoError(f"{self.source}: quant_method '{method}' is not supported (gptq, bitsandbytes, fp8)")
         read = self._from_tensors if self.entries is not None else self._from_config
         plan = {}
-        for name in quantizable:
-            scheme = read(name, shapes[name])
-            if scheme.quantized:
-                plan[name] = scheme
+        try:
+            for name in quantizable:
+                scheme = read(name, shapes[name])
+                if scheme.quantized:
+                    plan[name] = scheme
+        except (TypeError, ValueError, AttributeError) as error:  # a value of the wrong type or range
+            raise MimoError(f"{self.source}: unreadable quantization_config ({error})") from None
         return plan
 
     # -- from the tensors --------------------------------------------------------------------------
@@ -80,7 +83,7 @@ class StoredQuantization:
         if base + ".qweight" in entries:
             bits = 32 * entries[base + ".qweight"].shape[0] // in_features
             groups = entries[base + ".scales"].shape[0] if base + ".scales" in entries else 1
-            act_order = bool(self._gptq_settings(base).get("desc_act", False))
+            act_order = bool((self._gptq_settings(base) or {}).get("desc_act", False))
             return Scheme("gptq", bits=bits, group_size=-1 if groups == 1 else in_features // groups,
                           act_order=act_order)
         if base + ".weight.quant_state.bitsandbytes__nf4" in entries:
