@@ -87,8 +87,9 @@ class MemoryPlan:
 
     def _ctx_room(self, device: str) -> int | None:
         """The largest context (a multiple of 512, at least 512) whose KV cache fits `device`."""
-        fixed = self.used(device) - self.kv_bytes_per_token * self.request.ctx
-        room = (self.budgets[device] - fixed) // max(self.kv_bytes_per_token, 1)
+        per_token = self.kv_bytes_per_token * self.request.sequences
+        fixed = self.used(device) - per_token * self.request.ctx
+        room = (self.budgets[device] - fixed) // max(per_token, 1)
         return room // 512 * 512 if 512 <= room < self.request.ctx else None
 
     def _candidates(self) -> list[tuple[str, dict]]:
