@@ -109,8 +109,9 @@ class StopMatcher:
         return longest
 
 
-def prefill(model: MiMoForCausalLM, cache: ModelCache, ids: list[int], observe=None):
-    """Run the prompt in chunks; returns the last position's logits."""
+def prefill_chunks(model: MiMoForCausalLM, cache: ModelCache, ids: list[int], observe=None):
+    """Run the prompt a chunk at a time, yielding after each chunk; returns the last position's
+    logits (a batch interleaves a long prompt's chunks with the decode steps of the others)."""
     device = model.device
     out = None
     for begin in range(0, len(ids), PREFILL_CHUNK):
@@ -118,7 +119,19 @@ def prefill(model: MiMoForCausalLM, cache: ModelCache, ids: list[int], observe=N
         out = model(torch.tensor([ids[begin : begin + PREFILL_CHUNK]], device=device), cache)
         if observe is not None:
             observe(out.hidden, start)
+        if begin + PREFILL_CHUNK < len(ids):
+            yield
     return out.logits[0, -1]
+
+
+def prefill(model: MiMoForCausalLM, cache: ModelCache, ids: list[int], observe=None):
+    """Run the whole prompt in chunks; returns the last position's logits."""
+    chunks = prefill_chunks(model, cache, ids, observe)
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as done:
+            return done.value
 
 
 class PlainDecoder:
@@ -130,8 +143,10 @@ class PlainDecoder:
 
     observe = None  # called with the hidden states of every prefill chunk
 
-    def first(self, prompt_ids: list[int], history: torch.Tensor) -> list[int]:
-        return self.pick(prefill(self.model, self.cache, prompt_ids, observe=self.observe), history)
+    def first(self, prompt_ids: list[int], history: torch.Tensor):
+        """Prefill the prompt, a chunk per iteration; returns the first picked tokens."""
+        logits = yield from prefill_chunks(self.model, self.cache, prompt_ids, observe=self.observe)
+        return self.pick(logits, history)
 
     def next(self, history: torch.Tensor) -> list[int]:
         return self.pick(self.model(history[-1:].view(1, 1), self.cache).logits[0, -1], history)
@@ -238,6 +253,7 @@ class Generation:
                                device=model.device)
         self.ids[: len(prompt_ids)] = torch.tensor(prompt_ids)
         self.history = self.ids[: len(prompt_ids)]
+        self._prefill = None  # the prompt's chunks still to run (see prefill_chunk)
         self.pending: list[int] = []  # tokens picked, not yet taken
         self.finished = False
         self.hit_stop_string = False
@@ -247,10 +263,24 @@ class Generation:
         return isinstance(self.decoder, SpeculativeDecoder)
 
     def prefill(self) -> None:
+        while not self.prefill_chunk():
+            pass
+
+    def prefill_chunk(self) -> bool:
+        """Prefill the next chunk of the prompt; True once the prompt is done and the first token
+        picked."""
         started = time.perf_counter()
-        self.pending = self.decoder.first(self.prompt_ids, self.history)
-        self.stats.prefill_seconds = time.perf_counter() - started
-        self.decode_started = time.perf_counter()
+        if self._prefill is None:
+            self._prefill = self.decoder.first(self.prompt_ids, self.history)
+        try:
+            next(self._prefill)
+            done = False
+        except StopIteration as finished:
+            self.pending, done = finished.value, True
+        self.stats.prefill_seconds += time.perf_counter() - started
+        if done:
+            self.decode_started = time.perf_counter()
+        return done
 
     def decode_step(self) -> None:
         """This sequence alone: one decoder step (a target forward, or a draft and verify)."""
@@ -326,35 +356,47 @@ class Batch:
     together, a speculative one in its own draft-and-verify step."""
 
     def __init__(self):
-        self.active: list[Generation] = []
+        self.prefilling: list[Generation] = []  # waiting for their prompt, a chunk per step, in order
+        self.active: list[Generation] = []  # decoding
 
-    def join(self, generation: Generation) -> list[TokenEvent | DoneEvent]:
-        """Prefill it; returns its first events (all of them if it ended at once)."""
-        generation.prefill()
-        events = list(generation.take())
-        if generation.finished:
-            return events + list(generation.finish())
-        self.active.append(generation)
-        return events
+    @property
+    def generations(self) -> list[Generation]:
+        return self.prefilling + self.active
+
+    def join(self, generation: Generation) -> None:
+        self.prefilling.append(generation)
 
     def leave(self, generation: Generation) -> None:
-        self.active.remove(generation)
+        (self.active if generation in self.active else self.prefilling).remove(generation)
 
     def step(self) -> list[tuple[Generation, list[TokenEvent | DoneEvent]]]:
-        plain = [g for g in self.active if not g.speculative]
+        """One chunk of the first waiting prompt and one decode step of the others; returns the
+        events of every sequence that produced some."""
+        results = []
+        if self.prefilling:
+            generation = self.prefilling[0]
+            if generation.prefill_chunk():
+                self.prefilling.pop(0)
+                results.append((generation, self._taken(generation)))
+        decoding = [g for g in self.active if not g.finished]
+        plain = [g for g in decoding if not g.speculative]
         if plain:
             decode_batch(plain)
-        for generation in self.active:
+        for generation in decoding:
             if generation.speculative:
                 generation.decode_step()
-        results = []
-        for generation in list(self.active):
-            events = list(generation.take())
-            if generation.finished:
-                events += list(generation.finish())
+        results += [(generation, self._taken(generation)) for generation in decoding]
+        for generation, _ in results:
+            if generation not in self.active and not generation.finished:
+                self.active.append(generation)
+            elif generation.finished and generation in self.active:
                 self.active.remove(generation)
-            results.append((generation, events))
         return results
+
+    @staticmethod
+    def _taken(generation: Generation) -> list[TokenEvent | DoneEvent]:
+        events = list(generation.take())
+        return events + list(generation.finish()) if generation.finished else events
 
 
 def decode_batch(generations: list[Generation]) -> None:

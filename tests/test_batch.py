@@ -24,8 +24,8 @@ def run_batched(engine, requests, joins):
                 generation = Generation(engine.model, engine.tokenizer, prompt, settings)
                 generations[index] = generation
                 produced[index] = []
-                record(index, batch.join(generation), produced, done)
-        for generation, events in batch.step() if batch.active else []:
+                batch.join(generation)
+        for generation, events in batch.step() if batch.generations else []:
             index = next(i for i, g in generations.items() if g is generation)
             record(index, events, produced, done)
         step += 1
@@ -44,7 +44,8 @@ def record(index, events, produced, done):
 def test_batched_sequences_equal_their_single_runs(checkpoints, family):
     engine = Engine.load(checkpoints(family), device="cpu", dtype="float32")
     generator = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(5, 900, (length,), generator=generator).tolist() for length in (5, 17, 9, 30, 3, 12)]
+    # 1100: a prompt prefilled in three chunks while the others decode
+    prompts = [torch.randint(5, 900, (length,), generator=generator).tolist() for length in (5, 17, 1100, 30, 3, 12)]
     settings = [
         SamplingSettings(temperature=0, max_tokens=12),
         SamplingSettings(temperature=0, max_tokens=5),

@@ -507,5 +507,5 @@ def test_soak_200_requests_from_16_clients_with_cancellations():
         good_request_works(base)
         allocated = sum(slot.cache.nbytes for slot in service.worker.slots if slot.cache is not None)
         assert service.worker.slots_in_use == 0 and service.worker.waiting == 0 and not service.worker.running
-        assert not service.worker.batch.active
+        assert not service.worker.batch.generations
         assert allocated <= 4 * service.worker.slots[0].cache.nbytes  # one preallocated cache per slot, no more

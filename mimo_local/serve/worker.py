@@ -136,7 +136,7 @@ class GenerationWorker:
                                     **speculation)
             slot.job = job
             self.running[id(generation)] = (generation, slot)
-            self._deliver(generation, self.batch.join(generation))
+            self.batch.join(generation)
         except Exception as error:  # noqa: BLE001 - the request fails, the server goes on
             self._fail([job], error)
             slot.job = None
@@ -146,12 +146,12 @@ class GenerationWorker:
             if slot.job.cancelled.is_set():
                 self.batch.leave(generation)
                 self._forget(generation)
-        if not self.batch.active:
+        if not self.batch.generations:
             return
         try:
             results = self.batch.step()
         except Exception as error:  # noqa: BLE001 - the batch's requests fail, the server goes on
-            failed = list(self.batch.active)
+            failed = self.batch.generations
             self._fail([self.running[id(g)][1].job for g in failed], error)
             for generation in failed:
                 self.batch.leave(generation)
