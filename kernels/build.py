@@ -2,7 +2,8 @@
 chosen at run time (from its feature flags, not from how the build machine happened to be).
 
 Levels, best first: `avx512` (x86-64-v4, plus AVX512-VNNI / AVX512-BF16 where the CPU has them),
-`avx2` (x86-64-v3: AVX2, FMA, F16C) and `generic` (the compiler's default target, plain C).
+`avx2` (x86-64-v3: AVX2, FMA, F16C), `neon` (aarch64) and `generic` (the compiler's default target,
+plain C without intrinsics).
 MIMO_CPU_ISA=avx512|avx2|generic forces one (an error where this CPU cannot run it);
 MIMO_CPU_KERNELS=0 turns the kernels off (torch's ops run). Builds are cached under
 ~/.cache/mimo-local/kernels, keyed by the sources, the compiler (path and version) and the flags.
@@ -35,19 +36,21 @@ class IsaLevel:
     flags: tuple[str, ...]  # compiler flags of this level
     needs: frozenset[str]  # CPU feature flags (as /proc/cpuinfo names them) it needs
     extras: tuple[tuple[str, str], ...] = ()  # (CPU flag, compiler flag) added where the CPU has the feature
+    machine: str | None = None  # the architecture it is for (None: any)
 
     def compiler_flags(self, cpu_flags: frozenset[str]) -> list[str]:
         return [*self.flags, *(flag for feature, flag in self.extras if feature in cpu_flags)]
 
     def runs_on(self, cpu_flags: frozenset[str]) -> bool:
-        return self.needs <= cpu_flags and (not self.needs or _is_x86())
+        return self.needs <= cpu_flags and self.machine in (None, _machine())
 
 
 LEVELS = (
     IsaLevel("avx512", ("-march=x86-64-v4",), _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
-             (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))),
-    IsaLevel("avx2", ("-march=x86-64-v3",), _X86_64_V3),
-    IsaLevel("generic", (), frozenset()),
+             (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")), machine="x86_64"),
+    IsaLevel("avx2", ("-march=x86-64-v3",), _X86_64_V3, machine="x86_64"),
+    IsaLevel("neon", (), frozenset({"asimd"}), machine="aarch64"),
+    IsaLevel("generic", ("-DMIMO_PLAIN_C",), frozenset()),
 )
 LEVEL_NAMES = tuple(level.name for level in LEVELS)
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -57,8 +60,9 @@ class BuildError(Exception):
     """A kernel build that failed, with a one-line reason."""
 
 
-def _is_x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64")
+def _machine() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
 def cache_dir() -> Path:
@@ -68,10 +72,11 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo has none: generic)."""
+    """The CPU's feature flags as Linux lists them ("flags" on x86, "Features" on ARM; empty where
+    /proc/cpuinfo has none: generic)."""
     try:
         with open("/proc/cpuinfo") as handle:
-            line = next((line for line in handle if line.startswith("flags")), "")
+            line = next((line for line in handle if line.startswith(("flags", "Features"))), "")
     except OSError:
         line = ""
     return frozenset(line.partition(":")[2].split())
@@ -97,7 +102,8 @@ def chosen_level() -> tuple[IsaLevel, bool]:
         return runnable_levels()[0], False
     wanted = level(forced)
     if not wanted.runs_on(cpu_flags()):
-        missing = sorted(wanted.needs - cpu_flags()) or [f"an x86-64 CPU (this is {platform.machine()})"]
+        missing = sorted(wanted.needs - cpu_flags()) if wanted.machine in (None, _machine()) else [
+            f"{wanted.machine} CPU: this is {platform.machine()}"]
         raise MimoError(f"MIMO_CPU_ISA={forced}: this CPU cannot run that build (no {', '.join(missing)})")
     return wanted, True
 

@@ -14,6 +14,12 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+/* NEON paths on aarch64 (NEON is baseline there); the `generic` build defines MIMO_PLAIN_C and
+ * keeps to plain C (which the compiler still vectorizes where it can). */
+#if defined(__aarch64__) && defined(__ARM_NEON) && !defined(MIMO_PLAIN_C)
+#define MIMO_NEON 1
+#include <arm_neon.h>
+#endif
 
 #if defined(__AVX2__)
 static inline float hsum256(__m256 v) { /* the sum of 8 float lanes */
@@ -25,7 +31,7 @@ static inline float hsum256(__m256 v) { /* the sum of 8 float lanes */
 #endif
 
 /* The vector width every float loop below is written in: 16 lanes (AVX-512), 8 (AVX2 with FMA),
- * or none (scalar loops only). vload_bf16 widens bfloat16 to float32 by a 16-bit shift. */
+ * 4 (NEON), or none (scalar loops only). vload_bf16 widens bfloat16 to float32 by a 16-bit shift. */
 #if defined(__AVX512F__)
 #define VLANES 16
 typedef __m512 vfloat;
@@ -64,6 +70,22 @@ static inline void vload_bf16_pair(const uint16_t *p, vfloat *first, vfloat *sec
     *first = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
     *second = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
 }
+#elif defined(MIMO_NEON)
+#define VLANES 4
+typedef float32x4_t vfloat;
+#define vzero() vdupq_n_f32(0.f)
+#define vload vld1q_f32
+#define vstore vst1q_f32
+#define vset1 vdupq_n_f32
+#define vfmadd(a, b, c) vfmaq_f32((c), (a), (b))
+#define vadd vaddq_f32
+#define vsum vaddvq_f32
+static inline vfloat vload_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static inline void vload_bf16_pair(const uint16_t *p, vfloat *first, vfloat *second) {
+    uint16x8_t v = vld1q_u16(p);
+    *first = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(v), 16));
+    *second = vreinterpretq_f32_u32(vshll_high_n_u16(v, 16));
+}
 #endif
 
 /* The ISA level this object was built for, so the loader can check it got what it asked for. */
@@ -72,7 +94,7 @@ const char *kernel_isa(void) {
     return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
-#elif defined(__aarch64__) && defined(__ARM_NEON)
+#elif defined(MIMO_NEON)
     return "neon";
 #else
     return "generic";

@@ -1,0 +1,129 @@
+/* The decode kernels against naive references, as a plain C program: the check that runs where
+ * Python cannot (an aarch64 build under qemu-user) and natively for the host's builds
+ * (tests/test_kernel_harness.py). Prints the build's ISA level, one line per check, then "ALL OK";
+ * exits 1 on the first failure. Small shapes: qemu is slow. */
+#include "../kernels/cpu_quant.c"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+static uint32_t state = 12345;
+static float uniform(void) { /* -1 .. 1 */
+    state = state * 1664525u + 1013904223u;
+    return (float)((state >> 8) & 0xFFFF) / 32768.f - 1.f;
+}
+static uint16_t to_bf16(float f) { return f32_to_bf16(f); }
+
+static int failures = 0;
+static void check(int ok, const char *what) {
+    printf("%s %s\n", ok ? "ok" : "FAIL", what);
+    if (!ok) failures++;
+}
+
+#define M 3
+#define N 40
+#define K 256
+#define GROUP 128
+
+int main(void) {
+    printf("isa %s\n", kernel_isa());
+    static float xf[M * K], wf[N * K], bias[N], y[M * N], y1[M * N], expected[M * N];
+    static uint16_t xb[M * K], wb[N * K], yb[M * N];
+    static int8_t w8[N * K];
+    static uint8_t w4[N * K / 2];
+    static float scales8[N], scales4[N * K / GROUP], zeros4[N * K / GROUP];
+    for (int i = 0; i < M * K; i++) { xb[i] = to_bf16(uniform() * 3.f); xf[i] = bf16_to_f32(xb[i]); }
+    for (int i = 0; i < N * K; i++) { wb[i] = to_bf16(uniform() / 16.f); wf[i] = bf16_to_f32(wb[i]); }
+    for (int i = 0; i < N; i++) { bias[i] = uniform(); scales8[i] = (uniform() + 1.5f) / 256.f; }
+    for (int i = 0; i < N * K; i++) w8[i] = (int8_t)(uniform() * 127.f);
+    for (int i = 0; i < N * K / 2; i++) w4[i] = (uint8_t)((uniform() + 1.f) * 127.99f);
+    for (int i = 0; i < N * K / GROUP; i++) { scales4[i] = (uniform() + 1.5f) / 64.f; zeros4[i] = (uniform() + 1.f) * 7.5f; }
+
+    /* float32 and bfloat16 GEMV rows */
+    linear_f32(xf, wf, bias, NULL, y, M, N, K);
+    int ok = 1;
+    for (int i = 0; i < M; i++)
+        for (int r = 0; r < N; r++) {
+            double sum = bias[r];
+            for (int j = 0; j < K; j++) sum += (double)xf[i * K + j] * wf[r * K + j];
+            expected[i * N + r] = (float)sum;
+            ok &= fabs(y[i * N + r] - sum) <= 1e-4 * (1 + fabs(sum));
+        }
+    check(ok, "linear_f32 matches the reference");
+    linear_bf16(xb, wb, NULL, y, NULL, M, N, K);
+    ok = 1;
+    for (int i = 0; i < M * N; i++) {
+        int r = i % N;
+        ok &= fabsf(y[i] - (expected[i] - bias[r])) <= 1e-4f * (1 + fabsf(expected[i]));
+    }
+    check(ok, "linear_bf16 (float32 out) matches the reference");
+    linear_bf16(xb, wb, NULL, NULL, yb, M, N, K);
+    ok = 1;
+    for (int i = 0; i < M * N; i++) ok &= yb[i] == to_bf16(y[i]);
+    check(ok, "linear_bf16 rounds once to bfloat16");
+
+    /* int8 rows on int16-quantized activations */
+    ok = linear_int8_bf16(xb, w8, scales8, bias, y, M, N, K);
+    for (int i = 0; i < M; i++)
+        for (int r = 0; r < N; r++) {
+            double sum = bias[r], size = 0;
+            for (int j = 0; j < K; j++) {
+                sum += (double)xf[i * K + j] * w8[r * K + j] * scales8[r];
+                size += fabs((double)w8[r * K + j] * scales8[r]) * 3.0 / 32767;
+            }
+            ok &= fabs(y[i * N + r] - sum) <= size + 1e-4 * (1 + fabs(sum));
+        }
+    check(ok, "linear_int8_bf16 matches the reference within the int16 quantization of x");
+
+    /* int4 groups on int8-quantized activations */
+    ok = linear_int4_bf16(xb, w4, scales4, zeros4, bias, y, M, N, K, GROUP);
+    for (int i = 0; i < M; i++)
+        for (int r = 0; r < N; r++) {
+            double sum = bias[r], size = 0;
+            for (int j = 0; j < K; j++) {
+                int q = j % 2 ? w4[r * K / 2 + j / 2] >> 4 : w4[r * K / 2 + j / 2] & 0x0F;
+                int g = r * (K / GROUP) + j / GROUP;
+                double w = (q - zeros4[g]) * scales4[g];
+                sum += xf[i * K + j] * w;
+                size += fabs(w) * 3.0 / 254;
+            }
+            ok &= fabs(y[i * N + r] - sum) <= size * 1.01 + 1e-4 * (1 + fabs(sum));
+        }
+    check(ok, "linear_int4_bf16 matches the reference within the int8 quantization of x");
+
+    /* a token gets the same bits alone and among others (MTP verify steps) */
+    ok = 1;
+    for (int kind = 0; kind < 3; kind++) {
+        for (int i = 0; i < M; i++) {
+            float alone[N];
+            if (kind == 0) linear_bf16(xb + i * K, wb, NULL, alone, NULL, 1, N, K);
+            if (kind == 1) linear_int8_bf16(xb + i * K, w8, scales8, bias, alone, 1, N, K);
+            if (kind == 2) linear_int4_bf16(xb + i * K, w4, scales4, zeros4, bias, alone, 1, N, K, GROUP);
+            if (i == 0) {
+                if (kind == 0) linear_bf16(xb, wb, NULL, y1, NULL, M, N, K);
+                if (kind == 1) linear_int8_bf16(xb, w8, scales8, bias, y1, M, N, K);
+                if (kind == 2) linear_int4_bf16(xb, w4, scales4, zeros4, bias, y1, M, N, K, GROUP);
+            }
+            ok &= memcmp(alone, y1 + i * N, sizeof alone) == 0;
+        }
+    }
+    check(ok, "one token alone and in a 3-token call: the same bits");
+
+    /* argmax: the first of the largest, as torch.argmax picks it */
+    static float logits[1001];
+    int64_t best;
+    ok = 1;
+    for (int trial = 0; trial < 20; trial++) {
+        int64_t n = 1 + trial * 50, naive = 0;
+        for (int64_t j = 0; j < n; j++) logits[j] = trial % 2 ? roundf(uniform() * 4.f) : uniform();
+        if (trial % 5 == 0) for (int64_t j = n / 2; j < n; j++) logits[j] = -INFINITY;
+        for (int64_t j = 1; j < n; j++) if (logits[j] > logits[naive]) naive = j;
+        argmax_rows_f32(logits, 1, n, &best);
+        ok &= best == naive;
+    }
+    check(ok, "argmax_rows_f32 picks the first largest");
+
+    if (failures) return 1;
+    printf("ALL OK\n");
+    return 0;
+}
