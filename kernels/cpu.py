@@ -32,7 +32,7 @@ def load_compiled(source_path: Path) -> ctypes.CDLL | None:
 def active_isa() -> str:
     """The ISA level of the kernels that run ("avx512", "avx2", "generic"), or "torch" where none do."""
     lib = library()
-    return "torch" if lib is None else lib.kernel_isa().decode()
+    return "torch" if lib is None else lib.isa_name
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,6 +41,7 @@ def library() -> ctypes.CDLL | None:
     lib = load_compiled(SOURCE)
     if lib is None:
         return None
+    lib.isa_name = lib.kernel_isa().decode()  # asked on every matmul (choice.py keys): read once
     pointer, i64, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     argtypes = {
         "linear": [pointer] * 5 + [integer, i64, i64],

@@ -2,26 +2,41 @@
  *
  * Decode reads every weight once per token, so speed is memory bandwidth: each thread streams a
  * contiguous block of rows of W once and applies it to all M rows of x held in cache.
- * Compiled on first use once per ISA level (cpu.py: AVX-512, AVX2+FMA, generic), the level the CPU
- * runs picked at load time; within one build the paths are picked at compile time from the
- * __AVX512F__ / __AVX2__ macros, with a plain C loop (auto-vectorized) for other CPUs. OpenMP
- * resolves to the libgomp torch already loaded, so torch's ops and these share one thread pool.
+ * Compiled on first use once per ISA level (build.py: AVX-512, AVX2+FMA, NEON, generic), the
+ * level the CPU runs picked at load time; within one build the paths are picked at compile time
+ * (MIMO_AVX512F, MIMO_AVX2, MIMO_NEON below), with plain C loops (auto-vectorized) otherwise.
+ * OpenMP resolves to the libgomp torch already loaded, so torch's ops and these share one thread
+ * pool.
  */
 #include <stdint.h>
 #include <math.h>
 #include <omp.h>
 #include <string.h>
-#if defined(__x86_64__)
+
+/* The paths this build takes, from the target the compiler was given. The `generic` build
+ * defines MIMO_PLAIN_C and keeps to plain C (which the compiler still vectorizes where it can),
+ * whatever the compiler's default target. NEON is baseline on aarch64. */
+#if defined(__x86_64__) && !defined(MIMO_PLAIN_C)
 #include <immintrin.h>
+#if defined(__AVX512F__)
+#define MIMO_AVX512F 1
 #endif
-/* NEON paths on aarch64 (NEON is baseline there); the `generic` build defines MIMO_PLAIN_C and
- * keeps to plain C (which the compiler still vectorizes where it can). */
+#if defined(__AVX512BF16__)
+#define MIMO_AVX512BF16 1
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define MIMO_AVX512VNNI 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define MIMO_AVX2 1
+#endif
+#endif
 #if defined(__aarch64__) && defined(__ARM_NEON) && !defined(MIMO_PLAIN_C)
 #define MIMO_NEON 1
 #include <arm_neon.h>
 #endif
 
-#if defined(__AVX2__)
+#if defined(MIMO_AVX2)
 static inline float hsum256(__m256 v) { /* the sum of 8 float lanes */
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -32,7 +47,7 @@ static inline float hsum256(__m256 v) { /* the sum of 8 float lanes */
 
 /* The vector width every float loop below is written in: 16 lanes (AVX-512), 8 (AVX2 with FMA),
  * 4 (NEON), or none (scalar loops only). vload_bf16 widens bfloat16 to float32 by a 16-bit shift. */
-#if defined(__AVX512F__)
+#if defined(MIMO_AVX512F)
 #define VLANES 16
 typedef __m512 vfloat;
 #define vzero _mm512_setzero_ps
@@ -52,7 +67,7 @@ static inline void vload_bf16_pair(const uint16_t *p, vfloat *first, vfloat *sec
     *first = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
     *second = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(MIMO_AVX2)
 #define VLANES 8
 typedef __m256 vfloat;
 #define vzero _mm256_setzero_ps
@@ -90,9 +105,9 @@ static inline void vload_bf16_pair(const uint16_t *p, vfloat *first, vfloat *sec
 
 /* The ISA level this object was built for, so the loader can check it got what it asked for. */
 const char *kernel_isa(void) {
-#if defined(__AVX512F__)
+#if defined(MIMO_AVX512F)
     return "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(MIMO_AVX2)
     return "avx2";
 #elif defined(MIMO_NEON)
     return "neon";
@@ -150,7 +165,7 @@ static float dot_f32(const float *w, const float *x, int64_t k) {
 static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t k) {
     int64_t j = 0;
     float s = 0.f;
-#if defined(__AVX512BF16__)
+#if defined(MIMO_AVX512BF16)
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
 #define BF(p) ((__m512bh)_mm512_loadu_si512(p))
     for (; j + 128 <= k; j += 128) {
@@ -456,7 +471,7 @@ void argmax_rows_f32(const float *x, int rows, int64_t n, int64_t *out) {
         const float *row = x + (int64_t)r * n;
         int64_t best = 0, j = 0;
         float top = row[0];
-#if defined(__AVX512F__)
+#if defined(MIMO_AVX512F)
         if (n >= 16 && n < ((int64_t)1 << 31)) {
             __m512 peak = _mm512_loadu_ps(row);
             __m512i where = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -472,7 +487,7 @@ void argmax_rows_f32(const float *x, int rows, int64_t n, int64_t *out) {
             top = _mm512_reduce_max_ps(peak);
             best = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(peak, _mm512_set1_ps(top), _CMP_EQ_OQ), where);
         }
-#elif defined(__AVX2__)
+#elif defined(MIMO_AVX2)
         if (n >= 8 && n < ((int64_t)1 << 31)) {
             __m256 peak = _mm256_loadu_ps(row);
             __m256i where = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

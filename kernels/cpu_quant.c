@@ -11,24 +11,20 @@
 #include <string.h>
 #include <math.h>
 #include <omp.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+/* decoder_layer_bf16 and its per-step functions, the vector helpers (vsum...) and the ISA macros
+ * (MIMO_AVX2...): one compilation unit with the kernels below. */
+#include "cpu_linear.c"
 
 /* Integer dot products for bfloat16 activations quantized once per call: 512 (AVX512-VNNI), 256
  * (AVX2: vpmaddubsw / vpmaddwd, the same integer sums in more instructions) or 1 (plain C, which
  * the compiler vectorizes for the target it has, e.g. NEON). */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(MIMO_AVX512VNNI)
 #define INT_DOT 512
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(MIMO_AVX2)
 #define INT_DOT 256
 #else
 #define INT_DOT 1
 #endif
-
-/* decoder_layer_bf16 and its per-step functions, and the vector helpers (vsum...): one
- * compilation unit with the kernels below. */
-#include "cpu_linear.c"
 
 #define TOKENS_PER_PASS 4
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -58,7 +54,7 @@ static inline float bf16_value(uint16_t v) {
 /* ---------------------------------------------------------------- int8, one scale per row */
 ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int tokens, float *sums) {
     int64_t j = 0;
-#if defined(__AVX512F__)
+#if defined(MIMO_AVX512F)
     __m512 acc[TOKENS_PER_PASS][2];
     for (int t = 0; t < tokens; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     for (; j + 32 <= k; j += 32) {
@@ -70,7 +66,7 @@ ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int toke
         }
     }
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(MIMO_AVX2)
     __m256 acc[TOKENS_PER_PASS][2];
     for (int t = 0; t < tokens; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (; j + 16 <= k; j += 16) {
@@ -206,7 +202,7 @@ void linear_int8(const float *x, const int8_t *w, const float *scales, const flo
 ALWAYS_INLINE void int4_row(const uint8_t *w, const float *scales, const float *zeros, const float *x_even,
                             const float *x_odd, int64_t k, int64_t group, int tokens, float *sums) {
     int64_t half = k / 2;
-#if defined(__AVX512F__)
+#if defined(MIMO_AVX512F)
     if (group % 32 == 0) {
         const __m512i low_mask = _mm512_set1_epi32(0x0F);
         __m512 acc[TOKENS_PER_PASS][2];
@@ -227,7 +223,7 @@ ALWAYS_INLINE void int4_row(const uint8_t *w, const float *scales, const float *
         for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
         return;
     }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(MIMO_AVX2)
     if (group % 16 == 0) {
         const __m256i low_mask = _mm256_set1_epi32(0x0F);
         __m256 acc[TOKENS_PER_PASS][2];
