@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .budget import SPARE_SLOTS
 from .config import AttentionSpec, MiMoConfig
 
 EMPTY_SLOT = -(2**40)
@@ -108,7 +109,7 @@ class ModelCache:
         dtype,
         device,
         batch: int = 1,
-        spare_slots: int = 8,
+        spare_slots: int = SPARE_SLOTS,
         mtp_specs: list[AttentionSpec] | None = None,
     ) -> "ModelCache":
         layers = [

@@ -118,6 +118,7 @@ def run(
     debug: bool = debug_option(),
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
+    from .budget import context_estimate
     from .engine import Engine
     from .offload.hotness import save_recorded
     from .generate import DoneEvent
@@ -141,7 +142,7 @@ def run(
         if server:
             return _run_on_server(server, text, settings, model, system, raw, ignore_eos, api_key, as_json)
         model_dir = _resolve_model_for_run(model, yes)
-        context = len((text + (system or "")).encode()) + 64 + max_tokens + 8  # byte-level BPE: <= 1 token per byte
+        context = context_estimate(text + (system or ""), max_tokens)
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=context,
                                                       mtp=mtp, clamp_ctx=True, ctx_flag=None)
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from .budget import PREFILL_CHUNK, cache_size, room_to_generate, spare_slots
 from .cache import ModelCache
 from .errors import MimoError
 from .models.model import MiMoForCausalLM
@@ -15,7 +16,6 @@ from .sampling import Sampler, SamplingSettings
 from .speculative import MTPDrafter, SpeculationStats, accept_drafts
 from .tokenizer import ChatTokenizer, IncrementalDetokenizer
 
-PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -230,10 +230,10 @@ class Generation:
         self.eos_ids = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
         if cache is None:
             cache = model.new_cache(
-                min(len(prompt_ids) + settings.max_tokens + draft_tokens + 1, model.config.max_position_embeddings),
-                spare_slots=max(8, draft_tokens + 2),
+                cache_size(len(prompt_ids), settings.max_tokens, draft_tokens, model.config.max_position_embeddings),
+                spare_slots=spare_slots(draft_tokens),
             )
-        room = cache.max_tokens - cache.length - len(prompt_ids) - draft_tokens
+        room = room_to_generate(cache.max_tokens, cache.length, len(prompt_ids), draft_tokens)
         if room < 1:
             raise MimoError(
                 f"the prompt ({len(prompt_ids)} tokens) does not fit the context ({cache.max_tokens - cache.length} left)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from ..budget import spare_slots
 from ..errors import MimoError
 from ..generate import DoneEvent, GenerationStats, TokenEvent
 from .settings import ChatSettings
@@ -18,9 +19,6 @@ from .settings import ChatSettings
 # templates switch reasoning off; it works with any ChatML template.
 EMPTY_THINKING = "<think>\n\n</think>\n\n"
 MAX_DEFAULT_CONTEXT = 32768
-# Sliding-window rings keep this many positions beyond their window, so a new turn can rewind that
-# far (an edited message, an answer that re-tokenizes differently) without a full prefill.
-REWIND_SLOTS = 128
 
 
 class ContextFull(MimoError):
@@ -85,7 +83,7 @@ class ChatSession:
         """Rewind (or allocate) the cache for `prompt_ids`; returns how many of them it already holds."""
         if self.cache is None:
             drafts = self.speculation["draft_tokens"]
-            self.cache = self.engine.model.new_cache(self.context, spare_slots=max(REWIND_SLOTS, drafts + 2))
+            self.cache = self.engine.model.new_cache(self.context, spare_slots=spare_slots(drafts, rewind=True))
         # The cache records the id of every position it holds: exactly what was fed, which leaves out
         # the last sampled token of the previous answer and includes any drafts fed past a stop.
         held = self.cache.token_ids[: self.cache.length].tolist()

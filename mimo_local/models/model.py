@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..budget import SPARE_SLOTS
 from ..cache import ModelCache
 from ..config import AttentionSpec, MiMoConfig
 from .layers import MLP, DecoderLayer, Linear, RMSNorm, RotaryEmbedding
@@ -67,7 +68,7 @@ class MiMoForCausalLM(nn.Module):
     def mtp_attention_specs(self) -> list[AttentionSpec]:
         return [layer.block.self_attn.spec for layer in self.mtp_layers]
 
-    def new_cache(self, max_tokens: int, spare_slots: int = 8) -> ModelCache:
+    def new_cache(self, max_tokens: int, spare_slots: int = SPARE_SLOTS) -> ModelCache:
         return ModelCache.allocate(
             self.config,
             max_tokens,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..budget import PREFILL_CHUNK, SPARE_SLOTS
 from ..config import MiMoConfig
 from ..errors import MimoError
 from .hotness import ExpertStats, load_stats
@@ -20,8 +21,6 @@ from .placement import Placement
 from .schemes import weight_quantization
 
 GIB = 1 << 30
-PREFILL_CHUNK = 512  # generate.PREFILL_CHUNK: tokens per prefill forward
-SPARE_SLOTS = 8  # sliding-window ring slots beyond the window (generate's default)
 DEVICES = ("gpu", "cpu")
 FOUR_BIT_RECIPE = "int4-g128"  # the recipe the advice names: it fits every MiMo shape (quant.recipes.Scheme.fit)
 

@@ -12,7 +12,8 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from ..chat.session import REWIND_SLOTS, common_prefix_length
+from ..budget import spare_slots
+from ..chat.session import common_prefix_length
 from ..errors import MimoError
 from ..generate import Batch, DoneEvent, Generation
 from ..sampling import SamplingSettings
@@ -188,7 +189,7 @@ class GenerationWorker:
                 if slot.cache is not None else (-1, index) for index, slot in enumerate(free)]
         slot = free[max(held)[1]]
         if slot.cache is None:
-            slot.cache = self.engine.model.new_cache(self.context, spare_slots=max(REWIND_SLOTS, draft_tokens + 2))
+            slot.cache = self.engine.model.new_cache(self.context, spare_slots=spare_slots(draft_tokens, rewind=True))
         return slot
 
     def _reuse(self, slot: Slot, prompt_ids: list[int], draft_tokens: int) -> int:
