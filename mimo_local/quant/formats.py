@@ -152,10 +152,12 @@ def nf4_runtime(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype=torch.float32):
-    out_features = packed.shape[0]
-    codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(out_features, -1)
-    blocks = absmax.shape[1]
-    values = code[codes.long()].view(out_features, blocks, -1) * absmax[..., None]
+    """[out, in] weights from packed NF4 bytes: one lookup per byte in a 256-entry table of value
+    pairs (high nibble first), so the transient memory is a few bytes per weight, not an int64
+    index per weight (this runs in every CPU forward of an nf4 layer)."""
+    out_features, blocks = packed.shape[0], absmax.shape[1]
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=-1)  # byte b -> (code[b >> 4], code[b & 15])
+    values = pairs[packed.int()].view(out_features, blocks, -1).mul_(absmax[..., None])
     return values.reshape(out_features, -1).to(dtype)
 
 
