@@ -12,6 +12,15 @@ from .errors import MimoError
 from .limits import json_type, positive_int
 
 FAMILIES = {"mimo": "MiMo-7B", "mimo_v2_flash": "MiMo-V2-Flash"}
+# config.json's model_type -> the family (backbone) that runs it. MiMo-V2.5, V2.5-Pro and V2.6 say
+# "mimo_v2": the V2-Flash backbone, its text settings at the top level beside vision/audio encoders.
+MODEL_TYPES = {"mimo": "mimo", "mimo_v2_flash": "mimo_v2_flash", "mimo_v2": "mimo_v2_flash"}
+MODEL_TYPE_NAMES = {"mimo_v2": "MiMo-V2.5/V2.6"}
+ENCODER_CONFIGS = ("vision_config", "audio_config")  # encoders a text runner never builds or counts
+PROJECTION_LAYOUTS = ("split", "fused_qkv")
+ROUTER_DTYPES = ("float32", "bfloat16")
+EXPERT_STORE_DTYPES = ("fp8", "mxfp4")
+RELEASED_V2_MTP_LAYERS = 3  # V2-Flash and V2.5 configs do not say; the released checkpoints have three
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class MoESpec:
 
 @dataclass(frozen=True)
 class MiMoConfig:
-    family: str  # "mimo" | "mimo_v2_flash"
+    family: str  # the backbone: "mimo" | "mimo_v2_flash" (model_type "mimo_v2" runs as mimo_v2_flash)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -66,13 +75,18 @@ class MiMoConfig:
     num_mtp_layers: int
     eos_token_ids: tuple[int, ...] = ()
     fp8_block_size: tuple[int, int] | None = None
+    model_type: str = ""  # as config.json says it ("mimo_v2" for V2.5/V2.6); empty: the family's own
+    attention_projection_layout: str = "split"  # "fused_qkv": one qkv_proj tensor per layer on disk
+    router_dtype: str = "float32"  # moe_router_dtype as declared (routing itself always runs in float32)
+    mxfp4_block_size: int | None = None  # routed experts stored as MXFP4 (e2m1 + one E8M0 scale per block)
+    ignored_encoders: tuple[str, ...] = ()  # vision_config / audio_config present and not part of our model
 
     def attention(self, layer: int) -> AttentionSpec:
         return self.sliding_attention if self.layer_is_sliding[layer] else self.global_attention
 
     @property
     def display_family(self) -> str:
-        return FAMILIES[self.family]
+        return MODEL_TYPE_NAMES.get(self.model_type) or FAMILIES[self.family]
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """Bytes the KV cache grows by per token: global layers only (sliding ones are fixed)."""
@@ -259,7 +273,7 @@ def _parse_v2_flash(keys: _Keys, raw: dict) -> dict:
         global_attention=spec("", "rope_theta", "add_full_attention_sink_bias", None),
         sliding_attention=spec(
             "swa_", "swa_rope_theta", "add_swa_attention_sink_bias",
-            keys.need_int("sliding_window_size", limit=limits.MAX_CONTEXT),
+            keys.need_int("sliding_window_size", "sliding_window", limit=limits.MAX_CONTEXT),
         )
         if sliding
         else None,
@@ -269,6 +283,53 @@ def _parse_v2_flash(keys: _Keys, raw: dict) -> dict:
         num_mtp_layers=0,  # not in the config: counted from the checkpoint's keys
         rms_norm_eps=keys.need_float("layernorm_epsilon", "rms_norm_eps"),
     )
+
+
+def _parse_v2(keys: _Keys, raw: dict) -> dict:
+    """model_type "mimo_v2" (MiMo-V2.5, V2.5-Pro, V2.6): the V2-Flash text settings plus the keys
+    these releases add. vision_config / audio_config (and processor_config) describe encoders that a
+    text runner neither builds nor counts: they are only noted, never read."""
+    fields = _parse_v2_flash(keys, raw)
+    shared = keys.get("n_shared_experts", 0)
+    if shared != 0:
+        raise MimoError(f"{keys.source}: n_shared_experts {shared!r:.40} is not supported (MiMo-V2 has none)")
+    return dict(
+        fields,
+        # absent: three, as every converter assumes (the released V2.5 checkpoints hold model.mtp.layers.0-2)
+        num_mtp_layers=keys.get_int("num_nextn_predict_layers", RELEASED_V2_MTP_LAYERS,
+                                    limit=limits.MAX_MTP_LAYERS, minimum=0),
+        attention_projection_layout=_choice(keys, "attention_projection_layout", "split", PROJECTION_LAYOUTS),
+        router_dtype=_choice(keys, "moe_router_dtype", "float32", ROUTER_DTYPES),
+        ignored_encoders=tuple(name.removesuffix("_config") for name in ENCODER_CONFIGS if raw.get(name) is not None),
+    )
+
+
+def _choice(keys: _Keys, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = keys.get(name, default)
+    if not isinstance(value, str) or value not in allowed:
+        raise MimoError(f"{keys.source}: '{name}' {value!r:.40} is not supported ({', '.join(allowed)})")
+    return value
+
+
+def _mxfp4_block(keys: _Keys) -> int | None:
+    """The MXFP4 block of routed experts that an FP8 checkpoint stores as MXFP4 (MiMo-V2.6:
+    quant_method fp8 with store_dtype "mxfp4"), None when the experts are FP8 like the rest."""
+    quant = keys.raw.get("quantization_config") or {}
+    if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
+        return None
+    store = quant.get("store_dtype")
+    if store is None:
+        return None
+    if not isinstance(store, str) or store not in EXPERT_STORE_DTYPES:
+        raise MimoError(f"{keys.source}: quantization_config store_dtype {store!r:.40} is not supported "
+                        f"({', '.join(EXPERT_STORE_DTYPES)})")
+    if store != "mxfp4":
+        return None
+    block = quant.get("mxfp4_block_size")
+    block = 32 if block is None else keys.integer("mxfp4_block_size", block, limits.MAX_FP8_BLOCK)
+    if block != 32:  # the OCP MX format: 32 e2m1 values share one E8M0 scale
+        raise MimoError(f"{keys.source}: mxfp4_block_size {block} is not supported (MXFP4 blocks are 32 values)")
+    return block
 
 
 def _moe(keys: _Keys, moe_layers: int) -> MoESpec:
@@ -299,14 +360,17 @@ def parse_config(raw: dict, source: str = "config.json", generation_config: dict
         raise MimoError(f"generation_config.json: expected a JSON object, found {json_type(generation_config)}")
     keys = _Keys(raw, source)
     model_type = raw.get("model_type")
-    if not isinstance(model_type, str) or model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise MimoError(
-            f"{source}: unknown model_type {model_type!r:.40} (supported: {', '.join(FAMILIES)})"
+            f"{source}: unknown model_type {model_type!r:.40} (supported: {', '.join(MODEL_TYPES)})"
         )
-    family_fields = (_parse_mimo if model_type == "mimo" else _parse_v2_flash)(keys, raw)
+    parse = {"mimo": _parse_mimo, "mimo_v2_flash": _parse_v2_flash, "mimo_v2": _parse_v2}[model_type]
+    family_fields = parse(keys, raw)
     vocab_size = keys.need_int("vocab_size", limit=limits.MAX_VOCAB_SIZE)
     return MiMoConfig(
-        family=model_type,
+        family=MODEL_TYPES[model_type],
+        model_type=model_type,
+        mxfp4_block_size=_mxfp4_block(keys),
         vocab_size=vocab_size,
         hidden_size=keys.need_int("hidden_size", limit=limits.MAX_HIDDEN_SIZE),
         num_layers=_layers(keys),

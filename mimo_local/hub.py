@@ -23,6 +23,10 @@ ALIASES = {
     "mimo-7b-rl-0530": "XiaomiMiMo/MiMo-7B-RL-0530",
     "mimo-v2-flash": "XiaomiMiMo/MiMo-V2-Flash",
     "mimo-v2-flash-base": "XiaomiMiMo/MiMo-V2-Flash-Base",
+    "mimo-v2.5": "XiaomiMiMo/MiMo-V2.5",
+    "mimo-v2.5-pro": "XiaomiMiMo/MiMo-V2.5-Pro",
+    "mimo-v2.6-flash": "XiaomiMiMo/MiMo-V2.6-Flash-RL",
+    "mimo-v2.6-pro": "XiaomiMiMo/MiMo-V2.6-Pro-RL",
 }
 DEMO_DIR = Path(__file__).resolve().parent / "demo_models"
 DEMO_MODELS = ("mimo-nano", "mimo-nano-moe")

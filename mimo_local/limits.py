@@ -1,7 +1,8 @@
 """Caps on what an untrusted checkpoint may ask of us, and safe reads of its small files.
 
 Every cap is checked before the memory or time it guards is spent, and each one is several times
-what the largest real MiMo checkpoint needs (MiMo-V2-Flash: 48 layers, 256 experts, 5 GB shards,
+what the largest real MiMo checkpoint needs (MiMo-V2.5-Pro / V2.6-Pro: hidden 6144, 70 layers,
+128 heads, 384 experts = 26,496 routed experts in all, 1M positions; MiMo-V2-Flash: 5 GB shards,
 headers of tens of thousands of entries, a ~10 KB chat template with tools).
 """
 
@@ -41,7 +42,7 @@ MAX_VOCAB_SIZE = 1 << 22
 MAX_HEADS = 1024
 MAX_HEAD_DIM = 4096
 MAX_EXPERTS = 4096
-MAX_EXPERT_MODULES = 1 << 16  # routed experts over all MoE layers: each one is a module to build
+MAX_EXPERT_MODULES = 1 << 17  # routed experts over all MoE layers, each a module to build (V2.5-Pro: 26,496)
 MAX_CONTEXT = 1 << 24
 MAX_FP8_BLOCK = 1 << 16
 

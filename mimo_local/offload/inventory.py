@@ -110,7 +110,8 @@ def count_mtp_layers(model: ModelSource) -> int:
     config = model.config
     if model.entries is not None:
         return FAMILY_MODULES[config.family].count_mtp_layers(config, list(model.entries))
-    return config.num_mtp_layers if config.family == "mimo" else RELEASED_V2_MTP_LAYERS
+    declared = config.family == "mimo" or config.model_type == "mimo_v2"  # mimo_v2: declared, else 3
+    return config.num_mtp_layers if declared else RELEASED_V2_MTP_LAYERS
 
 
 @contextlib.contextmanager

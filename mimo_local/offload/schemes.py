@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import MimoError
@@ -24,6 +26,8 @@ def runtime_bytes(scheme: Scheme, shape: tuple[int, ...], native_itemsize: int) 
     if kind is None or len(shape) != 2:
         return math.prod(shape) * native_itemsize
     out_features, in_features = shape
+    if scheme.name == MXFP4:  # two e2m1 values a byte, one E8M0 scale byte per block: 4.25 bits at 32
+        return out_features * (in_features // 2 + -(-in_features // scheme.blocksize))
     if kind == "int4":
         group = in_features if scheme.group_size == -1 else scheme.group_size
         return layout_nbytes(kind, in_features, out_features, group_size=group, permuted=scheme.act_order)
@@ -32,15 +36,39 @@ def runtime_bytes(scheme: Scheme, shape: tuple[int, ...], native_itemsize: int) 
     return layout_nbytes(kind, in_features, out_features)
 
 
+MXFP4 = "mxfp4"
+EXPERT_WEIGHT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+
+
+@dataclass(frozen=True)
+class Mxfp4Experts:
+    """An FP8 checkpoint whose routed experts are stored as MXFP4 (MiMo-V2.6: store_dtype "mxfp4"):
+    the experts are held as they are (no float expansion), every other FP8 weight is dequantized."""
+
+    block_size: int
+
+    @property
+    def name(self) -> str:
+        return f"fp8 (dequantized on load) + {MXFP4} experts ({4 + 8 / self.block_size:g} bits)"
+
+    def plan(self, shapes: dict[str, tuple], quantizable: set[str]) -> dict[str, Scheme]:
+        scheme = Scheme(MXFP4, bits=4, blocksize=self.block_size)
+        return {name: scheme for name in quantizable if EXPERT_WEIGHT.match(name)}
+
+
 def weight_quantization(model: "ModelSource", quant: str | None):
     """What `plan` of the inventory asks: the recipe of --quant, the stored quantization of a
     quantized checkpoint, or None (float weights; FP8 ones are dequantized on load)."""
     stored = stored_method(model.raw)
-    if quant and stored:
-        raise MimoError(f"{model.path.name} is already quantized ({describe(model.raw)}): "
+    mxfp4 = model.config.mxfp4_block_size
+    if quant and (stored or mxfp4):
+        held = describe(model.raw) if stored else f"{MXFP4} experts"
+        raise MimoError(f"{model.path.name} is already quantized ({held}): "
                         f"load it without --quant (--quant quantizes a float or FP8 checkpoint while loading)")
     if quant:
         return load_recipe(quant)
     if stored:
         return StoredQuantization(model.raw, model.entries, str(model.path))
+    if mxfp4:
+        return Mxfp4Experts(mxfp4)
     return None
