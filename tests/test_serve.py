@@ -509,3 +509,22 @@ def test_soak_200_requests_from_16_clients_with_cancellations():
         assert service.worker.slots_in_use == 0 and service.worker.waiting == 0 and not service.worker.running
         assert not service.worker.batch.generations
         assert allocated <= 4 * service.worker.slots[0].cache.nbytes  # one preallocated cache per slot, no more
+
+
+def test_a_failure_mid_stream_ends_it_with_an_error_event(nano, monkeypatch):
+    from mimo_local.generate import Generation
+
+    base = nano[0]
+
+    def broken_step(self):
+        raise RuntimeError("decode step failed")
+
+    monkeypatch.setattr(Generation, "decode_step", broken_step)
+    lines = httpx.post(f"{base}/v1/chat/completions", json={"model": "mimo-nano", "messages": MESSAGES,
+                                                            "max_tokens": 20, "stream": True}).text.splitlines()
+    data = [line[6:] for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["message"] == "decode step failed"
+    ndjson = httpx.post(f"{base}/api/chat", json={"model": "mimo-nano", "messages": MESSAGES}).text.splitlines()
+    assert json.loads(ndjson[-1]) == {"error": "decode step failed"}
+    monkeypatch.undo()
+    good_request_works(base)

@@ -138,8 +138,11 @@ def router(service: Service) -> APIRouter:
     def ndjson(lines):
         async def body():
             with service.metrics.in_progress.track_inprogress():
-                async for line in lines:
-                    yield json.dumps(line) + "\n"
+                try:
+                    async for line in lines:
+                        yield json.dumps(line) + "\n"
+                except Exception as error:  # noqa: BLE001 - after a 200, Ollama's stream ends with an error line
+                    yield json.dumps({"error": str(error)}) + "\n"
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
     @api.get("/api/version")

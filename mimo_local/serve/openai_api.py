@@ -98,6 +98,18 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
 
 
+async def with_error_event(chunks):
+    """A failure after the stream began (the response is already 200) ends it with an error event
+    in OpenAI's shape, as its API does, instead of a cut connection."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as error:  # noqa: BLE001 - reported to the client
+        kind = "invalid_request_error" if isinstance(error, MimoError) else "server_error"
+        yield {"data": json.dumps({"error": {"message": str(error), "type": kind, "param": None, "code": None}})}
+        yield {"data": "[DONE]"}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -210,7 +222,7 @@ def router(service: Service) -> APIRouter:
                                logprobs=logprobs, ignore_eos=body.ignore_eos, reasoning_format=body.reasoning_format)
         common = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model}
         if body.stream:
-            return EventSourceResponse(stream_chat(service, output, common, body, request), ping=15)
+            return EventSourceResponse(with_error_event(stream_chat(service, output, common, body, request)), ping=15)
         return await complete_chat(service, output, common, body, request)
 
     @api.post("/v1/completions")
@@ -234,7 +246,8 @@ def router(service: Service) -> APIRouter:
         output = service.start(ids, settings, logprobs=body.logprobs, ignore_eos=body.ignore_eos)
         common = {"id": new_id("cmpl"), "created": int(time.time()), "model": body.model}
         if body.stream:
-            return EventSourceResponse(stream_completion(service, output, common, body, request), ping=15)
+            return EventSourceResponse(with_error_event(stream_completion(service, output, common, body, request)),
+                                       ping=15)
         return await complete_text(service, output, common, body, request)
 
     # llama-server's helpers: what `mimo chat --server` needs to keep its conversation exact.
