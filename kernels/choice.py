@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from . import build
 
 MIN_WEIGHTS = 1 << 20
 MARGIN = 0.9  # torch's op must take under 90% of the kernel's time: noise does not flip a tie
-ROUNDS = 5
+MIN_ROUNDS, MAX_ROUNDS, MIN_SECONDS = 5, 50, 0.25
 MODES = ("measure", "kernels", "torch")
 
 Contenders = Callable[[], tuple[Callable[[], object], Callable[[], object]]]
@@ -81,13 +82,16 @@ def _seconds(function: Callable[[], object]) -> float:
 
 
 def measure(ours: Callable[[], object], theirs: Callable[[], object]) -> bool:
-    """Whether `theirs` is clearly faster: both warmed, then ROUNDS interleaved timings, best kept."""
+    """Whether `theirs` is clearly faster. Both warmed, then interleaved timings: at least
+    MIN_ROUNDS, and on until each side has run MIN_SECONDS (a shared machine preempts a run now
+    and then; up to MAX_ROUNDS). Torch wins on its best time under MARGIN of ours and a lower median."""
     ours(), theirs()
-    best_ours = best_theirs = float("inf")
-    for _ in range(ROUNDS):
-        best_ours = min(best_ours, _seconds(ours))
-        best_theirs = min(best_theirs, _seconds(theirs))
-    return best_theirs < MARGIN * best_ours
+    mine: list[float] = []
+    torch_times: list[float] = []
+    while len(mine) < MAX_ROUNDS and (len(mine) < MIN_ROUNDS or min(sum(mine), sum(torch_times)) < MIN_SECONDS):
+        mine.append(_seconds(ours))
+        torch_times.append(_seconds(theirs))
+    return min(torch_times) < MARGIN * min(mine) and statistics.median(torch_times) < statistics.median(mine)
 
 
 def prefers_torch(op: str, out_features: int, in_features: int, build_name: str, contenders: Contenders) -> bool:
