@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MimoError
+from .jsonfile import write_json_atomic  # noqa: F401 - the store's writers take it from here
 
 ALIASES = {
     "mimo-7b-base": "XiaomiMiMo/MiMo-7B-Base",
@@ -129,17 +130,6 @@ def read_settings() -> dict:
     if not isinstance(settings, dict):
         raise MimoError(f"{path}: expected a JSON object; fix or delete it")
     return settings
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written temp file behind
-        raise
 
 
 def default_model() -> str:

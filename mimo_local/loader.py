@@ -16,13 +16,11 @@ from .checkpoint import Checkpoint
 from . import limits
 from .config import MiMoConfig, load_config, read_raw_config
 from .errors import MimoError
-from .models import mimo, mimo_v2_flash
-from .models.layers import RotaryEmbedding, Router
+from .models import build_meta_model, family_module, meta_device
+from .models.layers import RotaryEmbedding
 from .models.model import MiMoForCausalLM
-from .offload.inventory import meta_device
 from .offload.placement import Placement, torch_device
 
-FAMILY_MODULES = {"mimo": mimo, "mimo_v2_flash": mimo_v2_flash}
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -74,16 +72,14 @@ def load_model(
             raise MimoError(f"{model_dir}: {config.display_family} checkpoints with a fused qkv_proj or MXFP4 "
                             f"experts cannot be loaded yet (`mimo plan` reads them)")
         checkpoint = Checkpoint(model_dir, config.fp8_block_size)
-        family = FAMILY_MODULES[config.family]
+        family = family_module(config)
         num_mtp = count_mtp_layers(config, checkpoint) if placement is None or placement.mtp else 0
         config = dataclasses.replace(config, num_mtp_layers=num_mtp)
         device = torch.device(device) if placement is None else torch_device(placement.main)
 
-        with meta_device():
-            model = family.build(config, num_mtp).to(dtype)
-            for router in (m for m in model.modules() if isinstance(m, Router)):
-                router.float()  # routing is computed in fp32, as in the reference
-            if placement is not None:
+        model = build_meta_model(config, num_mtp, dtype)
+        if placement is not None:
+            with meta_device():
                 placement.split_experts(model)
         targets = family.weight_map(model).targets
         quantized = loading.prepare(model, targets, checkpoint, quant)  # drops float weights it replaces
@@ -134,7 +130,7 @@ def advise_huge_pages(tensor: torch.Tensor) -> None:
 def count_mtp_layers(config: MiMoConfig, checkpoint: Checkpoint) -> int:
     """MTP layers present in the checkpoint (at most limits.MAX_MTP_LAYERS)."""
     try:
-        count = FAMILY_MODULES[config.family].count_mtp_layers(config, checkpoint.names())
+        count = family_module(config).count_mtp_layers(config, checkpoint.names())
     except (ValueError, IndexError):
         raise MimoError(f"{checkpoint.dir}: an MTP tensor name has no layer number") from None
     if count > limits.MAX_MTP_LAYERS:

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from mimo_local.cli import app
 from mimo_local.errors import MimoError
 from mimo_local.offload.hotness import ExpertStats
-from mimo_local.offload.inventory import build_meta_model, read_model_source, take_inventory
+from mimo_local.models import build_meta_model
+from mimo_local.offload.inventory import read_model_source, take_inventory
 from mimo_local.offload.plan import PlanRequest, make_plan, parse_overrides
 from mimo_local.quant.recipes import load_recipe
 

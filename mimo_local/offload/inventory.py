@@ -1,10 +1,8 @@
 """Every placeable piece of a model and its size, from config.json alone: the model is built on the
-meta device (accelerate's init_empty_weights) and each hub tensor is sized through the weight map."""
+meta device (models.build_meta_model) and each hub tensor is sized through the weight map."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import math
 import re
@@ -12,17 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 
 from ..config import MiMoConfig, load_config, parse_config, read_raw_config
 from ..errors import MimoError
-from ..models import mimo, mimo_v2_flash
+from ..models import build_meta_model, family_module
 from ..models.layers import MoE, Router
 from ..models.model import MiMoForCausalLM
 from ..quant.loading import linear_targets
 from .schemes import runtime_bytes
 
-FAMILY_MODULES = {"mimo": mimo, "mimo_v2_flash": mimo_v2_flash}
 RELEASED_V2_MTP_LAYERS = 3  # V2-Flash's config does not say; the released checkpoints have three
 EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 COMPONENTS = ("embeddings", "attention", "norms", "dense_ffn", "router", "experts", "mtp", "lm_head")
@@ -109,36 +105,9 @@ def count_mtp_layers(model: ModelSource) -> int:
     """From the checkpoint's tensor names when there is one, else from what the config implies."""
     config = model.config
     if model.entries is not None:
-        return FAMILY_MODULES[config.family].count_mtp_layers(config, list(model.entries))
+        return family_module(config).count_mtp_layers(config, list(model.entries))
     declared = config.family == "mimo" or config.model_type == "mimo_v2"  # mimo_v2: declared, else 3
     return config.num_mtp_layers if declared else RELEASED_V2_MTP_LAYERS
-
-
-@contextlib.contextmanager
-def meta_device():
-    """Build modules without allocating or initialising weights. torch's meta device context keeps
-    the constructors from allocating (init_empty_weights alone creates each parameter on the CPU
-    first: 17 GB per V2-Flash MoE layer), accelerate's keeps later registrations on meta, and the
-    random initialisers are skipped: on meta they do nothing but import torch._dynamo (~3 s)."""
-    names = ("normal_", "uniform_", "kaiming_uniform_")
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    try:
-        for name in names:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"), init_empty_weights():
-            yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
-
-
-def build_meta_model(config: MiMoConfig, num_mtp: int, dtype: torch.dtype) -> MiMoForCausalLM:
-    config = dataclasses.replace(config, num_mtp_layers=num_mtp)
-    with meta_device():
-        model = FAMILY_MODULES[config.family].build(config, num_mtp).to(dtype)
-        for router in (m for m in model.modules() if isinstance(m, Router)):
-            router.float()  # routing runs in fp32, as the loader builds it
-    return model
 
 
 def _component(module_name: str) -> str:
@@ -161,7 +130,7 @@ def take_inventory(config: MiMoConfig, num_mtp: int, dtype: torch.dtype, quantiz
     model = build_meta_model(config, num_mtp, dtype)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    targets = FAMILY_MODULES[config.family].weight_map(model).targets
+    targets = family_module(config).weight_map(model).targets
     shapes = {}
     for hub_name, target in targets.items():
         param = params[target.param]

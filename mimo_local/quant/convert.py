@@ -91,7 +91,8 @@ def _is_temporary(path: Path) -> bool:
 
 class QuantizeJob:
     def __init__(self, source: Path, recipe: Recipe, out: Path):
-        from ..loader import FAMILY_MODULES, count_mtp_layers
+        from ..loader import count_mtp_layers
+        from ..models import build_meta_model, family_module
 
         if not source.is_dir():
             raise MimoError(f"model directory not found: {source}")
@@ -103,12 +104,10 @@ class QuantizeJob:
         if (self.raw_config.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
             raise MimoError(f"{source} is already quantized; quantize a bf16 or FP8 checkpoint")
         self.checkpoint = Checkpoint(source, self.config.fp8_block_size)
-        family = FAMILY_MODULES[self.config.family]
         num_mtp = count_mtp_layers(self.config, self.checkpoint)
         self.config = dataclasses.replace(self.config, num_mtp_layers=num_mtp)
-        with torch.device("meta"):
-            self.model = family.build(self.config, num_mtp).float()
-        self.targets = family.weight_map(self.model).targets
+        self.model = build_meta_model(self.config, num_mtp, torch.float32)
+        self.targets = family_module(self.config).weight_map(self.model).targets
         shapes = {n: e.shape for n, e in self.checkpoint.entries.items() if not n.endswith("_scale_inv")}
         self.plan = recipe.plan(shapes, set(linear_targets(self.model, self.targets)))
         if not self.plan:

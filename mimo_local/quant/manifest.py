@@ -4,12 +4,12 @@ LAST, so an output without it is known to be incomplete. Config key MARKER says 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 from .. import limits
 from ..errors import MimoError
+from ..jsonfile import write_json_atomic  # noqa: F401 - the converter writes through it
 
 MANIFEST = "quant-manifest.json"
 PROGRESS = ".quant-progress.json"
@@ -22,12 +22,6 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
 
 
 def is_ours(model_dir: Path, config: dict) -> bool:
