@@ -124,14 +124,18 @@ def prefill_chunks(model: MiMoForCausalLM, cache: ModelCache, ids: list[int], ob
     return out.logits[0, -1]
 
 
-def prefill(model: MiMoForCausalLM, cache: ModelCache, ids: list[int], observe=None):
-    """Run the whole prompt in chunks; returns the last position's logits."""
-    chunks = prefill_chunks(model, cache, ids, observe)
+def run_through(steps):
+    """Run a generator of steps to its end; returns what it returns."""
     while True:
         try:
-            next(chunks)
+            next(steps)
         except StopIteration as done:
             return done.value
+
+
+def prefill(model: MiMoForCausalLM, cache: ModelCache, ids: list[int], observe=None):
+    """Run the whole prompt in chunks; returns the last position's logits."""
+    return run_through(prefill_chunks(model, cache, ids, observe))
 
 
 class PlainDecoder:
@@ -143,8 +147,12 @@ class PlainDecoder:
 
     observe = None  # called with the hidden states of every prefill chunk
 
-    def first(self, prompt_ids: list[int], history: torch.Tensor):
-        """Prefill the prompt, a chunk per iteration; returns the first picked tokens."""
+    def first(self, prompt_ids: list[int], history: torch.Tensor) -> list[int]:
+        """Prefill the prompt; returns the first picked tokens."""
+        return run_through(self.first_chunks(prompt_ids, history))
+
+    def first_chunks(self, prompt_ids: list[int], history: torch.Tensor):
+        """`first`, a prompt chunk per iteration."""
         logits = yield from prefill_chunks(self.model, self.cache, prompt_ids, observe=self.observe)
         return self.pick(logits, history)
 
@@ -271,7 +279,7 @@ class Generation:
         picked."""
         started = time.perf_counter()
         if self._prefill is None:
-            self._prefill = self.decoder.first(self.prompt_ids, self.history)
+            self._prefill = self.decoder.first_chunks(self.prompt_ids, self.history)
         try:
             next(self._prefill)
             done = False
