@@ -160,8 +160,9 @@ def test_advice_names_only_flags_the_front_end_has():
     assert "--ctx" not in run.verdict() and "--quant int4-g128" in run.verdict()
 
 
-def test_quantized_load_and_run_stay_within_the_plan(tmp_path):
-    """RSS growth of loading a 4-bit output and running it (peak, loading transients included)
+@pytest.mark.parametrize("recipe", ["int4-g128", "int8"])
+def test_quantized_load_and_run_stay_within_the_plan(tmp_path, recipe):
+    """RSS growth of loading a quantized output and running it (peak, loading transients included)
     against the plan: GPTQ words are unpacked one shift at a time, so no int64 copy of the
     largest tensor (here the int8 lm_head) appears on the way."""
     import subprocess
@@ -172,7 +173,7 @@ def test_quantized_load_and_run_stay_within_the_plan(tmp_path):
     shape = dict(vocab_size=16000, hidden_size=256, num_hidden_layers=6, n_routed_experts=32, moe_intermediate_size=512,
                  intermediate_size=1024)
     source = make_checkpoint(tmp_path / "medium-v2", "mimo_v2_flash", shards=2, overrides=shape)
-    out = quantize_checkpoint(source, "int4-g128", tmp_path / "int4").out
+    out = quantize_checkpoint(source, recipe, tmp_path / recipe).out
     measured = subprocess.run([sys.executable, "-c", MEASURE, str(out)], capture_output=True, text=True, check=True,
                               timeout=300)
     figures = json.loads(measured.stdout)
