@@ -42,7 +42,7 @@ def main() -> None:
     from rich.table import Table
 
     from mimo_local.engine import Engine
-    from mimo_local.hub import DEMO_DIR
+    from mimo_local.store.names import DEMO_DIR
 
     text = (DEMO_DIR / "heldout.txt").read_text()
     rows = []

@@ -60,7 +60,7 @@ def take_turns(variants: dict, repeats: int) -> dict:
 
 def run_demo(name: str, temperature: float, gen_tokens: int, repeats: int) -> dict:
     from mimo_local.engine import Engine
-    from mimo_local.hub import DEMO_DIR
+    from mimo_local.store.names import DEMO_DIR
     from mimo_local.sampling import SamplingSettings
 
     engine = Engine.load(DEMO_DIR / name)

@@ -188,7 +188,8 @@ def _run_on_server(url, text, settings, model, system, raw, ignore_eos, api_key,
 
 
 def _resolve_model_for_run(model: Optional[str], assume_yes: bool) -> Path:
-    from .hub import default_model, resolve_model
+    from .store.names import default_model
+    from .store.resolve import resolve_model
 
     if model is None:
         typer.echo(f"model: {default_model()} (default; change with `mimo config default-model NAME`)", err=True)
@@ -291,7 +292,7 @@ def pull(
     debug: bool = debug_option(),
 ):
     """Download a model into the local store: resumable, every file verified (sha256 / git hash)."""
-    from .pull import pull as pull_model, transfer_limits
+    from .store.pull import pull as pull_model, transfer_limits
 
     try:
         if retries < 0:
@@ -309,7 +310,7 @@ def list_models(debug: bool = debug_option()):
     """Models in the local store and the packaged demo models."""
     from rich.console import Console
 
-    from .store import list_table
+    from .store.local import list_table
 
     try:
         Console().print(list_table())
@@ -325,7 +326,7 @@ def show(
     """Summary of a model's configuration: family, layers, heads, experts, context, KV cache per token."""
     from rich.console import Console
 
-    from .store import show_table
+    from .store.local import show_table
 
     try:
         Console().print(show_table(name))
@@ -340,8 +341,8 @@ def rm(
     debug: bool = debug_option(),
 ):
     """Remove a pulled model from the local store."""
-    from .pull import format_bytes
-    from .store import disk_size, remove, removable
+    from .store.pull import format_bytes
+    from .store.local import disk_size, remove, removable
 
     try:
         ref = removable(name)
@@ -367,7 +368,7 @@ def config_default_model(
     reset: bool = typer.Option(False, "--reset", help="Go back to the packaged mimo-nano."),
 ):
     """Print or set the model `mimo run` uses without --model."""
-    from .hub import default_model, set_default_model
+    from .store.names import default_model, set_default_model
 
     try:
         if reset or name is not None:
@@ -414,7 +415,7 @@ def chat(
     """Chat in the terminal (a plain line REPL when stdin or stdout is not a terminal)."""
     from .chat.launch import ChatOptions, start_chat
     from .chat.settings import ChatSettings
-    from .hub import resolve_model
+    from .store.resolve import resolve_model
 
     with FrontEnd(debug):
         settings = ChatSettings(
@@ -466,7 +467,7 @@ def quantize(
     """Quantize SOURCE with a recipe into OUT (GPTQ or bitsandbytes layout), shard by shard."""
     from rich.console import Console
 
-    from .hub import resolve_model
+    from .store.resolve import resolve_model
     from .quant.calibration import read_text_file
     from .quant.convert import quantize_checkpoint
     from .quant.quality import evaluate as evaluate_quality, table
@@ -508,7 +509,7 @@ def eval_command(
     """Quality of a quantized model: mean/p99 KL divergence, top-1 agreement, perplexity of both."""
     from rich.console import Console
 
-    from .hub import resolve_model
+    from .store.resolve import resolve_model
     from .quant.quality import evaluate as evaluate_quality, table
 
     try:
@@ -526,7 +527,7 @@ def _plan_source(model: str) -> Path:
     """A directory or config.json as given, else a store name whose config.json is already here."""
     if Path(model).exists():
         return Path(model)
-    from .hub import parse_name
+    from .store.names import parse_name
 
     ref = parse_name(model)
     if (ref.path / "config.json").is_file():

@@ -12,7 +12,7 @@ from mimo_local.chat.session import ChatSession
 from mimo_local.chat.settings import ChatSettings
 from mimo_local.dev.scripted_chat import ANSWER, THINKING
 from mimo_local.engine import Engine
-from mimo_local.hub import resolve_model
+from mimo_local.store.resolve import resolve_model
 
 
 @pytest.fixture(autouse=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import mimo_local.download
-import mimo_local.pull
+import mimo_local.store.download
+import mimo_local.store.pull
 from hub_server import HubServer
-from mimo_local.hub import MANIFEST, parse_name
-from mimo_local.repo_paths import conflicting_names, unsafe_reason
+from mimo_local.store.names import MANIFEST, parse_name
+from mimo_local.store.repo_paths import conflicting_names, unsafe_reason
 from test_hub import isolated, mimo  # noqa: F401  (fixtures)
 
 REPO = "acme/small"
@@ -243,14 +243,14 @@ def test_an_oversized_partial_file_is_dropped_before_anything_is_written(hub, fi
     """A disk filled by an old oversized part: the rerun frees it before writing source.json."""
     weights_part().parent.mkdir(parents=True)
     weights_part().write_bytes(b"z" * (WEIGHTS_SIZE * 3))
-    real_write = mimo_local.pull.write_json_atomic
+    real_write = mimo_local.store.pull.write_json_atomic
 
     def write_on_full_disk(path, data):
         if weights_part().exists() and weights_part().stat().st_size > WEIGHTS_SIZE:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real_write(path, data)
 
-    monkeypatch.setattr(mimo_local.pull, "write_json_atomic", write_on_full_disk)
+    monkeypatch.setattr(mimo_local.store.pull, "write_json_atomic", write_on_full_disk)
     result = pull(*FAST)
     assert result.exit_code == 0, result.output
     assert (model_dir() / WEIGHTS).read_bytes() == (files / WEIGHTS).read_bytes()
@@ -356,7 +356,7 @@ def test_bad_limit_in_the_environment_is_one_line(hub, monkeypatch):
 
 
 def test_disk_full_mid_file_says_how_much_is_needed_and_resumes(hub, files, monkeypatch):
-    real_write = mimo_local.download._write_all
+    real_write = mimo_local.store.download._write_all
     written = []
 
     def fill_up(fd, data):
@@ -365,16 +365,16 @@ def test_disk_full_mid_file_says_how_much_is_needed_and_resumes(hub, files, monk
         written.append(len(data))
         real_write(fd, data)
 
-    monkeypatch.setattr(mimo_local.download, "_write_all", fill_up)
+    monkeypatch.setattr(mimo_local.store.download, "_write_all", fill_up)
     line = refused(pull(*FAST), "disk full in", "more needed to finish acme/small",
                    f"run `mimo pull {REPO}` again to resume")
     kept = weights_part().stat().st_size
     listed_before = (files / "config.json").stat().st_size + (files / "docs" / "notes.txt").stat().st_size
     assert kept == sum(written) - listed_before and kept >= 100_000 - listed_before
     missing = WEIGHTS_SIZE - kept + len("top\n")  # the rest of the weights and notes.txt, listed after them
-    assert f"{mimo_local.pull.format_bytes(missing)} more needed" in line
+    assert f"{mimo_local.store.pull.format_bytes(missing)} more needed" in line
 
-    monkeypatch.setattr(mimo_local.download, "_write_all", real_write)
+    monkeypatch.setattr(mimo_local.store.download, "_write_all", real_write)
     again = pull(*FAST)
     assert again.exit_code == 0, again.output
     assert cdn_ranges(hub)[-1] == f"bytes={kept}-"
@@ -385,7 +385,7 @@ def test_disk_full_while_writing_housekeeping_files_is_one_line(hub, monkeypatch
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(mimo_local.pull, "write_json_atomic", full)
+    monkeypatch.setattr(mimo_local.store.pull, "write_json_atomic", full)
     refused(pull(*FAST), "disk full in", "free some space, then run `mimo pull acme/small` again to resume")
 
 

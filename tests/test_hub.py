@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from hub_server import HubServer
 from mimo_local.cli import app
-from mimo_local.hub import MANIFEST, is_complete, parse_name
+from mimo_local.store.names import MANIFEST, is_complete, parse_name
 
 REPO = "XiaomiMiMo/MiMo-7B-RL"
 SHARD = "model-00001-of-00002.safetensors"
@@ -201,9 +201,9 @@ def test_unreachable_hub_says_what_is_missing(isolated, monkeypatch):
 
 
 def test_not_enough_disk_space_is_checked_first(hub, monkeypatch):
-    import mimo_local.pull
+    import mimo_local.store.pull
 
-    monkeypatch.setattr(mimo_local.pull.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    monkeypatch.setattr(mimo_local.store.pull.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     line = one_error_line(mimo("pull", "mimo-7b-rl"))
     assert "not enough disk space to pull mimo-7b-rl" in line and "1.0 KB free" in line
     assert not hub.served

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from mimo_local.hub import is_complete, parse_name
+from mimo_local.store.names import is_complete, parse_name
 from test_hub import REPO, hub, isolated, mimo  # noqa: F401  (fixtures)
 
 MIMO = [sys.executable, "-m", "mimo_local.cli"]

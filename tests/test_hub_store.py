@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 
 from mimo_local.errors import MimoError
-from mimo_local.hub import DEMO_DIR, home, parse_name, resolve_model
-from mimo_local.pull import format_bytes
-from mimo_local.store import disk_size
+from mimo_local.store.names import DEMO_DIR, home, parse_name
+from mimo_local.store.resolve import resolve_model
+from mimo_local.store.pull import format_bytes
+from mimo_local.store.local import disk_size
 from test_hub import REPO, hub, isolated, mimo, one_error_line  # noqa: F401  (fixtures)
 
 
@@ -47,7 +48,7 @@ def test_missing_hub_model_without_terminal_names_the_pull_command(hub):
 
 
 def test_a_full_screen_app_never_asks_before_pulling(hub, monkeypatch):
-    import mimo_local.hub as hub_module
+    import mimo_local.store.resolve as hub_module
 
     monkeypatch.setattr(hub_module, "_interactive", lambda: True)
     monkeypatch.setattr(hub_module, "_confirm", lambda question: pytest.fail("asked: " + question))
@@ -124,7 +125,7 @@ def test_incomplete_pull_is_listed_and_removable(hub, monkeypatch):
 def test_quantization_label(tmp_path, config, label):
     import json
 
-    from mimo_local.store import quantization
+    from mimo_local.store.local import quantization
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert quantization(tmp_path) == label

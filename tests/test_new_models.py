@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mimo_local.cli import app
 from mimo_local.config import parse_config
 from mimo_local.errors import MimoError
-from mimo_local.hub import parse_name
+from mimo_local.store.names import parse_name
 from mimo_local.loader import load_model
 
 DATA = Path(__file__).parent / "data"

@@ -187,7 +187,7 @@ def test_planned_memory_matches_measured_rss(tmp_path):
 def test_statistics_of_a_shipped_demo_model_go_to_the_store(tmp_path, monkeypatch):
     """The package folder may be read-only (site-packages): a demo model's router statistics live
     under MIMO_HOME instead of beside its weights."""
-    from mimo_local.hub import DEMO_DIR
+    from mimo_local.store.names import DEMO_DIR
     from mimo_local.offload.hotness import stats_path
 
     monkeypatch.setenv("MIMO_HOME", str(tmp_path))

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mimo_local.cli import app
 from mimo_local.dev.tiny import make_checkpoint
 from mimo_local.errors import MimoError
-from mimo_local.hub import resolve_model
+from mimo_local.store.resolve import resolve_model
 from mimo_local.loader import load_model
 from mimo_local.offload.plan import PlanRequest, make_plan
 from mimo_local.quant.convert import quantize_checkpoint

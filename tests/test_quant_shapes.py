@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mimo_local.cli import app
-from mimo_local.hub import resolve_model
+from mimo_local.store.resolve import resolve_model
 from mimo_local.quant.recipes import KEEP, Scheme, largest_group, shipped_recipes
 
 runner = CliRunner()

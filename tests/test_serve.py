@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mimo_local.cli import app
-from mimo_local.hub import resolve_model
+from mimo_local.store.resolve import resolve_model
 from serve_server import running_server
 
 PROMPT = "Tell me about Emma."

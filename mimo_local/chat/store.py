@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import MimoError
-from ..hub import home
+from ..store.names import home
 
 SESSION_FORMAT = "mimo-chat-session"
 SESSION_VERSION = 1

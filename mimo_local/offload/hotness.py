@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MimoError
-from ..hub import DEMO_DIR, home
+from ..store.names import DEMO_DIR, home
 from ..models.layers import MoE
 
 STATS_FILE = "expert_stats.json"

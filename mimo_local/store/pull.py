@@ -22,8 +22,8 @@ from pathlib import Path
 from stat import S_ISREG
 
 from .download import DISK_FULL_ERRNOS, Expected, Pace, Progress, TooSlow, TransferLimits, download_file
-from .errors import MimoError
-from .hub import MANIFEST, SOURCE, STATE_DIR, ModelRef, parse_name, write_json_atomic
+from ..errors import MimoError
+from .names import MANIFEST, SOURCE, STATE_DIR, ModelRef, parse_name, write_json_atomic
 from .repo_paths import conflicting_names, unsafe_reason
 
 DEFAULT_ENDPOINT = "https://huggingface.co"

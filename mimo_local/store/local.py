@@ -7,10 +7,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import limits
-from .config import MiMoConfig, load_config
-from .errors import MimoError
-from .hub import DEMO_MODELS, MANIFEST, SOURCE, STATE_DIR, ModelRef, is_complete, models_dir, parse_name
+from .. import limits
+from ..config import MiMoConfig, load_config
+from ..errors import MimoError
+from .names import DEMO_MODELS, MANIFEST, SOURCE, STATE_DIR, ModelRef, is_complete, models_dir, parse_name
 from .pull import format_bytes
 
 DTYPE_LABELS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float8_e4m3fn": "fp8"}
@@ -92,8 +92,8 @@ def model_facts(path: Path) -> ModelFacts:
     """The config plus what only the checkpoint knows (MTP layers present, parameter count)."""
     import dataclasses
 
-    from .checkpoint import Checkpoint
-    from .loader import count_mtp_layers
+    from ..checkpoint import Checkpoint
+    from ..loader import count_mtp_layers
 
     with limits.reading(path):
         config = load_config(path)
@@ -155,7 +155,7 @@ def list_row(model: StoredModel) -> tuple[str, ...]:
 
 def _has_model_files(path: Path) -> bool:
     """Whether a directory holds a config and weights (so failing to read them means it is broken)."""
-    from .checkpoint import INDEX_FILE, SINGLE_FILE
+    from ..checkpoint import INDEX_FILE, SINGLE_FILE
 
     return os.path.lexists(path / "config.json") and any(
         os.path.lexists(path / name) for name in (INDEX_FILE, SINGLE_FILE)
@@ -198,8 +198,8 @@ def show_table(name: str):
 
 def _plan_summary(path: Path, config: MiMoConfig) -> str:
     """`mimo plan`'s verdict for this machine at the model's context (up to 32k tokens), bf16."""
-    from .offload.options import with_budgets
-    from .offload.plan import PlanRequest, make_plan
+    from ..offload.options import with_budgets
+    from ..offload.plan import PlanRequest, make_plan
 
     ctx = min(32768, config.max_position_embeddings)
     plan = make_plan(path, with_budgets(PlanRequest(gpu_mem=None, cpu_mem=None, ctx=ctx)))
