@@ -22,6 +22,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"mimo-local {version('mimo-local')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")):
+    """Run Xiaomi MiMo models locally."""
+
+
 dev_app = typer.Typer(help="Developer tools (tiny checkpoints for tests and experiments).", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 
@@ -29,7 +43,12 @@ app.add_typer(dev_app, name="dev")
 def _fail(error: BaseException, debug: bool) -> None:
     if debug:
         raise error
-    message = str(error) if isinstance(error, MimoError) else f"{type(error).__name__}: {error}"
+    if isinstance(error, MimoError):
+        message = str(error)
+    elif isinstance(error, OSError) and error.strerror:
+        message = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        message = f"{type(error).__name__}: {error}"
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
 
@@ -71,10 +90,16 @@ def _silence_stdout() -> None:
 
 def _read_prompt(prompt: Optional[str]) -> str:
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        return sys.stdin.read()
-    if prompt is None:
+        data = sys.stdin.buffer.read()
+    elif prompt is None:
         raise typer.BadParameter("give a PROMPT, '-' or pipe text on stdin", param_hint="PROMPT")
-    return prompt
+    else:
+        data = prompt.encode("utf-8", "surrogateescape")  # argv bytes as the shell passed them
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MimoError(f"the prompt is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                        "convert it first, e.g. with iconv") from None
 
 
 @app.command()
@@ -124,7 +149,6 @@ def run(
     from .generate import DoneEvent
     from .sampling import SamplingSettings
 
-    text = _read_prompt(prompt)
     settings = SamplingSettings(
         temperature=temperature,
         top_p=top_p,
@@ -136,7 +160,10 @@ def run(
         stop=list(stop),
     )
     with FrontEnd(debug) as front:
+        text = _read_prompt(prompt)
         settings.validate()
+        if raw and system:
+            raise MimoError("--raw sends the prompt as it is, without the chat template: --system cannot go with it")
         if draft_tokens < 0 or (draft_vocab or 0) < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
         if server:
@@ -308,12 +335,11 @@ def pull(
 @app.command("list")
 def list_models(debug: bool = debug_option()):
     """Models in the local store and the packaged demo models."""
-    from rich.console import Console
 
     from .store.local import list_table
 
     try:
-        Console().print(list_table())
+        _console().print(list_table())
     except (MimoError, OSError) as error:
         _fail(error, debug)
 
@@ -324,12 +350,11 @@ def show(
     debug: bool = debug_option(),
 ):
     """Summary of a model's configuration: family, layers, heads, experts, context, KV cache per token."""
-    from rich.console import Console
 
     from .store.local import show_table
 
     try:
-        Console().print(show_table(name))
+        _console().print(show_table(name))
     except (MimoError, OSError) as error:
         _fail(error, debug)
 
@@ -373,9 +398,20 @@ def config_default_model(
     try:
         if reset or name is not None:
             set_default_model(None if reset else name)
+            if name is not None and not reset:
+                _warn_if_not_downloaded(name)
         typer.echo(default_model())
     except (MimoError, OSError) as error:
         _fail(error, False)
+
+
+def _warn_if_not_downloaded(name: str) -> None:
+    from .store.names import is_complete, parse_name
+
+    ref = parse_name(name)
+    if ref.kind == "hub" and not is_complete(ref.path):
+        typer.echo(f"warning: {ref.name} is not downloaded yet: `mimo run` will ask to pull it "
+                   f"(or run `{ref.pull_command}` now)", err=True)
 
 
 @app.command()
@@ -443,8 +479,10 @@ def make_tiny(
     from .dev.tiny import make_checkpoint
 
     try:
+        if shards < 1:
+            raise MimoError("--shards must be at least 1")
         path = make_checkpoint(out, preset, fp8=fp8, shards=shards, seed=seed)
-    except MimoError as error:
+    except (MimoError, OSError) as error:
         _fail(error, False)
     typer.echo(str(path))
 
@@ -507,7 +545,6 @@ def eval_command(
     debug: bool = debug_option(),
 ):
     """Quality of a quantized model: mean/p99 KL divergence, top-1 agreement, perplexity of both."""
-    from rich.console import Console
 
     from .store.resolve import resolve_model
     from .quant.quality import evaluate as evaluate_quality, table
@@ -520,7 +557,7 @@ def eval_command(
     if as_json:
         typer.echo(json.dumps(report.as_dict()))
     else:
-        Console().print(table([report]))
+        _console().print(table([report]))
 
 
 def _plan_source(model: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .errors import MimoError
@@ -21,6 +22,10 @@ class SamplingSettings:
     stop: list[str] = field(default_factory=list)
 
     def validate(self) -> "SamplingSettings":
+        numbers = (self.temperature, self.top_p, self.min_p, self.repetition_penalty, self.presence_penalty,
+                   self.frequency_penalty)
+        if not all(math.isfinite(number) for number in numbers):
+            raise MimoError("sampling settings must be finite numbers (not inf or nan)")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),

@@ -1,10 +1,14 @@
 """Real `mimo` invocations in a subprocess: output streams, --json, stdin, exit codes."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+
+
+MIMO = [sys.executable, "-m", "mimo_local.cli"]
 
 
 def mimo(*args, stdin=None, **kwargs):
@@ -169,3 +173,28 @@ def test_ctrl_c_stops_cleanly(model):
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, (len(stdout), stderr.decode()[-2000:])
     assert b"Traceback" not in stderr and b"interrupted" in stderr
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (["run", "-n", "2"], b"caf\xe9", "error: the prompt is not UTF-8 text (byte 0xe9 at offset 3)"),
+    (["run", "-n", "2", "--temperature", "inf", "hi"], None, "error: sampling settings must be finite numbers"),
+    (["run", "-n", "2", "--raw", "--system", "X", "hi"], None, "error: --raw sends the prompt as it is"),
+    (["dev", "make-tiny", "/etc/passwd/x"], None, "error: /etc/passwd/x.partial: Not a directory"),
+    (["dev", "make-tiny", "/tmp/never-written", "--shards", "0"], None, "error: --shards must be at least 1"),
+])
+def test_newcomer_mistakes_get_one_line_errors(args, stdin, message):
+    result = subprocess.run(MIMO + args, input=stdin, capture_output=True, timeout=300)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and stderr.strip().splitlines()[-1].startswith(message), stderr
+    assert "Traceback" not in stderr
+
+
+def test_version_and_a_default_model_not_downloaded(tmp_path):
+    from importlib.metadata import version
+
+    assert subprocess.run(MIMO + ["--version"], capture_output=True, text=True).stdout == \
+        f"mimo-local {version('mimo-local')}\n"
+    env = {**os.environ, "MIMO_HOME": str(tmp_path)}
+    result = subprocess.run(MIMO + ["config", "default-model", "mimo-7b-rl"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout == "mimo-7b-rl\n"
+    assert "warning: mimo-7b-rl is not downloaded yet" in result.stderr
