@@ -528,3 +528,24 @@ def test_a_failure_mid_stream_ends_it_with_an_error_event(nano, monkeypatch):
     assert json.loads(ndjson[-1]) == {"error": "decode step failed"}
     monkeypatch.undo()
     good_request_works(base)
+
+
+def test_a_hostile_chat_template_is_a_400_and_the_server_goes_on(tmp_path):
+    import shutil
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(resolve_model("mimo-nano"), hostile)
+    config_path = hostile / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = "{% for i in range(10**9) %}{{ 'x' * 20000000 }}{% endfor %}"
+    config_path.write_text(json.dumps(config))
+    with running_server(hostile, "hostile") as (base, _):
+        for path, body in (("/v1/chat/completions", {"model": "hostile", "messages": MESSAGES}),
+                           ("/api/chat", {"model": "hostile", "messages": MESSAGES, "stream": False})):
+            response = httpx.post(base + path, json=body, timeout=60)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            message = error["message"] if isinstance(error, dict) else error
+            assert "template" in message and "\n" not in message
+        raw = httpx.post(f"{base}/v1/completions", json={"model": "hostile", "prompt": "It is", "max_tokens": 2})
+        assert raw.status_code == 200  # no template involved: still served
