@@ -613,7 +613,8 @@ def plan(
 def _console():
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 120)
+    # Piped (a file, grep, less): as wide as the rows are, never cut at 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 1000)
 
 
 @app.command("profile-experts")

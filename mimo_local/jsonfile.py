@@ -10,7 +10,8 @@ from pathlib import Path
 
 def write_json_atomic(path: Path, data: dict) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temp.write_text(json.dumps(data, indent=2) + "\n")

@@ -3,6 +3,7 @@
 import json
 import os
 import threading
+import time
 
 import httpx
 import ollama
@@ -460,6 +461,7 @@ def test_parallel_requests_are_decoded_together_and_equal_their_single_answers()
         def watch():
             while any(r is None for r in results):
                 peak.append(service.worker.slots_in_use)
+                time.sleep(0.005)  # (a busy loop would take the GIL from the in-process server)
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(4)] + [threading.Thread(target=watch)]
         for thread in threads:
