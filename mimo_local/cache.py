@@ -126,6 +126,22 @@ class ModelCache:
             full.append(len(self.token_ids))
         return min(full) if full else 2**62
 
+    def held_prefix(self, ids: list[int]) -> int:
+        """How many leading `ids` this cache holds (it records the id of every position it was fed)."""
+        held = self.token_ids[: self.length].tolist()
+        n = min(len(held), len(ids))
+        return next((i for i in range(n) if held[i] != ids[i]), n)
+
+    def rewind_for(self, prompt_ids: list[int], needs_drafter: bool = False) -> int:
+        """Rewind to the longest prefix of `prompt_ids` it holds and can rewind to exactly; returns
+        that length. The last prompt token is always fed again (its logits pick the first answer
+        token); MTP drafts (`needs_drafter`) need the hidden states of every position held."""
+        reused = min(self.held_prefix(prompt_ids), len(prompt_ids) - 1)
+        if not self.can_truncate(reused) or (needs_drafter and self.drafter is None):
+            reused = 0
+        self.truncate(reused)
+        return reused
+
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 

@@ -35,14 +35,6 @@ class TurnInfo:
     dropped_messages: int = 0
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class ChatSession:
     def __init__(
         self,
@@ -84,15 +76,9 @@ class ChatSession:
         if self.cache is None:
             drafts = self.speculation["draft_tokens"]
             self.cache = self.engine.model.new_cache(self.context, spare_slots=spare_slots(drafts, rewind=True))
-        # The cache records the id of every position it holds: exactly what was fed, which leaves out
-        # the last sampled token of the previous answer and includes any drafts fed past a stop.
-        held = self.cache.token_ids[: self.cache.length].tolist()
-        # At least the last prompt token is fed again: its logits pick the first answer token.
-        reused = min(common_prefix_length(held, prompt_ids), len(prompt_ids) - 1)
-        if not self.cache.can_truncate(reused):
-            reused = 0
-        self.cache.truncate(reused)
-        return reused
+        # The cache holds exactly what was fed: that leaves out the last sampled token of the previous
+        # answer and includes any drafts fed past a stop.
+        return self.cache.rewind_for(prompt_ids)
 
     # -- conversation ------------------------------------------------------------------------------
 

@@ -106,14 +106,17 @@ class RemoteCache:
     def length(self) -> int:
         return len(self.ids)
 
-    @property
-    def token_ids(self):
-        import torch
-
-        return torch.tensor(self.ids, dtype=torch.long)
-
     def can_truncate(self, length: int) -> bool:
         return True
+
+    def held_prefix(self, ids: list[int]) -> int:
+        n = min(len(self.ids), len(ids))
+        return next((i for i in range(n) if self.ids[i] != ids[i]), n)
+
+    def rewind_for(self, prompt_ids: list[int], needs_drafter: bool = False) -> int:
+        reused = min(self.held_prefix(prompt_ids), len(prompt_ids) - 1)
+        self.truncate(reused)
+        return reused
 
     def truncate(self, length: int) -> None:
         del self.ids[length:]

@@ -13,7 +13,6 @@ import threading
 from dataclasses import dataclass, field
 
 from ..budget import spare_slots
-from ..chat.session import common_prefix_length
 from ..errors import MimoError
 from ..generate import Batch, DoneEvent, Generation
 from ..sampling import SamplingSettings
@@ -129,7 +128,7 @@ class GenerationWorker:
         if request.constraint is not None or request.logprobs is not None:
             speculation = {"draft_tokens": 0}
         slot = self._slot_for(request.prompt_ids, speculation["draft_tokens"])
-        job.cached_tokens = self._reuse(slot, request.prompt_ids, speculation["draft_tokens"])
+        job.cached_tokens = slot.cache.rewind_for(request.prompt_ids, needs_drafter=bool(speculation["draft_tokens"]))
         try:
             generation = Generation(self.engine.model, self.engine.tokenizer, request.prompt_ids[job.cached_tokens :],
                                     request.settings, cache=slot.cache, constraint=request.constraint,
@@ -185,20 +184,9 @@ class GenerationWorker:
     def _slot_for(self, prompt_ids: list[int], draft_tokens: int) -> Slot:
         """The free slot whose cache holds the longest prefix of the prompt (a fresh one otherwise)."""
         free = [slot for slot in self.slots if slot.job is None]
-        held = [(common_prefix_length(slot.cache.token_ids[: slot.cache.length].tolist(), prompt_ids), index)
-                if slot.cache is not None else (-1, index) for index, slot in enumerate(free)]
+        held = [(slot.cache.held_prefix(prompt_ids) if slot.cache is not None else -1, index)
+                for index, slot in enumerate(free)]
         slot = free[max(held)[1]]
         if slot.cache is None:
             slot.cache = self.engine.model.new_cache(self.context, spare_slots=spare_slots(draft_tokens, rewind=True))
         return slot
-
-    def _reuse(self, slot: Slot, prompt_ids: list[int], draft_tokens: int) -> int:
-        """Rewind the slot's cache to the longest prefix it holds of `prompt_ids`; returns its length."""
-        cache = slot.cache
-        held = cache.token_ids[: cache.length].tolist()
-        # The last prompt token is always fed again: its logits pick the first answer token.
-        reused = min(common_prefix_length(held, prompt_ids), len(prompt_ids) - 1)
-        if not cache.can_truncate(reused) or (draft_tokens and cache.drafter is None):
-            reused = 0  # (MTP drafts need the hidden states of every position it holds)
-        cache.truncate(reused)
-        return reused
