@@ -36,29 +36,16 @@ def remote_run(url: str, prompt: str, settings: SamplingSettings, *, model: str 
             {"role": "user", "content": prompt}]
         body["reasoning_format"] = "none"  # the raw text, <think> block and all, as a local run prints it
     pieces, final, used = [], None, None
-    try:
-        with httpx.stream("POST", base + endpoint, json=body, headers=headers,
-                          timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_SECONDS)) as response:
-            if response.status_code != 200:
-                response.read()
-                raise MimoError(f"{base}: {response.status_code} {_error_message(response)}")
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[len("data: "):])
-                if "error" in chunk:
-                    raise MimoError(f"{base}: {chunk['error'].get('message', chunk['error'])}")
-                if chunk.get("usage"):
-                    used = chunk["usage"]
-                for choice in chunk.get("choices", []):
-                    text = choice.get("text") if raw else (choice.get("delta") or {}).get("content")
-                    if text:
-                        pieces.append(text)
-                        yield text
-                    if choice.get("finish_reason"):
-                        final = {**chunk, "choice": choice}
-    except httpx.TransportError as error:
-        raise MimoError(f"cannot reach the server at {base} ({error}); is `mimo serve` running?") from None
+    for chunk in server_chunks(base, endpoint, body, headers):
+        if chunk.get("usage"):
+            used = chunk["usage"]
+        for choice in chunk.get("choices", []):
+            text = choice.get("text") if raw else (choice.get("delta") or {}).get("content")
+            if text:
+                pieces.append(text)
+                yield text
+            if choice.get("finish_reason"):
+                final = {**chunk, "choice": choice}
     if final is None or used is None:
         raise MimoError(f"{base}: the answer ended before it was complete")
     timings = final.get("timings", {})
@@ -73,6 +60,26 @@ def remote_run(url: str, prompt: str, settings: SamplingSettings, *, model: str 
         **({"mtp_draft_tokens": timings["draft_n"], "mtp_accepted_tokens": timings["draft_n_accepted"],
             "mean_accepted_length": timings["mean_accepted_length"]} if "draft_n" in timings else {}),
     }
+
+
+def server_chunks(base: str, path: str, body: dict, headers: dict) -> Iterator[dict]:
+    """The JSON chunks of a streamed OpenAI answer; an HTTP error, an error event or a lost
+    connection is a one-line MimoError."""
+    try:
+        with httpx.stream("POST", base + path, json=body, headers=headers,
+                          timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_SECONDS)) as response:
+            if response.status_code != 200:
+                response.read()
+                raise MimoError(f"{base}: {response.status_code} {_error_message(response)}")
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    raise MimoError(f"{base}: {chunk['error'].get('message', chunk['error'])}")
+                yield chunk
+    except httpx.TransportError as error:
+        raise MimoError(f"cannot reach the server at {base} ({error}); is `mimo serve` running?") from None
 
 
 def _served_model(base: str, headers: dict) -> str:
@@ -170,29 +177,18 @@ class RemoteEngine:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         pieces = []
         cache.ids = ids
-        try:
-            with httpx.stream("POST", self.base + "/v1/completions", json=body, headers=self.headers,
-                              timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_SECONDS)) as response:
-                if response.status_code != 200:
-                    response.read()
-                    raise MimoError(f"{self.base}: {response.status_code} {_error_message(response)}")
-                for line in response.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[len("data: "):])
-                    for choice in chunk.get("choices", []):
-                        if choice.get("text"):
-                            pieces.append(choice["text"])
-                            yield TokenEvent(choice["text"], -1)
-                        if choice.get("finish_reason"):
-                            timings = chunk.get("timings", {})
-                            stats.token_ids = choice.get("token_ids", [])
-                            stats.completion_tokens = len(stats.token_ids)
-                            stats.finish_reason = choice["finish_reason"]
-                            stats.prefill_seconds = timings.get("prompt_ms", 0) / 1000
-                            stats.decode_seconds = timings.get("predicted_ms", 0) / 1000
-        except httpx.TransportError as error:
-            raise MimoError(f"lost the server at {self.base} ({error})") from None
+        for chunk in server_chunks(self.base, "/v1/completions", body, self.headers):
+            for choice in chunk.get("choices", []):
+                if choice.get("text"):
+                    pieces.append(choice["text"])
+                    yield TokenEvent(choice["text"], -1)
+                if choice.get("finish_reason"):
+                    timings = chunk.get("timings", {})
+                    stats.token_ids = choice.get("token_ids", [])
+                    stats.completion_tokens = len(stats.token_ids)
+                    stats.finish_reason = choice["finish_reason"]
+                    stats.prefill_seconds = timings.get("prompt_ms", 0) / 1000
+                    stats.decode_seconds = timings.get("predicted_ms", 0) / 1000
         # As a local cache: every id fed, i.e. all but the last one sampled.
         cache.ids = ids + stats.token_ids[:-1]
         stats.text = "".join(pieces)
