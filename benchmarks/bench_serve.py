@@ -107,18 +107,23 @@ def wait_ready(base: str, process: subprocess.Popen, path: str) -> None:
     raise RuntimeError("server did not start")
 
 
-def run_mimo_server(path: Path, dtype: str, prompts, gen_tokens):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mimo_local.cli", "serve", "-m", str(path), "--port", str(port),
-                                "--dtype", dtype, "--device", "cpu", "--no-mtp", "--ctx", "4096"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a full pipe would stall it
+def measure_served(command: list[str], port: int, ready_path: str, model: str, prompts, gen_tokens):
+    """Start a server process, measure it once it answers `ready_path`, stop it."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a full pipe stalls it
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_ready(base, process, "/health")
-        return measure_server(base, path.name, prompts, gen_tokens)
+        wait_ready(base, process, ready_path)
+        return measure_server(base, model, prompts, gen_tokens)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+def run_mimo_server(path: Path, dtype: str, prompts, gen_tokens):
+    port = free_port()
+    command = [sys.executable, "-m", "mimo_local.cli", "serve", "-m", str(path), "--port", str(port), "--dtype", dtype,
+               "--device", "cpu", "--no-mtp", "--ctx", "4096"]
+    return measure_served(command, port, "/health", path.name, prompts, gen_tokens)
 
 
 def run_llamacpp_server(path: Path, prompts, gen_tokens, threads: int):
@@ -131,16 +136,9 @@ def run_llamacpp_server(path: Path, prompts, gen_tokens, threads: int):
                         "--outtype", "bf16", "--prompt-tokens", "8", "--gen-tokens", "2"], check=True,
                        capture_output=True)
     port = free_port()
-    process = subprocess.Popen([LLAMACPP_PYTHON, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-                                "--n_ctx", "4096", "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                                "--model_alias", path.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, process, "/v1/models")
-        return measure_server(base, path.name, prompts, gen_tokens)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+    command = [LLAMACPP_PYTHON, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "4096",
+               "--n_threads", str(threads), "--n_threads_batch", str(threads), "--model_alias", path.name]
+    return measure_served(command, port, "/v1/models", path.name, prompts, gen_tokens)
 
 
 def in_worker(path: Path, dtype: str, prompts, gen_tokens):
