@@ -13,21 +13,8 @@ from mimo_local.errors import MimoError
 from mimo_local.sampling import SamplingSettings
 from mimo_local.serve.parsers import OutputParser, prompt_ends_in_reasoning, tool_format_for
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather forecast for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    },
-}
-PARIS = {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}
-ROME = {"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}
-QUESTION = [{"role": "user", "content": "What will the weather be in Paris and Rome?"}]
+from weather_tool import PARIS, QUESTION, ROME, WEATHER
+
 TAGS = ("<tool_call>", "</tool_call>", "<function=get_weather>", "</function>", "<parameter=city>", "</parameter>")
 
 

@@ -116,8 +116,10 @@ def test_json_schema_output_always_validates(client):
         assert set(value) == {"name", "age"} and isinstance(value["age"], int) and len(value["name"]) <= 20
     anything = client.chat.completions.create(model="mimo-nano", messages=MESSAGES, max_tokens=60, temperature=0,
                                               response_format={"type": "json_object"})
-    if anything.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    content = anything.choices[0].message.content
+    assert content.startswith("{")  # the Austen model writes prose unless the grammar holds it
+    if anything.choices[0].finish_reason == "stop":  # the object may not close within 60 tokens
+        assert isinstance(json.loads(content), dict)
 
 
 def test_tool_choice_required_forces_a_valid_call(client):

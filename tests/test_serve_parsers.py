@@ -18,18 +18,7 @@ from mimo_local.serve.parsers import (
     tool_format_for,
 )
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather forecast for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    },
-}
+from weather_tool import WEATHER
 TYPED = {
     "type": "function",
     "function": {

@@ -3,6 +3,7 @@ MiMo's real tool-call tokens (MiMo-V2-Flash XML, MiMo-7B JSON), with the openai 
 
 import json
 
+import httpx
 import ollama
 import openai
 import pytest
@@ -10,13 +11,8 @@ import pytest
 from mimo_local.dev.scripted_chat import TOOL_ANSWER, TOOL_THINKING, make_scripted_chat_checkpoint
 from serve_server import running_server
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather forecast for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                   "required": ["city"]}}}
-PARIS = {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}
-ROME = {"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}
-QUESTION = [{"role": "user", "content": "What will the weather be in Paris and Rome?"}]
+from weather_tool import PARIS, QUESTION, ROME, WEATHER
+
 THINKING_ON = {"chat_template_kwargs": {"enable_thinking": True}}
 
 
@@ -84,8 +80,9 @@ def test_tool_results_go_back_through_the_template(flash):
         for call in first.tool_calls]
     again = client(flash).chat.completions.create(model="flash", messages=history, tools=[WEATHER], temperature=0,
                                                   max_tokens=5, extra_body={"return_token_ids": True})
-    assert again.usage.prompt_tokens > first.model_dump()["content"].count(" ") + 40  # the results were rendered
-    assert again.choices[0].message.content is not None or again.choices[0].message.tool_calls
+    prompt = httpx.post(f"{flash}/detokenize", json={"tokens": again.model_dump()["prompt_token_ids"]}).json()["content"]
+    assert prompt.count('{"forecast": "sunny"}') == 2  # both results, through the template
+    assert prompt.count("<function=get_weather>") == 2 and "<parameter=city>Rome</parameter>" in prompt
 
 
 def test_reasoning_format_none_keeps_the_raw_tags(flash):
