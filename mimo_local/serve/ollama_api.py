@@ -10,15 +10,12 @@ from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..generate import DoneEvent
+from .openai_api import Lenient
 from .prompts import message_text
 from .service import BadRequest, Output, Service, events
-
-
-class Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
 
 
 class Options(Lenient):
