@@ -263,23 +263,34 @@ def quantize_fp8_blocks(weight: torch.Tensor, block: tuple[int, int] = (128, 128
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Write a safetensors file atomically (temp file + rename)."""
+    specs = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
+    write_safetensors_streamed(path, specs, iter(tensors.values()), metadata)
+
+
+def write_safetensors_streamed(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], tensors,
+                               metadata: dict | None = None) -> None:
+    """Write a safetensors file atomically whose tensors (name -> (dtype, shape) in `specs`) come one at
+    a time from the iterator `tensors`, in the same order: memory holds one tensor, not the file."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
+    for name, (dtype, shape) in specs.items():
+        nbytes = _numel(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for tensor in tensors.values():
-            if tensor.numel():
-                handle.write(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
+            for name, (dtype, shape) in specs.items():
+                tensor = next(tensors)
+                if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                    raise ValueError(f"tensor '{name}' is {tensor.dtype} {list(tensor.shape)}, not {dtype} {list(shape)}")
+                if tensor.numel():
+                    handle.write(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

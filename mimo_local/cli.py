@@ -14,7 +14,7 @@ from .errors import MimoError
 from .offload import options as offload_options
 from .options import (debug_option, device_option, draft_tokens_option, dtype_option, min_p_option, mtp_option,
                       repetition_penalty_option, seed_option, temperature_option, top_k_option, top_p_option,
-                      quant_option, server_option, api_key_option, yes_option)
+                      quant_option, mmap_option, mlock_option, server_option, api_key_option, yes_option)
 
 app = typer.Typer(
     help="Run Xiaomi MiMo models locally.",
@@ -133,6 +133,8 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of text."),
     yes: bool = yes_option(),
     quant: Optional[str] = quant_option(),
+    mmap: bool = mmap_option(),
+    mlock: bool = mlock_option(),
     gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
     cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
     cpu_moe: bool = offload_options.cpu_moe_option(),
@@ -173,7 +175,7 @@ def run(
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=context,
                                                       mtp=mtp, clamp_ctx=True, ctx_flag=None)
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
-                             placement=placement)
+                             placement=placement, mmap=mmap, mlock=mlock)
         front.plan = engine.plan
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
         events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings,
@@ -250,6 +252,8 @@ def bench(
     device: str = device_option(),
     dtype: str = dtype_option(),
     quant: Optional[str] = quant_option(),
+    mmap: bool = mmap_option(),
+    mlock: bool = mlock_option(),
     gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
     cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
     cpu_moe: bool = offload_options.cpu_moe_option(),
@@ -275,7 +279,7 @@ def bench(
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
                                                       ctx=prompt_tokens + gen_tokens + 8, mtp=mtp, clamp_ctx=True, ctx_flag=None)
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
-                             placement=placement)
+                             placement=placement, mmap=mmap, mlock=mlock)
         speculation = engine.speculation(mtp, draft_tokens)
         with Progress(console=Console(stderr=True), transient=True, disable=as_json or not sys.stderr.isatty()) as progress:
             task = progress.add_task("bench", total=repetitions + 1)
@@ -438,6 +442,8 @@ def chat(
     device: str = device_option(),
     dtype: str = dtype_option(),
     quant: Optional[str] = quant_option(),
+    mmap: bool = mmap_option(),
+    mlock: bool = mlock_option(),
     gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
     cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
     cpu_moe: bool = offload_options.cpu_moe_option(),
@@ -463,7 +469,7 @@ def chat(
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
                                                       ctx=ctx or 32768, mtp=mtp, clamp_ctx=True)
         options = ChatOptions(settings, system, mtp, draft_tokens, ctx, device, dtype, load, quant, placement, server,
-                              api_key)
+                              api_key, mmap, mlock)
         start_chat(model, lambda name, ask: resolve_model(name, assume_yes=yes, ask=ask), options)
 
 
@@ -687,6 +693,8 @@ def serve(
     device: str = device_option(),
     dtype: str = dtype_option(),
     quant: Optional[str] = quant_option(),
+    mmap: bool = mmap_option(),
+    mlock: bool = mlock_option(),
     gpu_mem: Optional[str] = offload_options.gpu_mem_option(),
     cpu_mem: Optional[str] = offload_options.cpu_mem_option(),
     cpu_moe: bool = offload_options.cpu_moe_option(),
@@ -714,7 +722,8 @@ def serve(
         options = ServeOptions(model or model_dir.name, model_dir, host=host, port=port, api_key=api_key, context=ctx,
                                max_queue=max_queue, parallel=parallel, max_body_bytes=parse_size(max_body, "--max-body"),
                                reasoning_format=reasoning_format, log_prompts=log_prompts, defaults=defaults, mtp=mtp,
-                               draft_tokens=draft_tokens, device=device, dtype=dtype, quant=quant, placement=placement)
+                               draft_tokens=draft_tokens, device=device, dtype=dtype, quant=quant, placement=placement,
+                               mmap=mmap, mlock=mlock)
         code = serve_model(options, on_message=lambda line: typer.echo(line, err=True))
     if code:
         raise typer.Exit(code)

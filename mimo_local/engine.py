@@ -40,9 +40,10 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", show_progress: bool = False,
-             quant: str | None = None, placement: PlanRequest | None = None):
+             quant: str | None = None, placement: PlanRequest | None = None, mmap: bool = True, mlock: bool = False):
         """`placement`: the offload flags (budgets, --cpu-moe, ...): the model is planned first,
-        refused when the plan does not fit, and loaded where the plan puts each part."""
+        refused when the plan does not fit, and loaded where the plan puts each part. `mmap`, `mlock`:
+        see loader.load_model."""
         if not Path(path).is_dir():
             raise MimoError(f"model directory not found: {path}")
         torch_device = resolve_device(device)
@@ -56,7 +57,7 @@ class Engine:
                 raise MimoError(plan.verdict())
             plan.placement.check_available()
         model = load_model(path, torch_dtype, torch_device, show_progress=show_progress, quant=quant,
-                           placement=plan.placement if plan else None)
+                           placement=plan.placement if plan else None, mmap=mmap, mlock=mlock)
         start_recording(model)  # router statistics, saved beside the model by the front end
         return cls(model, tokenizer, Path(path), plan)
 

@@ -6,16 +6,20 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import limits, mapped_weights
 from .checkpoint import Checkpoint
-from . import limits
 from .config import MiMoConfig, load_config, read_raw_config
 from .errors import MimoError
+from .kernels import guard
+from .mapped_weights import MappedFiles, RuntimeLayout, StaleLayout
 from .models import build_meta_model, family_module, meta_device
 from .models.layers import RotaryEmbedding
 from .models.model import MiMoForCausalLM
@@ -57,12 +61,18 @@ def load_model(
     show_progress: bool = False,
     quant: str | None = None,
     placement: Placement | None = None,
+    mmap: bool = True,
+    mlock: bool = False,
 ) -> MiMoForCausalLM:
     """`quant`: a recipe (name or YAML file) that quantizes the float weights while loading.
     `placement` (from an offload plan): each module is allocated on the device the plan gives it
     (experts split into per-device groups), `device` becomes the plan's main device, and a
-    placement without MTP skips the MTP layers."""
+    placement without MTP skips the MTP layers.
+    `mmap`: where everything runs on the CPU, the weights are mapped from the checkpoint and from a
+    runtime-layout file written at the first load (mapped_weights.py) instead of copied; `mlock`
+    keeps the weights in RAM (never paged out)."""
     from .quant import loading, manifest
+    from .quant.recipes import load_recipe
 
     with limits.reading(model_dir):  # any failure interpreting the files is a one-line error
         raw_config = read_raw_config(model_dir) if os.path.lexists(Path(model_dir, "config.json")) else {}
@@ -76,18 +86,78 @@ def load_model(
         num_mtp = count_mtp_layers(config, checkpoint) if placement is None or placement.mtp else 0
         config = dataclasses.replace(config, num_mtp_layers=num_mtp)
         device = torch.device(device) if placement is None else torch_device(placement.main)
+        recipe = load_recipe(quant) if isinstance(quant, str) else quant
 
         model = build_meta_model(config, num_mtp, dtype)
         if placement is not None:
             with meta_device():
                 placement.split_experts(model)
         targets = family.weight_map(model).targets
-        quantized = loading.prepare(model, targets, checkpoint, quant)  # drops float weights it replaces
+        quantized = loading.prepare(model, targets, checkpoint, recipe)  # drops float weights it replaces
         check_coverage(model, quantized.plain_targets, checkpoint)  # before any memory is allocated
+
+        on_cpu_only = device.type == "cpu" and (placement is None or placement.devices() == {"cpu"})
+        if mmap and on_cpu_only:
+            layout = RuntimeLayout(Path(model_dir), checkpoint, dtype, recipe.sha256 if recipe else None, num_mtp)
+            try:
+                return _load_mapped(model, quantized, checkpoint, layout, show_progress, mlock)
+            except StaleLayout:
+                layout.path.unlink(missing_ok=True)
+                return load_model(model_dir, dtype, device, show_progress, quant, placement, mmap, mlock)
+
     if placement is None:
         model.to_empty(device=device)
+        _tie_embeddings(model)  # to_empty gives each module its own copy of a shared parameter
     else:
         placement.materialize(model)
+    _prepare_buffers(model, device)
+    with limits.reading(model_dir):
+        _stream_weights(model, quantized.plain_targets, checkpoint, show_progress)
+        quantized.load(device)
+    if placement is not None:
+        placement.attach_hooks(model)
+    if mlock:
+        _lock_process_memory()
+    return model.eval()
+
+
+def _load_mapped(model: MiMoForCausalLM, quantized, checkpoint: Checkpoint, layout: RuntimeLayout, show_progress: bool,
+                 mlock: bool) -> MiMoForCausalLM:
+    """Map what the checkpoint holds in runtime form; map the rest from the runtime-layout file,
+    converting and writing it first where it does not exist yet."""
+    cpu = torch.device("cpu")
+    files = MappedFiles()
+    direct = mapped_weights.direct_entries(model, quantized.plain_targets, checkpoint)
+    for name, entry in direct.items():
+        mapped_weights.assign(model, name, files.tensor(entry.file, entry.offset, entry.dtype, entry.shape))
+    _tie_embeddings(model)
+    in_place = {name for name, tensor in model.state_dict(keep_vars=True).items() if not tensor.is_meta}
+    if not layout.exists():
+        converted = {hub: target for hub, target in quantized.plain_targets.items() if target.param not in direct}
+        mapped_weights.materialize_meta(model, cpu)
+        _prepare_buffers(model, cpu)
+        _stream_weights(model, converted, checkpoint, show_progress)
+        quantized.load(cpu)
+        state = mapped_weights.runtime_state(model, in_place)
+        with _progress("caching runtime layout", sum(t.nbytes for t in state.values()), show_progress) as advance:
+            written = layout.write(state, mapped_weights.quantized_shells(model), advance)
+        if not written:
+            return model.eval()  # converted in memory, as with --no-mmap
+    mapped_weights.map_layout(model, layout, files, in_place)
+    mapped_weights.materialize_meta(model, cpu)  # buffers no file holds (RoPE tables)
+    _prepare_buffers(model, cpu)
+    _tie_embeddings(model)
+    guard.exit_on_sigbus(f"mimo: a memory-mapped weights file of {layout.path.parent.parent} was truncated or "
+                         "rewritten while in use; restart (or load with --no-mmap)")
+    if mlock:
+        for failure in files.lock():
+            print(f"mimo: --mlock could not lock {failure}", file=sys.stderr)
+    model.mapped_files = files  # the mappings live as long as the model
+    return model.eval()
+
+
+def _prepare_buffers(model: MiMoForCausalLM, device: torch.device) -> None:
+    """Huge-page advice for freshly allocated CPU weights, and the RoPE tables (no file holds them)."""
     model.requires_grad_(False)
     for param in model.parameters():
         if param.device.type == "cpu":
@@ -95,12 +165,16 @@ def load_model(
     for rope in (m for m in model.modules() if isinstance(m, RotaryEmbedding)):
         rope.inv_freq = rope.compute_inv_freq(device)
 
-    with limits.reading(model_dir):
-        _stream_weights(model, quantized.plain_targets, checkpoint, show_progress)
-        quantized.load(device)
-    if placement is not None:
-        placement.attach_hooks(model)
-    return model.eval()
+
+def _tie_embeddings(model: MiMoForCausalLM) -> None:
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def _lock_process_memory() -> None:
+    libc = _libc()
+    if libc is None or libc.mlockall(1) != 0:  # MCL_CURRENT: the weights just loaded
+        print("mimo: --mlock could not lock the weights in RAM (raise `ulimit -l`)", file=sys.stderr)
 
 
 HUGE_PAGE = 2 << 20
@@ -158,26 +232,27 @@ def check_coverage(model: MiMoForCausalLM, targets: dict, checkpoint: Checkpoint
             raise MimoError(f"{checkpoint.dir}: checkpoint does not provide all of '{name}'")
 
 
+@contextlib.contextmanager
+def _progress(label: str, total: int, show: bool):
+    """A transient byte progress bar; yields the function that advances it."""
+    progress = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(), transient=True,
+                        disable=not show)
+    with progress:
+        task = progress.add_task(label, total=total)
+        yield lambda done: progress.advance(task, done)
+
+
 def _stream_weights(model: MiMoForCausalLM, targets: dict, checkpoint: Checkpoint, show_progress: bool) -> None:
+    """Read every target tensor into its (allocated) parameter; each targeted parameter must be filled."""
     params = dict(model.named_parameters())
-    filled = {name: 0 for name in params}
+    filled = {target.param: 0 for target in targets.values()}
     total = sum(checkpoint.entries[name].nbytes for name in targets)
-    progress = Progress(
-        TextColumn("loading"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=not show_progress,
-    )
-    with progress, torch.no_grad():
-        task = progress.add_task("load", total=total)
+    with _progress("loading", total, show_progress) as advance, torch.no_grad():
         for hub_name, target in targets.items():
             destination = params[target.param][target.index] if target.index else params[target.param]
             checkpoint.read_into(hub_name, destination)
             filled[target.param] += destination.numel()
-            progress.advance(task, checkpoint.entries[hub_name].nbytes)
-    for name, param in params.items():
-        if filled[name] != param.numel():
+            advance(checkpoint.entries[hub_name].nbytes)
+    for name, count in filled.items():
+        if count != params[name].numel():
             raise MimoError(f"{checkpoint.dir}: checkpoint does not provide all of '{name}'")
-

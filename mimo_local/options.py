@@ -71,6 +71,17 @@ def api_key_option():
     return typer.Option(None, "--api-key", envvar="MIMO_API_KEY", help="Key for --server.")
 
 
+def mmap_option():
+    return typer.Option(True, "--mmap/--no-mmap", help="Map the weights from the model's files instead of copying them "
+                        "(CPU only; converted weights are cached once in the model's .mimo-runtime folder): fast "
+                        "starts, one copy in RAM for every process. --no-mmap copies them into memory.")
+
+
+def mlock_option():
+    return typer.Option(False, "--mlock", help="Keep the weights in RAM: never paged out, even under memory pressure "
+                        "(needs `ulimit -l` to allow it).")
+
+
 def quant_option():
     return typer.Option(None, "--quant", help="Quantize while loading with this recipe (name or YAML file; no file "
                         "is written).")

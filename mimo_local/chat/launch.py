@@ -27,6 +27,8 @@ class ChatOptions:
     placement: object | None = None  # an offload PlanRequest (expert placement flags)
     server: str | None = None  # a running `mimo serve` to talk to instead of loading a model
     api_key: str | None = None
+    mmap: bool = True
+    mlock: bool = False
 
 
 def start_chat(model_name: str, resolve: Callable[..., Path], options: ChatOptions) -> None:
@@ -42,7 +44,8 @@ def start_chat(model_name: str, resolve: Callable[..., Path], options: ChatOptio
         if options.server:
             raise MimoError(f"this chat runs on {options.server}: the server's model is the one it has loaded")
         return Engine.load(resolve(name, ask=ask), device=options.device, dtype=options.dtype,
-                           show_progress=sys.stderr.isatty(), quant=options.quant, placement=options.placement)
+                           show_progress=sys.stderr.isatty(), quant=options.quant, placement=options.placement,
+                           mmap=options.mmap, mlock=options.mlock)
 
     if options.server:
         from ..serve.client import RemoteEngine

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import INDEX_FILE, quantize_fp8_blocks, write_safetensors
+from ..checkpoint import INDEX_FILE, quantize_fp8_blocks, write_safetensors_streamed
 from ..errors import MimoError
 from .tokenizer_files import train_tokenizer, write_tokenizer_files
 
 PRESETS = {
     "mimo": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=160, mtp_layers=1),
+    # The full-size MiMo-7B layout (15.6 GB bf16): real-size load, start and decode measurements.
+    "mimo-7b-full": dict(vocab_size=151680, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=11008, mtp_layers=1),
     "mimo-bench": dict(vocab_size=151680, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                        num_key_value_heads=4, intermediate_size=2816, mtp_layers=1),
     "mimo_v2_flash": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
@@ -237,16 +241,28 @@ def make_checkpoint(
     (temporary / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
     generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor_shape in tensor_shapes(config, shape["mtp_layers"]).items():
-        tensor = random_tensor(name, tensor_shape, generator)
+    shapes = tensor_shapes(config, shape["mtp_layers"])
+    specs = {}
+    for name, tensor_shape in shapes.items():
         if name.endswith("e_score_correction_bias"):
-            tensors[name] = tensor.float()
+            specs[name] = (torch.float32, tensor_shape)
         elif fp8 and is_fp8_weight(name):
-            tensors[name], tensors[name + "_scale_inv"] = quantize_fp8_blocks(tensor)
+            specs[name] = (torch.float8_e4m3fn, tensor_shape)
+            specs[name + "_scale_inv"] = (torch.float32, tuple(-(-size // 128) for size in tensor_shape))
         else:
-            tensors[name] = tensor.to(torch.bfloat16)
-    _write_shards(temporary, tensors, shards)
+            specs[name] = (torch.bfloat16, tensor_shape)
+
+    def generated():  # one tensor at a time: a full-size layout is written in bounded memory
+        for name, tensor_shape in shapes.items():
+            tensor = random_tensor(name, tensor_shape, generator)
+            if name.endswith("e_score_correction_bias"):
+                yield tensor.float()
+            elif fp8 and is_fp8_weight(name):
+                yield from quantize_fp8_blocks(tensor)
+            else:
+                yield tensor.to(torch.bfloat16)
+
+    _write_shards(temporary, specs, generated(), shards)
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -254,23 +270,26 @@ def make_checkpoint(
     return out_dir
 
 
-def _write_shards(out_dir: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+def _write_shards(out_dir: Path, specs: dict[str, tuple], tensors, shards: int) -> None:
+    """Write tensors (name -> (dtype, shape) in `specs`, the tensors themselves from the iterator
+    `tensors` in that order) into `shards` files of about equal size, indexed when more than one."""
     if shards <= 1:
-        write_safetensors(out_dir / "model.safetensors", tensors)
+        write_safetensors_streamed(out_dir / "model.safetensors", specs, tensors)
         return
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    sizes = {name: dtype.itemsize * math.prod(shape) for name, (dtype, shape) in specs.items()}
+    total = sum(sizes.values())
     per_shard = total / shards
     groups: list[dict] = [{}]
     size = 0
-    for name, tensor in tensors.items():
+    for name, spec in specs.items():
         if size >= per_shard * len(groups) and len(groups) < shards:
             groups.append({})
-        groups[-1][name] = tensor
-        size += tensor.numel() * tensor.element_size()
+        groups[-1][name] = spec
+        size += sizes[name]
     weight_map = {}
     for number, group in enumerate(groups, start=1):
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        write_safetensors(out_dir / file, group)
+        write_safetensors_streamed(out_dir / file, group, tensors)
         weight_map.update({name: file for name in group})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
@@ -319,7 +338,7 @@ def make_bigram_with_oracle_mtp(
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(source / name, temporary / name)
     (temporary / "config.json").write_text(json.dumps(config, indent=2))
-    _write_shards(temporary, tensors, 1)
+    _write_shards(temporary, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}, iter(tensors.values()), 1)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(temporary, out_dir)

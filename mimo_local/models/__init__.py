@@ -48,4 +48,6 @@ def build_meta_model(config, num_mtp: int, dtype: torch.dtype):
         model = family_module(config).build(config, num_mtp).to(dtype)
         for router in (m for m in model.modules() if isinstance(m, Router)):
             router.float()
+    if config.tie_word_embeddings:  # outside: meta_device() wraps every parameter it sees registered anew
+        model.lm_head.weight = model.embed_tokens.weight
     return model

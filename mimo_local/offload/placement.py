@@ -31,9 +31,12 @@ class Placement:
     modules: dict[str, str] = field(default_factory=dict)  # leaf modules placed apart from `main`
     mtp: bool = True  # whether the MTP layers are loaded at all
 
+    def devices(self) -> set[str]:
+        """The plan devices anything is placed on."""
+        return {self.main, *self.modules.values(), *(d for row in self.experts.values() for d in row)}
+
     def check_available(self) -> None:
-        used = {self.main, *self.modules.values(), *(d for row in self.experts.values() for d in row)}
-        if "gpu" in used and not torch.cuda.is_available():
+        if "gpu" in self.devices() and not torch.cuda.is_available():
             raise MimoError("the plan puts weights on the GPU but no CUDA device is available (use --device cpu)")
 
     def split_experts(self, model) -> None:

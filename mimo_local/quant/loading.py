@@ -102,7 +102,7 @@ class QuantizedLoad:
     def swap_placeholders(self) -> None:
         """Drop the float weights of quantized modules (on meta, before memory is allocated)."""
         for path in self.modules:
-            _set_module(self.model, path, nn.Module())
+            set_module(self.model, path, nn.Module())
 
     def load(self, device: torch.device, progress=None) -> None:
         for module in self.modules.values():
@@ -110,7 +110,7 @@ class QuantizedLoad:
             with torch.no_grad():
                 for bias_name, index in module.bias_parts:
                     self.checkpoint.read_into(bias_name, quantized.bias[index] if index else quantized.bias)
-            _set_module(self.model, module.path, quantized)
+            set_module(self.model, module.path, quantized)
             if progress is not None:
                 progress()
 
@@ -165,7 +165,7 @@ def _fill(quantized: QuantLinear, module: QuantizedModule, part: Part, weight) -
             quantized.code.copy_(weight.code)
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     owner_path, _, name = path.rpartition(".")
     owner = model.get_submodule(owner_path) if owner_path else model
     if name in owner._parameters:

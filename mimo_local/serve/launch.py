@@ -44,6 +44,8 @@ class ServeOptions:
     dtype: str = "auto"
     quant: str | None = None
     placement: object | None = None  # an offload PlanRequest
+    mmap: bool = True
+    mlock: bool = False
 
 
 class Server(uvicorn.Server):
@@ -83,7 +85,7 @@ def load_engine(options: ServeOptions):
     from ..engine import Engine
 
     engine = Engine.load(options.model_dir, device=options.device, dtype=options.dtype, quant=options.quant,
-                         placement=options.placement)
+                         placement=options.placement, mmap=options.mmap, mlock=options.mlock)
     if options.parallel > 1:  # batched sequences decode one token a step each, without drafts
         return engine, engine.speculation(False)
     return engine, engine.speculation(options.mtp, options.draft_tokens)
