@@ -147,6 +147,9 @@ def _load_mapped(model: MiMoForCausalLM, quantized, checkpoint: Checkpoint, layo
     mapped_weights.materialize_meta(model, cpu)  # buffers no file holds (RoPE tables)
     _prepare_buffers(model, cpu)
     _tie_embeddings(model)
+    if files.resident_fraction() < COLD_FRACTION:
+        with _progress("reading weights", files.nbytes(), show_progress) as advance:
+            files.read_ahead(advance)
     guard.exit_on_sigbus(f"mimo: a memory-mapped weights file of {layout.path.parent.parent} was truncated or "
                          "rewritten while in use; restart (or load with --no-mmap)")
     if mlock:
@@ -178,6 +181,7 @@ def _lock_process_memory() -> None:
 
 
 HUGE_PAGE = 2 << 20
+COLD_FRACTION = 0.9  # mapped weights less resident than this are read ahead, with a progress bar
 
 
 @functools.lru_cache(maxsize=1)

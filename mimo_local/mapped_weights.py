@@ -73,18 +73,49 @@ class MappedFiles:
 
     def lock(self) -> list[str]:
         """mlock every mapping (kept in RAM, never paged out); the files that could not be locked."""
-        libc = ctypes.CDLL(None, use_errno=True)
         failed = []
         for path, mapped in self.maps.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                address = torch.frombuffer(mapped, dtype=torch.uint8).data_ptr()
-            if libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(len(mapped))) != 0:
+            if _libc().mlock(ctypes.c_void_p(_address(mapped)), ctypes.c_size_t(len(mapped))) != 0:
                 failed.append(f"{path.name} ({os.strerror(ctypes.get_errno())})")
         return failed
 
+    def resident_fraction(self) -> float:
+        """The fraction of the mapped pages that are in the page cache (mincore)."""
+        resident = total = 0
+        for mapped in self.maps.values():
+            pages = -(-len(mapped) // PAGE)
+            vector = (ctypes.c_ubyte * pages)()
+            if _libc().mincore(ctypes.c_void_p(_address(mapped)), ctypes.c_size_t(len(mapped)), vector) != 0:
+                return 1.0  # cannot tell: assume warm
+            resident += pages - bytes(vector).count(0)
+            total += pages
+        return resident / total if total else 1.0
+
+    def read_ahead(self, advance=None) -> None:
+        """Read the mapped files sequentially, at the disk's rate, so that the first forward step finds
+        every page in memory (a cold start shows its progress instead of stalling in page faults)."""
+        buffer = bytearray(16 << 20)
+        for path in self.maps:
+            with open(path, "rb", buffering=0) as handle:
+                while count := handle.readinto(buffer):
+                    if advance is not None:
+                        advance(count)
+
+    def nbytes(self) -> int:
+        return sum(len(mapped) for mapped in self.maps.values())
+
     def paths(self) -> list[Path]:
         return list(self.maps)
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _address(mapped: mmap.mmap) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(mapped, dtype=torch.uint8).data_ptr()
 
 
 def direct_entries(model: nn.Module, targets: dict, checkpoint: Checkpoint) -> dict[str, object]:

@@ -188,3 +188,16 @@ def test_cli_flags(fresh):
         outputs.append(result.stdout)
     assert outputs[0] == outputs[1] == outputs[2]
     assert len(layout_files(model_dir)) == 1
+
+
+def test_cold_start_reads_the_weights_ahead(fresh):
+    model_dir = fresh("mimo")
+    load_model(model_dir, torch.bfloat16)
+    files = load_model(model_dir, torch.bfloat16).mapped_files
+    for path in files.paths():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())  # written just now: only clean pages can be dropped
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert files.resident_fraction() < 0.5
+    model = load_model(model_dir, torch.bfloat16)  # cold: read ahead before the first step
+    assert model.mapped_files.resident_fraction() == 1.0

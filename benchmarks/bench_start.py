@@ -1,0 +1,212 @@
+"""Real-size start: how long `mimo run` takes to its first token, cold and warm, its decode speed and
+its memory, against llama.cpp's own command-line tools on the same weights, in one run.
+
+    mimo dev make-tiny /work/big/mimo-7b-full --preset mimo-7b-full --shards 4   # once: 15.6 GB
+    python benchmarks/bench_start.py --model /work/big/mimo-7b-full --quants none,int8,int4-g128 \
+        --llamacpp-bin /tmp/llbuild/bin
+
+For each load (bf16 as stored, or quantized at load with a recipe), ours:
+  * first start: the first `mimo run` ever (converts and writes the runtime layout next to the model);
+  * cold start: the model's files (source and runtime layout) evicted from the page cache first
+    (posix_fadvise DONTNEED), so they are read from disk;
+  * warm start: files in the page cache (best of --repeats);
+each a whole `mimo run -n 1` process, start to exit (process start, imports, load, prefill of a
+2-token prompt, one token); decode tokens per second from `mimo run -n --gen-tokens --json` (MTP off:
+llama.cpp has none for MiMo); peak RSS of one process (wait4's ru_maxrss) and the summed peak PSS of
+two processes decoding at once (shared weights count once).
+llama.cpp gets the same checkpoint converted to GGUF (bf16 / q8_0 / q4_K_M, by
+benchmarks/peers/llamacpp_peer.py, cached) and runs `llama-cli` the same way (-n 1, cold and warm),
+`llama-bench -p 0 -n --gen-tokens` for decode. The disk's read rate is measured on the source files.
+Prints one JSON line per row and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PEER = HERE / "peers" / "llamacpp_peer.py"
+LLAMACPP_PYTHON = "/work/llvenv/bin/python"
+GGUF_TYPES = {"none": "bf16", "int8": "q8_0", "int4-g128": "q4_K_M"}
+PROMPT = "hi there"
+
+
+def files_of(directory: Path) -> list[Path]:
+    return [path for path in directory.rglob("*") if path.is_file()]
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (the next read comes from the disk)."""
+    for path in paths:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno()) if os.access(path, os.W_OK) else None
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def disk_read_rate(paths: list[Path]) -> float:
+    """Bytes per second reading `paths` from the disk (evicted first)."""
+    evict(paths)
+    total, started = 0, time.perf_counter()
+    buffer = bytearray(64 << 20)
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while count := handle.readinto(buffer):
+                total += count
+    return total / (time.perf_counter() - started)
+
+
+def run(command: list[str], env: dict) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of one process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out_chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: out_chunks.append(process.stdout.read()))
+    errors: list[bytes] = []
+    error_reader = threading.Thread(target=lambda: errors.append(process.stderr.read()))
+    reader.start(), error_reader.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(), error_reader.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])}... failed: {errors[0].decode()[-600:]}")
+    return elapsed, usage.ru_maxrss * 1024, out_chunks[0].decode(errors="replace")
+
+
+def pss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            return next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def concurrent_peak_pss(command: list[str], env: dict, copies: int) -> int:
+    """The largest sum of PSS seen while `copies` processes of `command` run at once."""
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                 for _ in range(copies)]
+    peak = 0
+    while any(p.poll() is None for p in processes):
+        peak = max(peak, sum(pss_of(p.pid) for p in processes))
+        time.sleep(0.1)
+    if any(p.returncode for p in processes):
+        raise RuntimeError(f"{' '.join(command[:3])}... failed in a concurrent run")
+    return peak
+
+
+class Ours:
+    def __init__(self, model: Path, quant: str, threads: int):
+        self.model, self.quant = model, quant
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        mimo = str(Path(sys.executable).with_name("mimo"))
+        self.base = [mimo, "run", "-m", str(model), "--temperature", "0", "--no-mtp", "--raw", "--ignore-eos", "--json"]
+        if quant != "none":
+            self.base += ["--quant", quant]
+
+    def files(self) -> list[Path]:
+        return files_of(self.model)
+
+    def start(self) -> tuple[float, int]:
+        elapsed, rss, _ = run(self.base + ["-n", "1", PROMPT], self.env)
+        return elapsed, rss
+
+    def decode(self, tokens: int) -> float:
+        _, _, out = run(self.base + ["-n", str(tokens), PROMPT], self.env)
+        return json.loads(out)["decode_tokens_per_s"]
+
+    def decode_command(self, tokens: int) -> list[str]:
+        return self.base + ["-n", str(tokens), PROMPT]
+
+
+class LlamaCpp:
+    def __init__(self, model: Path, quant: str, threads: int, binaries: Path, python: str):
+        self.threads, self.binaries = threads, binaries
+        self.env = dict(os.environ)
+        result = subprocess.run([python, str(PEER), "--checkpoint", str(model), "--outtype", GGUF_TYPES[quant],
+                                 "--prompt-tokens", "1", "--gen-tokens", "1", "--repeats", "1",
+                                 "--threads", str(threads)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"llama.cpp conversion failed: {result.stderr.strip()[-400:]}")
+        self.gguf = Path(json.loads(result.stdout.strip().splitlines()[-1])["gguf"])
+
+    def files(self) -> list[Path]:
+        return [self.gguf]
+
+    def decode_command(self, tokens: int) -> list[str]:
+        return [str(self.binaries / "llama-cli"), "-m", str(self.gguf), "-t", str(self.threads), "-n", str(tokens),
+                "-p", PROMPT, "-no-cnv", "--temp", "0", "--ignore-eos", "-c", "512"]
+
+    def start(self) -> tuple[float, int]:
+        elapsed, rss, _ = run(self.decode_command(1), self.env)
+        return elapsed, rss
+
+    def decode(self, tokens: int) -> float:
+        _, _, out = run([str(self.binaries / "llama-bench"), "-m", str(self.gguf), "-t", str(self.threads), "-p", "0",
+                         "-n", str(tokens), "-r", "2", "-o", "json"], self.env)
+        return json.loads(out)[0]["avg_ts"]
+
+
+def measure(engine, repeats: int, gen_tokens: int, first_start: bool) -> dict:
+    row = {}
+    if first_start:
+        row["first_start_s"] = round(engine.start()[0], 2)
+    evict(engine.files())
+    row["cold_start_s"] = round(engine.start()[0], 2)
+    warm = [engine.start() for _ in range(repeats)]
+    row["warm_start_s"] = round(min(w[0] for w in warm), 2)
+    row["peak_rss_gib"] = round(max(w[1] for w in warm) / 2**30, 2)
+    row["decode_tok_s"] = round(engine.decode(gen_tokens), 2)
+    row["two_process_pss_gib"] = round(concurrent_peak_pss(engine.decode_command(gen_tokens), engine.env, 2) / 2**30, 2)
+    row["one_process_pss_gib"] = round(concurrent_peak_pss(engine.decode_command(gen_tokens), engine.env, 1) / 2**30, 2)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--quants", default="none,int8,int4-g128")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gen-tokens", type=int, default=16)
+    parser.add_argument("--llamacpp-bin", type=Path, help="folder with llama-cli and llama-bench (no peer without it)")
+    parser.add_argument("--llamacpp-python", default=LLAMACPP_PYTHON, help="interpreter that runs the GGUF converter")
+    parser.add_argument("--fresh", action="store_true", help="delete the runtime layouts first (measure the first start)")
+    args = parser.parse_args()
+
+    rate = disk_read_rate(files_of(args.model))
+    print(json.dumps({"disk_read_gib_s": round(rate / 2**30, 3)}), flush=True)
+    rows = []
+    for quant in args.quants.split(","):
+        if args.fresh:
+            for layout in (args.model / ".mimo-runtime").glob("*.safetensors"):
+                layout.unlink()
+        ours = Ours(args.model, quant, args.threads)
+        row = {"engine": "mimo-local", "load": quant, "threads": args.threads,
+               **measure(ours, args.repeats, args.gen_tokens, first_start=True)}
+        row["read_at_disk_rate_s"] = round(sum(p.stat().st_size for p in ours.files()) / rate, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.llamacpp_bin:
+            peer = LlamaCpp(args.model, quant, args.threads, args.llamacpp_bin, args.llamacpp_python)
+            row = {"engine": "llama.cpp", "load": GGUF_TYPES[quant], "threads": args.threads,
+                   **measure(peer, args.repeats, args.gen_tokens, first_start=False)}
+            row["read_at_disk_rate_s"] = round(peer.gguf.stat().st_size / rate, 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    keys = [key for key in rows[0] if key not in ("engine", "load", "threads")]
+    print("\n| engine | load | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for row in rows:
+        print(f"| {row['engine']} | {row['load']} | " + " | ".join(str(row.get(key, "")) for key in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
