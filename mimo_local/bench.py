@@ -13,6 +13,9 @@ from .generate import DoneEvent
 from .sampling import SamplingSettings
 
 
+UNRELIABLE_SPREAD = 0.1  # a standard deviation over 10% of the mean
+
+
 @dataclass
 class BenchResult:
     test: str  # "pp512", "tg128"
@@ -27,9 +30,14 @@ class BenchResult:
     def stdev(self) -> float:
         return statistics.stdev(self.tokens_per_s) if len(self.tokens_per_s) > 1 else 0.0
 
+    @property
+    def unreliable(self) -> bool:
+        """Runs that disagree this much say more about what else the machine was doing than about the model."""
+        return self.stdev > UNRELIABLE_SPREAD * self.mean
+
     def as_dict(self) -> dict:
         out = {"test": self.test, "tokens_per_s": round(self.mean, 2), "stdev": round(self.stdev, 2),
-               "runs": [round(value, 2) for value in self.tokens_per_s]}
+               "runs": [round(value, 2) for value in self.tokens_per_s], "unreliable": self.unreliable}
         if self.mean_accepted_length is not None:
             out["mean_accepted_length"] = round(self.mean_accepted_length, 3)
         return out
@@ -78,3 +86,17 @@ def weight_bytes_by_device(engine: Engine) -> dict[str, int]:
     for tensor in tensors.values():
         out[str(tensor.device)] = out.get(str(tensor.device), 0) + tensor.nbytes
     return out
+
+
+def backend(engine: Engine) -> str:
+    """What computes: the device, and on the CPU which kernels and how many threads."""
+    import torch
+
+    from .kernels import cpu
+
+    device = engine.model.device
+    if device.type != "cpu":
+        return str(device)
+    isa = cpu.active_isa()
+    kernels = "torch ops" if isa == "torch" else f"{isa} kernels"
+    return f"cpu, {kernels}, {torch.get_num_threads()} threads"

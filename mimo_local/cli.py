@@ -268,7 +268,7 @@ def bench(
     from rich.progress import Progress
     from rich.table import Table
 
-    from .bench import check_counts, measure, weight_bytes_by_device
+    from .bench import backend, check_counts, measure, weight_bytes_by_device
     from .engine import Engine
 
     with FrontEnd(debug) as front:
@@ -290,20 +290,23 @@ def bench(
     mode = f"MTP, up to {speculation['draft_tokens']} drafts" if speculation["draft_tokens"] else "no MTP"
     if as_json:
         typer.echo(json.dumps({"model": engine.path.name, "dtype": str(engine.model.dtype).removeprefix("torch."),
-                               "quant": quant, "weights": weights, "decoding": mode,
+                               "quant": quant, "weights": weights, "decoding": mode, "backend": backend(engine),
                                "results": [result.as_dict() for result in results]}))
         return
     placed = ", ".join(f"{name} {size / 1e9:.2f} GB" for name, size in weights.items())
     table = Table(title=f"{engine.path.name} ({str(engine.model.dtype).removeprefix('torch.')}"
-                        f"{', ' + quant if quant else ''}; weights: {placed}; {mode})")
+                        f"{', ' + quant if quant else ''}; weights: {placed}; {mode}; {backend(engine)})")
     for column in ("test", "tokens/s", "runs"):
         table.add_column(column, justify="right")
     for result in results:
-        speed = f"{result.mean:.2f} ± {result.stdev:.2f}"
+        speed = f"{result.mean:.2f} ± {result.stdev:.2f}" + (" (unreliable)" if result.unreliable else "")
         if result.mean_accepted_length is not None:
             speed += f" (accepted length {result.mean_accepted_length:.2f})"
         table.add_row(result.test, speed, str(len(result.tokens_per_s)))
     _console().print(table)
+    if any(result.unreliable for result in results):
+        typer.echo("unreliable: the runs differ by more than 10% of their mean (another program is probably using "
+                   "a core); close it or raise --repetitions", err=True)
 
 
 @app.command()

@@ -139,6 +139,8 @@ def test_bench_reports_prompt_and_generation_speed(model):
     assert [entry["test"] for entry in report["results"]] == ["pp16", "tg8"]
     assert all(len(entry["runs"]) == 2 and entry["tokens_per_s"] > 0 for entry in report["results"])
     assert set(report["weights"]) == {"cpu"} and report["decoding"] == "no MTP"
+    assert report["backend"].startswith("cpu, ") and report["backend"].endswith(" threads")
+    assert all(isinstance(entry["unreliable"], bool) for entry in report["results"])
     speculative = json.loads(mimo("bench", "-m", model, "-p", "16", "-n", "8", "-r", "1", "--json").stdout)
     assert 1.0 <= speculative["results"][1]["mean_accepted_length"] <= 4.0  # V2-Flash: up to 3 drafts + 1
     table = mimo("bench", "-m", model, "-p", "16", "-n", "8", "-r", "1", "--cpu-moe")
@@ -146,6 +148,14 @@ def test_bench_reports_prompt_and_generation_speed(model):
     for bad in (("-p", "0"), ("-n", "300000")):
         refused = mimo("bench", "-m", model, *bad)
         assert refused.returncode == 1 and "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_bench_flags_runs_that_disagree():
+    from mimo_local.bench import BenchResult
+
+    assert not BenchResult("tg8", [100.0, 104.0, 98.0]).unreliable
+    assert BenchResult("tg8", [100.0, 40.0, 98.0]).unreliable
+    assert not BenchResult("tg8", [100.0]).unreliable
 
 
 def test_ignore_eos_generates_up_to_max_tokens(scripted_chat):
