@@ -71,7 +71,7 @@ def load_model(
         if config.attention_projection_layout != "split" or config.mxfp4_block_size:  # issue 21, not yet
             raise MimoError(f"{model_dir}: {config.display_family} checkpoints with a fused qkv_proj or MXFP4 "
                             f"experts cannot be loaded yet (`mimo plan` reads them)")
-        checkpoint = Checkpoint(model_dir, config.fp8_block_size)
+        checkpoint = Checkpoint(model_dir, config.fp8_block_size, config)
         family = family_module(config)
         num_mtp = count_mtp_layers(config, checkpoint) if placement is None or placement.mtp else 0
         config = dataclasses.replace(config, num_mtp_layers=num_mtp)
