@@ -8,6 +8,14 @@ from torch import nn
 
 from .layers import MLP, Attention, DecoderLayer, MoE
 
+# MiMo-V2.5's vision and audio encoders: in the same shards as the text model, targets of nothing here, so
+# never read, never counted and never missing (the audio_tokenizer/ and dflash/ folders are not in the index)
+ENCODER_PREFIXES = ("visual.", "speech_embeddings.", "audio_encoder.")
+
+
+def is_encoder_tensor(hub_name: str) -> bool:
+    return hub_name.startswith(ENCODER_PREFIXES)
+
 
 @dataclass(frozen=True)
 class Target:

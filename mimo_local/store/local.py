@@ -94,13 +94,15 @@ def model_facts(path: Path) -> ModelFacts:
 
     from ..checkpoint import Checkpoint
     from ..loader import count_mtp_layers
+    from ..models.weights import is_encoder_tensor
 
     with limits.reading(path):
         config = load_config(path)
         checkpoint = Checkpoint(path, config.fp8_block_size)
         mtp = count_mtp_layers(config, checkpoint)
-        parameters = sum(
-            _numel(entry.shape) for name, entry in checkpoint.entries.items() if not name.endswith("_scale_inv")
+        parameters = sum(  # the text model's: FP8 scales and V2.5's encoders are not parameters we run
+            _numel(entry.shape) for name, entry in checkpoint.entries.items()
+            if not name.endswith("_scale_inv") and not is_encoder_tensor(name)
         )
     return ModelFacts(dataclasses.replace(config, num_mtp_layers=mtp), parameters)
 
