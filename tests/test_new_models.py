@@ -191,9 +191,9 @@ def test_bad_v2_keys_are_one_line_errors(tmp_path, change, message):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_loading_a_fused_qkv_checkpoint_is_refused_until_it_is_supported(tmp_path):
-    (tmp_path / "config.json").write_text(V25.read_text())
-    with pytest.raises(MimoError, match="fused qkv_proj or MXFP4 experts cannot be loaded yet"):
+def test_loading_mxfp4_experts_is_refused_until_it_is_supported(tmp_path):
+    (tmp_path / "config.json").write_text(V26_FLASH.read_text())
+    with pytest.raises(MimoError, match="MXFP4 experts cannot be loaded yet"):
         load_model(tmp_path)
 
 
