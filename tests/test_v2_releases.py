@@ -97,3 +97,17 @@ def test_plan_and_show_count_the_text_model_only(release):
     ours, reference = plan(hub), plan(twin)
     for key in ("total_params", "mtp_params", "weight_bytes", "kv_bytes_per_token"):
         assert ours[key] == reference[key], key
+
+
+def test_quantize_writes_the_fused_qkv_in_our_row_order(release, tmp_path):
+    """`mimo quantize` reads the TP-sharded q|k|v regrouped, writes it in one shard (tp_size 1) and
+    quantizes it like the split q/k/v of the twin (int8 per output row, rows the same)."""
+    hub, twin = release("mimo_v2.5")
+    for source, out in ((hub, tmp_path / "hub-q"), (twin, tmp_path / "twin-q")):
+        result = invoke("quantize", source, "--recipe", "v2flash-mixed", "--out", out, "--no-eval")
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "hub-q" / "model.safetensors.index.json").read_text())["metadata"]["tp_size"] == 1
+    ours, reference = load_model(tmp_path / "hub-q").state_dict(), load_model(tmp_path / "twin-q").state_dict()
+    assert ours.keys() == reference.keys()
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, reference[name]), name
