@@ -17,6 +17,7 @@ import torch
 from . import limits
 from .errors import MimoError
 from .fused_qkv import QkvShards, layouts as fused_qkv_layouts
+from .quant import mxfp4
 from .limits import check_regular_file, confined_file, json_type, open_regular
 
 DTYPES = {
@@ -226,10 +227,10 @@ class Checkpoint:
         entry = self.entries.get(name)
         if entry is None:
             raise MimoError(f"{self.dir}: missing tensor '{name}'")
-        if entry.shape != tuple(out.shape):
-            raise MimoError(
-                f"{entry.file.name}: tensor '{name}' has shape {list(entry.shape)}, expected {list(out.shape)}"
-            )
+        packed_fp4 = entry.dtype == torch.uint8 and name + "_scale" in self.entries  # MXFP4 (quant/mxfp4.py)
+        shape = (entry.shape[0], entry.shape[1] * 2) if packed_fp4 and len(entry.shape) == 2 else entry.shape
+        if shape != tuple(out.shape):
+            raise MimoError(f"{entry.file.name}: tensor '{name}' has shape {list(shape)}, expected {list(out.shape)}")
         layout = self.row_layouts.get(name)
         if layout is None and entry.dtype == out.dtype and out.is_contiguous() and out.device.type == "cpu":
             self._read_bytes(entry, out)
@@ -244,6 +245,12 @@ class Checkpoint:
                 tensor = dequantize_fp8_blocks(tensor, self.read(scale_name), self.fp8_block, shards)
             except MimoError as error:
                 raise MimoError(f"{self.dir}: tensor '{name}': {error}") from None
+        elif packed_fp4:
+            scales = self.read(name + "_scale")
+            if shape[1] % mxfp4.BLOCK or scales.shape != (shape[0], shape[1] // mxfp4.BLOCK):
+                raise MimoError(f"{self.dir}: MXFP4 tensor '{name}' {list(entry.shape)} has scales {list(scales.shape)}, "
+                                f"not [{shape[0]}, {shape[1] // mxfp4.BLOCK}]")
+            tensor = mxfp4.dequantize(tensor, scales)
         out.copy_(tensor if layout is None else layout.to_fused(tensor))
 
 

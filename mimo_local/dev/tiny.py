@@ -41,7 +41,7 @@ PRESETS = {
                       intermediate_size=160, n_routed_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=32, sliding_window_size=8, mtp_layers=3),
 }
-PRESETS["mimo_v2.6"] = PRESETS["mimo_v2.5"]
+PRESETS["mimo_v2.6"] = PRESETS["mimo_v2.5"]  # + routed experts in MXFP4, tp_size in the index, dflash/
 TOKENIZER_VOCAB = 1024
 
 

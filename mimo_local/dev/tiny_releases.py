@@ -10,7 +10,9 @@ What these releases do differently from V2-Flash, as their published files show 
   blocks (scale rows restart at every shard); o_proj stays bf16, the router float32;
 - encoder tensors (visual.*, speech_embeddings.*, audio_encoder.*) in the first shard, an
   audio_tokenizer/ folder (V2.5) or a dflash/ drafter (V2.6) beside the index, never listed in it;
-- files model_pp0_ep{N}_shard1.safetensors (routed experts split over N) and model_mtp.safetensors.
+- files model_pp0_ep{N}_shard1.safetensors (routed experts split over N) and model_mtp.safetensors;
+- V2.6: routed experts in MXFP4 (quantization_config store_dtype "mxfp4"): `weight` uint8
+  [out, in/2], element 2i in the low nibble, and `weight_scale` uint8 [out, in/32], E8M0.
 Written here from the description above, independently of mimo_local/fused_qkv.py, on purpose.
 """
 
@@ -26,6 +28,7 @@ from ..checkpoint import INDEX_FILE, dequantize_fp8_blocks, quantize_fp8_blocks,
 
 RELEASES = {"mimo_v2.5": "v2.5", "mimo_v2.6": "v2.6"}
 EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
+FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # e2m1 codes 0-7; 8-15 the negatives
 QKV_PARTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
 ENCODER_SHAPES = {  # a few tensors of each encoder, shrunk
     "visual.patch_embed.proj.weight": (16, 3, 2, 4, 4),
@@ -53,7 +56,26 @@ def release_config(flash_config: dict, release: str) -> dict:
     config["audio_config"] = {"input_local_dim": 16, "input_local_layers": 1, "out_hidden_size": config["hidden_size"]}
     if release == "v2.6":
         config["moe_router_dtype"] = "bfloat16"
+        config["quantization_config"].update(store_dtype="mxfp4", mxfp4_block_size=32)
     return config
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, E8M0 scales) per 32 inputs: the scale is the power of two that brings the
+    block's largest magnitude into [4, 8), each value the nearest e2m1 (6 at most)."""
+    blocks = weight.float().view(weight.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True).clamp(min=2.0**-120)
+    exponent = (torch.floor(torch.log2(amax)) - 2).clamp(-127, 127)
+    scaled = blocks / torch.exp2(exponent)
+    index = (scaled.abs()[..., None] - FP4_MAGNITUDES).abs().argmin(-1)
+    codes = (index + 8 * (scaled < 0)).to(torch.uint8).view(weight.shape)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), (exponent + 127).to(torch.uint8).view(weight.shape[0], -1)
+
+
+def mxfp4_values(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    signed = torch.cat([FP4_MAGNITUDES, -FP4_MAGNITUDES])
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).long()
+    return (signed[codes].view(packed.shape[0], -1, 32) * torch.exp2(scales.float() - 127)[..., None]).view(codes.shape)
 
 
 def tp_degree(config: dict) -> int:
@@ -65,6 +87,7 @@ def release_tensors(config: dict, logical: dict[str, torch.Tensor], generator: t
                     is_fp8_weight) -> dict[str, torch.Tensor]:
     """The release's tensors from the float weights `logical` (split q/k/v, V2-Flash names)."""
     tp = tp_degree(config)
+    mxfp4_experts = config["quantization_config"]["store_dtype"] == "mxfp4"
     tensors = {}
     for name, tensor in logical.items():
         if name.endswith(QKV_PARTS[1:]):
@@ -76,6 +99,8 @@ def release_tensors(config: dict, logical: dict[str, torch.Tensor], generator: t
                          for r in range(tp)]
             tensors[prefix + "qkv_proj.weight"] = torch.cat([fp8 for fp8, _ in quantized])
             tensors[prefix + "qkv_proj.weight_scale_inv"] = torch.cat([scale for _, scale in quantized])
+        elif mxfp4_experts and EXPERT.match(name):
+            tensors[name], tensors[name + "_scale"] = quantize_mxfp4(tensor)
         elif name.endswith(("e_score_correction_bias", "mlp.gate.weight")):
             tensors[name] = tensor.float()
         elif is_fp8_weight(name):
@@ -116,12 +141,17 @@ def write_release(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor],
 
 
 def flash_twin(config: dict, tensors: dict[str, torch.Tensor], qkv_shapes: dict[str, tuple]):
-    """The same weights in the V2-Flash layout: split q/k/v, every FP8 weight dequantized to float32
-    (shard by shard for the fused q/k/v), no encoders. `qkv_shapes`: the split q/k/v shapes."""
+    """The same weights in the V2-Flash layout: split q/k/v, every FP8 or MXFP4 weight dequantized to
+    float32 (shard by shard for the fused q/k/v), no encoders. `qkv_shapes`: the split q/k/v shapes."""
     tp = tp_degree(config)
     twin = {}
     for name, tensor in tensors.items():
         if name.endswith("_scale_inv") or name.split(".")[0] in ("visual", "speech_embeddings", "audio_encoder"):
+            continue
+        if name.endswith("_scale"):
+            continue
+        if tensor.dtype == torch.uint8:
+            twin[name] = mxfp4_values(tensor, tensors[name + "_scale"])
             continue
         if tensor.dtype != torch.float8_e4m3fn:
             twin[name] = tensor

@@ -103,6 +103,9 @@ class QuantizeJob:
         self.raw_config = read_raw_config(source)
         if (self.raw_config.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
             raise MimoError(f"{source} is already quantized; quantize a bf16 or FP8 checkpoint")
+        if self.config.mxfp4_block_size:
+            raise MimoError(f"{source}: its routed experts are MXFP4 already (4.25 bits); quantizing such a "
+                            f"checkpoint is not supported yet: run it as it is")
         self.checkpoint = Checkpoint(source, self.config.fp8_block_size, self.config)
         num_mtp = count_mtp_layers(self.config, self.checkpoint)
         self.config = dataclasses.replace(self.config, num_mtp_layers=num_mtp)
