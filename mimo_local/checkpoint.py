@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import limits
+from . import fused_qkv, limits
 from .errors import MimoError
-from .fused_qkv import QkvShards, layouts as fused_qkv_layouts
-from .quant import mxfp4
 from .limits import check_regular_file, confined_file, json_type, open_regular
+from .quant import mxfp4
 
 DTYPES = {
     "F64": torch.float64,
@@ -191,7 +190,7 @@ class Checkpoint:
                 entry = self.entries.get(name)
                 if entry is None or entry.file != confined_file(self.dir, file, "weight_map entry"):
                     raise MimoError(f"{file}: tensor '{name}' listed in the index is missing from the shard")
-        self.row_layouts: dict[str, QkvShards] = {} if config is None else fused_qkv_layouts(
+        self.row_layouts: dict[str, fused_qkv.QkvShards] = {} if config is None else fused_qkv.layouts(
             config, self.entries, self.metadata)
 
     def __contains__(self, name: str) -> bool:
@@ -248,8 +247,8 @@ class Checkpoint:
         elif packed_fp4:
             scales = self.read(name + "_scale")
             if shape[1] % mxfp4.BLOCK or scales.shape != (shape[0], shape[1] // mxfp4.BLOCK):
-                raise MimoError(f"{self.dir}: MXFP4 tensor '{name}' {list(entry.shape)} has scales {list(scales.shape)}, "
-                                f"not [{shape[0]}, {shape[1] // mxfp4.BLOCK}]")
+                raise MimoError(f"{self.dir}: MXFP4 tensor '{name}' {list(entry.shape)} has scales "
+                                f"{list(scales.shape)}, not [{shape[0]}, {shape[1] // mxfp4.BLOCK}]")
             tensor = mxfp4.dequantize(tensor, scales)
         out.copy_(tensor if layout is None else layout.to_fused(tensor))
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimo_local.checkpoint import Checkpoint, dequantize_fp8_blocks, fp8_scale_grid, quantize_fp8_blocks, write_safetensors
+from mimo_local.checkpoint import (
+    Checkpoint,
+    dequantize_fp8_blocks,
+    fp8_scale_grid,
+    quantize_fp8_blocks,
+    write_safetensors,
+)
 from mimo_local.config import parse_config
 from mimo_local.errors import MimoError
 from mimo_local.fused_qkv import QkvShards, layouts
@@ -26,7 +32,7 @@ def published(name: str):
     "config_file, tensor, rows, scale_rows",
     [  # shapes of the hub checkpoints' tensor tables (tests/data/SOURCES.md)
         ("mimo-v2.5.config.json", "model.layers.0.self_attn.qkv_proj.weight", 13568, 108),  # global: 4 x 27, not 106
-        ("mimo-v2.5.config.json", "model.layers.1.self_attn.qkv_proj.weight", 14848, 116),  # sliding, 8 KV heads: 4 x 29
+        ("mimo-v2.5.config.json", "model.layers.1.self_attn.qkv_proj.weight", 14848, 116),  # sliding: 4 x 29
         ("mimo-v2.5.config.json", "model.mtp.layers.2.self_attn.qkv_proj.weight", 14848, 116),
         ("mimo-v2.5-pro.config.json", "model.layers.0.self_attn.qkv_proj.weight", 27136, 216),  # 8 x 27, not 212
         ("mimo-v2.5-pro.config.json", "model.mtp.layers.0.self_attn.qkv_proj.weight", 27136, 216),

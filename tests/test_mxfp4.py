@@ -18,7 +18,8 @@ from mimo_local.store.local import model_facts
 def same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     """Equal bit patterns (so -0.0 differs from 0.0), NaN where NaN (payloads aside)."""
     nan = expected.isnan()
-    return torch.equal(actual.isnan(), nan) and torch.equal(actual[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+    bits = [tensor[~nan].view(torch.int32) for tensor in (actual, expected)]
+    return torch.equal(actual.isnan(), nan) and torch.equal(*bits)
 
 
 def test_every_byte_and_every_scale_dequantize_as_the_reference():

@@ -48,7 +48,8 @@ def test_make_tiny_writes_the_release_layout(tmp_path, preset):
     assert ("tp_size" in index["metadata"]) == (preset == "mimo_v2.6")
     assert (out / ("audio_tokenizer" if preset == "mimo_v2.5" else "dflash") / "model.safetensors").exists()
     entries = Checkpoint(out).entries
-    assert not [name for name in entries if name.startswith("model.") and name.endswith((".q_proj.weight", ".k_proj.weight", ".v_proj.weight"))]
+    split = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight")
+    assert not [name for name in entries if name.startswith("model.") and name.endswith(split)]
     # 8 heads x 32 + 2 KV heads x (32 + 16) = 352 rows in 2 shards of 176: 2 x 2 block rows, not 3
     assert entries["model.layers.0.self_attn.qkv_proj.weight"].shape == (352, 64)
     assert entries["model.layers.0.self_attn.qkv_proj.weight_scale_inv"].shape == (4, 1)
@@ -79,7 +80,8 @@ def test_encoder_tensors_are_never_read(release, monkeypatch):
     hub, _ = release("mimo_v2.5")
     read = []
     original = Checkpoint._read_bytes
-    monkeypatch.setattr(Checkpoint, "_read_bytes", staticmethod(lambda entry, out: (read.append(entry), original(entry, out))))
+    monkeypatch.setattr(Checkpoint, "_read_bytes",
+                        staticmethod(lambda entry, out: (read.append(entry), original(entry, out))))
     load_model(hub)
     assert read and not [entry.name for entry in read if entry.name.startswith(ENCODER_PREFIXES)]
     assert {entry.file.parent for entry in read} == {hub}  # nothing of audio_tokenizer/

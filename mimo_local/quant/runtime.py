@@ -81,8 +81,9 @@ def from_checkpoint(checkpoint: Checkpoint, base: str, tensors: dict | None = No
         return RuntimeWeight("int8", formats.bnb_int8_runtime(tensors))
     if kind == "mxfp4":
         packed, scales = tensors["weight"], tensors["weight_scale"]
+        blocks = packed.shape[-1] * 2 // mxfp4.BLOCK
         if packed.dtype != torch.uint8 or scales.dtype != torch.uint8 or packed.dim() != 2 or \
-                scales.shape != (packed.shape[0], packed.shape[1] * 2 // mxfp4.BLOCK) or packed.shape[1] * 2 % mxfp4.BLOCK:
+                scales.shape != (packed.shape[0], blocks) or packed.shape[1] * 2 % mxfp4.BLOCK:
             raise MimoError(f"'{base}': MXFP4 weight {packed.dtype} {list(packed.shape)} with scales {scales.dtype} "
                             f"{list(scales.shape)} is not uint8 [out, in/2] with uint8 [out, in/{mxfp4.BLOCK}]")
         return RuntimeWeight("mxfp4", {"packed": packed, "scales": scales}, blocksize=mxfp4.BLOCK)
