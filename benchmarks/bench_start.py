@@ -3,7 +3,7 @@ its memory, against llama.cpp's own command-line tools on the same weights, in o
 
     mimo dev make-tiny /work/big/mimo-7b-full --preset mimo-7b-full --shards 4   # once: 15.6 GB
     python benchmarks/bench_start.py --model /work/big/mimo-7b-full --quants none,int8,int4-g128 \
-        --llamacpp-bin /tmp/llbuild/bin
+        --llamacpp-bin /tmp/llbuild/bin [--copied]
 
 For each load (bf16 as stored, or quantized at load with a recipe), ours:
   * first start: the first `mimo run` ever (converts and writes the runtime layout next to the model);
@@ -102,13 +102,15 @@ def concurrent_peak_pss(command: list[str], env: dict, copies: int) -> int:
 
 
 class Ours:
-    def __init__(self, model: Path, quant: str, threads: int):
+    def __init__(self, model: Path, quant: str, threads: int, mapped: bool = True):
         self.model, self.quant = model, quant
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         mimo = str(Path(sys.executable).with_name("mimo"))
         self.base = [mimo, "run", "-m", str(model), "--temperature", "0", "--no-mtp", "--raw", "--ignore-eos", "--json"]
         if quant != "none":
             self.base += ["--quant", quant]
+        if not mapped:
+            self.base.append("--no-mmap")
 
     def files(self) -> list[Path]:
         return files_of(self.model)
@@ -178,6 +180,7 @@ def main() -> int:
     parser.add_argument("--llamacpp-bin", type=Path, help="folder with llama-cli and llama-bench (no peer without it)")
     parser.add_argument("--llamacpp-python", default=LLAMACPP_PYTHON, help="interpreter that runs the GGUF converter")
     parser.add_argument("--fresh", action="store_true", help="delete the runtime layouts first (measure the first start)")
+    parser.add_argument("--copied", action="store_true", help="also measure ours with --no-mmap (weights copied)")
     args = parser.parse_args()
 
     rate = disk_read_rate(files_of(args.model))
@@ -193,6 +196,12 @@ def main() -> int:
         row["read_at_disk_rate_s"] = round(sum(p.stat().st_size for p in ours.files()) / rate, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.copied:
+            copied = Ours(args.model, quant, args.threads, mapped=False)
+            row = {"engine": "mimo-local --no-mmap", "load": quant, "threads": args.threads,
+                   **measure(copied, args.repeats, args.gen_tokens, first_start=False)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         if args.llamacpp_bin:
             peer = LlamaCpp(args.model, quant, args.threads, args.llamacpp_bin, args.llamacpp_python)
             row = {"engine": "llama.cpp", "load": GGUF_TYPES[quant], "threads": args.threads,

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import limits
+from . import fused_qkv, limits
 from .errors import MimoError
 from .limits import check_regular_file, confined_file, json_type, open_regular
+from .quant import mxfp4
 
 DTYPES = {
     "F64": torch.float64,
@@ -137,10 +138,12 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _read_index(directory: Path) -> dict[str, str]:
-    """The index's weight_map (tensor -> shard file), each file confined to the model directory."""
+def _read_index(directory: Path) -> tuple[dict[str, str], dict]:
+    """The index's weight_map (tensor -> shard file), each file confined to the model directory, and
+    its metadata (V2.6 says its tp_size there)."""
     path = directory / INDEX_FILE
     index = limits.read_json_object(path, limits.MAX_INDEX_BYTES, f"{path}")
+    metadata = index.get("metadata")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise MimoError(f"{path}: corrupt index (no weight_map object)")
@@ -153,17 +156,22 @@ def _read_index(directory: Path) -> dict[str, str]:
         raise MimoError(f"{path}: {len(files)} shard files is over the limit of {limits.MAX_SHARDS}")
     for file in files:
         confined_file(directory, file, f"{path.name}: weight_map entry")
-    return weight_map
+    return weight_map, metadata if isinstance(metadata, dict) else {}
 
 
 class Checkpoint:
-    """All tensors of a checkpoint directory (sharded through the index, or a single file)."""
+    """All tensors of a checkpoint directory (sharded through the index, or a single file).
 
-    def __init__(self, model_dir: str | Path, fp8_block: tuple[int, int] | None = None):
+    Only the tensors asked for are ever read: the others (MiMo-V2.5's vision and audio encoders)
+    cost their header entries. With `config`, tensors whose rows the hub stores in another order
+    than our parameters (fused_qkv.py) are regrouped as they are read."""
+
+    def __init__(self, model_dir: str | Path, fp8_block: tuple[int, int] | None = None, config=None):
         self.dir = Path(model_dir)
         self.fp8_block = fp8_block or (128, 128)
+        self.metadata: dict = {}
         if os.path.lexists(self.dir / INDEX_FILE):
-            weight_map = _read_index(self.dir)
+            weight_map, self.metadata = _read_index(self.dir)
             files = sorted(set(weight_map.values()))
         elif os.path.lexists(self.dir / SINGLE_FILE):
             weight_map, files = None, [SINGLE_FILE]
@@ -182,6 +190,8 @@ class Checkpoint:
                 entry = self.entries.get(name)
                 if entry is None or entry.file != confined_file(self.dir, file, "weight_map entry"):
                     raise MimoError(f"{file}: tensor '{name}' listed in the index is missing from the shard")
+        self.row_layouts: dict[str, fused_qkv.QkvShards] = {} if config is None else fused_qkv.layouts(
+            config, self.entries, self.metadata)
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -216,11 +226,12 @@ class Checkpoint:
         entry = self.entries.get(name)
         if entry is None:
             raise MimoError(f"{self.dir}: missing tensor '{name}'")
-        if entry.shape != tuple(out.shape):
-            raise MimoError(
-                f"{entry.file.name}: tensor '{name}' has shape {list(entry.shape)}, expected {list(out.shape)}"
-            )
-        if entry.dtype == out.dtype and out.is_contiguous() and out.device.type == "cpu":
+        packed_fp4 = entry.dtype == torch.uint8 and name + "_scale" in self.entries  # MXFP4 (quant/mxfp4.py)
+        shape = (entry.shape[0], entry.shape[1] * 2) if packed_fp4 and len(entry.shape) == 2 else entry.shape
+        if shape != tuple(out.shape):
+            raise MimoError(f"{entry.file.name}: tensor '{name}' has shape {list(shape)}, expected {list(out.shape)}")
+        layout = self.row_layouts.get(name)
+        if layout is None and entry.dtype == out.dtype and out.is_contiguous() and out.device.type == "cpu":
             self._read_bytes(entry, out)
             return
         tensor = self.read(name)
@@ -228,23 +239,41 @@ class Checkpoint:
             scale_name = name + "_scale_inv"
             if scale_name not in self.entries:
                 raise MimoError(f"{self.dir}: FP8 tensor '{name}' has no '{scale_name}'")
+            shards = layout.shards if layout is not None else 1
             try:
-                tensor = dequantize_fp8_blocks(tensor, self.read(scale_name), self.fp8_block)
+                tensor = dequantize_fp8_blocks(tensor, self.read(scale_name), self.fp8_block, shards)
             except MimoError as error:
                 raise MimoError(f"{self.dir}: tensor '{name}': {error}") from None
-        out.copy_(tensor)
+        elif packed_fp4:
+            scales = self.read(name + "_scale")
+            if shape[1] % mxfp4.BLOCK or scales.shape != (shape[0], shape[1] // mxfp4.BLOCK):
+                raise MimoError(f"{self.dir}: MXFP4 tensor '{name}' {list(entry.shape)} has scales "
+                                f"{list(scales.shape)}, not [{shape[0]}, {shape[1] // mxfp4.BLOCK}]")
+            tensor = mxfp4.dequantize(tensor, scales)
+        out.copy_(tensor if layout is None else layout.to_fused(tensor))
+
+
+def fp8_scale_grid(shape: tuple[int, ...], block: tuple[int, int], shards: int = 1) -> tuple[int, int]:
+    """Scale rows and columns of an FP8 weight stored as `shards` row shards, each with its own blocks
+    (fused_qkv.py); edge tiles may be partial."""
+    out_features, in_features = shape
+    return shards * -(-(out_features // shards) // block[0]), -(-in_features // block[1])
 
 
 def dequantize_fp8_blocks(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), shards: int = 1
 ) -> torch.Tensor:
-    """w = fp8 * scale_inv, one scale per (block_out x block_in) tile; edge tiles may be partial."""
+    """w = fp8 * scale_inv, one scale per (block_out x block_in) tile; `shards`: the rows are that many
+    equal row shards whose block rows each start at the shard's first row."""
     out_features, in_features = weight.shape
     block_out, block_in = block
-    if scale_inv.shape != (-(-out_features // block_out), -(-in_features // block_in)):
-        raise MimoError(f"FP8 scales of shape {list(scale_inv.shape)} do not match {block} blocks of {list(weight.shape)}")
-    scales = scale_inv.float().repeat_interleave(block_out, 0)[:out_features]
-    scales = scales.repeat_interleave(block_in, 1)[:, :in_features]
+    if out_features % shards or scale_inv.shape != fp8_scale_grid(weight.shape, block, shards):
+        where = f" in {shards} row shards" if shards > 1 else ""
+        raise MimoError(f"FP8 scales of shape {list(scale_inv.shape)} do not match {block} blocks of "
+                        f"{list(weight.shape)}{where}")
+    rows = out_features // shards
+    scales = scale_inv.float().view(shards, -1, scale_inv.shape[1]).repeat_interleave(block_out, 1)[:, :rows]
+    scales = scales.reshape(out_features, -1).repeat_interleave(block_in, 1)[:, :in_features]
     return weight.float() * scales
 
 

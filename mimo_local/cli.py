@@ -479,7 +479,8 @@ def chat(
 @dev_app.command("make-tiny")
 def make_tiny(
     out: Path = typer.Argument(..., help="Directory to write."),
-    preset: str = typer.Option("mimo", help="mimo | mimo_v2_flash | mimo-bench | mimo_v2_flash-bench | mimo-7b-full"),
+    preset: str = typer.Option("mimo", help="mimo | mimo_v2_flash | mimo-bench | mimo_v2_flash-bench | mimo-7b-full | "
+                               "mimo_v2.5 | mimo_v2.6 (the last two in those releases' layouts, always FP8)"),
     fp8: bool = typer.Option(False, "--fp8", help="FP8 e4m3 weights with 128x128 block scales."),
     shards: int = typer.Option(2, help="Number of safetensors shards (1 = model.safetensors)."),
     seed: int = typer.Option(0),

@@ -78,10 +78,7 @@ def load_model(
         raw_config = read_raw_config(model_dir) if os.path.lexists(Path(model_dir, "config.json")) else {}
         manifest.verify(Path(model_dir), raw_config)  # an interrupted `mimo quantize` output says so first
         config = load_config(model_dir)
-        if config.attention_projection_layout != "split" or config.mxfp4_block_size:  # issue 21, not yet
-            raise MimoError(f"{model_dir}: {config.display_family} checkpoints with a fused qkv_proj or MXFP4 "
-                            f"experts cannot be loaded yet (`mimo plan` reads them)")
-        checkpoint = Checkpoint(model_dir, config.fp8_block_size)
+        checkpoint = Checkpoint(model_dir, config.fp8_block_size, config)
         family = family_module(config)
         num_mtp = count_mtp_layers(config, checkpoint) if placement is None or placement.mtp else 0
         config = dataclasses.replace(config, num_mtp_layers=num_mtp)

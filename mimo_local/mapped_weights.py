@@ -120,13 +120,13 @@ def _address(mapped: mmap.mmap) -> int:
 
 def direct_entries(model: nn.Module, targets: dict, checkpoint: Checkpoint) -> dict[str, object]:
     """Parameter name -> the checkpoint entry that already is that whole parameter (same dtype and
-    shape, element-aligned in its file): these are mapped, not copied."""
+    shape, element-aligned in its file, rows in our order): these are mapped, not copied."""
     params = dict(model.named_parameters())
     found = {}
     for hub_name, target in targets.items():
         param = params.get(target.param)
         entry = checkpoint.entries[hub_name]
-        if (param is not None and not target.index and entry.dtype == param.dtype
+        if (param is not None and not target.index and hub_name not in checkpoint.row_layouts and entry.dtype == param.dtype
                 and entry.shape == tuple(param.shape) and entry.offset % entry.dtype.itemsize == 0):
             found[target.param] = entry
     return found

@@ -10,9 +10,7 @@ from typer.testing import CliRunner
 
 from mimo_local.cli import app
 from mimo_local.config import parse_config
-from mimo_local.errors import MimoError
 from mimo_local.store.names import parse_name
-from mimo_local.loader import load_model
 
 DATA = Path(__file__).parent / "data"
 V25 = DATA / "mimo-v2.5.config.json"
@@ -189,12 +187,6 @@ def test_bad_v2_keys_are_one_line_errors(tmp_path, change, message):
     result = CliRunner().invoke(app, ["plan", str(path), "--gpu-mem", "24GiB"])
     assert result.exit_code == 1 and message in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
-
-
-def test_loading_a_fused_qkv_checkpoint_is_refused_until_it_is_supported(tmp_path):
-    (tmp_path / "config.json").write_text(V25.read_text())
-    with pytest.raises(MimoError, match="fused qkv_proj or MXFP4 experts cannot be loaded yet"):
-        load_model(tmp_path)
 
 
 @pytest.mark.parametrize(

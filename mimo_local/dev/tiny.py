@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint import INDEX_FILE, quantize_fp8_blocks, write_safetensors_streamed
 from ..errors import MimoError
+from .tiny_releases import RELEASES, flash_twin, release_config, release_tensors, write_release
 from .tokenizer_files import train_tokenizer, write_tokenizer_files
 
 PRESETS = {
@@ -37,7 +38,14 @@ PRESETS = {
                                 num_key_value_heads=2, swa_num_key_value_heads=4, head_dim=96, v_head_dim=64,
                                 intermediate_size=2816, n_routed_experts=64, num_experts_per_tok=8,
                                 moe_intermediate_size=256, sliding_window_size=128, mtp_layers=3),
+    # MiMo-V2.5 / V2.6 layouts (tiny_releases.py), always FP8 as published: q/k/v fused in 2 TP shards
+    # (the global KV heads), each shard of the sliding layers holding 2 of their 4 KV heads
+    "mimo_v2.5": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=6, num_attention_heads=8,
+                      num_key_value_heads=2, swa_num_key_value_heads=4, head_dim=32, v_head_dim=16,
+                      intermediate_size=160, n_routed_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, sliding_window_size=8, mtp_layers=3),
 }
+PRESETS["mimo_v2.6"] = PRESETS["mimo_v2.5"]  # + routed experts in MXFP4, tp_size in the index, dflash/
 TOKENIZER_VOCAB = 1024
 
 
@@ -222,10 +230,16 @@ def make_checkpoint(
     shards: int = 2,
     seed: int = 0,
     overrides: dict | None = None,
+    twin: bool = False,
 ) -> Path:
-    """Write a random-weight checkpoint; returns its directory. Written to a temp dir, then renamed."""
+    """Write a random-weight checkpoint; returns its directory. Written to a temp dir, then renamed.
+    The MiMo-V2.5 / V2.6 presets are FP8 whatever `fp8` says; with `twin`, the same weights in the
+    V2-Flash layout (split q/k/v, FP8 dequantized to float32, no encoders)."""
     if preset not in PRESETS:
         raise MimoError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    release = RELEASES.get(preset)
+    if twin and release is None:
+        raise MimoError(f"preset '{preset}' is already in the V2-Flash layout (twin is for {', '.join(RELEASES)})")
     shape = {**PRESETS[preset], **(overrides or {})}
     family = "mimo" if preset.startswith("mimo") and not preset.startswith("mimo_v2") else "mimo_v2_flash"
     out_dir = Path(out_dir)
@@ -234,40 +248,56 @@ def make_checkpoint(
     temporary.mkdir(parents=True)
 
     config = hub_config(family, shape, fp8)
+    if release is not None:
+        config = release_config(config, release)
     special = write_tokenizer_files(temporary, _tokenizer(min(TOKENIZER_VOCAB, shape["vocab_size"])))
     config.update(bos_token_id=None, eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"])
-    (temporary / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]], "transformers_version": "4.51.0"}
     (temporary / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
     generator = torch.Generator().manual_seed(seed)
     shapes = tensor_shapes(config, shape["mtp_layers"])
-    specs = {}
-    for name, tensor_shape in shapes.items():
-        if name.endswith("e_score_correction_bias"):
-            specs[name] = (torch.float32, tensor_shape)
-        elif fp8 and is_fp8_weight(name):
-            specs[name] = (torch.float8_e4m3fn, tensor_shape)
-            specs[name + "_scale_inv"] = (torch.float32, tuple(-(-size // 128) for size in tensor_shape))
+    if release is not None:
+        logical = {name: random_tensor(name, tensor_shape, generator) for name, tensor_shape in shapes.items()}
+        tensors = release_tensors(config, logical, generator, is_fp8_weight)
+        if twin:
+            config, tensors = flash_twin(config, tensors, shapes)
+            _write_tensors(temporary, tensors, shards)
         else:
-            specs[name] = (torch.bfloat16, tensor_shape)
-
-    def generated():  # one tensor at a time: a full-size layout is written in bounded memory
+            write_release(temporary, config, tensors, shards, release, generator)
+    else:
+        specs = {}
         for name, tensor_shape in shapes.items():
-            tensor = random_tensor(name, tensor_shape, generator)
             if name.endswith("e_score_correction_bias"):
-                yield tensor.float()
+                specs[name] = (torch.float32, tensor_shape)
             elif fp8 and is_fp8_weight(name):
-                yield from quantize_fp8_blocks(tensor)
+                specs[name] = (torch.float8_e4m3fn, tensor_shape)
+                specs[name + "_scale_inv"] = (torch.float32, tuple(-(-size // 128) for size in tensor_shape))
             else:
-                yield tensor.to(torch.bfloat16)
+                specs[name] = (torch.bfloat16, tensor_shape)
 
-    _write_shards(temporary, specs, generated(), shards)
+        def generated():  # one tensor at a time: a full-size layout is written in bounded memory
+            for name, tensor_shape in shapes.items():
+                tensor = random_tensor(name, tensor_shape, generator)
+                if name.endswith("e_score_correction_bias"):
+                    yield tensor.float()
+                elif fp8 and is_fp8_weight(name):
+                    yield from quantize_fp8_blocks(tensor)
+                else:
+                    yield tensor.to(torch.bfloat16)
+
+        _write_shards(temporary, specs, generated(), shards)
+    (temporary / "config.json").write_text(json.dumps(config, indent=2))
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(temporary, out_dir)
     return out_dir
+
+
+def _write_tensors(out_dir: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    _write_shards(out_dir, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}, iter(tensors.values()),
+                  shards)
 
 
 def _write_shards(out_dir: Path, specs: dict[str, tuple], tensors, shards: int) -> None:
@@ -338,7 +368,7 @@ def make_bigram_with_oracle_mtp(
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(source / name, temporary / name)
     (temporary / "config.json").write_text(json.dumps(config, indent=2))
-    _write_shards(temporary, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}, iter(tensors.values()), 1)
+    _write_tensors(temporary, tensors, 1)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(temporary, out_dir)

@@ -8,6 +8,14 @@ from torch import nn
 
 from .layers import MLP, Attention, DecoderLayer, MoE
 
+# MiMo-V2.5's vision and audio encoders: in the same shards as the text model, targets of nothing here, so
+# never read, never counted and never missing (the audio_tokenizer/ and dflash/ folders are not in the index)
+ENCODER_PREFIXES = ("visual.", "speech_embeddings.", "audio_encoder.")
+
+
+def is_encoder_tensor(hub_name: str) -> bool:
+    return hub_name.startswith(ENCODER_PREFIXES)
+
 
 @dataclass(frozen=True)
 class Target:
@@ -55,6 +63,17 @@ class WeightMap:
             self._add_mlp(hub + "mlp.", ours + "mlp.", layer.mlp)
 
     def _add_attention(self, hub: str, ours: str, attention: Attention) -> None:
+        if self.model.config.attention_projection_layout == "fused_qkv":  # rows regrouped on read: fused_qkv.py
+            self.add(hub + "qkv_proj.weight", ours + "qkv_proj.weight")
+            if attention.spec.bias:
+                self.add(hub + "qkv_proj.bias", ours + "qkv_proj.bias")
+        else:
+            self._add_split_qkv(hub, ours, attention)
+        self.add(hub + "o_proj.weight", ours + "o_proj.weight")
+        if attention.sinks is not None:
+            self.add(hub + "attention_sink_bias", ours + "sinks")
+
+    def _add_split_qkv(self, hub: str, ours: str, attention: Attention) -> None:
         sizes = {"q": attention.q_size, "k": attention.k_size, "v": attention.v_size}
         begin = 0
         for name, size in sizes.items():
@@ -63,9 +82,6 @@ class WeightMap:
             if attention.spec.bias:
                 self.add(f"{hub}{name}_proj.bias", ours + "qkv_proj.bias", part)
             begin += size
-        self.add(hub + "o_proj.weight", ours + "o_proj.weight")
-        if attention.sinks is not None:
-            self.add(hub + "attention_sink_bias", ours + "sinks")
 
     def _add_mlp(self, hub: str, ours: str, mlp: MLP) -> None:
         inter = mlp.intermediate_size

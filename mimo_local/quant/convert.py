@@ -103,7 +103,10 @@ class QuantizeJob:
         self.raw_config = read_raw_config(source)
         if (self.raw_config.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
             raise MimoError(f"{source} is already quantized; quantize a bf16 or FP8 checkpoint")
-        self.checkpoint = Checkpoint(source, self.config.fp8_block_size)
+        if self.config.mxfp4_block_size:
+            raise MimoError(f"{source}: its routed experts are MXFP4 already (4.25 bits); quantizing such a "
+                            f"checkpoint is not supported yet: run it as it is")
+        self.checkpoint = Checkpoint(source, self.config.fp8_block_size, self.config)
         num_mtp = count_mtp_layers(self.config, self.checkpoint)
         self.config = dataclasses.replace(self.config, num_mtp_layers=num_mtp)
         self.model = build_meta_model(self.config, num_mtp, torch.float32)
@@ -328,7 +331,10 @@ class QuantizeJob:
     def _finish(self, done: dict) -> None:
         weight_map = {name: shard for shard, names in self.shard_names.items() for name in names}
         total = sum((self.out / shard).stat().st_size for shard in self.shard_names)
-        manifest.write_json_atomic(self.out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        metadata = {"total_size": total}
+        if self.checkpoint.row_layouts:  # fused q|k|v were read regrouped (fused_qkv.py): one shard now
+            metadata["tp_size"] = 1
+        manifest.write_json_atomic(self.out / INDEX_FILE, {"metadata": metadata, "weight_map": weight_map})
         files = {}
         for name in [*sorted(self.shard_names), INDEX_FILE, "config.json"]:
             path = self.out / name
@@ -352,6 +358,8 @@ class QuantizeJob:
             tensor = self.checkpoint.read(name)
             if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 tensor = self.read_float(name).to(torch.bfloat16)
+            elif name in self.checkpoint.row_layouts:  # a fused q|k|v in TP shards: written in our row order
+                tensor = self.read_float(name).to(tensor.dtype)
             return {name: tensor}
         h = None
         if scheme.calibrated and hessian is not None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import quant as quant_kernels
+from . import mxfp4
 from .formats import dequantize_nf4
 
 # runtime tensor name -> (dtype, shape from (out, in, groups, blocks)) for each kind
@@ -22,6 +23,7 @@ LAYOUTS = {
     "int4": {"packed": (torch.uint8, "out,in/2"), "scales": (torch.float32, "out,groups"),
              "zeros": (torch.float32, "out,groups"), "perm": (torch.int64, "in")},
     "nf4": {"packed": (torch.uint8, "out,in/2"), "absmax": (torch.float32, "out,blocks")},
+    "mxfp4": {"packed": (torch.uint8, "out,in/2"), "scales": (torch.uint8, "out,blocks")},  # as stored (mxfp4.py)
 }
 
 
@@ -95,6 +97,8 @@ class QuantLinear(nn.Module):
                 x = x[..., pick(self.perm)]
             return quant_kernels.int4_linear(x, pick(self.packed), pick(self.scales), pick(self.zeros),
                                              self.group_size, self.bias)
+        if self.kind == "mxfp4":  # one expert's weights dequantized at a time
+            return F.linear(x, mxfp4.dequantize(pick(self.packed), pick(self.scales), x.dtype), self.bias)
         if x.is_cuda:
             return self._bnb_nf4(x, index)
         weight = dequantize_nf4(pick(self.packed), pick(self.absmax), self.code, x.dtype)
@@ -136,6 +140,8 @@ class QuantLinear(nn.Module):
             return quant_kernels.dequantize_int8(pick(self.qweight), pick(self.scales))
         if self.kind == "nf4":
             return dequantize_nf4(pick(self.packed), pick(self.absmax), self.code)
+        if self.kind == "mxfp4":
+            return mxfp4.dequantize(pick(self.packed), pick(self.scales))
         weight = quant_kernels.dequantize_int4(pick(self.packed), pick(self.scales), pick(self.zeros), self.group_size)
         if self.perm is None:
             return weight

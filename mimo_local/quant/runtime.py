@@ -9,14 +9,14 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import MimoError
-from . import formats
+from . import formats, mxfp4
 from .recipes import Scheme
 from .rtn import IntWeight, quantize_rtn
 
 
 @dataclass
 class RuntimeWeight:
-    kind: str  # int8 | int4 | nf4
+    kind: str  # int8 | int4 | nf4 | mxfp4
     tensors: dict  # runtime name -> tensor ([out, ...] each), see linear.LAYOUTS
     group_size: int = 0
     blocksize: int = 64
@@ -40,7 +40,10 @@ def from_nf4(tensors: dict, name: str) -> RuntimeWeight:
 
 
 def stored_format(checkpoint: Checkpoint, base: str) -> str | None:
-    """How the checkpoint stores linear `base` (hub name without '.weight'): gptq, nf4, bnb-int8 or None."""
+    """How the checkpoint stores linear `base` (hub name without '.weight'): gptq, nf4, bnb-int8, mxfp4
+    or None."""
+    if base + ".weight_scale" in checkpoint:  # MXFP4 (FP8 weights have weight_scale_inv)
+        return "mxfp4"
     if base + ".qweight" in checkpoint:
         return "gptq"
     if base + ".weight.quant_state.bitsandbytes__nf4" in checkpoint:
@@ -55,6 +58,7 @@ STORED_SUFFIXES = {
     "nf4": ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
             "weight.quant_state.bitsandbytes__nf4"),
     "bnb-int8": ("weight", "SCB"),
+    "mxfp4": ("weight", "weight_scale"),
 }
 
 
@@ -75,6 +79,14 @@ def from_checkpoint(checkpoint: Checkpoint, base: str, tensors: dict | None = No
         return from_nf4(tensors, base)
     if kind == "bnb-int8":
         return RuntimeWeight("int8", formats.bnb_int8_runtime(tensors))
+    if kind == "mxfp4":
+        packed, scales = tensors["weight"], tensors["weight_scale"]
+        blocks = packed.shape[-1] * 2 // mxfp4.BLOCK
+        if packed.dtype != torch.uint8 or scales.dtype != torch.uint8 or packed.dim() != 2 or \
+                scales.shape != (packed.shape[0], blocks) or packed.shape[1] * 2 % mxfp4.BLOCK:
+            raise MimoError(f"'{base}': MXFP4 weight {packed.dtype} {list(packed.shape)} with scales {scales.dtype} "
+                            f"{list(scales.shape)} is not uint8 [out, in/2] with uint8 [out, in/{mxfp4.BLOCK}]")
+        return RuntimeWeight("mxfp4", {"packed": packed, "scales": scales}, blocksize=mxfp4.BLOCK)
     raise MimoError(f"'{base}' is not stored quantized")
 
 

@@ -94,13 +94,17 @@ def model_facts(path: Path) -> ModelFacts:
 
     from ..checkpoint import Checkpoint
     from ..loader import count_mtp_layers
+    from ..models.weights import is_encoder_tensor
 
     with limits.reading(path):
         config = load_config(path)
         checkpoint = Checkpoint(path, config.fp8_block_size)
         mtp = count_mtp_layers(config, checkpoint)
-        parameters = sum(
-            _numel(entry.shape) for name, entry in checkpoint.entries.items() if not name.endswith("_scale_inv")
+        entries = checkpoint.entries
+        parameters = sum(  # the text model's: FP8/MXFP4 scales and V2.5's encoders are not parameters we run
+            _numel(entry.shape) * (2 if name + "_scale" in entries else 1)  # MXFP4: two weights a byte
+            for name, entry in entries.items()
+            if not name.endswith(("_scale_inv", "_scale")) and not is_encoder_tensor(name)
         )
     return ModelFacts(dataclasses.replace(config, num_mtp_layers=mtp), parameters)
 
