@@ -49,7 +49,8 @@ def fresh(checkpoints, tmp_path):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("preset,fp8,quant", [("mimo", False, None), ("mimo_v2_flash", False, None),
                                               ("mimo_v2_flash", True, None), ("mimo", False, "int8"),
-                                              ("mimo_v2_flash", False, "v2flash-mixed"), ("mimo", False, "int4-g128")])
+                                              ("mimo_v2_flash", False, "v2flash-mixed"), ("mimo", False, "int4-g128"),
+                                              ("mimo_v2.5", False, None), ("mimo_v2.6", False, None)])
 def test_mapped_equals_copied(fresh, preset, fp8, quant):
     model_dir = fresh(preset, fp8)
     copied = load_model(model_dir, torch.bfloat16, quant=quant, mmap=False)

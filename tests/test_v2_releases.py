@@ -82,9 +82,11 @@ def test_encoder_tensors_are_never_read(release, monkeypatch):
     original = Checkpoint._read_bytes
     monkeypatch.setattr(Checkpoint, "_read_bytes",
                         staticmethod(lambda entry, out: (read.append(entry), original(entry, out))))
-    load_model(hub)
+    load_model(hub, mmap=False)
     assert read and not [entry.name for entry in read if entry.name.startswith(ENCODER_PREFIXES)]
     assert {entry.file.parent for entry in read} == {hub}  # nothing of audio_tokenizer/
+    mapped = load_model(hub).mapped_files.paths()  # mapped: only the text model's shards and its runtime layout
+    assert {path.parent for path in mapped} <= {hub, hub / ".mimo-runtime"}
 
 
 def test_plan_and_show_count_the_text_model_only(release):
