@@ -1,6 +1,6 @@
 """Packed int8/int4 matmul kernels against the unquantized matmul of the same shape, one run.
 
-CPU: our C kernels (kernels/cpu_linear.c, cpu_quant.c; the ISA build that runs is printed, force one
+CPU: our C kernels (mimo_local/kernels/cpu_linear.c, cpu_quant.c; the ISA build that runs is printed, force one
 with MIMO_CPU_ISA=avx512|avx2|generic) vs torch's own ops for the same weights (F.linear in bf16,
 torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu on weights converted to its layout), at
 MiMo-7B's decoder shapes scaled down to the 7B-shape bench and its lm_head (or --full for the real

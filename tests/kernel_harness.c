@@ -2,7 +2,7 @@
  * Python cannot (an aarch64 build under qemu-user) and natively for the host's builds
  * (tests/test_kernel_harness.py). Prints the build's ISA level, one line per check, then "ALL OK";
  * exits 1 on the first failure. Small shapes: qemu is slow. */
-#include "../kernels/cpu_quant.c"
+#include "../mimo_local/kernels/cpu_quant.c"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,4 +1,4 @@
-"""Building the C kernels per ISA level (kernels/build.py): the choice at run time, the AVX-512
+"""Building the C kernels per ISA level (mimo_local/kernels/build.py): the choice at run time, the AVX-512
 build compiled even where it cannot run, the cache key, a failed build, and the torch fallback."""
 
 import os

@@ -41,7 +41,7 @@ def fresh(checkpoints, tmp_path):
     """A private copy of a tiny checkpoint (the tests write its runtime layout and touch its files)."""
     def copy(preset: str, fp8: bool = False):
         target = tmp_path / f"{preset}-{fp8}"
-        shutil.copytree(checkpoints(preset, fp8=fp8), target)
+        shutil.copytree(checkpoints(preset, fp8=fp8), target, ignore=shutil.ignore_patterns(mapped_weights.FOLDER))
         return target
     return copy
 

@@ -1,4 +1,4 @@
-"""C kernel or torch's own op per matmul shape (kernels/choice.py): measured once, kept on disk,
+"""C kernel or torch's own op per matmul shape (mimo_local/kernels/choice.py): measured once, kept on disk,
 the same for a token alone and in a verify step."""
 
 import time

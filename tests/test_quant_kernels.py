@@ -1,4 +1,4 @@
-"""Packed int8/int4 matmuls (kernels/quant.py): the C kernels against the pure-torch references."""
+"""Packed int8/int4 matmuls (mimo_local/kernels/quant.py): the C kernels against the pure-torch references."""
 
 import kernel_builds
 import pytest

@@ -1,4 +1,4 @@
-"""The standard on-disk layouts, and their conversion to the runtime layouts of kernels/quant.py.
+"""The standard on-disk layouts, and their conversion to the runtime layouts of mimo_local/kernels/quant.py.
 
 GPTQ (AutoGPTQ / GPTQModel "gptq" v1 checkpoint format, read by transformers, vLLM and SGLang), per
 linear `<name>`:

@@ -1,4 +1,4 @@
-"""Quantized linear layers in the runtime layouts of kernels/quant.py.
+"""Quantized linear layers in the runtime layouts of mimo_local/kernels/quant.py.
 
 Each module holds one fused projection ([out, in]) or a stack of experts ([E, out, in]; `linear(x, e)`
 runs expert e), so fused q|k|v and gate|up parts and stacked experts are filled by the same
@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
         return out.float() if float32_out else out
 
     def fused_projection(self):
-        """This projection for the fused quantized decoder layer (kernels/quant.py), or None where
+        """This projection for the fused quantized decoder layer (mimo_local/kernels/quant.py), or None where
         that kernel cannot take it (nf4/bitsandbytes, stacks, act-order permutations)."""
         if self.experts is not None or getattr(self, "perm", None) is not None or hasattr(self, "_hf_hook"):
             return None
