@@ -116,18 +116,18 @@ def test_one_call_decoder_layer_equals_the_step_by_step_kernels(
 ):
     """The whole-layer kernel gives exactly the logits of the same layer run kernel by kernel
     (norm, qkv, attention, o_proj, norm, MLP or MoE), for decode and verify steps."""
-    from mimo_local.models.layers import FusedLayerPlan
+    from mimo_local.ops import LayerPlan
 
     model = load_model(checkpoints(family), dtype)
     calls = []
-    real = FusedLayerPlan.run
+    real = LayerPlan.run
 
     def decode(fused: bool):
         def layer(self, *args):
             calls.append(fused)
             return real(self, *args) if fused else None
 
-        monkeypatch.setattr(FusedLayerPlan, "run", layer)
+        monkeypatch.setattr(LayerPlan, "run", layer)
         return decode_logits(model, seed=5)
 
     step_by_step, fused = decode(False), decode(True)

@@ -1,7 +1,8 @@
 """Blocks shared by both MiMo families: RMSNorm, partial rotate-half RoPE, attention with optional
 sinks and sliding windows, SwiGLU MLP and the sigmoid-routed MoE.
 
-Projections are fused on load (q|k|v, gate|up) so a decode step issues few large matmuls.
+Projections are fused on load (q|k|v, gate|up) so a decode step issues few large matmuls. The
+math is written here; how each operation runs (C kernels, fused per layer, or torch) is ops.py's.
 """
 
 from __future__ import annotations
@@ -10,30 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import AttentionSpec, MoESpec
-from ..kernels import cpu as cpu_kernels
-from ..kernels import quant as quant_kernels
-from ..quant.linear import fused_expert_operands
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose few-token CPU case (decode) goes through the bandwidth-bound kernel."""
-
     def forward(self, x: torch.Tensor, float32_out: bool = False) -> torch.Tensor:
         """`float32_out` (logits) skips the rounding to the model dtype; it is an argument of forward
         so that accelerate's device hooks still see the call."""
-        return cpu_kernels.linear(x, self.weight, self.bias, float32_out=float32_out)
-
-    def fused_projection(self):
-        """This projection for the fused quantized decoder layer (bfloat16 weights there)."""
-        if self.weight.dtype != torch.bfloat16 or hasattr(self, "_hf_hook"):
-            return None
-        return quant_kernels.projection(16, self.weight, bias=self.bias)
+        return ops.linear(x, self.weight, self.bias, float32_out=float32_out)
 
     def first_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """float32 outputs of the first `rows` rows only (a draft vocabulary): reads only their weights."""
         bias = None if self.bias is None else self.bias[:rows]
-        return cpu_kernels.linear(x, self.weight[:rows], bias, float32_out=True)
+        return ops.linear(x, self.weight[:rows], bias, float32_out=True)
 
 
 class RMSNorm(nn.Module):
@@ -43,12 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.supports_contiguous(x, self.weight):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -151,13 +137,11 @@ class Attention(nn.Module):
 
     def attend_projected(self, qkv: torch.Tensor, start: int, cache) -> torch.Tensor:
         """RoPE, cache write and attention of projected q|k|v [B, T, *]: the input of o_proj."""
+        fused = ops.decode_attention(self, qkv, start, cache)  # decode / verify: one call
+        if fused is not None:
+            return fused
         batch, steps, _ = qkv.shape
         spec = self.spec
-        if cpu_kernels.attention_supports(qkv, cache, steps):  # decode / verify: one fused call
-            cos, sin = self.rope.cos_sin(start, steps, torch.float32)
-            sinks = None if self.sinks is None else self.sinks.float()
-            out = cpu_kernels.decode_attention(qkv.view(steps, -1), start, cos, sin, cache, sinks, self.scale)
-            return out.view(batch, steps, -1)
         q, k, v = qkv.split([self.q_size, self.k_size, self.v_size], dim=-1)
         q = q.view(batch, steps, spec.num_heads, spec.head_dim).transpose(1, 2)
         k = k.view(batch, steps, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
@@ -181,10 +165,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if _plain_module(gate_up) and _plain_module(down) and cpu_kernels.mlp_supports(x, gate_up.weight, down.weight):
-            return cpu_kernels.mlp(x, gate_up.weight, down.weight)  # decode: one call for the three
-        return down(cpu_kernels.swiglu(gate_up(x)))
+        return ops.mlp(self.gate_up_proj, self.down_proj, x)
 
 
 class Router(nn.Module):
@@ -198,7 +179,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         spec = self.spec
-        scores = cpu_kernels.linear(x.float(), self.weight).sigmoid()
+        scores = ops.linear(x.float(), self.weight).sigmoid()
         choice = scores + self.e_score_correction_bias
         if spec.n_group > 1:
             grouped = choice.view(-1, spec.n_group, spec.num_experts // spec.n_group)
@@ -230,12 +211,10 @@ class ExpertGroup(nn.Module):
         """Sum of weight * expert(x[token]) over (token, local expert, weight) pairs sorted by
         expert; x [M, H] is already on this group's device. Returns float32 [M, H] on this group's
         device. Only activations move, never weights."""
+        fused = ops.expert_pairs(self, x, pair_tokens, pair_experts, pair_weights)
+        if fused is not None:
+            return fused
         device = self.device
-        if isinstance(self.gate_up_proj, torch.Tensor) and cpu_kernels.moe_supports(x, self.gate_up_proj):
-            return cpu_kernels.moe_pairs(x, self.gate_up_proj, self.down_proj, pair_experts, pair_tokens, pair_weights)
-        quantized = fused_expert_operands(self.gate_up_proj, self.down_proj)
-        if quantized and quant_kernels.moe_supports(x, quantized[2][0], quantized[3][0]):
-            return quant_kernels.moe_pairs(x, *quantized, pair_experts, pair_tokens, pair_weights)
         pair_tokens = pair_tokens.to(device, non_blocking=True)
         pair_weights = pair_weights.to(device, non_blocking=True)
         out = torch.zeros(x.shape, dtype=torch.float32, device=device)
@@ -251,14 +230,8 @@ class ExpertGroup(nn.Module):
         return out
 
     def expert(self, x: torch.Tensor, local: int) -> torch.Tensor:
-        return expert_linear(self.down_proj, cpu_kernels.swiglu(expert_linear(self.gate_up_proj, x, local)), local).float()
-
-
-def expert_linear(stack, x: torch.Tensor, index: int) -> torch.Tensor:
-    """x @ W[index].T for a stacked [E, out, in] weight, or for a quantized stack (quant/linear.py)."""
-    if isinstance(stack, torch.Tensor):
-        return F.linear(x, stack[index])
-    return stack.linear(x, index)
+        hidden = ops.swiglu(ops.expert_linear(self.gate_up_proj, x, local))
+        return ops.expert_linear(self.down_proj, hidden, local).float()
 
 
 class MoE(nn.Module):
@@ -308,11 +281,9 @@ class MoE(nn.Module):
         experts, weights = self.gate(tokens)
         if self.selection_counts is not None:
             self.selection_counts += torch.bincount(experts.view(-1), minlength=self.spec.num_experts)
-        group = self.groups[0]
-        fused = len(self.groups) == 1 and isinstance(group.gate_up_proj, torch.Tensor)
-        if fused and cpu_kernels.moe_supports(tokens, group.gate_up_proj):
-            out = cpu_kernels.moe(tokens, group.gate_up_proj, group.down_proj, experts, weights)  # one fused call
-            return out.to(x.dtype).view(shape)
+        fused = ops.moe(self.groups[0], tokens, experts, weights) if len(self.groups) == 1 else None
+        if fused is not None:
+            return fused.to(x.dtype).view(shape)
         return self._grouped(tokens, experts, weights).to(x.dtype).view(shape)
 
     def _grouped(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -352,14 +323,12 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(hidden_size, attention, rope)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = mlp
-        self._fused = None  # (activation dtype, FusedLayerPlan or None), made at the first decode step
+        self.kernel_plan = None  # ops.py's (activation dtype, plan) for one-call decode steps
 
     def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
-        plan = self._fused_plan(x) if x.shape[0] == 1 and cpu_kernels.attention_supports(x, cache, x.shape[1]) else None
-        if plan is not None:
-            fused = plan.run(self, x, start, cache)
-            if fused is not None:
-                return fused
+        fused = ops.decoder_layer(self, x, start, cache)
+        if fused is not None:
+            return fused
         x = x + self.self_attn(self.input_layernorm(x), start, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -369,62 +338,5 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _apply(self, fn, *args, **kwargs):
-        self._fused = None  # weights may have moved or changed dtype
+        self.kernel_plan = None  # weights may have moved or changed dtype
         return super()._apply(fn, *args, **kwargs)
-
-    def _fused_plan(self, x: torch.Tensor):
-        if self._fused is None or self._fused[0] != x.dtype:
-            self._fused = (x.dtype, FusedLayerPlan.make(self, x))
-        return self._fused[1]
-
-
-class FusedLayerPlan:
-    """How a decoder layer runs decode and verify steps on the CPU in one kernel call, a dense MLP
-    included (a MoE runs after it on the normed hidden state): plain float weights through cpu.py's
-    kernel, int8/int4 ones (mixed with bfloat16 ones) through quant.py's. Made once per layer and
-    activation dtype: the weights' descriptions do not change between steps."""
-
-    def __init__(self, quantized: bool, weights: dict, dense: bool, sinks: torch.Tensor | None):
-        self.quantized, self.weights, self.dense, self.sinks = quantized, weights, dense, sinks
-
-    @classmethod
-    def make(cls, layer: DecoderLayer, x: torch.Tensor) -> "FusedLayerPlan | None":
-        attention, mlp = layer.self_attn, layer.mlp
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if not all(_plain_module(norm) and cpu_kernels.supports_contiguous(x, norm.weight) for norm in norms):
-            return None
-        dense = type(mlp) is MLP
-        sinks = None if attention.sinks is None else attention.sinks.float()  # the kernels take float32 sinks
-        projections = [attention.qkv_proj, attention.o_proj] + ([mlp.gate_up_proj, mlp.down_proj] if dense else [])
-        if all(_plain_module(m) and cpu_kernels.supports_contiguous(x, m.weight) for m in projections):
-            weights = dict(qkv_weight=attention.qkv_proj.weight, qkv_bias=attention.qkv_proj.bias,
-                           o_weight=attention.o_proj.weight)
-            if dense:
-                weights.update(gate_up=mlp.gate_up_proj.weight, down=mlp.down_proj.weight)
-            return cls(False, weights, dense, sinks)
-        described = [getattr(m, "fused_projection", lambda: None)() for m in projections]
-        if None in described or not quant_kernels.decoder_layer_supports(x, described):
-            return None
-        weights = dict(qkv=described[0], o=described[1])
-        if dense:
-            weights.update(gate_up=described[2], down=described[3], inter=mlp.intermediate_size)
-        return cls(True, weights, dense, sinks)
-
-    def run(self, layer: DecoderLayer, x: torch.Tensor, start: int, cache) -> torch.Tensor | None:
-        """The layer's output, or None where the kernel declined (nothing was changed then)."""
-        attention = layer.self_attn
-        cos, sin = attention.rope.cos_sin(start, x.shape[1], torch.float32)
-        kernel = quant_kernels.decoder_layer if self.quantized else cpu_kernels.decoder_layer
-        result = kernel(x, layer.input_layernorm.eps, norm1=layer.input_layernorm.weight,
-                        norm2=layer.post_attention_layernorm.weight, start=start, cos=cos, sin=sin, cache=cache,
-                        sinks=self.sinks, scale=attention.scale, **self.weights)
-        if result is None:
-            return None
-        out, normed = result
-        return out if self.dense else out + layer.mlp(normed)
-
-
-def _plain_module(module: nn.Module) -> bool:
-    """An unquantized Linear or RMSNorm without accelerate device hooks (their weights can be
-    handed to a fused kernel directly)."""
-    return type(module) in (Linear, RMSNorm) and not hasattr(module, "_hf_hook")
