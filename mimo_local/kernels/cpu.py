@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import build, choice
+from . import build, choice, signatures
 
 SOURCE = Path(__file__).with_name("cpu_linear.c")
 MAX_ROWS = 16
@@ -35,27 +35,32 @@ def active_isa() -> str:
     return "torch" if lib is None else lib.isa_name
 
 
+_POINTER, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_PER_DTYPE = {
+    "linear": [_POINTER] * 5 + [_INT, _I64, _I64],
+    "moe": [_POINTER] * 6 + [_INT, _INT, _POINTER, _POINTER, _POINTER, _I64, _I64],
+    "swiglu": [_POINTER, _POINTER, _INT, _I64],
+    "mlp": [_POINTER] * 6 + [_INT, _I64, _I64],
+    "rmsnorm": [_POINTER, _POINTER, _POINTER, _INT, _I64, _FLOAT],
+    "attention": [_POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER],
+    "decoder_layer": [_POINTER, _INT, _I64, _FLOAT] + [_POINTER] * 3 + [_I64] + [_POINTER] * 4 + [_I64] + [_POINTER] * 8,
+}
+# Every entry point of cpu_linear.c: (argtypes, restype), checked against the C source by the tests.
+DECLARATIONS: dict[str, signatures.Declaration] = {
+    **{f"{name}_{suffix}": (types, None) for name, types in _PER_DTYPE.items() for suffix in ("f32", "bf16")},
+    "argmax_rows_f32": ([_POINTER, _INT, _I64, _POINTER], None),
+    "kernel_isa": ([], ctypes.c_char_p),
+}
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built (no gcc, not Linux/x86)."""
     lib = load_compiled(SOURCE)
     if lib is None:
         return None
+    signatures.declare(lib, DECLARATIONS)
     lib.isa_name = lib.kernel_isa().decode()  # asked on every matmul (choice.py keys): read once
-    pointer, i64, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    argtypes = {
-        "linear": [pointer] * 5 + [integer, i64, i64],
-        "moe": [pointer] * 6 + [integer, integer, pointer, pointer, pointer, i64, i64],
-        "swiglu": [pointer, pointer, integer, i64],
-        "mlp": [pointer] * 6 + [integer, i64, i64],
-        "rmsnorm": [pointer, pointer, pointer, integer, i64, real],
-        "attention": [pointer, integer, pointer, pointer, pointer, pointer],
-        "decoder_layer": [pointer, integer, i64, real] + [pointer] * 3 + [i64] + [pointer] * 4 + [i64] + [pointer] * 8,
-    }
-    for name, types in argtypes.items():
-        for suffix in ("f32", "bf16"):
-            getattr(lib, f"{name}_{suffix}").argtypes = types
-    lib.argmax_rows_f32.argtypes = [pointer, integer, i64, pointer]
     return lib
 
 
