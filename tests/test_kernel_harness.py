@@ -54,3 +54,30 @@ def test_the_aarch64_builds_pass_under_qemu(tmp_path, level):
     program = tmp_path / f"harness-aarch64-{level}"
     compile_harness(CROSS_COMPILER, build.level(level).flags, program)
     assert_passes([QEMU, "-L", AARCH64_SYSROOT, str(program)], level)
+
+
+@pytest.mark.skipif(build.compiler() is None, reason="no C compiler on this machine")
+def test_the_harness_passes_without_openmp(tmp_path):
+    """Built by a compiler without OpenMP (Apple's clang), the kernels run serially and agree."""
+    level = build.runnable_levels()[0]
+    program = tmp_path / "harness-serial"
+    result = subprocess.run([build.compiler(), "-O3", *level.compiler_flags(build.cpu_flags()), str(HARNESS), "-o",
+                             str(program), "-lm"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert_passes([str(program)], level.name)
+
+
+def test_a_compiler_without_openmp_builds_serial_kernels(tmp_path, monkeypatch, capsys):
+    """A compiler that rejects -fopenmp still builds the kernels (one line says they are serial)."""
+    real = build.compiler()
+    if real is None:
+        pytest.skip("no C compiler on this machine")
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "unsupported option" >&2; exit 1; }}; done\n'
+                    f'exec {real} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setattr(build, "_warned", False)
+    library = build.build(Path(build.__file__).with_name("cpu_linear.c"), build.runnable_levels()[0], directory=tmp_path)
+    assert "has no OpenMP" in capsys.readouterr().err
+    assert b"GOMP_" not in library.read_bytes()  # not linked against libgomp

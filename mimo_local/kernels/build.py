@@ -53,7 +53,8 @@ LEVELS = (
     IsaLevel("generic", ("-DMIMO_PLAIN_C",), frozenset()),
 )
 LEVEL_NAMES = tuple(level.name for level in LEVELS)
-COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+COMMON_FLAGS = ("-O3", "-shared", "-fPIC")
+OPENMP_FLAG = "-fopenmp"
 
 
 class BuildError(Exception):
@@ -121,6 +122,29 @@ def _compiler_identity(path: str) -> str:
     return f"{os.path.realpath(path)}\n{version.splitlines()[0] if version else ''}"
 
 
+@functools.lru_cache(maxsize=8)
+def openmp_flags(cc: str) -> tuple[str, ...]:
+    """("-fopenmp",) where `cc` builds OpenMP code; () for a compiler without it (Apple's clang):
+    the kernels then build without threads, and one line says so."""
+
+    def builds(source: str, *flags: str) -> bool:
+        with tempfile.TemporaryDirectory() as folder:
+            probe = Path(folder, "probe.c")
+            probe.write_text(source)
+            try:
+                return subprocess.run([cc, *flags, "-shared", "-fPIC", str(probe), "-o", str(probe.with_suffix(".so"))],
+                                      capture_output=True, timeout=120).returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                return False
+
+    if builds("#include <omp.h>\nint threads(void) { return omp_get_max_threads(); }\n", OPENMP_FLAG):
+        return (OPENMP_FLAG,)
+    if builds("int threads(void) { return 1; }\n"):  # a working compiler, only without OpenMP
+        warn_once(f"mimo: {Path(cc).name} has no OpenMP; the CPU kernels run on one thread (gcc, or clang with "
+                  "libomp, runs them on all cores)")
+    return ()
+
+
 def _sources(source_path: Path) -> list[Path]:
     """A kernel source and the sources it includes with `#include "file"` (one level)."""
     included = re.findall(r'^#include "([^"]+)"', source_path.read_text(), flags=re.MULTILINE)
@@ -134,7 +158,7 @@ def build(source_path: Path, isa: IsaLevel, flags: frozenset[str] | None = None,
     cc = compiler()
     if cc is None:
         raise BuildError(f"no C compiler found ({os.environ.get('CC', 'gcc')}; set CC to use another)")
-    command_flags = [*COMMON_FLAGS, *isa.compiler_flags(cpu_flags() if flags is None else flags)]
+    command_flags = [*COMMON_FLAGS, *openmp_flags(cc), *isa.compiler_flags(cpu_flags() if flags is None else flags)]
     key = hashlib.sha256()
     for path in _sources(source_path):
         key.update(path.read_bytes())

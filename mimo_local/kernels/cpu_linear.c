@@ -10,8 +10,13 @@
  */
 #include <stdint.h>
 #include <math.h>
-#include <omp.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else /* a compiler without OpenMP (Apple's clang): the same kernels, on one thread */
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 
 /* The paths this build takes, from the target the compiler was given. The `generic` build
  * defines MIMO_PLAIN_C and keeps to plain C (which the compiler still vectorizes where it can),

@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#include <omp.h>
 /* decoder_layer_bf16 and its per-step functions, the vector helpers (vsum...) and the ISA macros
  * (MIMO_AVX2...): one compilation unit with the kernels below. */
 #include "cpu_linear.c"
