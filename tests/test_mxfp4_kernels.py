@@ -73,8 +73,9 @@ def test_every_byte_at_every_finite_scale_decodes_bit_for_bit(kernel_only):
     packed = torch.arange(256, dtype=torch.uint8).repeat(253, 1)  # row r: bytes 0..255 at scale byte r
     scales = torch.arange(253, dtype=torch.uint8)[:, None].repeat(1, in_features // mxfp4.BLOCK)
     identity = torch.eye(in_features)
-    columns = torch.cat([quant.mxfp4_linear(identity[i : i + 16], packed, scales)
-                         for i in range(0, in_features, quant.MXFP4_MAX_ROWS)])
+    step = quant.MXFP4_MAX_ROWS
+    columns = torch.cat([quant.mxfp4_linear(identity[i : i + step], packed, scales)
+                         for i in range(0, in_features, step)])
     expected = mxfp4.reference_dequantize(packed, scales).T
     assert torch.equal(columns, expected)  # -0.0 == 0.0: a zero weight's sign is lost in the sum
     assert expected[2, 0] == 2.0**-128  # scale byte 0 (2^-127) gives subnormal weights, kept as they are
@@ -90,7 +91,7 @@ def test_a_nan_scale_gives_nan_rows_only():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,out_features,in_features", [(1, 64, 1024), (2, 33, 96), (3, 70, 32), (5, 17, 160),
-                                                          (16, 48, 384)])
+                                                          (16, 48, 384), (64, 24, 256)])
 def test_random_blocks_match_the_reference_within_summation_order(kernel_only, dtype, rows, out_features,
                                                                  in_features):
     generator = torch.Generator().manual_seed(rows * in_features)

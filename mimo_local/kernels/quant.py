@@ -33,7 +33,9 @@ SOURCE = Path(__file__).with_name("cpu_quant.c")
 # 512 rows would be slower than torch's GEMM, 677 vs 1031 tok/s).
 INT8_MAX_ROWS = 16
 INT4_MAX_ROWS = 512
-MXFP4_MAX_ROWS = 16
+# MXFP4 (an expert's rows in a prefill chunk, V2-Flash down 4096x2048, 1 thread): the C kernel 28 ms
+# for 64 rows vs 120 ms to dequantize + F.linear; 219 vs 119 ms for 256 rows.
+MXFP4_MAX_ROWS = 64
 # moe_quant's `format` argument per stack kind (cpu_quant.c)
 MOE_FORMATS = {"mxfp4": 1, "int4": 4, "int8": 8}
 
