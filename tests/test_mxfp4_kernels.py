@@ -1,4 +1,4 @@
-"""The MXFP4 C kernels (kernels/cpu_quant.c: linear_mxfp4 and moe_quant's MXFP4 stacks) against the
+"""The MXFP4 C kernels (mimo_local/kernels/cpu_quant.c: linear_mxfp4 and moe_quant's MXFP4 stacks) against the
 pure-torch reference (mimo_local/quant/mxfp4.py), in every ISA build this CPU runs.
 
 The kernels decode each weight exactly (checked bit for bit below); what differs from
