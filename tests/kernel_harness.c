@@ -91,6 +91,33 @@ int main(void) {
         }
     check(ok, "linear_int4_bf16 matches the reference within the int8 quantization of x");
 
+    /* MXFP4 rows (e2m1 pairs, an E8M0 scale per 32 inputs) on float32 x split into even/odd inputs:
+     * within the float32 summation-order bound gamma(K + 1) * sum |w x| of the exact sum */
+    static uint8_t wmx[N * K / 2], smx[N * K / 32];
+    static float x_even[M * K / 2], x_odd[M * K / 2];
+    static const double magnitudes[8] = {0, .5, 1, 1.5, 2, 3, 4, 6};
+    for (int i = 0; i < N * K / 2; i++) wmx[i] = (uint8_t)((uniform() + 1.f) * 127.99f);
+    for (int i = 0; i < N * K / 32; i++) smx[i] = (uint8_t)(118 + (uniform() + 1.f) * 4.99f);
+    for (int i = 0; i < M * K / 2; i++) {
+        x_even[i] = xf[2 * i];
+        x_odd[i] = xf[2 * i + 1];
+    }
+    linear_mxfp4(x_even, x_odd, wmx, smx, bias, y, M, N, K);
+    ok = 1;
+    for (int i = 0; i < M; i++)
+        for (int r = 0; r < N; r++) {
+            double sum = bias[r], size = fabs(bias[r]);
+            for (int j = 0; j < K; j++) {
+                int q = j % 2 ? wmx[r * K / 2 + j / 2] >> 4 : wmx[r * K / 2 + j / 2] & 0x0F;
+                double w = (q & 8 ? -1 : 1) * magnitudes[q & 7] * ldexp(1.0, smx[r * K / 32 + j / 32] - 127);
+                sum += xf[i * K + j] * w;
+                size += fabs(xf[i * K + j] * w);
+            }
+            double gamma = (K + 1) * 0x1p-24 / (1 - (K + 1) * 0x1p-24);
+            ok &= fabs(y[i * N + r] - sum) <= gamma * size;
+        }
+    check(ok, "linear_mxfp4 matches the reference within float32 summation order");
+
     /* a token gets the same bits alone and among others (MTP verify steps) */
     ok = 1;
     for (int kind = 0; kind < 3; kind++) {

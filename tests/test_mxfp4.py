@@ -50,7 +50,9 @@ def test_expert_stack_runs_each_expert_on_its_dequantized_weights():
     x = torch.randn(3, 64, generator=generator)
     for expert in range(2):
         weight = mxfp4.reference_dequantize(stack.packed[expert], stack.scales[expert])
-        assert torch.equal(stack.linear(x, expert), torch.nn.functional.linear(x, weight))
+        # the CPU kernel sums in its own order (tests/test_mxfp4_kernels.py bounds that exactly)
+        torch.testing.assert_close(stack.linear(x, expert), torch.nn.functional.linear(x, weight), rtol=1e-5,
+                                   atol=1e-5)
 
 
 @pytest.fixture(scope="module")

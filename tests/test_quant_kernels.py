@@ -154,8 +154,9 @@ def test_quantized_moe_matches_reference(bits, tokens, hidden, inter, group):
     pair_experts, pair_tokens = flat[order], order // top_k
     pair_weights = torch.rand(tokens * top_k, generator=generator)[order]
     assert quant.moe_supports(x, gate_up[0], down[0])
-    got = quant.moe_pairs(x, bits, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
-    expected = quant.reference_moe_pairs(x, bits, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
+    kind = {8: "int8", 4: "int4"}[bits]
+    got = quant.moe_pairs(x, kind, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
+    expected = quant.reference_moe_pairs(x, kind, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
     assert got.shape == (tokens, hidden)
     assert close(got, expected, 1e-4)
 
@@ -217,8 +218,8 @@ def test_int4_experts_with_128_groups_take_the_int8_activation_path_within_its_e
     pair_experts = torch.tensor([0, 0, 1, 3, 3, 3])
     pair_tokens = torch.tensor([0, 2, 1, 0, 1, 2])
     pair_weights = torch.rand(6, generator=generator)
-    got = quant.moe_pairs(x, 4, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
-    expected = quant.reference_moe_pairs(x, 4, group, gate_up, down, pair_experts, pair_tokens, pair_weights)
+    got = quant.moe_pairs(x, "int4", group, gate_up, down, pair_experts, pair_tokens, pair_weights)
+    expected = quant.reference_moe_pairs(x, "int4", group, gate_up, down, pair_experts, pair_tokens, pair_weights)
     error = (got - expected).abs().max().item()
     assert 0 < error <= 0.02 * expected.abs().max().item()
 

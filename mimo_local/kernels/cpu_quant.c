@@ -415,19 +415,133 @@ void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, cons
     }
 }
 
+/* ---------------------------------------------------------------- MXFP4: e2m1 pairs, E8M0 scale per 32
+ * Byte j of a row holds inputs 2j (low nibble) and 2j+1 (high nibble), as for int4, so x comes split
+ * into its even and odd inputs likewise; one E8M0 scale byte per 32 inputs (2^(e - 127), 255 NaN).
+ * A block's 16 bytes are decoded by a table lookup of their nibbles in the 16 e2m1 values already
+ * multiplied by the block's scale (exact: a power of two; one such table per scale byte, made when
+ * the library loads, so a block costs one aligned load), then one fused multiply-add per weight
+ * and token in float32. The weights are those of mxfp4.py's dequantize bit for bit; only the
+ * summation order differs from dequantize-then-matmul. Needs k % 32 == 0. */
+#define MXFP4_BLOCK 32
+static const float E2M1[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
+                               -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+/* SCALED_E2M1[e][i] = E2M1[i] * 2^(e - 127) (NaN for e = 255) */
+static float SCALED_E2M1[256][16] __attribute__((aligned(64)));
+
+static inline float e8m0_value(uint8_t e) {
+    uint32_t bits = e == 0 ? 0x00400000u /* 2^-127, subnormal */ : e == 255 ? 0x7FC00000u : (uint32_t)e << 23;
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
+
+__attribute__((constructor)) static void make_scaled_e2m1(void) {
+    for (int e = 0; e < 256; e++)
+        for (int i = 0; i < 16; i++) SCALED_E2M1[e][i] = E2M1[i] * e8m0_value((uint8_t)e);
+}
+
+/* Accumulators per token: enough independent FMA chains for one token to run at full rate. */
+#define MXFP4_CHAINS 4
+
+ALWAYS_INLINE void mxfp4_row(const uint8_t *w, const uint8_t *scales, const float *x_even, const float *x_odd,
+                             int64_t k, int tokens, float *sums) {
+    const int64_t half = k / 2, blocks = k / MXFP4_BLOCK;
+#if defined(MIMO_AVX512F)
+    /* vpermps takes the low 4 bits of each index: the byte itself picks its low nibble's value */
+    __m512 acc[TOKENS_PER_PASS][MXFP4_CHAINS];
+    for (int t = 0; t < tokens; t++)
+        for (int c = 0; c < MXFP4_CHAINS; c++) acc[t][c] = _mm512_setzero_ps();
+#define MXFP4_BLOCK_512(b, c)                                                                             \
+    do {                                                                                                  \
+        __m512 scaled = _mm512_load_ps(SCALED_E2M1[scales[b]]);                                          \
+        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + (b) * 16)));              \
+        __m512 lo = _mm512_permutexvar_ps(q, scaled);                                                    \
+        __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), scaled);                               \
+        for (int t = 0; t < tokens; t++) {                                                                \
+            acc[t][c] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_even + t * half + (b) * 16), acc[t][c]);     \
+            acc[t][(c) + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_odd + t * half + (b) * 16), acc[t][(c) + 1]); \
+        }                                                                                                 \
+    } while (0)
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        MXFP4_BLOCK_512(b, 0);
+        MXFP4_BLOCK_512(b + 1, 2);
+    }
+    if (b < blocks) MXFP4_BLOCK_512(b, 0);
+#undef MXFP4_BLOCK_512
+    for (int t = 0; t < tokens; t++)
+        sums[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),
+                                                     _mm512_add_ps(acc[t][2], acc[t][3])));
+#elif defined(MIMO_AVX2)
+    /* vpermps on 8 lanes takes the low 3 bits of each index: the magnitude; bit 3 is the sign */
+    const __m256i sign_bit = _mm256_set1_epi32((int)0x80000000u);
+    __m256 acc[TOKENS_PER_PASS][MXFP4_CHAINS];
+    for (int t = 0; t < tokens; t++)
+        for (int c = 0; c < MXFP4_CHAINS; c++) acc[t][c] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256 scaled = _mm256_load_ps(SCALED_E2M1[scales[b]]); /* the 8 magnitudes */
+        for (int part = 0; part < 2; part++) {
+            int64_t j = b * 16 + part * 8;
+            __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + j)));
+            __m256 lo = _mm256_xor_ps(_mm256_permutevar8x32_ps(scaled, q),
+                                      _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(q, 28), sign_bit)));
+            __m256 hi = _mm256_xor_ps(_mm256_permutevar8x32_ps(scaled, _mm256_srli_epi32(q, 4)),
+                                      _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(q, 24), sign_bit)));
+            for (int t = 0; t < tokens; t++) {
+                acc[t][2 * part] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x_even + t * half + j), acc[t][2 * part]);
+                acc[t][2 * part + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x_odd + t * half + j), acc[t][2 * part + 1]);
+            }
+        }
+    }
+    for (int t = 0; t < tokens; t++)
+        sums[t] = hsum256(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3])));
+#else
+    for (int t = 0; t < tokens; t++) sums[t] = 0.f;
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *scaled = SCALED_E2M1[scales[b]];
+        for (int64_t j = b * 16; j < (b + 1) * 16; j++) {
+            float lo = scaled[w[j] & 0x0F], hi = scaled[w[j] >> 4];
+            for (int t = 0; t < tokens; t++) sums[t] += lo * x_even[t * half + j] + hi * x_odd[t * half + j];
+        }
+    }
+#endif
+}
+
+/* y[M, N] = x . W^T (+ bias) for MXFP4 rows w [N, K/2] with scales [N, K/32]; x given as its even and
+ * odd inputs (x_even, x_odd [M, K/2], float32). */
+void linear_mxfp4(const float *x_even, const float *x_odd, const uint8_t *w, const uint8_t *scales,
+                  const float *bias, float *y, int m, int64_t n, int64_t k) {
+    const int64_t half = k / 2, blocks = k / MXFP4_BLOCK;
+#pragma omp parallel for schedule(guided, 32)
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *wr = w + row * half, *sr = scales + row * blocks;
+        float b = bias ? bias[row] : 0.f;
+        float sums[TOKENS_PER_PASS];
+#define ROW(T) mxfp4_row(wr, sr, x_even + (int64_t)first * half, x_odd + (int64_t)first * half, k, T, sums)
+        EACH_TOKEN_PASS(m, ROW, y[(int64_t)(first + t) * n + row] = sums[t] + b)
+#undef ROW
+    }
+}
+
 /* ---------------------------------------------------------------- routed SwiGLU experts, quantized
  * out[t] += w * down_e(silu(gate_e(x_t)) * up_e(x_t)) for each (expert e, token t, weight w)
- * assignment, with gate_up [E, 2I, H] and down [E, H, I] stacks in the int8 (bits 8) or int4
- * (bits 4) layout; zeros are unused for int8. x is float32 [M, H]; out float32 [M, H].
+ * assignment, with gate_up [E, 2I, H] and down [E, H, I] stacks in the int8 (format 8), int4
+ * (format 4) or MXFP4 (format 1: packed bytes, uint8 E8M0 scales) layout; zeros are used by int4
+ * only, group by int4 only. x is float32 [M, H]; out float32 [M, H].
  * Threads split the assignments (each streams whole experts) into their own partial output.
  * scratch per thread: 3H + 5I floats. partial: threads * M * H floats. */
+enum { FORMAT_MXFP4 = 1, FORMAT_INT4 = 4, FORMAT_INT8 = 8 };
+
 typedef struct {
     const void *weights; /* int8_t or uint8_t (packed) */
-    const float *scales, *zeros;
+    const void *scales;  /* float, or uint8_t E8M0 for MXFP4 */
+    const float *zeros;
 } QuantStack;
 
 /* One token's input to a stack of rows, prepared once for all the rows it meets: float32 even/odd
- * halves for the exact int4 kernel, or int8 halves with per-group scales for the VNNI one. */
+ * halves for the exact int4 kernel and for MXFP4, or int8 halves with per-group scales for the
+ * VNNI int4 one. */
 typedef struct {
     const float *x;
     float *even, *odd;
@@ -438,10 +552,10 @@ typedef struct {
 
 #define MOE_VNNI(group) ((group) % 128 == 0)
 
-static void prepare_input(PreparedInput *in, const float *x, int bits, int64_t k, int64_t group) {
+static void prepare_input(PreparedInput *in, const float *x, int format, int64_t k, int64_t group) {
     in->x = x;
-    if (bits != 4) return;
-    in->vnni = MOE_VNNI(group);
+    if (format == FORMAT_INT8) return;
+    in->vnni = format == FORMAT_INT4 && MOE_VNNI(group);
     if (in->vnni) {
         quantize_x_int8(x, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, group);
         return;
@@ -449,16 +563,20 @@ static void prepare_input(PreparedInput *in, const float *x, int bits, int64_t k
     for (int64_t j = 0; j < k / 2; j++) { in->even[j] = x[2 * j]; in->odd[j] = x[2 * j + 1]; }
 }
 
-static float quant_row(int bits, QuantStack s, int64_t expert, int64_t rows, int64_t row, const PreparedInput *in,
+static float quant_row(int format, QuantStack s, int64_t expert, int64_t rows, int64_t row, const PreparedInput *in,
                        int64_t k, int64_t group) {
     float sum;
     int64_t r = expert * rows + row;
-    if (bits == 8) {
+    if (format == FORMAT_INT8) {
         int8_row((const int8_t *)s.weights + r * k, in->x, k, 1, &sum);
-        return sum * s.scales[r];
+        return sum * ((const float *)s.scales)[r];
     }
     const uint8_t *w = (const uint8_t *)s.weights + r * (k / 2);
-    const float *scales = s.scales + r * (k / group), *zeros = s.zeros + r * (k / group);
+    if (format == FORMAT_MXFP4) {
+        mxfp4_row(w, (const uint8_t *)s.scales + r * (k / MXFP4_BLOCK), in->even, in->odd, k, 1, &sum);
+        return sum;
+    }
+    const float *scales = (const float *)s.scales + r * (k / group), *zeros = s.zeros + r * (k / group);
     if (in->vnni) {
         int4_row_vnni(w, scales, zeros, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, k / group, group / 128, 1,
                       &sum);
@@ -468,8 +586,8 @@ static float quant_row(int bits, QuantStack s, int64_t expert, int64_t rows, int
     return sum;
 }
 
-void moe_quant(int bits, const float *x, const void *gate_up, const float *gate_up_scales,
-               const float *gate_up_zeros, const void *down, const float *down_scales, const float *down_zeros,
+void moe_quant(int format, const float *x, const void *gate_up, const void *gate_up_scales,
+               const float *gate_up_zeros, const void *down, const void *down_scales, const float *down_zeros,
                const int64_t *experts, const int64_t *tokens, const float *weights, int assignments, int m,
                float *out, float *partial, float *scratch, int64_t hidden, int64_t inter, int64_t group) {
     QuantStack gu = {gate_up, gate_up_scales, gate_up_zeros}, dn = {down, down_scales, down_zeros};
@@ -493,17 +611,18 @@ void moe_quant(int bits, const float *x, const void *gate_up, const float *gate_
         int first = (int)((int64_t)assignments * id / threads);
         int last = (int)((int64_t)assignments * (id + 1) / threads);
         for (int a = first; a < last; a++) {
-            if (a == first || tokens[a] != tokens[a - 1]) prepare_input(&x_in, x + tokens[a] * hidden, bits, hidden, group);
+            if (a == first || tokens[a] != tokens[a - 1])
+                prepare_input(&x_in, x + tokens[a] * hidden, format, hidden, group);
             for (int64_t r = 0; r < 2 * inter; r++)
-                gate_up_out[r] = quant_row(bits, gu, experts[a], 2 * inter, r, &x_in, hidden, group);
+                gate_up_out[r] = quant_row(format, gu, experts[a], 2 * inter, r, &x_in, hidden, group);
             for (int64_t i = 0; i < inter; i++) {
                 float g = gate_up_out[i];
                 act[i] = g / (1.f + expf(-g)) * gate_up_out[inter + i];
             }
-            prepare_input(&act_in, act, bits, inter, group);
+            prepare_input(&act_in, act, format, inter, group);
             float *ot = mine + tokens[a] * hidden;
             for (int64_t r = 0; r < hidden; r++)
-                ot[r] += weights[a] * quant_row(bits, dn, experts[a], hidden, r, &act_in, inter, group);
+                ot[r] += weights[a] * quant_row(format, dn, experts[a], hidden, r, &act_in, inter, group);
         }
 #pragma omp barrier
 #pragma omp for

@@ -97,8 +97,8 @@ class QuantLinear(nn.Module):
                 x = x[..., pick(self.perm)]
             return quant_kernels.int4_linear(x, pick(self.packed), pick(self.scales), pick(self.zeros),
                                              self.group_size, self.bias)
-        if self.kind == "mxfp4":  # one expert's weights dequantized at a time
-            return F.linear(x, mxfp4.dequantize(pick(self.packed), pick(self.scales), x.dtype), self.bias)
+        if self.kind == "mxfp4":
+            return quant_kernels.mxfp4_linear(x, pick(self.packed), pick(self.scales), self.bias)
         if x.is_cuda:
             return self._bnb_nf4(x, index)
         weight = dequantize_nf4(pick(self.packed), pick(self.absmax), self.code, x.dtype)
@@ -151,14 +151,17 @@ class QuantLinear(nn.Module):
 
 
 def fused_expert_operands(gate_up, down) -> tuple | None:
-    """(bits, group_size, gate_up tensors, down tensors) for quant_kernels.moe_pairs when both expert
-    stacks are int8, or int4 with one group size and no act-order permutation; else None."""
+    """(kind, group_size, gate_up tensors, down tensors) for quant_kernels.moe_pairs when both expert
+    stacks are int8, MXFP4, or int4 with one group size and no act-order permutation; else None."""
     if not (isinstance(gate_up, QuantLinear) and isinstance(down, QuantLinear)) or gate_up.kind != down.kind:
         return None
     if gate_up.kind == "int8":
-        return 8, 0, (gate_up.qweight, gate_up.scales), (down.qweight, down.scales)
+        return "int8", 0, (gate_up.qweight, gate_up.scales), (down.qweight, down.scales)
+    if gate_up.kind == "mxfp4":
+        return "mxfp4", mxfp4.BLOCK, (gate_up.packed, gate_up.scales), (down.packed, down.scales)
     if gate_up.kind == "int4" and gate_up.perm is None and down.perm is None and gate_up.group_size == down.group_size:
-        return 4, gate_up.group_size, (gate_up.packed, gate_up.scales, gate_up.zeros), (down.packed, down.scales, down.zeros)
+        return ("int4", gate_up.group_size, (gate_up.packed, gate_up.scales, gate_up.zeros),
+                (down.packed, down.scales, down.zeros))
     return None
 
 
