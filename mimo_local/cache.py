@@ -8,12 +8,47 @@ that a write of up to that many speculative tokens never overwrites a key a roll
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .budget import SPARE_SLOTS
 from .config import AttentionSpec, MiMoConfig
 
 EMPTY_SLOT = -(2**40)
+
+
+@dataclass
+class KeyView:
+    """The keys and values a step's queries may attend to, in position order: entry i is position
+    `first + i`, the step's own keys last. `valid` [S] is False where a ring buffer does not hold
+    that position (rolled back, or never written); None when it holds all."""
+
+    keys: torch.Tensor  # [B, Hkv, S, D]
+    values: torch.Tensor  # [B, Hkv, S, Dv]
+    first: int
+    valid: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+    def span(self, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of entries begin..end-1."""
+        return self.keys[:, :, begin:end], self.values[:, :, begin:end]
+
+    def mask(self, start: int, steps: int, window: int | None) -> torch.Tensor | None:
+        """[T, S] bool, True where query start+t may see entry s (causal, within the window); None
+        when every query sees every entry."""
+        if steps == 1 and self.valid is None and (window is None or self.first + window >= start):
+            return None
+        device = self.keys.device
+        offset = torch.arange(start, start + steps, device=device)[:, None] - (
+            self.first + torch.arange(self.length, device=device))[None, :]
+        visible = offset >= 0
+        if window is not None:
+            visible &= offset <= window
+        return visible if self.valid is None else visible & self.valid
 
 
 class FullKVCache:
@@ -23,19 +58,12 @@ class FullKVCache:
         self.keys = torch.zeros(batch, spec.num_kv_heads, capacity, spec.head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(batch, spec.num_kv_heads, capacity, spec.v_head_dim, dtype=dtype, device=device)
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int):
-        """Store keys/values of positions start..start+T-1; return all keys, values and the mask
-        (True = may attend, shape [T, S]; None when every query sees every key)."""
-        steps = keys.shape[2]
-        end = start + steps
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> "KeyView":
+        """Store keys/values of positions start..start+T-1; return every position up to them."""
+        end = start + keys.shape[2]
         self.keys[:, :, start:end] = keys
         self.values[:, :, start:end] = values
-        if steps == 1:
-            return self.keys[:, :, :end], self.values[:, :, :end], None
-        query_pos = torch.arange(start, end, device=keys.device)
-        key_pos = torch.arange(end, device=keys.device)
-        mask = key_pos[None, :] <= query_pos[:, None]
-        return self.keys[:, :, :end], self.values[:, :, :end], mask
+        return KeyView(self.keys[:, :, :end], self.values[:, :, :end], first=0)
 
     @property
     def nbytes(self) -> int:
@@ -55,24 +83,27 @@ class SlidingWindowKVCache:
         )
         self.slot_pos = torch.full((self.capacity,), EMPTY_SLOT, dtype=torch.long, device=device)
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int):
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> "KeyView":
+        """Store keys/values of positions start..start+T-1 and return what their queries may see:
+        the window before `start`, gathered from the ring in position order, then the new ones.
+        The gather comes first, so a step longer than the spare slots overwrites nothing it reads."""
         steps = keys.shape[2]
         device = keys.device
-        query_pos = torch.arange(start, start + steps, device=device)
-        # Stored slots are valid only below `start`: anything at or past it was rolled back.
-        stored_pos = torch.where(self.slot_pos < start, self.slot_pos, EMPTY_SLOT)
-        all_keys = torch.cat([self.keys, keys], dim=2)
-        all_values = torch.cat([self.values, values], dim=2)
-        key_pos = torch.cat([stored_pos, query_pos])
-        offset = query_pos[:, None] - key_pos[None, :]
-        mask = (offset >= 0) & (offset <= self.window)
-
+        first = max(0, start - self.window)
+        held = torch.arange(first, start, device=device)
+        slots = held % self.capacity
+        # A slot holds position p only if p was written there and not rolled back (p < start).
+        valid = torch.cat([self.slot_pos[slots] == held, torch.ones(steps, dtype=torch.bool, device=device)])
+        view = KeyView(torch.cat([self.keys[:, :, slots], keys], dim=2),
+                       torch.cat([self.values[:, :, slots], values], dim=2), first=first,
+                       valid=None if bool(valid.all()) else valid)
         kept = min(steps, self.capacity)
-        slots = query_pos[-kept:] % self.capacity
+        positions = torch.arange(start + steps - kept, start + steps, device=device)
+        slots = positions % self.capacity
         self.keys[:, :, slots] = keys[:, :, -kept:]
         self.values[:, :, slots] = values[:, :, -kept:]
-        self.slot_pos[slots] = query_pos[-kept:]
-        return all_keys, all_values, mask
+        self.slot_pos[slots] = positions
+        return view
 
     @property
     def nbytes(self) -> int:
