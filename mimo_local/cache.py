@@ -14,6 +14,7 @@ import torch
 
 from .budget import SPARE_SLOTS
 from .config import AttentionSpec, MiMoConfig
+from .errors import MimoError
 
 EMPTY_SLOT = -(2**40)
 
@@ -28,6 +29,8 @@ class KeyView:
     values: torch.Tensor  # [B, Hkv, S, Dv]
     first: int
     valid: torch.Tensor | None = None
+
+    quantized = False  # int8 entries with scales (QuantizedKVView)
 
     @property
     def length(self) -> int:
@@ -68,6 +71,58 @@ class FullKVCache:
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
+
+
+CACHE_TYPES = ("bf16", "int8")  # bf16: keys and values in the model's dtype; int8: global layers quantized
+SCALE_DTYPE = torch.bfloat16  # one scale per (head, position): config.KV_SCALE_BYTES
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 along the last dim, one scale per row: x ~ q * scale (|error| <= scale / 2)."""
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127).to(SCALE_DTYPE).clamp_min(1e-30)
+    return (x.float() / scale.float()).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+class QuantizedKVCache(FullKVCache):
+    """A global layer's cache in int8 with one scale per head and position (a write never
+    requantizes what is stored): about half the bytes of bfloat16. Attention reads it a tile at a
+    time (chunk_attention), dequantizing only that tile."""
+
+    def __init__(self, spec: AttentionSpec, capacity: int, batch: int, dtype, device):
+        self.spec, self.capacity, self.dtype = spec, capacity, dtype
+        shape = (batch, spec.num_kv_heads, capacity)
+        self.keys = torch.zeros(*shape, spec.head_dim, dtype=torch.int8, device=device)
+        self.values = torch.zeros(*shape, spec.v_head_dim, dtype=torch.int8, device=device)
+        self.key_scales = torch.zeros(*shape, 1, dtype=SCALE_DTYPE, device=device)
+        self.value_scales = torch.zeros(*shape, 1, dtype=SCALE_DTYPE, device=device)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> "QuantizedKeyView":
+        end = start + keys.shape[2]
+        self.keys[:, :, start:end], self.key_scales[:, :, start:end] = quantize_rows(keys)
+        self.values[:, :, start:end], self.value_scales[:, :, start:end] = quantize_rows(values)
+        return QuantizedKeyView(self.keys[:, :, :end], self.values[:, :, :end], first=0,
+                                key_scales=self.key_scales[:, :, :end], value_scales=self.value_scales[:, :, :end],
+                                dtype=self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.key_scales.nbytes + self.value_scales.nbytes
+
+
+@dataclass
+class QuantizedKeyView(KeyView):
+    """A KeyView of int8 entries: `span` dequantizes the entries asked for, nothing more."""
+
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
+    dtype: torch.dtype = torch.bfloat16
+
+    quantized = True
+
+    def span(self, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.keys[:, :, begin:end].float() * self.key_scales[:, :, begin:end].float()
+        values = self.values[:, :, begin:end].float() * self.value_scales[:, :, begin:end].float()
+        return keys.to(self.dtype), values.to(self.dtype)
 
 
 class SlidingWindowKVCache:
@@ -116,9 +171,12 @@ class SlidingWindowKVCache:
         return bool((self.slot_pos[needed % self.capacity] <= needed).all())
 
 
-def make_layer_cache(spec: AttentionSpec, max_tokens: int, spare_slots: int, batch: int, dtype, device):
+def make_layer_cache(spec: AttentionSpec, max_tokens: int, spare_slots: int, batch: int, dtype, device,
+                     cache_type: str = "bf16"):
     if spec.is_sliding:
         return SlidingWindowKVCache(spec, spare_slots, batch, dtype, device)
+    if cache_type == "int8":
+        return QuantizedKVCache(spec, max_tokens, batch, dtype, device)
     return FullKVCache(spec, max_tokens, batch, dtype, device)
 
 
@@ -142,12 +200,16 @@ class ModelCache:
         batch: int = 1,
         spare_slots: int = SPARE_SLOTS,
         mtp_specs: list[AttentionSpec] | None = None,
+        cache_type: str = "bf16",
     ) -> "ModelCache":
+        """`cache_type` "int8" holds the global layers' keys and values in int8 (QuantizedKVCache)."""
+        if cache_type not in CACHE_TYPES:
+            raise MimoError(f"unknown cache type '{cache_type}' (choose from {', '.join(CACHE_TYPES)})")
         layers = [
-            make_layer_cache(config.attention(i), max_tokens, spare_slots, batch, dtype, device)
+            make_layer_cache(config.attention(i), max_tokens, spare_slots, batch, dtype, device, cache_type)
             for i in range(config.num_layers)
         ]
-        mtp = [make_layer_cache(s, max_tokens, spare_slots, batch, dtype, device) for s in mtp_specs or []]
+        mtp = [make_layer_cache(s, max_tokens, spare_slots, batch, dtype, device, cache_type) for s in mtp_specs or []]
         return cls(layers, mtp, torch.zeros(max_tokens, dtype=torch.long, device=device))
 
     @property
