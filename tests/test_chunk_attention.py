@@ -22,11 +22,15 @@ def spec(window, kv_heads=2, dim=32, v_dim=16):
                          rope_dim=dim, sliding_window=window, has_sink=window is not None, bias=False)
 
 
-@pytest.mark.parametrize("window", [None, 8, 100])
+@pytest.mark.parametrize("window, v_dim, key_tile", [(None, 16, 2048), (None, 32, 2048), (None, 16, 128), (8, 16, 2048),
+                                                     (100, 16, 2048)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunks_through_a_cache_equal_dense_attention(window, dtype):
+def test_chunks_through_a_cache_equal_dense_attention(monkeypatch, window, v_dim, key_tile, dtype):
+    """Global layers with narrower values (tiles), the same head size (one fused call), small tiles;
+    sliding windows smaller and larger than a query block."""
+    monkeypatch.setattr(chunked, "KEY_TILE", key_tile)
     generator = torch.Generator().manual_seed(0)
-    s = spec(window)
+    s = spec(window, v_dim=v_dim)
     length, heads = 700, s.num_heads
     q = torch.randn(1, heads, length, s.head_dim, generator=generator).to(dtype)
     k = torch.randn(1, s.num_kv_heads, length, s.head_dim, generator=generator).to(dtype)

@@ -59,21 +59,37 @@ def _fused_part(q, k, v, scale, mask, causal):
     return out[..., :v_dim], lse
 
 
-def merge(parts: list, sinks: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """One softmax over the union of the parts' keys (and the sinks), from each part's output and
-    log-sum-exp. Returns [B,H,T,Dv] in `dtype`."""
-    if len(parts) == 1 and sinks is None:
-        return parts[0][0].to(dtype)
-    lses = torch.stack([lse for _, lse in parts])
-    if sinks is not None:
-        sink = sinks.float().view(1, 1, -1, 1).expand(1, *lses.shape[1:])
-        lses = torch.cat([lses, sink])
-    total = torch.logsumexp(lses, dim=0)
-    out = None
-    for (part, lse) in parts:
-        weighted = part.float() * torch.exp(lse - total).unsqueeze(-1)
-        out = weighted if out is None else out.add_(weighted)
-    return out.to(dtype)
+class Merged:
+    """One softmax over the union of several parts' keys, from each part's output and log-sum-exp,
+    accumulated as the parts come (memory: one output, however many parts)."""
+
+    def __init__(self):
+        self.out: torch.Tensor | None = None  # float32 [B,H,T,Dv], normalized over the parts so far
+        self.lse: torch.Tensor | None = None
+
+    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        if self.out is None:
+            self.out, self.lse = out.float(), lse
+            return
+        total = torch.logaddexp(self.lse, lse)
+        self.out = self.out.mul_(torch.exp(self.lse - total).unsqueeze(-1))
+        self.out.add_(out.float() * torch.exp(lse - total).unsqueeze(-1))
+        self.lse = total
+
+    def result(self, sinks: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The merged output in `dtype`, with the sinks' terms in the denominator."""
+        if sinks is not None:
+            sink = sinks.float().view(1, -1, 1)
+            self.out = self.out.mul_(torch.sigmoid(self.lse - sink).unsqueeze(-1))  # e^lse / (e^lse + e^sink)
+        return self.out.to(dtype)
+
+
+def single(part, sinks, dtype) -> torch.Tensor:
+    if sinks is None:
+        return part[0].to(dtype)
+    merged = Merged()
+    merged.add(*part)
+    return merged.result(sinks, dtype)
 
 
 def chunk_attention(q: torch.Tensor, view: KeyView, start: int, window: int | None, scale: float,
@@ -96,23 +112,25 @@ def chunk_attention(q: torch.Tensor, view: KeyView, start: int, window: int | No
         if view.valid is not None:
             mask &= view.valid[lo:hi]
         keys, values = view.span(lo, hi)
-        outs.append(merge([part_attention(q[:, :, begin:end], keys, values, scale, mask)], sinks, q.dtype))
+        outs.append(single(part_attention(q[:, :, begin:end], keys, values, scale, mask), sinks, q.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def _global(q, view: KeyView, start: int, scale: float, sinks):
-    """Everything before the chunk without a mask (a tile at a time where the keys are quantized or
-    the fused kernel is not used), then the chunk's own keys causally."""
+    """Everything before the chunk without a mask, then the chunk's own keys causally. The fused
+    kernel takes bfloat16 or float32 keys of the queries' head size in one call (it tiles them
+    itself); other keys (quantized, narrower values to pad, no fused kernel) come a tile at a time."""
     steps = q.shape[2]
     before = start - view.first
-    tile = KEY_TILE if getattr(view, "quantized", False) or not _uses_fused(q) else max(before, 1)
-    parts = []
+    whole = _uses_fused(q) and not view.quantized and view.values.shape[-1] == q.shape[-1]
+    tile = max(before, 1) if whole else KEY_TILE
+    merged = Merged()
     for begin in range(0, before, tile):
         keys, values = view.span(begin, min(begin + tile, before))
-        parts.append(part_attention(q, keys, values, scale))
+        merged.add(*part_attention(q, keys, values, scale))
     keys, values = view.span(before, before + steps)
-    parts.append(part_attention(q, keys, values, scale, causal=True))
-    return merge(parts, sinks, q.dtype)
+    merged.add(*part_attention(q, keys, values, scale, causal=True))
+    return merged.result(sinks, q.dtype)
 
 
 def _uses_fused(q: torch.Tensor) -> bool:

@@ -164,7 +164,7 @@ class Attention(nn.Module):
         cos, sin = self.rope.cos_sin(start, steps, qkv.dtype)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         view = cache.update(k, v, start)
-        if steps > MANUAL_ATTENTION_STEPS or getattr(view, "quantized", False):
+        if steps > MANUAL_ATTENTION_STEPS or view.quantized:
             out = chunk_attention(q, view, start, spec.sliding_window, self.scale, self.sinks)
         else:
             out = attend(q, view.keys, view.values, view.mask(start, steps, spec.sliding_window), self.scale, self.sinks)
