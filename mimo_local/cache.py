@@ -8,12 +8,50 @@ that a write of up to that many speculative tokens never overwrites a key a roll
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .budget import SPARE_SLOTS
 from .config import AttentionSpec, MiMoConfig
+from .errors import MimoError
 
 EMPTY_SLOT = -(2**40)
+
+
+@dataclass
+class KeyView:
+    """The keys and values a step's queries may attend to, in position order: entry i is position
+    `first + i`, the step's own keys last. `valid` [S] is False where a ring buffer does not hold
+    that position (rolled back, or never written); None when it holds all."""
+
+    keys: torch.Tensor  # [B, Hkv, S, D]
+    values: torch.Tensor  # [B, Hkv, S, Dv]
+    first: int
+    valid: torch.Tensor | None = None
+
+    quantized = False  # int8 entries with scales (QuantizedKVView)
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+    def span(self, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of entries begin..end-1."""
+        return self.keys[:, :, begin:end], self.values[:, :, begin:end]
+
+    def mask(self, start: int, steps: int, window: int | None) -> torch.Tensor | None:
+        """[T, S] bool, True where query start+t may see entry s (causal, within the window); None
+        when every query sees every entry."""
+        if steps == 1 and self.valid is None and (window is None or self.first + window >= start):
+            return None
+        device = self.keys.device
+        offset = torch.arange(start, start + steps, device=device)[:, None] - (
+            self.first + torch.arange(self.length, device=device))[None, :]
+        visible = offset >= 0
+        if window is not None:
+            visible &= offset <= window
+        return visible if self.valid is None else visible & self.valid
 
 
 class FullKVCache:
@@ -23,23 +61,68 @@ class FullKVCache:
         self.keys = torch.zeros(batch, spec.num_kv_heads, capacity, spec.head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(batch, spec.num_kv_heads, capacity, spec.v_head_dim, dtype=dtype, device=device)
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int):
-        """Store keys/values of positions start..start+T-1; return all keys, values and the mask
-        (True = may attend, shape [T, S]; None when every query sees every key)."""
-        steps = keys.shape[2]
-        end = start + steps
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> "KeyView":
+        """Store keys/values of positions start..start+T-1; return every position up to them."""
+        end = start + keys.shape[2]
         self.keys[:, :, start:end] = keys
         self.values[:, :, start:end] = values
-        if steps == 1:
-            return self.keys[:, :, :end], self.values[:, :, :end], None
-        query_pos = torch.arange(start, end, device=keys.device)
-        key_pos = torch.arange(end, device=keys.device)
-        mask = key_pos[None, :] <= query_pos[:, None]
-        return self.keys[:, :, :end], self.values[:, :, :end], mask
+        return KeyView(self.keys[:, :, :end], self.values[:, :, :end], first=0)
 
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
+
+
+CACHE_TYPES = ("bf16", "int8")  # bf16: keys and values in the model's dtype; int8: global layers quantized
+SCALE_DTYPE = torch.bfloat16  # one scale per (head, position): config.KV_SCALE_BYTES
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 along the last dim, one scale per row: x ~ q * scale (|error| <= scale / 2)."""
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127).to(SCALE_DTYPE).clamp_min(1e-30)
+    return (x.float() / scale.float()).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+class QuantizedKVCache(FullKVCache):
+    """A global layer's cache in int8 with one scale per head and position (a write never
+    requantizes what is stored): about half the bytes of bfloat16. Attention reads it a tile at a
+    time (chunk_attention), dequantizing only that tile."""
+
+    def __init__(self, spec: AttentionSpec, capacity: int, batch: int, dtype, device):
+        self.spec, self.capacity, self.dtype = spec, capacity, dtype
+        shape = (batch, spec.num_kv_heads, capacity)
+        self.keys = torch.zeros(*shape, spec.head_dim, dtype=torch.int8, device=device)
+        self.values = torch.zeros(*shape, spec.v_head_dim, dtype=torch.int8, device=device)
+        self.key_scales = torch.zeros(*shape, 1, dtype=SCALE_DTYPE, device=device)
+        self.value_scales = torch.zeros(*shape, 1, dtype=SCALE_DTYPE, device=device)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> "QuantizedKeyView":
+        end = start + keys.shape[2]
+        self.keys[:, :, start:end], self.key_scales[:, :, start:end] = quantize_rows(keys)
+        self.values[:, :, start:end], self.value_scales[:, :, start:end] = quantize_rows(values)
+        return QuantizedKeyView(self.keys[:, :, :end], self.values[:, :, :end], first=0,
+                                key_scales=self.key_scales[:, :, :end], value_scales=self.value_scales[:, :, :end],
+                                dtype=self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.key_scales.nbytes + self.value_scales.nbytes
+
+
+@dataclass
+class QuantizedKeyView(KeyView):
+    """A KeyView of int8 entries: `span` dequantizes the entries asked for, nothing more."""
+
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
+    dtype: torch.dtype = torch.bfloat16
+
+    quantized = True
+
+    def span(self, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.keys[:, :, begin:end].float() * self.key_scales[:, :, begin:end].float()
+        values = self.values[:, :, begin:end].float() * self.value_scales[:, :, begin:end].float()
+        return keys.to(self.dtype), values.to(self.dtype)
 
 
 class SlidingWindowKVCache:
@@ -55,24 +138,27 @@ class SlidingWindowKVCache:
         )
         self.slot_pos = torch.full((self.capacity,), EMPTY_SLOT, dtype=torch.long, device=device)
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int):
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> "KeyView":
+        """Store keys/values of positions start..start+T-1 and return what their queries may see:
+        the window before `start`, gathered from the ring in position order, then the new ones.
+        The gather comes first, so a step longer than the spare slots overwrites nothing it reads."""
         steps = keys.shape[2]
         device = keys.device
-        query_pos = torch.arange(start, start + steps, device=device)
-        # Stored slots are valid only below `start`: anything at or past it was rolled back.
-        stored_pos = torch.where(self.slot_pos < start, self.slot_pos, EMPTY_SLOT)
-        all_keys = torch.cat([self.keys, keys], dim=2)
-        all_values = torch.cat([self.values, values], dim=2)
-        key_pos = torch.cat([stored_pos, query_pos])
-        offset = query_pos[:, None] - key_pos[None, :]
-        mask = (offset >= 0) & (offset <= self.window)
-
+        first = max(0, start - self.window)
+        held = torch.arange(first, start, device=device)
+        slots = held % self.capacity
+        # A slot holds position p only if p was written there and not rolled back (p < start).
+        valid = torch.cat([self.slot_pos[slots] == held, torch.ones(steps, dtype=torch.bool, device=device)])
+        view = KeyView(torch.cat([self.keys[:, :, slots], keys], dim=2),
+                       torch.cat([self.values[:, :, slots], values], dim=2), first=first,
+                       valid=None if bool(valid.all()) else valid)
         kept = min(steps, self.capacity)
-        slots = query_pos[-kept:] % self.capacity
+        positions = torch.arange(start + steps - kept, start + steps, device=device)
+        slots = positions % self.capacity
         self.keys[:, :, slots] = keys[:, :, -kept:]
         self.values[:, :, slots] = values[:, :, -kept:]
-        self.slot_pos[slots] = query_pos[-kept:]
-        return all_keys, all_values, mask
+        self.slot_pos[slots] = positions
+        return view
 
     @property
     def nbytes(self) -> int:
@@ -85,9 +171,12 @@ class SlidingWindowKVCache:
         return bool((self.slot_pos[needed % self.capacity] <= needed).all())
 
 
-def make_layer_cache(spec: AttentionSpec, max_tokens: int, spare_slots: int, batch: int, dtype, device):
+def make_layer_cache(spec: AttentionSpec, max_tokens: int, spare_slots: int, batch: int, dtype, device,
+                     cache_type: str = "bf16"):
     if spec.is_sliding:
         return SlidingWindowKVCache(spec, spare_slots, batch, dtype, device)
+    if cache_type == "int8":
+        return QuantizedKVCache(spec, max_tokens, batch, dtype, device)
     return FullKVCache(spec, max_tokens, batch, dtype, device)
 
 
@@ -111,12 +200,16 @@ class ModelCache:
         batch: int = 1,
         spare_slots: int = SPARE_SLOTS,
         mtp_specs: list[AttentionSpec] | None = None,
+        cache_type: str = "bf16",
     ) -> "ModelCache":
+        """`cache_type` "int8" holds the global layers' keys and values in int8 (QuantizedKVCache)."""
+        if cache_type not in CACHE_TYPES:
+            raise MimoError(f"unknown cache type '{cache_type}' (choose from {', '.join(CACHE_TYPES)})")
         layers = [
-            make_layer_cache(config.attention(i), max_tokens, spare_slots, batch, dtype, device)
+            make_layer_cache(config.attention(i), max_tokens, spare_slots, batch, dtype, device, cache_type)
             for i in range(config.num_layers)
         ]
-        mtp = [make_layer_cache(s, max_tokens, spare_slots, batch, dtype, device) for s in mtp_specs or []]
+        mtp = [make_layer_cache(s, max_tokens, spare_slots, batch, dtype, device, cache_type) for s in mtp_specs or []]
         return cls(layers, mtp, torch.zeros(max_tokens, dtype=torch.long, device=device))
 
     @property

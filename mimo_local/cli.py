@@ -14,7 +14,8 @@ from .errors import MimoError
 from .offload import options as offload_options
 from .options import (debug_option, device_option, draft_tokens_option, dtype_option, min_p_option, mtp_option,
                       repetition_penalty_option, seed_option, temperature_option, top_k_option, top_p_option,
-                      quant_option, mmap_option, mlock_option, server_option, api_key_option, yes_option)
+                      quant_option, mmap_option, mlock_option, server_option, api_key_option, yes_option,
+                      cache_type_option)
 
 app = typer.Typer(
     help="Run Xiaomi MiMo models locally.",
@@ -140,6 +141,7 @@ def run(
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
+    cache_type: str = cache_type_option(),
     server: Optional[str] = server_option(),
     api_key: Optional[str] = api_key_option(),
     debug: bool = debug_option(),
@@ -150,6 +152,7 @@ def run(
     from .offload.hotness import save_recorded
     from .generate import DoneEvent
     from .sampling import SamplingSettings
+    from .prefill_bar import PrefillBar
 
     settings = SamplingSettings(
         temperature=temperature,
@@ -173,20 +176,21 @@ def run(
         model_dir = _resolve_model_for_run(model, yes)
         context = context_estimate(text + (system or ""), max_tokens)
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=context,
-                                                      mtp=mtp, clamp_ctx=True, ctx_flag=None)
+                                                      mtp=mtp, clamp_ctx=True, ctx_flag=None, cache_type=cache_type)
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
                              placement=placement, mmap=mmap, mlock=mlock)
         front.plan = engine.plan
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
-        events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings,
-                               eos_ids=() if ignore_eos else None, **speculation)
-        stats = None
-        for event in events:
-            if isinstance(event, DoneEvent):
-                stats = event.stats
-            elif not as_json and event.text:
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
+        with PrefillBar() as bar:
+            events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings,
+                                   eos_ids=() if ignore_eos else None, on_prefill=bar, **speculation)
+            stats = None
+            for event in events:
+                if isinstance(event, DoneEvent):
+                    stats = event.stats
+                elif not as_json and event.text:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
         if as_json:
             sys.stdout.write(json.dumps(stats.as_dict(), ensure_ascii=False) + "\n")
         else:
@@ -259,6 +263,7 @@ def bench(
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
+    cache_type: str = cache_type_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     yes: bool = yes_option(),
     debug: bool = debug_option(),
@@ -277,7 +282,8 @@ def bench(
             raise MimoError("--draft-tokens must be >= 0")
         model_dir = _resolve_model_for_run(model, yes)
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
-                                                      ctx=prompt_tokens + gen_tokens + 8, mtp=mtp, clamp_ctx=True, ctx_flag=None)
+                                                      ctx=prompt_tokens + gen_tokens + 8, mtp=mtp, clamp_ctx=True, ctx_flag=None,
+                                                      cache_type=cache_type)
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
                              placement=placement, mmap=mmap, mlock=mlock)
         speculation = engine.speculation(mtp, draft_tokens)
@@ -452,6 +458,7 @@ def chat(
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
+    cache_type: str = cache_type_option(),
     server: Optional[str] = server_option(),
     api_key: Optional[str] = api_key_option(),
     yes: bool = yes_option(),
@@ -470,7 +477,7 @@ def chat(
         if draft_tokens < 0:
             raise MimoError("--draft-tokens must be >= 0")
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
-                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True)
+                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True, cache_type=cache_type)
         options = ChatOptions(settings, system, mtp, draft_tokens, ctx, device, dtype, load, quant, placement, server,
                               api_key, mmap, mlock)
         start_chat(model, lambda name, ask: resolve_model(name, assume_yes=yes, ask=ask), options)
@@ -595,6 +602,7 @@ def plan(
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
     parallel: int = typer.Option(1, "--parallel", help="KV caches of --ctx positions each (`mimo serve --parallel`)."),
+    cache_type: str = cache_type_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
     debug: bool = debug_option(),
 ):
@@ -608,7 +616,7 @@ def plan(
     try:
         request = offload_options.placement_request(
             gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=ctx, quant=quant, mtp=mtp,
-            dtype=resolve_dtype(dtype, None), sequences=parallel,
+            dtype=resolve_dtype(dtype, None), sequences=parallel, cache_type=cache_type,
         )
         result = make_plan(_plan_source(model), offload_options.with_budgets(request))
     except (MimoError, OSError) as error:
@@ -704,6 +712,7 @@ def serve(
     cpu_moe: bool = offload_options.cpu_moe_option(),
     n_cpu_moe: int = offload_options.n_cpu_moe_option(),
     override_tensor: list[str] = offload_options.override_tensor_option(),
+    cache_type: str = cache_type_option(),
     yes: bool = yes_option(),
     debug: bool = debug_option(),
 ):
@@ -722,7 +731,8 @@ def serve(
                                     repetition_penalty=repetition_penalty, max_tokens=max_tokens).validate()
         model_dir = _resolve_model_for_run(model, yes)
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
-                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True, sequences=parallel)
+                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True, sequences=parallel,
+                                                      cache_type=cache_type)
         options = ServeOptions(model or model_dir.name, model_dir, host=host, port=port, api_key=api_key, context=ctx,
                                max_queue=max_queue, parallel=parallel, max_body_bytes=parse_size(max_body, "--max-body"),
                                reasoning_format=reasoning_format, log_prompts=log_prompts, defaults=defaults, mtp=mtp,

@@ -20,7 +20,8 @@ ENCODER_CONFIGS = ("vision_config", "audio_config")  # encoders a text runner ne
 PROJECTION_LAYOUTS = ("split", "fused_qkv")
 ROUTER_DTYPES = ("float32", "bfloat16")
 EXPERT_STORE_DTYPES = ("fp8", "mxfp4")
-RELEASED_V2_MTP_LAYERS = 3  # V2-Flash and V2.5 configs do not say; the released checkpoints have three
+RELEASED_V2_MTP_LAYERS = 3
+KV_SCALE_BYTES = 2  # an int8 KV cache's scale per head and position, for keys and for values (bfloat16)  # V2-Flash and V2.5 configs do not say; the released checkpoints have three
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,10 @@ class AttentionSpec:
     def is_sliding(self) -> bool:
         return self.sliding_window is not None
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+    def kv_bytes_per_token(self, dtype_bytes: int, int8: bool = False) -> int:
+        """Key and value bytes of one position; `int8`: one byte each plus a scale per head (cache.py)."""
+        if int8:
+            return self.num_kv_heads * (self.head_dim + self.v_head_dim + 2 * KV_SCALE_BYTES)
         return self.num_kv_heads * (self.head_dim + self.v_head_dim) * dtype_bytes
 
 
@@ -88,10 +92,11 @@ class MiMoConfig:
     def display_family(self) -> str:
         return MODEL_TYPE_NAMES.get(self.model_type) or FAMILIES[self.family]
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """Bytes the KV cache grows by per token: global layers only (sliding ones are fixed)."""
+    def kv_bytes_per_token(self, dtype_bytes: int = 2, cache_type: str = "bf16") -> int:
+        """Bytes the KV cache grows by per token: global layers only (sliding ones are fixed);
+        `cache_type` "int8" holds them in int8 (cache.QuantizedKVCache)."""
         return sum(
-            self.attention(i).kv_bytes_per_token(dtype_bytes)
+            self.attention(i).kv_bytes_per_token(dtype_bytes, int8=cache_type == "int8")
             for i in range(self.num_layers)
             if not self.layer_is_sliding[i]
         )

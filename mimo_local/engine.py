@@ -58,6 +58,8 @@ class Engine:
             plan.placement.check_available()
         model = load_model(path, torch_dtype, torch_device, show_progress=show_progress, quant=quant,
                            placement=plan.placement if plan else None, mmap=mmap, mlock=mlock)
+        if placement is not None:
+            model.cache_type = placement.cache_type  # checked by make_plan
         start_recording(model)  # router statistics, saved beside the model by the front end
         return cls(model, tokenizer, Path(path), plan)
 

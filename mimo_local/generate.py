@@ -111,17 +111,21 @@ class StopMatcher:
 
 def prefill_chunks(model: MiMoForCausalLM, cache: ModelCache, ids: list[int], observe=None):
     """Run the prompt a chunk at a time, yielding after each chunk; returns the last position's
-    logits (a batch interleaves a long prompt's chunks with the decode steps of the others)."""
+    logits (a batch interleaves a long prompt's chunks with the decode steps of the others). Only
+    one chunk's activations are alive at a time; an interrupt between chunks leaves the cache
+    holding the chunks done (cache.length says how many tokens)."""
     device = model.device
-    out = None
+    logits = None
     for begin in range(0, len(ids), PREFILL_CHUNK):
         start = cache.length
         out = model(torch.tensor([ids[begin : begin + PREFILL_CHUNK]], device=device), cache)
         if observe is not None:
             observe(out.hidden, start)
+        logits = out.logits[0, -1]
+        del out  # the next chunk's forward starts without this one's hidden states
         if begin + PREFILL_CHUNK < len(ids):
             yield
-    return out.logits[0, -1]
+    return logits
 
 
 def run_through(steps):
@@ -224,6 +228,7 @@ class Generation:
         draft_vocab: int | None = None,
         constraint=None,
         logprobs: int | None = None,
+        on_prefill=None,
     ):
         settings.validate()
         if not prompt_ids:
@@ -262,6 +267,8 @@ class Generation:
         self.ids[: len(prompt_ids)] = torch.tensor(prompt_ids)
         self.history = self.ids[: len(prompt_ids)]
         self._prefill = None  # the prompt's chunks still to run (see prefill_chunk)
+        self.on_prefill = on_prefill  # called (tokens prefilled, prompt tokens) after each prompt chunk
+        self._prefill_base = cache.length
         self.pending: list[int] = []  # tokens picked, not yet taken
         self.finished = False
         self.hit_stop_string = False
@@ -286,6 +293,8 @@ class Generation:
         except StopIteration as finished:
             self.pending, done = finished.value, True
         self.stats.prefill_seconds += time.perf_counter() - started
+        if self.on_prefill is not None:
+            self.on_prefill(self.cache.length - self._prefill_base, len(self.prompt_ids))
         if done:
             self.decode_started = time.perf_counter()
         return done
@@ -347,6 +356,7 @@ def stream(model: MiMoForCausalLM, tokenizer: ChatTokenizer, prompt_ids: list[in
     `constraint` (e.g. a grammar) masks the logits before each pick and is told each token;
     `logprobs` (the number of alternatives, 0 for none) adds the model's log probabilities to each
     token. Both decode without speculation. `eos_ids`: the tokens that end it (default the model's).
+    `on_prefill(done, total)` is told the prompt tokens prefilled after each chunk (a progress bar).
     Yields a TokenEvent per token, then one DoneEvent with the stats."""
     generation = Generation(model, tokenizer, prompt_ids, settings, **options)
     generation.prefill()

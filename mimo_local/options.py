@@ -85,3 +85,9 @@ def mlock_option():
 def quant_option():
     return typer.Option(None, "--quant", help="Quantize while loading with this recipe (name or YAML file; no file "
                         "is written).")
+
+
+def cache_type_option():
+    return typer.Option("bf16", "--cache-type", help="KV cache of the global-attention layers: bf16 (the model's dtype) "
+                        "or int8 (about half the bytes; a scale per head and position). Sliding-window layers keep "
+                        "the model's dtype.")

@@ -106,3 +106,31 @@ def test_bf16_compute_is_as_accurate_as_the_reference_in_bf16(checkpoints, tmp_p
     their_error = (theirs - truth).abs().mean().item()
     assert our_error <= 3 * their_error + 1e-3
     assert (ours.argmax(-1) == truth.argmax(-1)).float().mean().item() >= 0.8
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and a loaded machine makes two threads' syncs slow)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("family, window", [("mimo", None), ("mimo_v2_flash", 100)])
+def test_long_prompt_logits_match_transformers_across_window_and_chunk_boundaries(tmp_path, one_thread, family, window):
+    """A 2,000-token prompt in uneven chunks (the fused and the few-query attention paths, chunks
+    crossing the window and the query blocks) gives the reference's float32 logits at every position."""
+    from mimo_local.dev.tiny import make_checkpoint
+
+    overrides = {"mtp_layers": 0, **({"sliding_window_size": window} if window else {})}
+    directory = make_checkpoint(tmp_path / "model", family, shards=1, overrides=overrides)
+    ours = load_model(directory, torch.float32)
+    reference = reference_model(family, directory, tmp_path, fp8=False)
+    ids = torch.randint(0, 1000, (1, 2000), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids).logits[0]
+    cache = ours.new_cache(2048)
+    bounds = [0, 512, 1024, 1031, 1500, 1512, 2000]
+    got = torch.cat([ours(ids[:, a:b], cache, all_logits=True).logits[0] for a, b in zip(bounds, bounds[1:])])
+    assert (got - expected).abs().max().item() < 1e-4

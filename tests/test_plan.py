@@ -114,7 +114,7 @@ def test_does_not_fit_says_what_to_change():
     assert not gpu_short.fits
     verdict = gpu_short.verdict()
     assert re.search(r"gpu needs 19\.\d\d GiB of 17\.00 GiB \(\d\.\d\d GiB over\)", verdict)
-    assert "--ctx 16384" in verdict and "--quant int4-g128" in verdict
+    assert "--ctx 15872" in verdict and "--quant int4-g128" in verdict
     experts = plan(ctx=4096, gpu_mem=24 * GIB, cpu_mem=200 * GIB)
     assert not experts.fits and "a 4-bit recipe" in experts.verdict()
     ok = plan(ctx=4096, gpu_mem=24 * GIB, cpu_mem=200 * GIB, quant="int4-g128")

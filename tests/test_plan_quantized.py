@@ -155,7 +155,7 @@ def test_advice_names_only_flags_the_front_end_has():
     from test_plan import M7B
 
     chat = run_plan(M7B, ctx=32768, gpu_mem=17 * GIB, cpu_mem=8 * GIB)
-    assert "--ctx 16384" in chat.verdict()
+    assert "--ctx 15872" in chat.verdict()
     run = run_plan(M7B, ctx=32768, gpu_mem=17 * GIB, cpu_mem=8 * GIB, ctx_flag=None)  # `mimo run` has no --ctx
     assert "--ctx" not in run.verdict() and "--quant int4-g128" in run.verdict()
 

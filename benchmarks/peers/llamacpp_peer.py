@@ -204,7 +204,8 @@ def benchmark(llama_cpp, args, gguf):
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf), n_ctx=args.prompt_tokens + args.gen_tokens + 1,
-                n_batch=args.prompt_tokens, n_ubatch=args.prompt_tokens, n_threads=args.threads,
+                n_batch=args.batch or args.prompt_tokens, n_ubatch=args.ubatch or args.prompt_tokens,
+                n_threads=args.threads,
                 n_threads_batch=args.threads, flash_attn=args.flash_attn, verbose=args.verbose)
     n_vocab = llm.n_vocab()
     if n_vocab <= FIRST_PROMPT_ID:
@@ -243,6 +244,8 @@ def parse_args():
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flash-attn", action="store_true", help="enable llama.cpp flash attention")
+    parser.add_argument("--batch", type=int, default=0, help="n_batch (default: the prompt length)")
+    parser.add_argument("--ubatch", type=int, default=0, help="n_ubatch (default: the prompt length)")
     parser.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF files are kept")
     parser.add_argument("--llamacpp-dir", help="llama.cpp source tree with convert_hf_to_gguf.py "

@@ -16,6 +16,7 @@ from textual.widgets import Collapsible, Markdown, Static, TextArea
 
 from ..errors import MimoError
 from ..generate import DoneEvent
+from ..prefill_bar import PROGRESS_MIN_TOKENS
 from . import commands, store
 from .controller import ChatController, Outcome, Table, memory_rss_bytes, plain_table
 from .session import split_thinking
@@ -165,6 +166,8 @@ class ChatApp(App):
         self.stop_requested = threading.Event()
         self.current: AssistantTurn | None = None
         self.waiting: list[str] = []  # lines typed after Esc, before the answer had stopped
+        self.prefill_note = ""  # how far a long prompt has been read, while it is
+        controller.session.on_prefill = self._prefill_progress
 
     @property
     def session(self):
@@ -226,7 +229,7 @@ class ChatApp(App):
         parts.append(self.device)
         parts.append(f"RSS {memory_rss_bytes() / 2**30:.2f} GiB")
         if self.generating:
-            parts.append("answering… Esc stops")
+            parts.append(f"{self.prefill_note or 'answering…'} Esc stops")
         self.query_one("#status", Static).update(" │ ".join(parts))
 
     # -- input -------------------------------------------------------------------------------------
@@ -287,6 +290,15 @@ class ChatApp(App):
         self.stop_requested.clear()
         self.run_worker(lambda: self._generate(reply, self.current), thread=True, group="generate")
 
+    def _prefill_progress(self, done: int, total: int) -> None:
+        """Worker thread, after each prompt chunk: the status line counts a long prompt's tokens;
+        Esc stops the prompt here, a chunk at a time."""
+        if self.stop_requested.is_set():
+            raise MimoError(f"stopped while reading the prompt ({done} of {total} tokens read)")
+        if total >= PROGRESS_MIN_TOKENS:
+            self.prefill_note = f"reading the prompt {done}/{total} tok…" if done < total else ""
+            self.call_from_thread(self.update_status)
+
     def _generate(self, reply: Iterator, turn: AssistantTurn) -> None:
         """Worker thread: pull tokens, stopping between tokens when asked (closing the generator)."""
         text, error = "", None
@@ -308,6 +320,7 @@ class ChatApp(App):
 
     def _reply_ended(self, turn: AssistantTurn, error: str | None) -> None:
         self.generating = False
+        self.prefill_note = ""
         turn.refresh_text()
         figures = self.controller.figures
         if error:

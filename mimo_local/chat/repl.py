@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from typing import TextIO
 
+from rich.console import Console
+
 from ..errors import MimoError
 from ..generate import DoneEvent
+from ..prefill_bar import PrefillBar
 from .controller import ChatController, Outcome, plain_table
 
 
 def run_repl(controller: ChatController, lines: TextIO, out: TextIO, err: TextIO) -> None:
+    controller.session.on_prefill = PrefillBar(Console(file=err))  # shows only where stderr is a terminal
     for line in lines:
         line = line.rstrip("\r\n")
         if not line.strip():
@@ -39,7 +43,11 @@ def _show(controller: ChatController, outcome: Outcome, out: TextIO, err: TextIO
     if outcome.copy_text is not None:
         out.write(outcome.copy_text + "\n")  # no clipboard here: the answer goes to stdout
     if outcome.reply is not None:
-        _stream(outcome.reply, out, err)
+        try:
+            _stream(outcome.reply, out, err)
+        finally:
+            if isinstance(controller.session.on_prefill, PrefillBar):
+                controller.session.on_prefill.close()  # an interrupted prompt's bar goes too
     out.flush()
     err.flush()
     return outcome.exit

@@ -54,6 +54,7 @@ class ChatSession:
         self.context_start = 0  # messages before this index were dropped from the model's context
         self.last_stats: GenerationStats | None = None
         self.last_turn: TurnInfo | None = None
+        self.on_prefill = None  # the front end's progress callback: (prompt tokens read, prompt tokens)
         self.use_engine(engine, model_name)
 
     # -- model and cache ---------------------------------------------------------------------------
@@ -138,7 +139,8 @@ class ChatSession:
         self.last_turn = TurnInfo(len(prompt_ids), reused, stopped=True, dropped_messages=dropped)
         pieces: list[str] = []
         events = self.engine.stream(
-            prompt_ids[reused:], self.settings.sampling(), cache=self.cache, **self.speculation
+            prompt_ids[reused:], self.settings.sampling(), cache=self.cache, on_prefill=self.on_prefill,
+            **self.speculation
         )
         try:
             for event in events:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import ops
 from ..config import AttentionSpec, MoESpec
+from .chunk_attention import MANUAL_ATTENTION_STEPS, chunk_attention
 
 
 class Linear(nn.Linear):
@@ -83,18 +84,14 @@ class RopeSet:
         return self.by_key[key]
 
 
-MANUAL_ATTENTION_STEPS = 16  # up to this many queries (decode, verify) two small matmuls beat SDPA
-
-
 def attend(q, k, v, mask, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Grouped-query attention. q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv], mask [T,S] bool or None.
+    """Grouped-query attention of a few queries (longer steps go to chunk_attention).
+    q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv], mask [T,S] bool or None.
 
     Sinks add a per-head logit to the softmax denominator only:
     p_ij = exp(a_ij) / (exp(sink_h) + sum_j exp(a_ij)).
     """
     batch, heads, steps, _ = q.shape
-    if sinks is None and steps > MANUAL_ATTENTION_STEPS:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     kv_heads = k.shape[1]
     group = heads // kv_heads
     # fp32 throughout: torch's CPU bf16 batched matmul is slow, and these tensors are small.
@@ -150,8 +147,11 @@ class Attention(nn.Module):
             v = v * spec.value_scale
         cos, sin = self.rope.cos_sin(start, steps, qkv.dtype)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
-        keys, values, mask = cache.update(k, v, start)
-        out = attend(q, keys, values, mask, self.scale, self.sinks)
+        view = cache.update(k, v, start)
+        if steps > MANUAL_ATTENTION_STEPS or view.quantized:
+            out = chunk_attention(q, view, start, spec.sliding_window, self.scale, self.sinks)
+        else:
+            out = attend(q, view.keys, view.values, view.mask(start, steps, spec.sliding_window), self.scale, self.sinks)
         return out.transpose(1, 2).reshape(batch, steps, -1)
 
 

@@ -56,6 +56,7 @@ class MiMoForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp_layers = nn.ModuleList(mtp_layers)
+        self.cache_type = "bf16"  # what new_cache makes of the global layers' KV: "bf16" (model dtype) or "int8"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,6 +77,7 @@ class MiMoForCausalLM(nn.Module):
             self.device,
             spare_slots=spare_slots,
             mtp_specs=self.mtp_attention_specs(),
+            cache_type=self.cache_type,
         )
 
     @torch.inference_mode()

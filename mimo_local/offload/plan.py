@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from ..budget import PREFILL_CHUNK, SPARE_SLOTS
+from ..cache import CACHE_TYPES
 from ..config import MiMoConfig
 from ..errors import MimoError
+from ..models.chunk_attention import KEY_TILE, MIN_QUERY_BLOCK
 from .hotness import ExpertStats, load_stats
 from .inventory import COMPONENTS, Inventory, ModelSource, count_mtp_layers, moe_layers, read_model_source, take_inventory
 from .placement import Placement
@@ -22,6 +24,9 @@ from .schemes import weight_quantization
 
 GIB = 1 << 30
 DEVICES = ("gpu", "cpu")
+# What a prefill chunk's peak RSS holds beyond the tensors counted: GEMM packing, the attention
+# kernel's blocks, allocator slack (measured at one thread: tests/test_long_prefill.py).
+RUNTIME_SCRATCH = 8 << 20
 FOUR_BIT_RECIPE = "int4-g128"  # the recipe the advice names: it fits every MiMo shape (quant.recipes.Scheme.fit)
 
 
@@ -41,6 +46,7 @@ class PlanRequest:
     clamp_ctx: bool = False  # a run's estimate: cut to the model's positions instead of refusing
     sequences: int = 1  # KV caches of `ctx` positions each (a server's --parallel slots)
     ctx_flag: str | None = "--ctx"  # the flag that sets the context, for advice (None: the front end has none)
+    cache_type: str = "bf16"  # the global layers' KV: "bf16" (the model's dtype) or "int8"
 
 
 @dataclass
@@ -164,6 +170,7 @@ class MemoryPlan:
             "active_params_per_token": inventory.active_params_per_token,
             "mtp_params": inventory.mtp_params,
             "weight_bytes": {d: {**self.weights[d], "total": sum(self.weights[d].values())} for d in DEVICES},
+            "cache_type": self.request.cache_type,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "kv_fixed_bytes": self.kv_fixed_bytes,
             "kv_cache_bytes": dict(self.kv),
@@ -189,23 +196,24 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB" if abs(nbytes) >= GIB / 100 else f"{nbytes / (1 << 20):.1f} MiB"
 
 
-def kv_geometry(config: MiMoConfig, mtp_layers: int, itemsize: int) -> tuple[int, int]:
-    """(bytes per token, fixed bytes) of the whole cache: global layers grow with the context,
-    sliding-window layers are ring buffers of window + spare slots; each MTP layer has its own."""
-    per_token = config.kv_bytes_per_token(itemsize)
+def kv_geometry(config: MiMoConfig, mtp_layers: int, itemsize: int, cache_type: str = "bf16") -> tuple[int, int]:
+    """(bytes per token, fixed bytes) of the whole cache: global layers grow with the context (in
+    int8 with `cache_type` "int8"), sliding-window layers are ring buffers of window + spare slots;
+    each MTP layer has its own."""
+    per_token = config.kv_bytes_per_token(itemsize, cache_type)
     fixed = config.kv_fixed_bytes(itemsize, extra_slots=SPARE_SLOTS)
     mtp = config.global_attention if config.family == "mimo" else (config.sliding_attention or config.global_attention)
     if mtp.is_sliding:
         fixed += mtp_layers * (mtp.sliding_window + SPARE_SLOTS) * mtp.kv_bytes_per_token(itemsize)
     else:
-        per_token += mtp_layers * mtp.kv_bytes_per_token(itemsize)
+        per_token += mtp_layers * mtp.kv_bytes_per_token(itemsize, int8=cache_type == "int8")
     return per_token, fixed
 
 
 def workspace_bytes(config: MiMoConfig, ctx: int, itemsize: int, mtp_layers: int) -> int:
     """Activations of the largest step, a prefill chunk: an estimate from the shapes (the residual
-    stream and its copies, fused qkv, FFN intermediates, the MoE fp32 accumulator, sliding-window
-    scores with sinks, the global-attention mask, and the logits the sampler works on)."""
+    stream and its copies, fused qkv, FFN intermediates, the MoE fp32 accumulator, the attention's
+    tiles, and the logits the sampler works on). None of it grows with the context."""
     steps = min(PREFILL_CHUNK, ctx)
     hidden = config.hidden_size
     specs = [config.global_attention] + ([config.sliding_attention] if config.sliding_attention else [])
@@ -213,11 +221,25 @@ def workspace_bytes(config: MiMoConfig, ctx: int, itemsize: int, mtp_layers: int
     ffn = max(config.intermediate_size, config.moe.intermediate_size if config.moe else 0)
     total = steps * hidden * itemsize * 4 + steps * qkv * itemsize * 2 + steps * ffn * itemsize * 3
     total += steps * hidden * 4 * 2 if config.moe else 0
-    if config.sliding_attention is not None:
-        s = config.sliding_attention
-        total += s.num_heads * steps * (s.sliding_window + SPARE_SLOTS + steps) * 4 * 3
-    total += steps * ctx  # boolean causal mask of a global layer
+    total += max(attention_workspace_bytes(s, steps, itemsize) for s in specs)
     total += config.vocab_size * 4 * (mtp_layers + 1) * 3
+    return total + RUNTIME_SCRATCH
+
+
+def attention_workspace_bytes(spec, steps: int, itemsize: int) -> int:
+    """What chunk_attention holds at once for `steps` queries: a part's output (values padded to
+    the key size for the fused kernel), the float32 merge, and the keys it copies: a tile of the
+    context (dequantized or padded), or a sliding window's band with its block mask."""
+    padded = max(spec.head_dim, spec.v_head_dim)
+    heads, kv_heads = spec.num_heads, spec.num_kv_heads
+    total = steps * heads * (padded * itemsize + spec.v_head_dim * (8 + itemsize))
+    if spec.is_sliding:
+        window = spec.sliding_window
+        block = min(steps, max(window, MIN_QUERY_BLOCK))
+        total += (window + steps) * kv_heads * (spec.head_dim + spec.v_head_dim) * itemsize * 2
+        total += block * (window + block) * (8 + 1 + itemsize)  # offsets, mask, additive bias
+    else:
+        total += KEY_TILE * kv_heads * (spec.head_dim + padded) * itemsize
     return total
 
 
@@ -262,6 +284,8 @@ def make_plan(source: str | Path, request: PlanRequest, stats: ExpertStats | Non
     mtp_layers = available_mtp if request.mtp is not False else 0
     if request.ctx < 1:
         raise MimoError("--ctx must be at least 1")
+    if request.cache_type not in CACHE_TYPES:
+        raise MimoError(f"--cache-type must be one of {', '.join(CACHE_TYPES)}, not '{request.cache_type}'")
     if request.clamp_ctx:
         request = dataclasses.replace(request, ctx=min(request.ctx, config.max_position_embeddings))
     if request.ctx > config.max_position_embeddings:
@@ -292,7 +316,7 @@ def place(config, request: PlanRequest, inventory: Inventory, mtp_layers: int, s
     main = "gpu" if has_gpu else "cpu"
     itemsize = request.dtype.itemsize
     weights = {d: dict.fromkeys(COMPONENTS, 0) for d in DEVICES}
-    kv_per_token, kv_fixed = kv_geometry(config, mtp_layers, itemsize)
+    kv_per_token, kv_fixed = kv_geometry(config, mtp_layers, itemsize, request.cache_type)
     kv = {d: 0 for d in DEVICES}
     kv[main] = (kv_per_token * request.ctx + kv_fixed) * request.sequences
     workspace = {d: 0 for d in DEVICES}

@@ -46,7 +46,8 @@ def render(plan: MemoryPlan, console: Console) -> None:
         row = [plan.weights[d][component] for d in devices]
         if sum(row):
             table.add_row(label, *map(_size, row), _size(sum(row)))
-    kv_note = f"KV cache ({plan.kv_bytes_per_token / 1024:,.1f} KiB/token"
+    kv_note = "KV cache (" + ("global layers int8, " if plan.request.cache_type == "int8" else "")
+    kv_note += f"{plan.kv_bytes_per_token / 1024:,.1f} KiB/token"
     kv_note += f" + {_size(plan.kv_fixed_bytes)} sliding)" if plan.kv_fixed_bytes else ")"
     for label, values in ((kv_note, plan.kv), ("activations (estimate)", plan.workspace)):
         row = [values[d] for d in devices]

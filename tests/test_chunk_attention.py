@@ -1,0 +1,80 @@
+"""Chunked prefill attention against dense attention: windows, sinks, ring holes, chunk boundaries."""
+
+import pytest
+import torch
+
+from mimo_local.cache import FullKVCache, KeyView, SlidingWindowKVCache
+from mimo_local.config import AttentionSpec
+from mimo_local.models import chunk_attention as chunked
+from mimo_local.models.layers import attend
+
+
+def dense(q, keys, values, window, scale, sinks):
+    """Every query against every key of positions 0..S-1, one masked softmax (sinks in the denominator)."""
+    steps, length = q.shape[2], keys.shape[2]
+    offset = torch.arange(length - steps, length)[:, None] - torch.arange(length)[None, :]
+    mask = (offset >= 0) & ((offset <= window) if window is not None else True)
+    return attend(q.float(), keys.float(), values.float(), mask, scale, sinks)
+
+
+def spec(window, kv_heads=2, dim=32, v_dim=16):
+    return AttentionSpec(num_heads=4, num_kv_heads=kv_heads, head_dim=dim, v_head_dim=v_dim, rope_theta=1e4,
+                         rope_dim=dim, sliding_window=window, has_sink=window is not None, bias=False)
+
+
+@pytest.mark.parametrize("window, v_dim, key_tile", [(None, 16, 2048), (None, 32, 2048), (None, 16, 128), (8, 16, 2048),
+                                                     (100, 16, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunks_through_a_cache_equal_dense_attention(monkeypatch, window, v_dim, key_tile, dtype):
+    """Global layers with narrower values (tiles), the same head size (one fused call), small tiles;
+    sliding windows smaller and larger than a query block."""
+    monkeypatch.setattr(chunked, "KEY_TILE", key_tile)
+    generator = torch.Generator().manual_seed(0)
+    s = spec(window, v_dim=v_dim)
+    length, heads = 700, s.num_heads
+    q = torch.randn(1, heads, length, s.head_dim, generator=generator).to(dtype)
+    k = torch.randn(1, s.num_kv_heads, length, s.head_dim, generator=generator).to(dtype)
+    v = torch.randn(1, s.num_kv_heads, length, s.v_head_dim, generator=generator).to(dtype)
+    sinks = torch.randn(heads, generator=generator) if window else None
+    cache = SlidingWindowKVCache(s, 8, 1, dtype, "cpu") if window else FullKVCache(s, length, 1, dtype, "cpu")
+    outs = []
+    # chunks of uneven sizes: short (manual path) and long (fused), crossing window and block boundaries
+    bounds = [0, 5, 300, 301, 317, 512, 700]
+    for start, end in zip(bounds, bounds[1:]):
+        view = cache.update(k[:, :, start:end], v[:, :, start:end], start)
+        outs.append(chunked.chunk_attention(q[:, :, start:end], view, start, window, s.head_dim**-0.5, sinks).float())
+    expected = dense(q, k, v, window, s.head_dim**-0.5, sinks).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (torch.cat(outs, dim=2) - expected).abs().max().item() < tolerance
+
+
+def test_sliding_window_cost_follows_the_window_not_the_prompt(monkeypatch):
+    """A window-W layer scores each query block against at most W + block keys, however long the chunk."""
+    widths = []
+    original = chunked.part_attention
+
+    def recording(q, k, v, scale, mask=None, causal=False):
+        widths.append(k.shape[2])
+        return original(q, k, v, scale, mask, causal)
+
+    monkeypatch.setattr(chunked, "part_attention", recording)
+    window, steps = 128, 2048
+    q = torch.randn(1, 4, steps, 32)
+    view = KeyView(torch.randn(1, 2, steps, 32), torch.randn(1, 2, steps, 32), first=0)
+    chunked.chunk_attention(q, view, 0, window, 32**-0.5, torch.zeros(4))
+    block = max(window, chunked.MIN_QUERY_BLOCK)
+    assert len(widths) == steps // block and max(widths) <= window + block
+
+
+def test_rolled_back_ring_slots_are_not_seen():
+    """Positions rolled back (truncated) and not rewritten are holes in the view: masked, not read."""
+    s = spec(16)
+    cache = SlidingWindowKVCache(s, 8, 1, torch.float32, "cpu")
+    k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 16)
+    cache.update(k[:, :, :30], v[:, :, :30], 0)
+    view = cache.update(k[:, :, 25:40], v[:, :, 25:40], 25)  # 25..29 rewritten: no holes
+    assert view.valid is None and view.first == 25 - 16
+    fresh = SlidingWindowKVCache(s, 8, 1, torch.float32, "cpu")
+    fresh.update(k[:, :, :10], v[:, :, :10], 0)
+    view = fresh.update(k[:, :, 20:40], v[:, :, 20:40], 20)  # 10..19 never written
+    assert view.first == 4 and view.valid.tolist() == [True] * 6 + [False] * 10 + [True] * 20
