@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from mimo_local.kernels import build, cpu, signatures
+from mimo_local.kernels import build, cpu, quant, signatures
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")  # CI has it
 
@@ -15,8 +15,9 @@ def flags() -> list[str]:
     return build.level("avx2").compiler_flags(frozenset()) if build.level("avx2").runs_on(build.cpu_flags()) else []
 
 
-def test_cpu_kernels_are_declared_as_defined():
-    assert signatures.mismatches(cpu.DECLARATIONS, cpu.SOURCE, flags()) == []
+@pytest.mark.parametrize("module", [cpu, quant])
+def test_kernels_are_declared_as_defined(module):
+    assert signatures.mismatches(module.DECLARATIONS, module.SOURCE, flags()) == []
 
 
 def test_a_changed_parameter_list_is_reported(tmp_path):

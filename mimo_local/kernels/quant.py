@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import mxfp4
-from . import choice, cpu, triton_quant
+from . import choice, cpu, signatures, triton_quant
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
 # Rows (tokens) up to which the C kernels beat dequantize + F.linear: decode for int8; for int4 a
@@ -98,24 +98,26 @@ def reference_mxfp4_linear(x, packed, scales, bias=None):
     return F.linear(x, mxfp4.dequantize(packed, scales, x.dtype), bias)
 
 
+_POINTER, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# Every entry point of cpu_quant.c: (argtypes, restype), checked against the C source by the tests.
+DECLARATIONS: dict[str, signatures.Declaration] = {
+    "linear_int8": ([_POINTER] * 5 + [_INT, _I64, _I64], None),
+    "linear_int4": ([_POINTER] * 7 + [_INT, _I64, _I64, _I64], None),
+    "linear_mxfp4": ([_POINTER] * 6 + [_INT, _I64, _I64], None),
+    "linear_int4_bf16": ([_POINTER] * 6 + [_INT, _I64, _I64, _I64], _INT),
+    "linear_int8_bf16": ([_POINTER] * 5 + [_INT, _I64, _I64], _INT),
+    "moe_quant": ([_INT] + [_POINTER] * 10 + [_INT, _INT] + [_POINTER] * 3 + [_I64, _I64, _I64], None),
+    "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
+                                 + [_I64] + [_POINTER] * 8, _INT),
+}
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     lib = cpu.load_compiled(SOURCE)
     if lib is None:
         return None
-    pointer, i64, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.linear_int8.argtypes = [pointer] * 5 + [integer, i64, i64]
-    lib.linear_int4.argtypes = [pointer] * 7 + [integer, i64, i64, i64]
-    lib.linear_mxfp4.argtypes = [pointer] * 6 + [integer, i64, i64]
-    lib.linear_int4_bf16.argtypes = [pointer] * 6 + [integer, i64, i64, i64]
-    lib.linear_int4_bf16.restype = integer
-    lib.linear_int8_bf16.argtypes = [pointer] * 5 + [integer, i64, i64]
-    lib.linear_int8_bf16.restype = integer
-    lib.moe_quant.argtypes = [integer] + [pointer] * 10 + [integer, integer] + [pointer] * 3 + [i64, i64, i64]
-    lib.decoder_layer_quant_bf16.argtypes = (
-        [pointer, integer, i64, ctypes.c_float] + [pointer] * 2 + [i64] + [pointer] * 4 + [i64] + [pointer] * 8
-    )
-    lib.decoder_layer_quant_bf16.restype = integer
+    signatures.declare(lib, DECLARATIONS)
     return lib
 
 
