@@ -276,3 +276,15 @@ def test_output_without_manifest_is_refused_even_without_progress_file(dense, tm
     (out / ".quant-progress.json").unlink()  # config.json still says it is a mimo quantize output
     with pytest.raises(MimoError, match="incomplete quantized output"):
         load_model(out)
+
+
+def test_nf4_load_prints_no_bitsandbytes_warning(checkpoints):
+    """bitsandbytes' note about its optional `kernels` package (a CPU GEMM mimo never calls) stays quiet."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "mimo_local.cli", "run", "-m", str(checkpoints("mimo")), "--quant",
+                             "nf4", "-n", "2", "--no-mtp", "--raw", "--temperature", "0", "hi"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "kernels" not in result.stderr and "Failed to load" not in result.stderr

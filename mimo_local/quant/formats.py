@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MimoError
+from . import bnb
 from ..kernels.quant import int8_codes
 from .rtn import IntWeight
 
@@ -116,7 +117,7 @@ def int4_runtime(weight: IntWeight, name: str) -> dict[str, torch.Tensor]:
 def nf4_tensors(weight: torch.Tensor, blocksize: int = 64) -> dict[str, torch.Tensor]:
     """bitsandbytes NF4 with double quant, exactly what transformers saves for a Linear4bit
     (suffix -> tensor, suffixes relative to the module: 'weight', 'weight.absmax', ...)."""
-    import bitsandbytes.functional as bnbf
+    bnbf = bnb.functional()
 
     packed, state = bnbf.quantize_4bit(
         weight.to(torch.bfloat16).contiguous(), blocksize=blocksize, compress_statistics=True, quant_type="nf4"
@@ -129,7 +130,7 @@ def nf4_tensors(weight: torch.Tensor, blocksize: int = 64) -> dict[str, torch.Te
 def nf4_runtime(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """Saved NF4 tensors -> packed codes [out, in / 2] (first input in the high nibble, as bitsandbytes
     packs), float32 absmax [out, in / blocksize] (double quant undone) and the 16-value code book."""
-    import bitsandbytes.functional as bnbf
+    bnbf = bnb.functional()
 
     state_items = {key[len("weight.") :]: value for key, value in tensors.items() if key.startswith("weight.")}
     try:

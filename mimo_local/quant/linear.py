@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import quant as quant_kernels
-from . import mxfp4
+from . import bnb, mxfp4
 from .formats import dequantize_nf4
 
 # runtime tensor name -> (dtype, shape from (out, in, groups, blocks)) for each kind
@@ -117,8 +117,7 @@ class QuantLinear(nn.Module):
 
     def _bnb_nf4(self, x: torch.Tensor, index: int | None) -> torch.Tensor:
         """bitsandbytes' fused 4-bit matmul on CUDA (its CPU path is far slower than dequantizing)."""
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bnbf
+        bnbf = bnb.functional()
 
         key = (index, x.dtype)
         if self._bnb_state is None or self._bnb_state[0] != key:
