@@ -138,6 +138,15 @@ class MTPDrafter:
         self.final = [max(min(final, length - k - 1), self.hidden_start) for k, final in enumerate(self.final)]
         self.scanned = min(self.scanned, length)
 
+    def copied(self, cache: ModelCache, device) -> "MTPDrafter":
+        """This state on `device`, for a copy of its cache (the draft vocabulary is made again
+        from the ids)."""
+        twin = MTPDrafter(self.model, cache)
+        twin.final = list(self.final)
+        twin.hidden = None if self.hidden is None else self.hidden.to(device, copy=True)
+        twin.hidden_start = self.hidden_start
+        return twin
+
     def observe(self, hidden: torch.Tensor, start: int) -> None:
         """Keep the target's hidden states [1, T, H] of positions start..start+T-1 (anything kept
         from `start` on came from rejected drafts and is replaced)."""

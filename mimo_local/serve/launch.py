@@ -15,8 +15,10 @@ from typing import Callable
 
 import uvicorn
 
+from ..budget import DEFAULT_CACHE_RAM
 from ..errors import MimoError
 from ..sampling import SamplingSettings
+from ..sizes import parse_size
 from .app import create_app
 from .service import ServeSettings, Service
 
@@ -34,6 +36,7 @@ class ServeOptions:
     context: int | None = None
     max_queue: int = 16
     parallel: int = 1
+    cache_ram: int = parse_size(DEFAULT_CACHE_RAM, "--cache-ram")  # bytes of host memory for the prompt cache
     max_body_bytes: int = 4 * 1024 * 1024
     reasoning_format: str = "auto"
     log_prompts: bool = False
@@ -98,7 +101,8 @@ def build(options: ServeOptions, engine_loader: Callable | None = None, on_load_
     config = load_config(options.model_dir)
     settings = ServeSettings(
         model_name=options.model_name, context=context_size(options.context, config.max_position_embeddings),
-        max_queue=options.max_queue, parallel=options.parallel, reasoning_format=options.reasoning_format,
+        max_queue=options.max_queue, parallel=options.parallel, cache_ram=options.cache_ram,
+        reasoning_format=options.reasoning_format,
         defaults=options.defaults or SamplingSettings(), api_key=options.api_key,
         max_body_bytes=options.max_body_bytes, log_prompts=options.log_prompts,
     )
