@@ -87,8 +87,6 @@ def load_engine(options: ServeOptions):
 
     engine = Engine.load(options.model_dir, device=options.device, dtype=options.dtype, quant=options.quant,
                          placement=options.placement)
-    if options.parallel > 1:  # batched sequences decode one token a step each, without drafts
-        return engine, engine.speculation(False)
     return engine, engine.speculation(options.mtp, options.draft_tokens)
 
 
@@ -96,8 +94,6 @@ def build(options: ServeOptions, engine_loader: Callable | None = None, on_load_
     """The service and its ASGI app (tests serve this with their own uvicorn)."""
     from ..config import load_config
 
-    if options.parallel > 1 and options.mtp:
-        raise MimoError("--mtp needs --parallel 1: batched sequences decode without MTP drafts")
     config = load_config(options.model_dir)
     settings = ServeSettings(
         model_name=options.model_name, context=context_size(options.context, config.max_position_embeddings),

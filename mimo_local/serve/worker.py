@@ -16,6 +16,7 @@ from ..budget import spare_slots
 from ..errors import MimoError
 from ..generate import Batch, DoneEvent, Generation
 from ..sampling import SamplingSettings
+from ..speculative import SpeculationSwitch
 from .prompt_cache import PromptCache, worth_saving
 
 log = logging.getLogger("mimo.serve")
@@ -74,7 +75,7 @@ class GenerationWorker:
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0  # queued, not yet started
         self.slots = [Slot() for _ in range(parallel)]
-        self.batch = Batch()
+        self.batch = Batch(SpeculationSwitch())  # MTP drafts in the steps where they pay
         self.running: dict[int, tuple[Generation, Slot]] = {}  # id(generation) -> (generation, slot)
         self._lock = threading.Lock()
         self._stopping = False
