@@ -413,7 +413,8 @@ class Batch:
         for generation, _ in results:
             if generation not in self.active and not generation.finished:
                 self.active.append(generation)
-                self._fresh.add(id(generation))
+                if generation.speculative:
+                    self._fresh.add(id(generation))
             elif generation.finished and generation in self.active:
                 self.active.remove(generation)
         return results
@@ -423,11 +424,12 @@ class Batch:
         drafting = switch is None or switch.drafts(len(decoding))
         started = time.perf_counter()
         decode_batch(decoding, drafting)
+        drafted = {id(g) for g in decoding if drafts_this_step(g, drafting)}
         # A sequence's first drafts catch its MTP layers up over the whole prompt: not a step's cost.
-        if switch is not None and not any(id(g) in self._fresh for g in decoding if g.speculative):
+        if switch is not None and not drafted & self._fresh:
             switch.record(len(decoding), drafting, sum(len(g.pending) for g in decoding),
                           time.perf_counter() - started)
-        self._fresh.difference_update(id(g) for g in decoding)
+        self._fresh -= drafted
 
     @staticmethod
     def _taken(generation: Generation) -> list[TokenEvent | DoneEvent]:
@@ -435,20 +437,21 @@ class Batch:
         return events + list(generation.finish()) if generation.finished else events
 
 
+def drafts_this_step(generation: Generation, drafting: bool) -> bool:
+    """Whether a sequence drafts in a step where the batch drafts (`drafting`) or pauses drafting."""
+    return generation.speculative and (drafting or not generation.decoder.may_pause)
+
+
 def decode_batch(generations: list[Generation], drafting: bool = True) -> None:
     """One decode step for several sequences (none finished) in one target forward: a plain one
     feeds its last token, a speculative one its last token and its drafts, drafted together for
     all of them; each keeps what its own sampler accepts. `drafting` False pauses speculation for
     this step, except for the sequences that may not pause (`SpeculativeDecoder.may_pause`)."""
-
-    def drafts(generation: Generation) -> bool:
-        return generation.speculative and (drafting or not generation.decoder.may_pause)
-
-    if len(generations) == 1 and (drafts(generations[0]) or not generations[0].speculative):
+    if len(generations) == 1 and (drafts_this_step(generations[0], drafting) or not generations[0].speculative):
         generations[0].decode_step()
         return
     steps = {id(g): DraftStep(g.decoder.drafter, g.history, g.decoder.sampler, g.decoder.depth)
-             for g in generations if drafts(g)}
+             for g in generations if drafts_this_step(g, drafting)}
     if steps:
         draft_together(list(steps.values()))
     tokens = [torch.cat([g.history[-1:], g.history.new_tensor(steps[id(g)].drafts if id(g) in steps else [])])

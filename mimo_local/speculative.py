@@ -16,6 +16,7 @@ distribution exactly.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -46,31 +47,56 @@ class SpeculationStats:
 class SpeculationSwitch:
     """Whether a batch step drafts, decided by measurement. Drafts pay while a step costs about the
     same with them as without (reading the weights dominates); with more sequences in the batch the
-    extra verify rows start to cost compute, and a step without drafts gives more tokens per
-    second. For each number of sequences decoding it keeps the tokens per second of drafting steps
-    and of plain steps (moving averages), runs the faster, and tries the other again every
-    `RETRY_EVERY` steps at that size (acceptance changes with the text)."""
+    extra verify rows start to cost compute, and steps without drafts give more tokens per second.
+
+    For each number of sequences decoding it keeps a moving average of the gain, log(tokens per
+    second of a drafting step / those of a plain step), from steps that ran one right after the
+    other (a busy machine slows both alike), runs the faster mode, and tries the other again every
+    RETRY_EVERY steps at that size (acceptance changes with the text). A drafting step right after
+    plain ones also catches the MTP layers up over the positions they skipped: it is not measured,
+    so trying drafts means two drafting steps."""
 
     RETRY_EVERY = 16
     SMOOTHING = 0.3
 
     def __init__(self):
-        self.rates: dict[tuple[int, bool], float] = {}  # (sequences, drafted) -> tokens per second
-        self.steps: dict[int, int] = {}
+        self.gain: dict[int, float] = {}  # sequences -> moving average of log(drafting rate / plain rate)
+        self.steps: dict[int, int] = {}  # steps decided, per number of sequences
+        self.drafted: dict[int, int] = {}  # of which drafting
+        self._planned: dict[int, list[bool]] = {}  # the next steps' modes, per number of sequences
+        self._clock = 0  # steps decided
+        self._last_drafted: bool | None = None  # what the previous step did
+        self._last_rate: tuple[int, bool, float] | None = None  # (clock, drafted, tokens/s) of the previous step
 
     def drafts(self, sequences: int) -> bool:
+        self._clock += 1
         step = self.steps[sequences] = self.steps.get(sequences, 0) + 1
-        drafting, plain = self.rates.get((sequences, True)), self.rates.get((sequences, False))
-        if drafting is None or plain is None:
-            return drafting is None  # measure a drafting step, then a plain one
-        return (drafting >= plain) != (step % self.RETRY_EVERY == 0)
+        planned = self._planned.setdefault(sequences, [])
+        if not planned:
+            gain = self.gain.get(sequences)
+            if gain is None:
+                planned += [True, True, False]  # measure: a drafting step (after a warm-up one), then a plain one
+            elif step % self.RETRY_EVERY == 0:
+                planned += [False] if gain >= 0 else [True, True]
+            else:
+                planned.append(gain >= 0)
+        drafts = planned.pop(0)
+        self.drafted[sequences] = self.drafted.get(sequences, 0) + drafts
+        return drafts
 
     def record(self, sequences: int, drafted: bool, tokens: int, seconds: float) -> None:
-        if seconds <= 0:
+        """What the step just decided gave: `tokens` in `seconds`."""
+        warming = drafted and not self._last_drafted
+        self._last_drafted = drafted
+        if warming or seconds <= 0:
+            self._last_rate = None
             return
-        rate, key = tokens / seconds, (sequences, drafted)
-        known = self.rates.get(key)
-        self.rates[key] = rate if known is None else known + self.SMOOTHING * (rate - known)
+        rate, last = tokens / seconds, self._last_rate
+        if last is not None and last[0] == self._clock - 1 and last[1] != drafted:
+            sample = math.log(rate / last[2]) if drafted else math.log(last[2] / rate)
+            gain = self.gain.get(sequences)
+            self.gain[sequences] = sample if gain is None else gain + self.SMOOTHING * (sample - gain)
+        self._last_rate = (self._clock, drafted, rate)
 
 
 _INT8_FIRST_ROWS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -137,15 +137,22 @@ def test_batched_mtp_sequences_equal_their_single_runs_with_and_without_mtp(fami
 
 def test_the_switch_runs_the_faster_mode_per_batch_size_and_retries_the_other():
     switch = SpeculationSwitch()
-    assert switch.drafts(1) is True  # nothing measured: a drafting step first
-    switch.record(1, True, tokens=3, seconds=0.01)  # 300 tokens/s
-    assert switch.drafts(1) is False  # then a plain one
-    switch.record(1, False, tokens=1, seconds=0.005)  # 200 tokens/s
-    for size, drafting, plain in ((4, 0.03, 0.01), (8, 0.08, 0.01)):  # larger batches: drafts stop paying
-        switch.drafts(size)
-        switch.record(size, True, tokens=8, seconds=drafting)
-        switch.drafts(size)
-        switch.record(size, False, tokens=size, seconds=plain)
-    choices = {size: [switch.drafts(size) for _ in range(2 * switch.RETRY_EVERY)] for size in (1, 4, 8)}
-    assert choices[1].count(True) == len(choices[1]) - 2  # drafting, but for one plain step in RETRY_EVERY
-    assert choices[4].count(False) == choices[8].count(False) == len(choices[4]) - 2
+
+    def steps(sequences, count, drafting_seconds, plain_seconds=0.01, accepted=2):
+        """Run `count` steps at a batch size whose steps take these times; returns the modes chosen."""
+        chosen = []
+        for _ in range(count):
+            drafts = switch.drafts(sequences)
+            tokens = sequences * (accepted if drafts else 1)
+            switch.record(sequences, drafts, tokens, drafting_seconds if drafts else plain_seconds)
+            chosen.append(drafts)
+        return chosen
+
+    assert steps(1, 3, 0.012) == [True, True, False]  # measured first: a warm-up drafting step, one more, a plain one
+    assert steps(4, 3, 0.03) == [True, True, False]  # each batch size by itself
+    assert switch.gain[1] > 0 > switch.gain[4]  # two tokens in 1.2x the time pay; in 3x they do not
+    one, four = steps(1, 2 * switch.RETRY_EVERY, 0.012), steps(4, 2 * switch.RETRY_EVERY, 0.03)
+    assert one.count(False) == 2  # drafting, but for one plain step in RETRY_EVERY
+    assert four.count(True) == 4  # plain, but for two drafting steps in RETRY_EVERY (the first one warms up)
+    steps(4, 4 * switch.RETRY_EVERY, 0.015)  # the text gets easier to draft: drafts pay again at 4 sequences
+    assert steps(4, 2 * switch.RETRY_EVERY, 0.015).count(False) == 2  # drafting, but for the plain retries
