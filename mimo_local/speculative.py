@@ -52,7 +52,8 @@ class SpeculationSwitch:
     For each number of sequences decoding it keeps a moving average of the gain, log(tokens per
     second of a drafting step / those of a plain step), from steps that ran one right after the
     other (a busy machine slows both alike), runs the faster mode, and tries the other again every
-    RETRY_EVERY steps at that size (acceptance changes with the text). A drafting step right after
+    RETRY_EVERY steps at that size (acceptance changes with the text); a size not measured yet
+    follows the nearest one that is until its first retry. A drafting step right after
     plain ones also catches the MTP layers up over the positions they skipped: it is not measured,
     so trying drafts means two drafting steps."""
 
@@ -63,7 +64,8 @@ class SpeculationSwitch:
         self.gain: dict[int, float] = {}  # sequences -> moving average of log(drafting rate / plain rate)
         self.steps: dict[int, int] = {}  # steps decided, per number of sequences
         self.drafted: dict[int, int] = {}  # of which drafting
-        self._planned: dict[int, list[bool]] = {}  # the next steps' modes, per number of sequences
+        self._planned: list[bool] = []  # the next steps' modes while the batch size stays
+        self._planned_for = 0  # that batch size
         self._clock = 0  # steps decided
         self._last_drafted: bool | None = None  # what the previous step did
         self._last_rate: tuple[int, bool, float] | None = None  # (clock, drafted, tokens/s) of the previous step
@@ -71,9 +73,11 @@ class SpeculationSwitch:
     def drafts(self, sequences: int) -> bool:
         self._clock += 1
         step = self.steps[sequences] = self.steps.get(sequences, 0) + 1
-        planned = self._planned.setdefault(sequences, [])
+        if sequences != self._planned_for:
+            self._planned, self._planned_for = [], sequences
+        planned = self._planned
         if not planned:
-            gain = self.gain.get(sequences)
+            gain = self._gain_near(sequences)
             if gain is None:
                 planned += [True, True, False]  # measure: a drafting step (after a warm-up one), then a plain one
             elif step % self.RETRY_EVERY == 0:
@@ -83,6 +87,13 @@ class SpeculationSwitch:
         drafts = planned.pop(0)
         self.drafted[sequences] = self.drafted.get(sequences, 0) + drafts
         return drafts
+
+    def _gain_near(self, sequences: int) -> float | None:
+        """The gain measured at this batch size, else at the nearest one measured (batches grow and
+        shrink a sequence at a time: each size's own measurement comes with its retries)."""
+        if sequences in self.gain or not self.gain:
+            return self.gain.get(sequences)
+        return self.gain[min(self.gain, key=lambda measured: (abs(measured - sequences), measured))]
 
     def record(self, sequences: int, drafted: bool, tokens: int, seconds: float) -> None:
         """What the step just decided gave: `tokens` in `seconds`."""
