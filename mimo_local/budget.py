@@ -7,6 +7,7 @@ from __future__ import annotations
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward (bounds activation memory)
 SPARE_SLOTS = 8  # sliding-window ring slots beyond the window: room for speculative tokens to roll back
 REWIND_SLOTS = 128  # what a chat or a server keeps instead, so an edit or a new request can rewind that far
+DEFAULT_CACHE_RAM = "8GiB"  # `mimo serve --cache-ram`: host memory for earlier requests' KV, as llama-server's
 TEMPLATE_TOKENS = 64  # what a chat template adds around a one-message prompt, at most
 
 

@@ -8,6 +8,7 @@ that a write of up to that many speculative tokens never overwrites a key a roll
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,19 @@ class FullKVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    def copied_nbytes(self, length: int) -> int:
+        return self.nbytes // self.capacity * length
+
+    def copied(self, length: int, device) -> "FullKVCache":
+        """A copy of positions 0..length-1 on `device` (its capacity is `length`)."""
+        return _replaced(self, capacity=length, keys=self.keys[:, :, :length].to(device, copy=True),
+                         values=self.values[:, :, :length].to(device, copy=True))
+
+    def restore(self, saved: "FullKVCache", length: int) -> None:
+        """Take positions 0..length-1 from a `copied` cache."""
+        self.keys[:, :, :length] = saved.keys[:, :, :length]
+        self.values[:, :, :length] = saved.values[:, :, :length]
+
 
 CACHE_TYPES = ("bf16", "int8")  # bf16: keys and values in the model's dtype; int8: global layers quantized
 SCALE_DTYPE = torch.bfloat16  # one scale per (head, position): config.KV_SCALE_BYTES
@@ -107,6 +121,18 @@ class QuantizedKVCache(FullKVCache):
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.key_scales.nbytes + self.value_scales.nbytes
+
+    def copied(self, length: int, device) -> "QuantizedKVCache":
+        """A copy of positions 0..length-1 (entries and their scales) on `device`."""
+        def part(tensor):
+            return tensor[:, :, :length].to(device, copy=True)
+        return _replaced(self, capacity=length, keys=part(self.keys), values=part(self.values),
+                         key_scales=part(self.key_scales), value_scales=part(self.value_scales))
+
+    def restore(self, saved: "QuantizedKVCache", length: int) -> None:
+        super().restore(saved, length)
+        self.key_scales[:, :, :length] = saved.key_scales[:, :, :length]
+        self.value_scales[:, :, :length] = saved.value_scales[:, :, :length]
 
 
 @dataclass
@@ -164,11 +190,34 @@ class SlidingWindowKVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.slot_pos.nbytes
 
+    def copied_nbytes(self, length: int) -> int:
+        return self.nbytes
+
+    def copied(self, length: int, device) -> "SlidingWindowKVCache":
+        """A copy of the whole ring on `device` (what it needs to resume is checked by
+        `holds_window_before`)."""
+        return _replaced(self, keys=self.keys.to(device, copy=True), values=self.values.to(device, copy=True),
+                         slot_pos=self.slot_pos.to(device, copy=True))
+
+    def restore(self, saved: "SlidingWindowKVCache", length: int) -> None:
+        if saved.capacity != self.capacity:
+            raise ValueError(f"a ring of {saved.capacity} slots does not restore into one of {self.capacity}")
+        self.keys.copy_(saved.keys)
+        self.values.copy_(saved.values)
+        self.slot_pos.copy_(saved.slot_pos)
+
     def holds_window_before(self, length: int) -> bool:
         """Whether a query at `length` could still see its window: no slot it needs was overwritten
         by a later position (slots never written are fine: that layer never saw those tokens)."""
         needed = torch.arange(max(0, length - self.window), length, device=self.slot_pos.device)
         return bool((self.slot_pos[needed % self.capacity] <= needed).all())
+
+
+def _replaced(cache, **tensors):
+    """A shallow copy of a layer cache with some tensors swapped."""
+    twin = copy.copy(cache)
+    twin.__dict__.update(tensors)
+    return twin
 
 
 def make_layer_cache(spec: AttentionSpec, max_tokens: int, spare_slots: int, batch: int, dtype, device,
@@ -225,13 +274,18 @@ class ModelCache:
         n = min(len(held), len(ids))
         return next((i for i in range(n) if held[i] != ids[i]), n)
 
-    def rewind_for(self, prompt_ids: list[int], needs_drafter: bool = False) -> int:
-        """Rewind to the longest prefix of `prompt_ids` it holds and can rewind to exactly; returns
-        that length. The last prompt token is always fed again (its logits pick the first answer
-        token); MTP drafts (`needs_drafter`) need the hidden states of every position held."""
+    def reusable_prefix(self, prompt_ids: list[int], needs_drafter: bool = False) -> int:
+        """The longest prefix of `prompt_ids` it holds and can rewind to exactly. The last prompt
+        token is always fed again (its logits pick the first answer token); MTP drafts
+        (`needs_drafter`) need the drafter state that went with the positions held."""
         reused = min(self.held_prefix(prompt_ids), len(prompt_ids) - 1)
         if not self.can_truncate(reused) or (needs_drafter and self.drafter is None):
-            reused = 0
+            return 0
+        return reused
+
+    def rewind_for(self, prompt_ids: list[int], needs_drafter: bool = False) -> int:
+        """Rewind to `reusable_prefix`; returns that length."""
+        reused = self.reusable_prefix(prompt_ids, needs_drafter)
         self.truncate(reused)
         return reused
 
@@ -249,3 +303,31 @@ class ModelCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers + self.mtp_layers)
+
+    def copied_nbytes(self) -> int:
+        """The bytes `copied` takes."""
+        length = self.length
+        drafter = 0 if self.drafter is None or self.drafter.hidden is None else self.drafter.hidden.nbytes
+        return sum(c.copied_nbytes(length) for c in self.layers + self.mtp_layers) + 8 * length + drafter
+
+    def copied(self, device="cpu") -> "ModelCache":
+        """A copy of what it holds (its committed positions and MTP drafter state) on `device`,
+        e.g. in host memory while this cache goes on with another prompt."""
+        length = self.length
+        twin = ModelCache([c.copied(length, device) for c in self.layers],
+                          [c.copied(length, device) for c in self.mtp_layers],
+                          self.token_ids[:length].to(device, copy=True))
+        twin.length = length
+        if self.drafter is not None:
+            twin.drafter = self.drafter.copied(twin, device)
+        return twin
+
+    def restore(self, saved: "ModelCache", length: int) -> None:
+        """Hold the first `length` positions of a `copied` cache (`saved.can_truncate(length)`)."""
+        if length > self.max_tokens or not saved.can_truncate(length):
+            raise ValueError(f"cannot restore {length} positions of a saved cache of {saved.length}")
+        for mine, theirs in zip(self.layers + self.mtp_layers, saved.layers + saved.mtp_layers):
+            mine.restore(theirs, length)
+        self.token_ids[:length] = saved.token_ids[:length]
+        self.length = length
+        self.drafter = None if saved.drafter is None else saved.drafter.copied(self, self.token_ids.device)

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from .budget import DEFAULT_CACHE_RAM
 from .errors import MimoError
 from .offload import options as offload_options
 from .options import (debug_option, device_option, draft_tokens_option, dtype_option, min_p_option, mtp_option,
@@ -690,6 +691,8 @@ def serve(
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait for the model; more get 503."),
     parallel: int = typer.Option(1, "--parallel", "-np", help="Requests decoded together (continuous batching); "
                                  "each has a KV cache of --ctx tokens."),
+    cache_ram: str = typer.Option(DEFAULT_CACHE_RAM, "--cache-ram", help="Host memory for the KV prefixes of earlier requests "
+                                  "(a later request sharing a prefix prefills only the rest); 0 disables."),
     max_body: str = typer.Option("4MiB", "--max-body", help="Largest request body (bigger: 413)."),
     reasoning_format: str = typer.Option("auto", "--reasoning-format",
                                          help="auto: <think> blocks go to reasoning_content; none: raw tags in content."),
@@ -734,7 +737,8 @@ def serve(
                                                       ctx=ctx or 32768, mtp=mtp, clamp_ctx=True, sequences=parallel,
                                                       cache_type=cache_type)
         options = ServeOptions(model or model_dir.name, model_dir, host=host, port=port, api_key=api_key, context=ctx,
-                               max_queue=max_queue, parallel=parallel, max_body_bytes=parse_size(max_body, "--max-body"),
+                               max_queue=max_queue, parallel=parallel, cache_ram=parse_size(cache_ram, "--cache-ram"),
+                               max_body_bytes=parse_size(max_body, "--max-body"),
                                reasoning_format=reasoning_format, log_prompts=log_prompts, defaults=defaults, mtp=mtp,
                                draft_tokens=draft_tokens, device=device, dtype=dtype, quant=quant, placement=placement,
                                mmap=mmap, mlock=mlock)

@@ -13,7 +13,7 @@ from .cache import ModelCache
 from .errors import MimoError
 from .models.model import MiMoForCausalLM
 from .sampling import Sampler, SamplingSettings
-from .speculative import MTPDrafter, SpeculationStats, accept_drafts
+from .speculative import DraftStep, MTPDrafter, SpeculationStats, SpeculationSwitch, accept_drafts, draft_together
 from .tokenizer import ChatTokenizer, IncrementalDetokenizer
 
 
@@ -163,6 +163,10 @@ class PlainDecoder:
     def next(self, history: torch.Tensor) -> list[int]:
         return self.pick(self.model(history[-1:].view(1, 1), self.cache).logits[0, -1], history)
 
+    def settle(self, out, history: torch.Tensor, drafts=(), distributions=None) -> list[int]:
+        """The tokens to keep from a forward of the last token (`out`, from decode_batch)."""
+        return self.pick(out.logits[0, -1], history)
+
     def pick(self, logits: torch.Tensor, history: torch.Tensor) -> list[int]:
         self.last_logits = logits
         return [self.sampler.pick(self.sampler.adjust(logits, history))]
@@ -189,19 +193,32 @@ class SpeculativeDecoder(PlainDecoder):
         self.observe = self.drafter.observe
 
     def next(self, history):
-        processed = self.cache.length
         drafts, distributions = self.drafter.draft(history, self.sampler, self.depth)
-        ids = torch.cat([history[-1:], history.new_tensor(drafts)])[None]
-        out = self.model(ids, self.cache, all_logits=True)
-        kept = accept_drafts(out.logits[0], drafts, distributions, self.sampler, history)
-        accepted = len(kept) - 1
-        self.depth = min(self.draft_tokens, accepted + 1)
-        self.cache.truncate(processed + 1 + accepted)
-        self.drafter.observe(out.hidden[:, : accepted + 1], processed)
-        self.stats.drafted += len(drafts)
-        self.stats.accepted += accepted
-        self.stats.verify_forwards += 1
-        self.stats.produced += len(kept)
+        out = self.model(torch.cat([history[-1:], history.new_tensor(drafts)])[None], self.cache, all_logits=True)
+        return self.settle(out, history, drafts, distributions)
+
+    @property
+    def may_pause(self) -> bool:
+        """Whether a step without drafts leaves the output as it is: greedy picks the same tokens
+        either way; seeded sampling would draw other ones, so that it stays reproducible whatever
+        else is in a batch it always drafts."""
+        return self.sampler.settings.greedy or self.sampler.settings.seed is None
+
+    def settle(self, out, history, drafts=(), distributions=None):
+        """The tokens to keep from the verify forward `out` of the last token and `drafts` (none:
+        a plain step, speculation paused)."""
+        processed = self.cache.length - out.hidden.shape[1]
+        if not drafts:
+            kept = self.pick(out.logits[0, -1], history)
+        else:
+            kept = accept_drafts(out.logits[0], list(drafts), distributions, self.sampler, history)
+            self.depth = min(self.draft_tokens, len(kept))
+            self.stats.drafted += len(drafts)
+            self.stats.accepted += len(kept) - 1
+            self.stats.verify_forwards += 1
+            self.stats.produced += len(kept)
+        self.cache.truncate(processed + len(kept))
+        self.drafter.observe(out.hidden[:, : len(kept)], processed)
         return kept
 
 
@@ -370,12 +387,15 @@ def stream(model: MiMoForCausalLM, tokenizer: ChatTokenizer, prompt_ids: list[in
 
 class Batch:
     """Continuous batching: sequences join once their prompt is prefilled and leave when they end;
-    each `step` advances every one of them by one decoder step, the plain ones in one forward
-    together, a speculative one in its own draft-and-verify step."""
+    each `step` advances every one of them by one decoder step in one forward together (the
+    speculative ones with their drafts, drafted together). `switch` decides per step whether
+    drafting pays at this batch size (None: always draft)."""
 
-    def __init__(self):
+    def __init__(self, switch: SpeculationSwitch | None = None):
         self.prefilling: list[Generation] = []  # waiting for their prompt, a chunk per step, in order
         self.active: list[Generation] = []  # decoding
+        self.switch = switch
+        self._fresh: set[int] = set()  # ids of sequences before their first decode step
 
     @property
     def generations(self) -> list[Generation]:
@@ -397,19 +417,29 @@ class Batch:
                 self.prefilling.pop(0)
                 results.append((generation, self._taken(generation)))
         decoding = [g for g in self.active if not g.finished]
-        plain = [g for g in decoding if not g.speculative]
-        if plain:
-            decode_batch(plain)
-        for generation in decoding:
-            if generation.speculative:
-                generation.decode_step()
+        if decoding:
+            self._decode(decoding)
         results += [(generation, self._taken(generation)) for generation in decoding]
         for generation, _ in results:
             if generation not in self.active and not generation.finished:
                 self.active.append(generation)
+                if generation.speculative:
+                    self._fresh.add(id(generation))
             elif generation.finished and generation in self.active:
                 self.active.remove(generation)
         return results
+
+    def _decode(self, decoding: list[Generation]) -> None:
+        switch = self.switch if any(g.speculative and g.decoder.may_pause for g in decoding) else None
+        drafting = switch is None or switch.drafts(len(decoding))
+        started = time.perf_counter()
+        decode_batch(decoding, drafting)
+        drafted = {id(g) for g in decoding if drafts_this_step(g, drafting)}
+        # A sequence's first drafts catch its MTP layers up over the whole prompt: not a step's cost.
+        if switch is not None and not drafted & self._fresh:
+            switch.record(len(decoding), drafting, sum(len(g.pending) for g in decoding),
+                          time.perf_counter() - started)
+        self._fresh -= drafted
 
     @staticmethod
     def _taken(generation: Generation) -> list[TokenEvent | DoneEvent]:
@@ -417,14 +447,27 @@ class Batch:
         return events + list(generation.finish()) if generation.finished else events
 
 
-def decode_batch(generations: list[Generation]) -> None:
-    """One decode step for several sequences (none speculative, none finished): a single forward
-    reads each weight once for all of them; each picks its next token with its own sampler."""
-    if len(generations) == 1:
+def drafts_this_step(generation: Generation, drafting: bool) -> bool:
+    """Whether a sequence drafts in a step where the batch drafts (`drafting`) or pauses drafting."""
+    return generation.speculative and (drafting or not generation.decoder.may_pause)
+
+
+def decode_batch(generations: list[Generation], drafting: bool = True) -> None:
+    """One decode step for several sequences (none finished) in one target forward: a plain one
+    feeds its last token, a speculative one its last token and its drafts, drafted together for
+    all of them; each keeps what its own sampler accepts. `drafting` False pauses speculation for
+    this step, except for the sequences that may not pause (`SpeculativeDecoder.may_pause`)."""
+    if len(generations) == 1 and (drafts_this_step(generations[0], drafting) or not generations[0].speculative):
         generations[0].decode_step()
         return
-    model = generations[0].model
-    tokens = torch.stack([g.history[-1] for g in generations])
-    out = model.forward_batch(tokens, [g.cache for g in generations])
-    for generation, logits in zip(generations, out.logits[:, -1]):
-        generation.pending = generation.decoder.pick(logits, generation.history)
+    steps = {id(g): DraftStep(g.decoder.drafter, g.history, g.decoder.sampler, g.decoder.depth)
+             for g in generations if drafts_this_step(g, drafting)}
+    if steps:
+        draft_together(list(steps.values()))
+    tokens = [torch.cat([g.history[-1:], g.history.new_tensor(steps[id(g)].drafts if id(g) in steps else [])])
+              for g in generations]
+    outs = generations[0].model.forward_batch(tokens, [g.cache for g in generations])
+    for generation, out in zip(generations, outs):
+        step = steps.get(id(generation))
+        drafted = (step.drafts, step.stacked_distributions()) if step else ()
+        generation.pending = generation.decoder.settle(out, generation.history, *drafted)

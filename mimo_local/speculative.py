@@ -16,6 +16,7 @@ distribution exactly.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -41,6 +42,72 @@ class SpeculationStats:
     @property
     def mean_accepted_length(self) -> float:
         return self.produced / self.verify_forwards if self.verify_forwards else 0.0
+
+
+class SpeculationSwitch:
+    """Whether a batch step drafts, decided by measurement. Drafts pay while a step costs about the
+    same with them as without (reading the weights dominates); with more sequences in the batch the
+    extra verify rows start to cost compute, and steps without drafts give more tokens per second.
+
+    For each number of sequences decoding it keeps a moving average of the gain, log(tokens per
+    second of a drafting step / those of a plain step), from steps that ran one right after the
+    other (a busy machine slows both alike), runs the faster mode, and tries the other again every
+    RETRY_EVERY steps at that size (acceptance changes with the text); a size not measured yet
+    follows the nearest one that is until its first retry. A drafting step right after
+    plain ones also catches the MTP layers up over the positions they skipped: it is not measured,
+    so trying drafts means two drafting steps."""
+
+    RETRY_EVERY = 16
+    SMOOTHING = 0.3
+
+    def __init__(self):
+        self.gain: dict[int, float] = {}  # sequences -> moving average of log(drafting rate / plain rate)
+        self.steps: dict[int, int] = {}  # steps decided, per number of sequences
+        self.drafted: dict[int, int] = {}  # of which drafting
+        self._planned: list[bool] = []  # the next steps' modes while the batch size stays
+        self._planned_for = 0  # that batch size
+        self._clock = 0  # steps decided
+        self._last_drafted: bool | None = None  # what the previous step did
+        self._last_rate: tuple[int, bool, float] | None = None  # (clock, drafted, tokens/s) of the previous step
+
+    def drafts(self, sequences: int) -> bool:
+        self._clock += 1
+        step = self.steps[sequences] = self.steps.get(sequences, 0) + 1
+        if sequences != self._planned_for:
+            self._planned, self._planned_for = [], sequences
+        planned = self._planned
+        if not planned:
+            gain = self._gain_near(sequences)
+            if gain is None:
+                planned += [True, True, False]  # measure: a drafting step (after a warm-up one), then a plain one
+            elif step % self.RETRY_EVERY == 0:
+                planned += [False] if gain >= 0 else [True, True]
+            else:
+                planned.append(gain >= 0)
+        drafts = planned.pop(0)
+        self.drafted[sequences] = self.drafted.get(sequences, 0) + drafts
+        return drafts
+
+    def _gain_near(self, sequences: int) -> float | None:
+        """The gain measured at this batch size, else at the nearest one measured (batches grow and
+        shrink a sequence at a time: each size's own measurement comes with its retries)."""
+        if sequences in self.gain or not self.gain:
+            return self.gain.get(sequences)
+        return self.gain[min(self.gain, key=lambda measured: (abs(measured - sequences), measured))]
+
+    def record(self, sequences: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """What the step just decided gave: `tokens` in `seconds`."""
+        warming = drafted and not self._last_drafted
+        self._last_drafted = drafted
+        if warming or seconds <= 0:
+            self._last_rate = None
+            return
+        rate, last = tokens / seconds, self._last_rate
+        if last is not None and last[0] == self._clock - 1 and last[1] != drafted:
+            sample = math.log(rate / last[2]) if drafted else math.log(last[2] / rate)
+            gain = self.gain.get(sequences)
+            self.gain[sequences] = sample if gain is None else gain + self.SMOOTHING * (sample - gain)
+        self._last_rate = (self._clock, drafted, rate)
 
 
 _INT8_FIRST_ROWS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -95,14 +162,23 @@ class DraftVocabulary:
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """float32 logits [..., vocab_size] of the final-normed hidden states."""
+        out = self.first_logits(normed)
+        self.add_extra_logits(out, normed)
+        return out
+
+    def first_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits of the first `size` ids (the same for every conversation), -inf elsewhere."""
         out = torch.full((*normed.shape[:-1], self.vocab_size), float("-inf"), device=normed.device)
         if self.first_rows is None:
             out[..., : self.size] = self.head.first_rows(normed, self.size)
         else:
             out[..., : self.size] = self._int8_scores(normed)
+        return out
+
+    def add_extra_logits(self, out: torch.Tensor, normed: torch.Tensor) -> None:
+        """Fill in the logits of the conversation's ids beyond the first `size`."""
         if self.extra_ids:
             out[..., self._index] = cpu_kernels.linear(normed, self.extra_rows, float32_out=True)
-        return out
 
     def _int8_scores(self, normed: torch.Tensor) -> torch.Tensor:
         """Logits of the first rows from their int8 copy, those of the RESCORED best recomputed from
@@ -121,7 +197,7 @@ class MTPDrafter:
         self.model = model
         self.cache = cache
         self.final = [0] * len(model.mtp_layers)  # per layer: leading cache positions that are final
-        self.hidden = None  # target hidden states [T, H] of positions hidden_start.., still needed
+        self._hidden: list[torch.Tensor] = []  # target hidden states of positions hidden_start.., in pieces
         self.hidden_start = 0
         self.vocabulary: DraftVocabulary | None = None
         self.scanned = 0  # leading cache positions whose ids the vocabulary has seen
@@ -138,11 +214,34 @@ class MTPDrafter:
         self.final = [max(min(final, length - k - 1), self.hidden_start) for k, final in enumerate(self.final)]
         self.scanned = min(self.scanned, length)
 
+    @property
+    def hidden(self) -> torch.Tensor | None:
+        """Target hidden states [T, H] of positions hidden_start.., still needed."""
+        if len(self._hidden) > 1:
+            self._hidden = [torch.cat(self._hidden)]
+        return self._hidden[0] if self._hidden else None
+
+    @hidden.setter
+    def hidden(self, states: torch.Tensor | None) -> None:
+        self._hidden = [] if states is None else [states]
+
+    def copied(self, cache: ModelCache, device) -> "MTPDrafter":
+        """This state on `device`, for a copy of its cache (the draft vocabulary is made again
+        from the ids)."""
+        twin = MTPDrafter(self.model, cache)
+        twin.final = list(self.final)
+        twin.hidden = None if self.hidden is None else self.hidden.to(device, copy=True)
+        twin.hidden_start = self.hidden_start
+        return twin
+
     def observe(self, hidden: torch.Tensor, start: int) -> None:
         """Keep the target's hidden states [1, T, H] of positions start..start+T-1 (anything kept
         from `start` on came from rejected drafts and is replaced)."""
-        if self.hidden is None:
+        held = sum(len(states) for states in self._hidden)
+        if not held:
             self.hidden, self.hidden_start = hidden[0], start
+        elif start == self.hidden_start + held:  # appended as a piece: steps without drafts copy nothing
+            self._hidden.append(hidden[0].clone())  # (a view would keep the whole batch's output)
         else:
             self.hidden = torch.cat([self.hidden[: start - self.hidden_start], hidden[0]])
 
@@ -159,36 +258,9 @@ class MTPDrafter:
     def draft(self, history: torch.Tensor, sampler: Sampler, draft_tokens: int):
         """Draft tokens after x_P = history[-1] (the target has processed P = cache.length
         positions). Returns (draft ids, the draft distributions [n, V] when sampling, else None)."""
-        model, layers = self.model, len(self.model.mtp_layers)
-        processed = self.cache.length
-        base = self.hidden_start
-        sequence = torch.cat([self.cache.token_ids[base:processed], history[-1:]])  # x_base..x_P
-        vocabulary = self._vocabulary_told(history[-1:])
-        drafts: list[int] = []
-        distributions = []
-        previous = None
-        for j in range(draft_tokens):
-            layer = min(j, layers - 1)
-            chain = j - layer
-            if chain == 0:
-                last = self._catch_up(layer, sequence, base, processed)
-            else:
-                ids = sequence[-1:].view(1, 1)
-                last = model.mtp_hidden(layer, previous, ids, processed - 1 + chain, self.cache.mtp_layers[layer])
-            logits = model.mtp_logits(layer, last, vocabulary)[0, -1]
-            if sampler.settings.repetition_penalty != 1.0:
-                logits = sampler.adjust(logits, torch.cat([history, history.new_tensor(drafts)]))
-            if sampler.settings.greedy:
-                token = cpu_kernels.argmax_rows(logits)[0]
-            else:
-                distribution = probabilities(logits, sampler.settings)
-                token = draw(distribution, sampler.generator)
-                distributions.append(distribution)
-            drafts.append(token)
-            sequence = torch.cat([sequence, sequence.new_tensor([token])])
-            previous = last
-        self._forget_before(min(self.final, default=processed))
-        return drafts, (torch.stack(distributions) if distributions else None)
+        step = DraftStep(self, history, sampler, draft_tokens)
+        draft_together([step])
+        return step.drafts, step.stacked_distributions()
 
     def _vocabulary_told(self, newest: torch.Tensor) -> DraftVocabulary | None:
         """The draft vocabulary, told every id of the conversation so far."""
@@ -198,24 +270,83 @@ class MTPDrafter:
             self.scanned = processed
         return self.vocabulary
 
-    def _catch_up(self, layer: int, sequence: torch.Tensor, base: int, processed: int) -> torch.Tensor:
-        """Run `layer` from its first non-final position to P-1; returns the output at P-1.
-        `sequence` holds the ids of positions base.."""
-        model, cache = self.model, self.cache.mtp_layers[layer]
+    def _catch_up_input(self, layer: int, sequence: torch.Tensor, base: int, processed: int) -> tuple:
+        """Run `layer` alone over its positions not yet final but the last chunk (up to P-1), whose
+        forward inputs (hidden, ids, start, cache) it returns. `sequence` holds the ids of positions base.."""
+        cache = self.cache.mtp_layers[layer]
         begin = self.final[layer]
-        out = None
-        for chunk in range(begin, processed, CATCH_UP_CHUNK):
-            end = min(chunk + CATCH_UP_CHUNK, processed)
-            hidden = self.hidden[chunk - self.hidden_start : end - self.hidden_start][None]
-            ids = sequence[chunk + layer + 1 - base : end + layer + 1 - base][None]
-            out = model.mtp_hidden(layer, hidden, ids, chunk, cache)
+        last = begin + (processed - 1 - begin) // CATCH_UP_CHUNK * CATCH_UP_CHUNK
+        for chunk in range(begin, last, CATCH_UP_CHUNK):
+            self.model.mtp_hidden(layer, *self._inputs(layer, sequence, base, chunk, chunk + CATCH_UP_CHUNK), chunk, cache)
         self.final[layer] = max(begin, processed - layer)  # entries whose token x_{i+k+1} is accepted
-        return out[:, -1:]
+        return (*self._inputs(layer, sequence, base, last, processed), last, cache)
+
+    def _inputs(self, layer: int, sequence: torch.Tensor, base: int, begin: int, end: int):
+        """Target hidden states and next ids [1, T] of MTP layer `layer` at positions begin..end-1."""
+        hidden = self.hidden[begin - self.hidden_start : end - self.hidden_start][None]
+        return hidden, sequence[begin + layer + 1 - base : end + layer + 1 - base][None]
 
     def _forget_before(self, position: int) -> None:
         if position > self.hidden_start:
             self.hidden = self.hidden[position - self.hidden_start :]
             self.hidden_start = position
+
+
+class DraftStep:
+    """One sequence's drafts of one decode step: `depth` tokens after x_P = history[-1]."""
+
+    def __init__(self, drafter: MTPDrafter, history: torch.Tensor, sampler: Sampler, depth: int):
+        self.drafter, self.history, self.sampler, self.depth = drafter, history, sampler, depth
+        self.processed = drafter.cache.length  # P
+        self.base = drafter.hidden_start
+        self.sequence = torch.cat([drafter.cache.token_ids[self.base : self.processed], history[-1:]])  # x_base..x_P
+        self.vocabulary = drafter._vocabulary_told(history[-1:])
+        self.drafts: list[int] = []
+        self.distributions: list[torch.Tensor] = []  # when sampling: what each draft was drawn from
+        self.previous = None  # the MTP output the last draft came from
+
+    def mtp_input(self, draft: int, layer: int) -> tuple:
+        """(hidden, ids, start, layer cache) of the MTP forward that drafts token number `draft`."""
+        chain = draft - layer
+        if chain == 0:
+            return self.drafter._catch_up_input(layer, self.sequence, self.base, self.processed)
+        cache = self.drafter.cache.mtp_layers[layer]
+        return self.previous, self.sequence[-1:].view(1, 1), self.processed - 1 + chain, cache
+
+    def take(self, logits: torch.Tensor, last: torch.Tensor) -> None:
+        """Pick the next draft from its logits [V] (`last`: the MTP output they came from)."""
+        sampler = self.sampler
+        if sampler.settings.repetition_penalty != 1.0:
+            logits = sampler.adjust(logits, torch.cat([self.history, self.history.new_tensor(self.drafts)]))
+        if sampler.settings.greedy:
+            token = cpu_kernels.argmax_rows(logits)[0]
+        else:
+            distribution = probabilities(logits, sampler.settings)
+            token = draw(distribution, sampler.generator)
+            self.distributions.append(distribution)
+        self.drafts.append(token)
+        self.sequence = torch.cat([self.sequence, self.sequence.new_tensor([token])])
+        self.previous = last
+
+    def stacked_distributions(self) -> torch.Tensor | None:
+        return torch.stack(self.distributions) if self.distributions else None
+
+
+def draft_together(steps: list[DraftStep]) -> None:
+    """The drafts of several sequences: for each draft position one MTP forward and one draft head
+    for all the sequences that draft there (each weight read once), then each picks its own."""
+    model = steps[0].drafter.model
+    layers = len(model.mtp_layers)
+    for draft in range(max(step.depth for step in steps)):
+        layer = min(draft, layers - 1)
+        drafting = [step for step in steps if step.depth > draft]
+        outs = model.mtp_hidden_batch(layer, [step.mtp_input(draft, layer) for step in drafting])
+        lasts = [out[:, -1:] for out in outs]
+        logits = model.mtp_logits_batch(layer, torch.cat(lasts), [step.vocabulary for step in drafting])
+        for step, row, last in zip(drafting, logits[:, -1], lasts):
+            step.take(row, last)
+    for step in steps:
+        step.drafter._forget_before(min(step.drafter.final, default=step.processed))
 
 
 def accept_drafts(

@@ -4,9 +4,11 @@ tokens it gets alone (greedy and seeded sampling), whatever joins or leaves the 
 import pytest
 import torch
 
+from mimo_local.dev.tiny import make_bigram_with_oracle_mtp
 from mimo_local.engine import Engine
 from mimo_local.generate import Batch, DoneEvent, Generation, TokenEvent
 from mimo_local.sampling import SamplingSettings
+from mimo_local.speculative import SpeculationSwitch
 
 
 def alone(engine, prompt, settings, **options):
@@ -14,14 +16,15 @@ def alone(engine, prompt, settings, **options):
     return [e.token_id for e in events if isinstance(e, TokenEvent) and e.token_id >= 0], events[-1].stats
 
 
-def run_batched(engine, requests, joins):
-    """`requests`: (prompt ids, settings); `joins[i]`: the step at which request i joins."""
-    batch, produced, done, step = Batch(), {}, {}, 0
+def run_batched(engine, requests, joins, batch=None, **options):
+    """`requests`: (prompt ids, settings); `joins[i]`: the step at which request i joins; `options`:
+    Generation's (draft_tokens, ...)."""
+    batch, produced, done, step = batch or Batch(), {}, {}, 0
     generations = {}
     while len(done) < len(requests):
         for index, (prompt, settings) in enumerate(requests):
             if joins[index] == step:
-                generation = Generation(engine.model, engine.tokenizer, prompt, settings)
+                generation = Generation(engine.model, engine.tokenizer, prompt, settings, **options)
                 generations[index] = generation
                 produced[index] = []
                 batch.join(generation)
@@ -73,9 +76,86 @@ def test_a_batch_forward_equals_one_forward_per_sequence(checkpoints):
         model(ids, single)
         caches.append(cache)
         singles.append(single)
-    tokens = torch.tensor([11, 22, 33])
-    batched = model.forward_batch(tokens, caches).logits[:, -1]
-    for index, single in enumerate(singles):
-        alone_logits = model(tokens[index].view(1, 1), single).logits[0, -1]
-        torch.testing.assert_close(batched[index], alone_logits, rtol=1e-5, atol=1e-5)
-        assert caches[index].length == single.length
+    tokens = [torch.tensor([11]), torch.tensor([22, 23, 24, 25]), torch.tensor([33, 34])]  # a decode, two verifies
+    batched = model.forward_batch(tokens, caches)
+    for ids, out, single, cache in zip(tokens, batched, singles, caches):
+        alone_out = model(ids.view(1, -1), single, all_logits=True)
+        torch.testing.assert_close(out.logits, alone_out.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.hidden, alone_out.hidden, rtol=1e-5, atol=1e-5)
+        assert cache.length == single.length and torch.equal(cache.token_ids, single.token_ids)
+
+
+class Alternating:
+    """A speculation switch that drafts every other step: speculation pauses and resumes."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def drafts(self, sequences):
+        self.steps += 1
+        return self.steps % 2 == 1
+
+    def record(self, *measured):
+        pass
+
+
+@pytest.fixture(scope="module", params=["mimo", "mimo_v2_flash"])
+def family_checkpoints(request, checkpoints, tmp_path_factory):
+    """(random tiny checkpoint: drafts rejected; its bigram copy whose MTP layers copy the target:
+    drafts accepted)."""
+    source = checkpoints(request.param)
+    return source, make_bigram_with_oracle_mtp(source, tmp_path_factory.mktemp("oracle") / "ckpt", mtp="copy")
+
+
+@pytest.mark.parametrize("weights", ["random", "oracle"])
+@pytest.mark.parametrize("switch", [None, "alternating"])
+def test_batched_mtp_sequences_equal_their_single_runs_with_and_without_mtp(family_checkpoints, weights, switch):
+    engine = Engine.load(family_checkpoints[weights == "oracle"], device="cpu", dtype="float32")
+    draft_tokens = len(engine.model.mtp_layers) + 1  # the last one chained
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(5, 900, (length,), generator=generator).tolist() for length in (5, 40, 600, 12, 3)]
+    settings = [
+        SamplingSettings(temperature=0, max_tokens=14),
+        SamplingSettings(temperature=0, max_tokens=6, repetition_penalty=1.3),
+        SamplingSettings(temperature=0, max_tokens=18),
+        SamplingSettings(temperature=0.8, top_p=0.9, seed=11, max_tokens=12),  # seeded: drafts at every step
+        SamplingSettings(temperature=0, max_tokens=16, stop=["the"]),
+    ]
+    requests = list(zip(prompts, settings))
+    batch = Batch(Alternating() if switch else None)
+    produced, done = run_batched(engine, requests, joins=[0, 0, 1, 4, 6], batch=batch, draft_tokens=draft_tokens)
+    drafted = sum(stats.speculation.drafted for stats in done.values())
+    accepted = sum(stats.speculation.accepted for stats in done.values())
+    assert drafted > 0 and (accepted > drafted // 2 if weights == "oracle" else accepted < drafted)
+    for index, (prompt, setting) in enumerate(requests):
+        with_mtp, stats = alone(engine, prompt, setting, draft_tokens=draft_tokens)
+        assert produced[index] == with_mtp, index
+        assert done[index].finish_reason == stats.finish_reason and done[index].text == stats.text
+        if setting.greedy:
+            assert produced[index] == alone(engine, prompt, setting)[0], index
+
+
+def test_the_switch_runs_the_faster_mode_per_batch_size_and_retries_the_other():
+    switch = SpeculationSwitch()
+
+    def steps(sequences, count, drafting_seconds, plain_seconds=0.01, accepted=2):
+        """Run `count` steps at a batch size whose steps take these times; returns the modes chosen."""
+        chosen = []
+        for _ in range(count):
+            drafts = switch.drafts(sequences)
+            tokens = sequences * (accepted if drafts else 1)
+            switch.record(sequences, drafts, tokens, drafting_seconds if drafts else plain_seconds)
+            chosen.append(drafts)
+        return chosen
+
+    retry = switch.RETRY_EVERY
+    assert steps(1, 3, 0.012) == [True, True, False]  # measured first: a warm-up drafting step, one more, a plain one
+    assert switch.gain[1] > 0  # two tokens in 1.2x the time pay
+    four = steps(4, retry, 0.03)  # a size not measured yet follows the nearest measured one until its retry
+    assert four == [True] * (retry - 1) + [False] and switch.gain[4] < 0  # two tokens in 3x the time do not
+    four = steps(4, 4 * retry, 0.03)
+    assert 4 <= four.count(True) <= 8  # plain, but for two drafting steps a retry (the first one warms up)
+    one = steps(1, 4 * retry, 0.012)
+    assert 2 <= one.count(False) <= 4  # drafting, but for one plain step a retry
+    steps(4, 8 * retry, 0.015)  # the text gets easier to draft: at 4 sequences drafts pay again
+    assert steps(4, 4 * retry, 0.015).count(False) <= 4

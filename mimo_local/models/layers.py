@@ -125,12 +125,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
         return self.o_proj(self.attend_projected(self.qkv_proj(x), start, cache))
 
-    def forward_batch(self, x: torch.Tensor, starts: list[int], caches: list) -> torch.Tensor:
-        """One token for each of several sequences (x [B, 1, H]), each at its own position with its
-        own cache: the projections read their weights once for the batch."""
-        qkv = self.qkv_proj(x)
-        outs = [self.attend_projected(qkv[b : b + 1], start, cache) for b, (start, cache) in enumerate(zip(starts, caches))]
-        return self.o_proj(torch.cat(outs))
+    def forward_batch(self, x: torch.Tensor, starts: list[int], lengths: list[int], caches: list) -> torch.Tensor:
+        """Several sequences' rows one after the other (x [1, N, H]: `lengths[b]` rows of sequence b
+        at positions starts[b].., in caches[b]): the projections read their weights once for all."""
+        parts = self.qkv_proj(x).split(lengths, dim=1)
+        outs = [self.attend_projected(part, start, cache) for part, start, cache in zip(parts, starts, caches)]
+        return self.o_proj(torch.cat(outs, dim=1))
 
     def attend_projected(self, qkv: torch.Tensor, start: int, cache) -> torch.Tensor:
         """RoPE, cache write and attention of projected q|k|v [B, T, *]: the input of o_proj."""
@@ -332,9 +332,9 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), start, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_batch(self, x: torch.Tensor, starts: list[int], caches: list) -> torch.Tensor:
-        """One token for each of several sequences (x [B, 1, H]); see Attention.forward_batch."""
-        x = x + self.self_attn.forward_batch(self.input_layernorm(x), starts, caches)
+    def forward_batch(self, x: torch.Tensor, starts: list[int], lengths: list[int], caches: list) -> torch.Tensor:
+        """Several sequences' rows (x [1, N, H]); see Attention.forward_batch."""
+        x = x + self.self_attn.forward_batch(self.input_layernorm(x), starts, lengths, caches)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _apply(self, fn, *args, **kwargs):

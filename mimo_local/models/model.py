@@ -38,11 +38,17 @@ class MTPLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, token_embeddings: torch.Tensor, start: int, cache) -> torch.Tensor:
         """The block output before `final_norm` (what a chained draft step takes as its hidden)."""
+        return self.block(self._fused_input(hidden, token_embeddings), start, cache)
+
+    def forward_batch(self, hidden, token_embeddings, starts: list[int], lengths: list[int], caches: list):
+        """Several sequences' rows in one block (hidden [1, N, H]; see DecoderLayer.forward_batch)."""
+        return self.block.forward_batch(self._fused_input(hidden, token_embeddings), starts, lengths, caches)
+
+    def _fused_input(self, hidden: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
         parts = [self.hidden_norm(hidden), self.token_norm(token_embeddings)]
         if self.embedding_first:
             parts.reverse()
-        x = self.input_proj(torch.cat(parts, dim=-1))
-        return self.block(x, start, cache)
+        return self.input_proj(torch.cat(parts, dim=-1))
 
 
 class MiMoForCausalLM(nn.Module):
@@ -97,26 +103,63 @@ class MiMoForCausalLM(nn.Module):
         return ForwardOutput(logits=self.lm_head(self.norm(last), float32_out=True), hidden=x)
 
     @torch.inference_mode()
-    def forward_batch(self, tokens: torch.Tensor, caches: list[ModelCache]) -> ForwardOutput:
-        """One token for each of several sequences (`tokens` [B]), each with its own cache (its own
-        length, sliding windows, sinks): each weight is read once for the batch."""
-        for cache in caches:
-            if cache.length + 1 > cache.max_tokens:
-                raise ValueError(f"context full: {cache.length + 1} tokens > cache of {cache.max_tokens}")
+    def forward_batch(self, tokens: list[torch.Tensor], caches: list[ModelCache]) -> list[ForwardOutput]:
+        """Several sequences in one forward, each its own tokens ([T_b]: one for a decode step, the
+        last one and the drafts for a verify step) at its own positions in its own cache (its own
+        length, sliding windows, sinks): each weight is read once for all of them. Returns each
+        sequence's output, with the logits of all its positions."""
+        if len(tokens) == 1:
+            return [self.forward(tokens[0].view(1, -1), caches[0], all_logits=True)]
+        lengths = [len(ids) for ids in tokens]
+        for cache, steps in zip(caches, lengths):
+            if cache.length + steps > cache.max_tokens:
+                raise ValueError(f"context full: {cache.length + steps} tokens > cache of {cache.max_tokens}")
         starts = [cache.length for cache in caches]
-        x = self.embed_tokens(tokens.view(-1, 1))
+        x = self.embed_tokens(torch.cat(tokens).view(1, -1))
         for index, layer in enumerate(self.layers):
-            x = layer.forward_batch(x, starts, [cache.layers[index] for cache in caches])
-        for cache, token in zip(caches, tokens):
+            x = layer.forward_batch(x, starts, lengths, [cache.layers[index] for cache in caches])
+        for cache, ids, start in zip(caches, tokens, starts):
             if cache.token_ids is not None:
-                cache.token_ids[cache.length] = token
-            cache.length += 1
-        return ForwardOutput(logits=self.lm_head(self.norm(x), float32_out=True), hidden=x)
+                cache.token_ids[start : start + len(ids)] = ids
+            cache.length = start + len(ids)
+        logits = self.lm_head(self.norm(x), float32_out=True)
+        return [ForwardOutput(logits=rows, hidden=hidden)
+                for rows, hidden in zip(logits.split(lengths, dim=1), x.split(lengths, dim=1))]
 
     @torch.inference_mode()
     def mtp_hidden(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor, start: int, cache) -> torch.Tensor:
         """Run MTP layer `layer` on (hidden [B, T, H], next token ids [B, T]) at positions start.."""
         return self.mtp_layers[layer](hidden, self.embed_tokens(token_ids), start, cache)
+
+    @torch.inference_mode()
+    def mtp_hidden_batch(self, layer: int, inputs: list[tuple]) -> list[torch.Tensor]:
+        """`mtp_hidden` of several sequences in one forward: `inputs` holds each one's (hidden
+        [1, T, H], next token ids [1, T], start, layer cache)."""
+        if len(inputs) == 1:
+            return [self.mtp_hidden(layer, *inputs[0])]
+        hidden = torch.cat([h for h, _, _, _ in inputs], dim=1)
+        ids = torch.cat([i for _, i, _, _ in inputs], dim=1)
+        lengths = [i.shape[1] for _, i, _, _ in inputs]
+        out = self.mtp_layers[layer].forward_batch(hidden, self.embed_tokens(ids), [s for *_, s, _ in inputs], lengths,
+                                                   [c for *_, c in inputs])
+        return list(out.split(lengths, dim=1))
+
+    @torch.inference_mode()
+    def mtp_logits_batch(self, layer: int, hidden: torch.Tensor, vocabularies: list) -> torch.Tensor:
+        """`mtp_logits` of several sequences' hidden states [B, 1, H], each over its own draft
+        vocabulary (or all of the head: None): the rows they share are read once."""
+        if len(vocabularies) == 1:
+            return self.mtp_logits(layer, hidden, vocabularies[0])
+        sizes = {None if v is None else v.size for v in vocabularies}
+        if len(sizes) > 1:
+            return torch.cat([self.mtp_logits(layer, h[None], v) for h, v in zip(hidden, vocabularies)])
+        normed = self.mtp_layers[layer].final_norm(hidden)
+        if sizes == {None}:
+            return self.lm_head(normed, float32_out=True)
+        out = vocabularies[0].first_logits(normed)
+        for rows, row_normed, vocabulary in zip(out, normed, vocabularies):
+            vocabulary.add_extra_logits(rows, row_normed)
+        return out
 
     @torch.inference_mode()
     def mtp_logits(self, layer: int, hidden: torch.Tensor, vocabulary=None) -> torch.Tensor:

@@ -15,8 +15,10 @@ from typing import Callable
 
 import uvicorn
 
+from ..budget import DEFAULT_CACHE_RAM
 from ..errors import MimoError
 from ..sampling import SamplingSettings
+from ..sizes import parse_size
 from .app import create_app
 from .service import ServeSettings, Service
 
@@ -34,6 +36,7 @@ class ServeOptions:
     context: int | None = None
     max_queue: int = 16
     parallel: int = 1
+    cache_ram: int = parse_size(DEFAULT_CACHE_RAM, "--cache-ram")  # bytes of host memory for the prompt cache
     max_body_bytes: int = 4 * 1024 * 1024
     reasoning_format: str = "auto"
     log_prompts: bool = False
@@ -86,8 +89,6 @@ def load_engine(options: ServeOptions):
 
     engine = Engine.load(options.model_dir, device=options.device, dtype=options.dtype, quant=options.quant,
                          placement=options.placement, mmap=options.mmap, mlock=options.mlock)
-    if options.parallel > 1:  # batched sequences decode one token a step each, without drafts
-        return engine, engine.speculation(False)
     return engine, engine.speculation(options.mtp, options.draft_tokens)
 
 
@@ -95,12 +96,11 @@ def build(options: ServeOptions, engine_loader: Callable | None = None, on_load_
     """The service and its ASGI app (tests serve this with their own uvicorn)."""
     from ..config import load_config
 
-    if options.parallel > 1 and options.mtp:
-        raise MimoError("--mtp needs --parallel 1: batched sequences decode without MTP drafts")
     config = load_config(options.model_dir)
     settings = ServeSettings(
         model_name=options.model_name, context=context_size(options.context, config.max_position_embeddings),
-        max_queue=options.max_queue, parallel=options.parallel, reasoning_format=options.reasoning_format,
+        max_queue=options.max_queue, parallel=options.parallel, cache_ram=options.cache_ram,
+        reasoning_format=options.reasoning_format,
         defaults=options.defaults or SamplingSettings(), api_key=options.api_key,
         max_body_bytes=options.max_body_bytes, log_prompts=options.log_prompts,
     )

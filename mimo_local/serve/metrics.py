@@ -24,12 +24,25 @@ class ServerMetrics:
         self.kv_used = Gauge("mimo_kv_cache_tokens", "Positions held in the KV caches of all slots", registry=registry)
         self.kv_capacity = Gauge("mimo_kv_cache_capacity_tokens", "Positions one slot's KV cache holds at most (--ctx)",
                                  registry=registry)
+        self.restored_prompt_tokens = Counter("mimo_prompt_cache_tokens",
+                                              "Prompt tokens restored from the host-memory prompt cache (--cache-ram)",
+                                              registry=registry)
+        self.prompt_cache_evictions = Counter("mimo_prompt_cache_evictions",
+                                              "Prompt cache entries dropped to stay within --cache-ram", registry=registry)
+        self.prompt_cache_bytes = Gauge("mimo_prompt_cache_bytes", "Bytes held by the prompt cache", registry=registry)
+        self.prompt_cache_entries = Gauge("mimo_prompt_cache_entries", "KV prefixes held by the prompt cache",
+                                          registry=registry)
+        self.prompt_cache_capacity = Gauge("mimo_prompt_cache_capacity_bytes", "Bytes the prompt cache may hold "
+                                           "(--cache-ram)", registry=registry)
 
     def observe(self, worker) -> None:
         """The worker's state now: queue, slots and KV positions in use."""
         self.queue_length.set(worker.waiting)
         self.slots_in_use.set(worker.slots_in_use)
         self.kv_used.set(worker.kv_tokens_used)
+        if worker.prompt_cache is not None:
+            self.prompt_cache_bytes.set(worker.prompt_cache.nbytes)
+            self.prompt_cache_entries.set(len(worker.prompt_cache.entries))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

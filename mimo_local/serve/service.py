@@ -15,6 +15,7 @@ from ..sampling import SamplingSettings
 from .grammar import GrammarConstraint, json_schema_grammar, lark_grammar
 from .metrics import ServerMetrics
 from .parsers import OutputParser
+from .prompt_cache import PromptCache
 from .prompts import ChatPrompt, build_chat_prompt, forced_tool_call_grammar
 from .worker import Failed, GenerationRequest, GenerationWorker, Job
 
@@ -38,6 +39,7 @@ class ServeSettings:
     context: int
     max_queue: int = 16
     parallel: int = 1  # requests decoded together
+    cache_ram: int = 0  # bytes of host memory for KV prefixes of earlier requests (0: none)
     reasoning_format: str = "auto"  # "auto": <think> into reasoning_content; "none": raw tags in content
     defaults: SamplingSettings = dataclasses.field(default_factory=SamplingSettings)
     api_key: str | None = None
@@ -63,9 +65,12 @@ class Service:
         self.started = time.time()
 
     def attach(self, engine, speculation: dict) -> None:
+        cache_ram = self.settings.cache_ram
+        prompt_cache = PromptCache(cache_ram, on_evict=self.metrics.prompt_cache_evictions.inc) if cache_ram else None
         self.worker = GenerationWorker(engine, self.settings.context, self.settings.max_queue, speculation,
-                                       parallel=self.settings.parallel, on_done=self._record)
+                                       parallel=self.settings.parallel, on_done=self._record, prompt_cache=prompt_cache)
         self.metrics.slots.set(self.settings.parallel)
+        self.metrics.prompt_cache_capacity.set(cache_ram)
         self.engine = engine  # last: a request that sees the engine finds the worker too
         self.metrics.kv_capacity.set(self.settings.context)
 
@@ -141,6 +146,7 @@ class Service:
         metrics = self.metrics
         metrics.prompt_tokens.inc(len(job.request.prompt_ids))
         metrics.cached_prompt_tokens.inc(job.cached_tokens)
+        metrics.restored_prompt_tokens.inc(job.restored_tokens)
         metrics.generated_tokens.inc(stats.completion_tokens)
         if stats.prefill_seconds:
             metrics.prefill_speed.set(stats.prefill_tokens_per_s)

@@ -16,6 +16,8 @@ from ..budget import spare_slots
 from ..errors import MimoError
 from ..generate import Batch, DoneEvent, Generation
 from ..sampling import SamplingSettings
+from ..speculative import SpeculationSwitch
+from .prompt_cache import PromptCache, worth_saving
 
 log = logging.getLogger("mimo.serve")
 
@@ -45,6 +47,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0  # prompt tokens found in the KV cache (not prefilled again)
+    restored_tokens: int = 0  # those of them restored from the host-memory prompt cache
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -61,15 +64,18 @@ class Slot:
 class GenerationWorker:
     """`parallel` slots: up to that many requests are decoded together, one forward per step
     (continuous batching: a request joins after its prefill and leaves when it ends, is cancelled
-    or its client goes away); the others wait in the queue."""
+    or its client goes away); the others wait in the queue. `prompt_cache`: where a slot's KV goes
+    before a new request overwrites most of it (None: nowhere)."""
 
-    def __init__(self, engine, context: int, max_queue: int, speculation: dict, parallel: int = 1, on_done=None):
+    def __init__(self, engine, context: int, max_queue: int, speculation: dict, parallel: int = 1, on_done=None,
+                 prompt_cache: PromptCache | None = None):
         self.engine, self.context, self.max_queue, self.speculation = engine, context, max_queue, speculation
+        self.prompt_cache = prompt_cache
         self.on_done = on_done  # called in the worker thread with (job, stats) after each generation
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0  # queued, not yet started
         self.slots = [Slot() for _ in range(parallel)]
-        self.batch = Batch()
+        self.batch = Batch(SpeculationSwitch())  # MTP drafts in the steps where they pay
         self.running: dict[int, tuple[Generation, Slot]] = {}  # id(generation) -> (generation, slot)
         self._lock = threading.Lock()
         self._stopping = False
@@ -128,7 +134,7 @@ class GenerationWorker:
         if request.constraint is not None or request.logprobs is not None:
             speculation = {"draft_tokens": 0}
         slot = self._slot_for(request.prompt_ids, speculation["draft_tokens"])
-        job.cached_tokens = slot.cache.rewind_for(request.prompt_ids, needs_drafter=bool(speculation["draft_tokens"]))
+        self._reuse(slot.cache, job, needs_drafter=bool(speculation["draft_tokens"]))
         try:
             generation = Generation(self.engine.model, self.engine.tokenizer, request.prompt_ids[job.cached_tokens :],
                                     request.settings, cache=slot.cache, constraint=request.constraint,
@@ -180,6 +186,23 @@ class GenerationWorker:
             log.error("generation failed: %s: %s", type(error).__name__, error)
         for job in jobs:
             job.put(Failed(error))
+
+    def _reuse(self, cache, job: Job, needs_drafter: bool) -> None:
+        """Rewind a slot's cache to the longest prefix of the job's prompt it holds, or restore a
+        longer one from the prompt cache; a slot about to lose most of what it holds is saved to
+        the prompt cache first."""
+        prompt_ids = job.request.prompt_ids
+        kept = cache.reusable_prefix(prompt_ids, needs_drafter)
+        entry, restorable = (None, 0) if self.prompt_cache is None else self.prompt_cache.best(prompt_ids, needs_drafter)
+        restoring = restorable > kept
+        if self.prompt_cache is not None and worth_saving(cache.length, 0 if restoring else kept):
+            self.prompt_cache.save(cache)
+        if restoring:
+            cache.restore(entry, restorable)
+            job.cached_tokens = job.restored_tokens = restorable
+        else:
+            cache.truncate(kept)
+            job.cached_tokens = kept
 
     def _slot_for(self, prompt_ids: list[int], draft_tokens: int) -> Slot:
         """The free slot whose cache holds the longest prefix of the prompt (a fresh one otherwise)."""
