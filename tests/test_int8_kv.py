@@ -70,3 +70,20 @@ def test_plan_counts_the_int8_global_kv_of_the_real_v2_flash():
     assert int8["verdict"].startswith(("fits", "does not fit"))
     result = CliRunner().invoke(app, ["plan", config, "--cache-type", "fp8"])
     assert result.exit_code == 1 and "--cache-type must be one of bf16, int8" in result.output
+
+
+def test_an_int8_cache_copies_and_restores_its_scales():
+    """The server's host prompt cache (--cache-ram) saves and restores a prefix of an int8 layer cache whole."""
+    from mimo_local.config import AttentionSpec
+
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=8, v_head_dim=8, rope_theta=10000.0, rope_dim=8,
+                         sliding_window=None, has_sink=False, bias=False)
+    cache = QuantizedKVCache(spec, 16, 1, torch.float32, "cpu")
+    keys, values = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    written = cache.update(keys, values, 0)
+    saved = cache.copied(7, "cpu")
+    fresh = QuantizedKVCache(spec, 16, 1, torch.float32, "cpu")
+    fresh.restore(saved, 7)
+    restored = fresh.update(keys[:, :, 7:10], values[:, :, 7:10], 7)
+    for name in ("keys", "values", "key_scales", "value_scales"):
+        assert torch.equal(getattr(restored, name), getattr(written, name)), name
