@@ -2,7 +2,7 @@
 chosen at run time (from its feature flags, not from how the build machine happened to be).
 
 Levels, best first: `avx512` (x86-64-v4, plus AVX512-VNNI / AVX512-BF16 where the CPU has them),
-`avx2` (x86-64-v3: AVX2, FMA, F16C), `neon` (aarch64) and `generic` (the compiler's default target,
+`avx2` (x86-64-v3: AVX2, FMA, F16C, plus AVX-VNNI where present), `neon` (aarch64) and `generic` (the compiler's default target,
 plain C without intrinsics).
 MIMO_CPU_ISA=avx512|avx2|generic forces one (an error where this CPU cannot run it);
 MIMO_CPU_KERNELS=0 turns the kernels off (torch's ops run). Builds are cached under
@@ -48,7 +48,7 @@ class IsaLevel:
 LEVELS = (
     IsaLevel("avx512", ("-march=x86-64-v4",), _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
              (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")), machine="x86_64"),
-    IsaLevel("avx2", ("-march=x86-64-v3",), _X86_64_V3, machine="x86_64"),
+    IsaLevel("avx2", ("-march=x86-64-v3",), _X86_64_V3, (("avx_vnni", "-mavxvnni"),), machine="x86_64"),
     IsaLevel("neon", (), frozenset({"asimd"}), machine="aarch64"),
     IsaLevel("generic", ("-DMIMO_PLAIN_C",), frozenset()),
 )

@@ -35,6 +35,9 @@ static inline int omp_get_thread_num(void) { return 0; }
 #if defined(__AVX2__) && defined(__FMA__)
 #define MIMO_AVX2 1
 #endif
+#if defined(__AVXVNNI__) && defined(__AVX2__)
+#define MIMO_AVXVNNI 1 /* the 256-bit VNNI of AVX2-class CPUs (Alder Lake, Zen 5 without AVX-512...) */
+#endif
 #endif
 #if defined(__aarch64__) && defined(__ARM_NEON) && !defined(MIMO_PLAIN_C)
 #define MIMO_NEON 1

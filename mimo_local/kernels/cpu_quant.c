@@ -15,8 +15,9 @@
 #include "cpu_linear.c"
 
 /* Integer dot products for bfloat16 activations quantized once per call: 512 (AVX512-VNNI), 256
- * (AVX2: vpmaddubsw / vpmaddwd, the same integer sums in more instructions) or 1 (plain C, which
- * the compiler vectorizes for the target it has, e.g. NEON). */
+ * (AVX2: AVX-VNNI's vpdpbusd / vpdpwssd where the CPU has it, else vpmaddubsw / vpmaddwd, the same
+ * integer sums in more instructions) or 1 (plain C, which the compiler vectorizes for the target it
+ * has, e.g. NEON). */
 #if defined(MIMO_AVX512VNNI)
 #define INT_DOT 512
 #elif defined(MIMO_AVX2)
@@ -117,10 +118,17 @@ ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, 
             __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j + 48)));
             for (int t = 0; t < tokens; t++) {
                 const __m256i *xt = (const __m256i *)(x + t * k + j);
+#if defined(MIMO_AVXVNNI)
+                exact[t][0] = _mm256_dpwssd_avx_epi32(exact[t][0], w0, _mm256_loadu_si256(xt));
+                exact[t][1] = _mm256_dpwssd_avx_epi32(exact[t][1], w1, _mm256_loadu_si256(xt + 1));
+                exact[t][0] = _mm256_dpwssd_avx_epi32(exact[t][0], w2, _mm256_loadu_si256(xt + 2));
+                exact[t][1] = _mm256_dpwssd_avx_epi32(exact[t][1], w3, _mm256_loadu_si256(xt + 3));
+#else
                 exact[t][0] = _mm256_add_epi32(exact[t][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(xt)));
                 exact[t][1] = _mm256_add_epi32(exact[t][1], _mm256_madd_epi16(w1, _mm256_loadu_si256(xt + 1)));
                 exact[t][0] = _mm256_add_epi32(exact[t][0], _mm256_madd_epi16(w2, _mm256_loadu_si256(xt + 2)));
                 exact[t][1] = _mm256_add_epi32(exact[t][1], _mm256_madd_epi16(w3, _mm256_loadu_si256(xt + 3)));
+#endif
             }
         }
         for (int t = 0; t < tokens; t++)
@@ -310,10 +318,14 @@ ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const fl
             __m256i lo = _mm256_and_si256(bytes, low_mask);
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
             for (int t = 0; t < tokens; t++) {
-                __m256i pairs = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x_even + t * half + j))),
-                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x_odd + t * half + j))));
+                __m256i even = _mm256_loadu_si256((const __m256i *)(x_even + t * half + j));
+                __m256i odd = _mm256_loadu_si256((const __m256i *)(x_odd + t * half + j));
+#if defined(MIMO_AVXVNNI)
+                exact[t] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(exact[t], lo, even), hi, odd);
+#else /* no int16 overflow: |15 * 128| * 4 < 2^15 */
+                __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
                 exact[t] = _mm256_add_epi32(exact[t], _mm256_madd_epi16(pairs, ones));
+#endif
             }
         }
         for (int t = 0; t < tokens; t++) {
