@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py --shape 7b --dtype float32 [--peers transformers,llamacpp]
     python benchmarks/bench_decode.py --shape 7b --dtype bfloat16 --quant int4-g128 --peers llamacpp
+    python benchmarks/bench_decode.py --shape 7b --dtype bfloat16 --peers llamacpp --busy 1   # one core taken
 
 With --quant, ours quantizes on load with that recipe and llama.cpp runs the matching GGUF type
 (int8 -> q8_0, int4 recipes -> q4_K_M); the unquantized tensors stay in --dtype.
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--quant", choices=sorted(LLAMACPP_QUANT_TYPES), help="quantize ours with this recipe")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled (seed 0) by all engines")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--busy", type=int, default=0, help="run this many `yes > /dev/null` processes during the "
+                        "measurement (a desktop with other programs on its cores)")
     parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,6 +141,7 @@ def main() -> None:
 
     engines = ["mimo-local"] + [{"llamacpp": "llama.cpp"}.get(p, p) for p in args.peers.split(",") if p]
     results = {}
+    competitors = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in range(args.busy)]
     # Engines take turns, round after round, and each keeps its best round: the machine's memory
     # bandwidth drifts over minutes, and turns keep that drift from favouring one engine.
     for _ in range(args.rounds):
@@ -155,6 +159,8 @@ def main() -> None:
             for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
                 best[key] = max(best[key], figures[key])
 
+    for competitor in competitors:
+        competitor.kill()
     from rich.console import Console
     from rich.table import Table
 
@@ -162,6 +168,8 @@ def main() -> None:
     label = f"{args.dtype}" + (f" --quant {args.quant} (llama.cpp {LLAMACPP_QUANT_TYPES[args.quant]})" if args.quant else "")
     if args.temperature:
         label += f", sampled (temperature {args.temperature}, top-p {args.top_p})"
+    if args.busy:
+        label += f", {args.busy} `yes` process{'es' if args.busy > 1 else ''} running"
     table = Table(title=f"{args.shape}-shape {label}: prompt {args.prompt_tokens}, generate {args.gen_tokens}")
     for column in ("engine", "prefill tok/s", "decode tok/s", "decode: ours / peer", "prefill: ours / peer"):
         table.add_column(column, justify="right")
