@@ -47,7 +47,7 @@ class HubRepo:
         self.files = {
             str(path.relative_to(directory)): path.read_bytes()
             for path in sorted(directory.rglob("*"))
-            if path.is_file()
+            if path.is_file() and ".mimo-runtime" not in path.relative_to(directory).parts  # a local load's cache
         }
 
     def is_lfs(self, name: str) -> bool:
