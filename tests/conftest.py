@@ -41,5 +41,14 @@ def decode_steps(model, seed: int) -> torch.Tensor:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and a loaded machine makes two threads' syncs slow)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def decode_logits():
     return decode_steps

@@ -15,14 +15,6 @@ from mimo_local.loader import load_model
 KLD_BOUND = 1e-3  # mean KL(float32 KV || int8 KV) per position of a 2,000-token prompt (measured: 7e-7, 2e-4)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def prompt_logits(model, ids, cache_type):
     model.cache_type = cache_type
     cache = model.new_cache(ids.shape[1])

@@ -108,15 +108,6 @@ def test_bf16_compute_is_as_accurate_as_the_reference_in_bf16(checkpoints, tmp_p
     assert (ours.argmax(-1) == truth.argmax(-1)).float().mean().item() >= 0.8
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and a loaded machine makes two threads' syncs slow)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("family, window", [("mimo", None), ("mimo_v2_flash", 100)])
 def test_long_prompt_logits_match_transformers_across_window_and_chunk_boundaries(tmp_path, one_thread, family, window):
     """A 2,000-token prompt in uneven chunks (the fused and the few-query attention paths, chunks
