@@ -15,7 +15,7 @@ each a whole `mimo run -n 1` process, start to exit (process start, imports, loa
 llama.cpp has none for MiMo); peak RSS of one process (wait4's ru_maxrss) and the summed peak PSS of
 two processes decoding at once (shared weights count once).
 llama.cpp gets the same checkpoint converted to GGUF (bf16 / q8_0 / q4_K_M, by
-benchmarks/peers/llamacpp_peer.py, cached) and runs `llama-cli` the same way (-n 1, cold and warm),
+benchmarks/peers/llamacpp_peer.py, cached) and runs `llama-completion -no-cnv` the same way (-n 1, cold and warm),
 `llama-bench -p 0 -n --gen-tokens` for decode. The disk's read rate is measured on the source files.
 Prints one JSON line per row and a table.
 """
@@ -142,7 +142,7 @@ class LlamaCpp:
         return [self.gguf]
 
     def decode_command(self, tokens: int) -> list[str]:
-        return [str(self.binaries / "llama-cli"), "-m", str(self.gguf), "-t", str(self.threads), "-n", str(tokens),
+        return [str(self.binaries / "llama-completion"), "-m", str(self.gguf), "-t", str(self.threads), "-n", str(tokens),
                 "-p", PROMPT, "-no-cnv", "--temp", "0", "--ignore-eos", "-c", "512"]
 
     def start(self) -> tuple[float, int]:
@@ -177,7 +177,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gen-tokens", type=int, default=16)
-    parser.add_argument("--llamacpp-bin", type=Path, help="folder with llama-cli and llama-bench (no peer without it)")
+    parser.add_argument("--llamacpp-bin", type=Path, help="folder with llama-completion and llama-bench (no peer without it)")
     parser.add_argument("--llamacpp-python", default=LLAMACPP_PYTHON, help="interpreter that runs the GGUF converter")
     parser.add_argument("--fresh", action="store_true", help="delete the runtime layouts first (measure the first start)")
     parser.add_argument("--copied", action="store_true", help="also measure ours with --no-mmap (weights copied)")

@@ -74,6 +74,7 @@ def load_model(
     from .quant import loading, manifest
     from .quant.recipes import load_recipe
 
+    release_large_allocations()
     with limits.reading(model_dir):  # any failure interpreting the files is a one-line error
         raw_config = read_raw_config(model_dir) if os.path.lexists(Path(model_dir, "config.json")) else {}
         manifest.verify(Path(model_dir), raw_config)  # an interrupted `mimo quantize` output says so first
@@ -189,6 +190,21 @@ def _libc():
         return libc
     except (OSError, AttributeError):
         return None
+
+
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@functools.lru_cache(maxsize=1)
+def release_large_allocations() -> None:
+    """Allocate tensors of 1 MiB and more with mmap, so their memory goes back to the system when
+    freed. glibc otherwise raises its mmap threshold after each large free and serves later large
+    tensors from the heap, which keeps a load's conversion transients resident (measured: 10-25% of
+    a quantized model's weights beyond the plan)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def advise_huge_pages(tensor: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Streaming load: peak RSS grows by at most 1.3x the weights it loads."""
+"""Streaming (copying) load: peak RSS grows by at most 1.3x the weights it loads."""
 
 import json
 import subprocess
@@ -17,9 +17,9 @@ def status(key):  # VmHWM, not ru_maxrss: the latter inherits the parent's peak 
         return next(int(l.split()[1]) for l in f if l.startswith(key)) * 1024
 
 dtype = getattr(torch, sys.argv[2])
-load_model(sys.argv[3], dtype)  # warm-up: one-time costs of torch's lazy initialisation
+load_model(sys.argv[3], dtype, mmap=False)  # warm-up: one-time costs of torch's lazy initialisation
 before = status("VmRSS")
-model = load_model(sys.argv[1], dtype)
+model = load_model(sys.argv[1], dtype, mmap=False)  # the copying load (mapped weights are tested apart)
 peak = status("VmHWM")
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"before": before, "peak": peak, "weights": weights}))

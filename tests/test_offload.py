@@ -158,15 +158,17 @@ def run(model, ctx):
         model(torch.tensor([[7]]), cache)  # ... and decode steps (the C kernels)
 
 ctx = 256
+# Copied weights (--no-mmap): all in process memory. Mapped ones count in RSS only once touched
+# (experts never routed to, MTP layers never run), so RSS would undercount what the plan reserves.
 # Warm-up on the same shapes: torch's and oneDNN's one-time, per-shape state is not the model's.
-run(load_model(sys.argv[1], torch.bfloat16), ctx)
+run(load_model(sys.argv[1], torch.bfloat16, mmap=False), ctx)
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # restart VmHWM from the current RSS
 before = status("VmRSS")
 plan = make_plan(sys.argv[1], PlanRequest(gpu_mem=0, cpu_mem=1 << 40, ctx=ctx, dtype=torch.bfloat16))
-run(load_model(sys.argv[1], torch.bfloat16, placement=plan.placement), ctx)
+run(load_model(sys.argv[1], torch.bfloat16, placement=plan.placement, mmap=False), ctx)
 print(json.dumps({"measured": status("VmHWM") - before, "planned": plan.used("cpu")}))
 """
 

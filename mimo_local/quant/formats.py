@@ -48,6 +48,17 @@ def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return values.view(words * per_word, m)
 
 
+def _unpack_columns(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [n * bits / 32, m] -> uint8 codes [m, n]: `_unpack_rows` transposed, written in place (a
+    large weight's loading transient is one shifted word plane, not a second copy of the codes)."""
+    per_word = 32 // bits
+    words, m = packed.shape
+    values = torch.empty(m, words, per_word, dtype=torch.uint8)
+    for slot in range(per_word):
+        values[:, :, slot] = ((packed >> (slot * bits)) & (2**bits - 1)).t()
+    return values.view(m, words * per_word)
+
+
 def to_gptq(weight: IntWeight) -> dict[str, torch.Tensor]:
     """The four GPTQ tensors (suffix -> tensor) of one linear."""
     return {
@@ -63,7 +74,7 @@ def from_gptq(tensors: dict[str, torch.Tensor], bits: int, name: str) -> IntWeig
     if bits not in (4, 8):
         raise MimoError(f"'{name}': GPTQ with {bits} bits is not supported (4 or 8)")
     mask = 2**bits - 1
-    q = _unpack_rows(tensors["qweight"], bits).t()  # [out, in]
+    q = _unpack_columns(tensors["qweight"], bits)  # [out, in]
     in_features = q.shape[1]
     zeros = ((_unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1) & mask)[: q.shape[0]]
     scales = tensors["scales"].float().t()
@@ -74,7 +85,7 @@ def from_gptq(tensors: dict[str, torch.Tensor], bits: int, name: str) -> IntWeig
     if g_idx.shape != (in_features,) or int(g_idx.max()) >= groups or int(g_idx.min()) < 0:
         raise MimoError(f"'{name}': g_idx does not match {in_features} inputs in {groups} groups")
     return IntWeight(
-        q=q.to(torch.uint8).contiguous(),
+        q=q,
         scales=scales.contiguous(),
         zeros=zeros.float().contiguous(),
         g_idx=g_idx.to(torch.int32),
@@ -89,7 +100,7 @@ def int8_runtime(weight: IntWeight, name: str) -> dict[str, torch.Tensor]:
     if weight.scales.shape[1] != 1 or not bool((weight.zeros == 128).all()):
         raise MimoError(f"'{name}': 8-bit GPTQ is supported per output channel, symmetric only")
     # code - 128 in int8 is the code with its top bit flipped, read as two's complement
-    return {"qweight": (weight.q ^ 0x80).view(torch.int8), "scales": weight.scales[:, 0].contiguous()}
+    return {"qweight": weight.q.bitwise_xor_(0x80).view(torch.int8), "scales": weight.scales[:, 0].contiguous()}
 
 
 def int4_runtime(weight: IntWeight, name: str) -> dict[str, torch.Tensor]:
