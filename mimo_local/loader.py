@@ -146,7 +146,7 @@ def _load_mapped(model: MiMoForCausalLM, quantized, checkpoint: Checkpoint, layo
     _prepare_buffers(model, cpu)
     _tie_embeddings(model)
     if files.resident_fraction() < COLD_FRACTION:
-        with _progress("reading weights", files.nbytes(), show_progress) as advance:
+        with _progress("reading weights", files.used_bytes(), show_progress) as advance:
             files.read_ahead(advance)
     guard.exit_on_sigbus(f"mimo: a memory-mapped weights file of {layout.path.parent.parent} was truncated or "
                          "rewritten while in use; restart (or load with --no-mmap)")

@@ -43,21 +43,23 @@ class StaleLayout(Exception):
 
 
 class MappedFiles:
-    """Read-only, shared mappings of whole files, handing out tensors that view them."""
+    """Read-only, shared mappings of whole files, handing out tensors that view them. Only the byte
+    ranges the tensors view count (a checkpoint's q/k/v and gate/up are mapped but never read:
+    their fused copies are in the runtime layout)."""
 
     def __init__(self):
         self.maps: dict[Path, mmap.mmap] = {}
+        self.ranges: dict[Path, list[tuple[int, int]]] = {}
 
     def _map(self, path: Path) -> mmap.mmap:
         if path not in self.maps:
             with open(path, "rb") as handle:
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            for advice in ("MADV_WILLNEED", "MADV_HUGEPAGE"):  # read ahead now; fewer TLB misses where the kernel can
-                try:
-                    mapped.madvise(getattr(mmap, advice))
-                except (AttributeError, OSError):
-                    pass
-            self.maps[path] = mapped
+            try:
+                mapped.madvise(mmap.MADV_HUGEPAGE)  # fewer TLB misses where the kernel can
+            except (AttributeError, OSError):
+                pass
+            self.maps[path], self.ranges[path] = mapped, []
         return self.maps[path]
 
     def tensor(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -66,43 +68,68 @@ class MappedFiles:
             count *= dim
         if count == 0:
             return torch.empty(shape, dtype=dtype)
+        nbytes = count * dtype.itemsize
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "the given buffer is not writable": weights are never written
-            flat = torch.frombuffer(self._map(path), dtype=torch.uint8, count=count * dtype.itemsize, offset=offset)
+            flat = torch.frombuffer(self._map(path), dtype=torch.uint8, count=nbytes, offset=offset)
+        self.ranges[path].append((offset, offset + nbytes))
         return flat.view(dtype).view(shape)
 
-    def lock(self) -> list[str]:
-        """mlock every mapping (kept in RAM, never paged out); the files that could not be locked."""
-        failed = []
+    def spans(self, path: Path) -> list[tuple[int, int]]:
+        """The used byte ranges of one file, page-aligned and merged, in file order."""
+        merged: list[tuple[int, int]] = []
+        for begin, end in sorted(self.ranges[path]):
+            begin, end = begin // PAGE * PAGE, min(-(-end // PAGE) * PAGE, len(self.maps[path]))
+            if merged and begin <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((begin, end))
+        return merged
+
+    def _each_span(self):
         for path, mapped in self.maps.items():
-            if _libc().mlock(ctypes.c_void_p(_address(mapped)), ctypes.c_size_t(len(mapped))) != 0:
+            base = _address(mapped)
+            for begin, end in self.spans(path):
+                yield path, base + begin, begin, end
+
+    def lock(self) -> list[str]:
+        """mlock the used ranges (kept in RAM, never paged out); the files that could not be locked."""
+        failed = []
+        for path, address, begin, end in self._each_span():
+            if _libc().mlock(ctypes.c_void_p(address), ctypes.c_size_t(end - begin)) != 0:
                 failed.append(f"{path.name} ({os.strerror(ctypes.get_errno())})")
-        return failed
+        return sorted(set(failed))
 
     def resident_fraction(self) -> float:
-        """The fraction of the mapped pages that are in the page cache (mincore)."""
+        """The fraction of the used pages that are in the page cache (mincore)."""
         resident = total = 0
-        for mapped in self.maps.values():
-            pages = -(-len(mapped) // PAGE)
+        for _, address, begin, end in self._each_span():
+            pages = (end - begin) // PAGE
             vector = (ctypes.c_ubyte * pages)()
-            if _libc().mincore(ctypes.c_void_p(_address(mapped)), ctypes.c_size_t(len(mapped)), vector) != 0:
+            if _libc().mincore(ctypes.c_void_p(address), ctypes.c_size_t(end - begin), vector) != 0:
                 return 1.0  # cannot tell: assume warm
             resident += pages - bytes(vector).count(0)
             total += pages
         return resident / total if total else 1.0
 
     def read_ahead(self, advance=None) -> None:
-        """Read the mapped files sequentially, at the disk's rate, so that the first forward step finds
+        """Read the used ranges sequentially, at the disk's rate, so that the first forward step finds
         every page in memory (a cold start shows its progress instead of stalling in page faults)."""
-        buffer = bytearray(16 << 20)
+        buffer = memoryview(bytearray(16 << 20))
         for path in self.maps:
             with open(path, "rb", buffering=0) as handle:
-                while count := handle.readinto(buffer):
-                    if advance is not None:
-                        advance(count)
+                for begin, end in self.spans(path):
+                    handle.seek(begin)
+                    while begin < end:
+                        count = handle.readinto(buffer[: min(len(buffer), end - begin)])
+                        if not count:
+                            break
+                        begin += count
+                        if advance is not None:
+                            advance(count)
 
-    def nbytes(self) -> int:
-        return sum(len(mapped) for mapped in self.maps.values())
+    def used_bytes(self) -> int:
+        return sum(end - begin for path in self.maps for begin, end in self.spans(path))
 
     def paths(self) -> list[Path]:
         return list(self.maps)
