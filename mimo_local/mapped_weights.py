@@ -104,7 +104,7 @@ class MappedFiles:
         """The fraction of the used pages that are in the page cache (mincore)."""
         resident = total = 0
         for _, address, begin, end in self._each_span():
-            pages = (end - begin) // PAGE
+            pages = -(-(end - begin) // PAGE)  # mincore writes one byte per page, a partial last one too
             vector = (ctypes.c_ubyte * pages)()
             if _libc().mincore(ctypes.c_void_p(address), ctypes.c_size_t(end - begin), vector) != 0:
                 return 1.0  # cannot tell: assume warm

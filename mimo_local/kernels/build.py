@@ -152,22 +152,24 @@ def _sources(source_path: Path) -> list[Path]:
 
 
 def build(source_path: Path, isa: IsaLevel, flags: frozenset[str] | None = None, directory: Path | None = None,
-          ) -> Path:
+          openmp: bool = True) -> Path:
     """The shared library of `source_path` for `isa`, compiled on first use (atomically: temp file
-    and rename) and cached. Raises BuildError with a one-line reason."""
+    and rename) and cached. Raises BuildError with a one-line reason. `openmp`: threaded where the
+    compiler has OpenMP (whether it does is a property of the compiler, part of the key already)."""
     cc = compiler()
     if cc is None:
         raise BuildError(f"no C compiler found ({os.environ.get('CC', 'gcc')}; set CC to use another)")
-    command_flags = [*COMMON_FLAGS, *openmp_flags(cc), *isa.compiler_flags(cpu_flags() if flags is None else flags)]
+    isa_flags = isa.compiler_flags(cpu_flags() if flags is None else flags)
     key = hashlib.sha256()
     for path in _sources(source_path):
         key.update(path.read_bytes())
     key.update(_compiler_identity(cc).encode())
-    key.update(" ".join(command_flags).encode())
+    key.update(" ".join([*COMMON_FLAGS, *([OPENMP_FLAG] if openmp else []), *isa_flags]).encode())
     directory = cache_dir() if directory is None else directory
     target = directory / f"{source_path.stem}-{isa.name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
+    command_flags = [*COMMON_FLAGS, *(openmp_flags(cc) if openmp else ()), *isa_flags]
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".so.tmp", delete=False) as handle:
         temporary = handle.name

@@ -16,7 +16,7 @@ SOURCE = Path(__file__).with_name("guard.c")
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     try:
-        library = ctypes.CDLL(str(build.build(SOURCE, build.level("generic"))))
+        library = ctypes.CDLL(str(build.build(SOURCE, build.level("generic"), openmp=False)))
     except (build.BuildError, OSError):
         return None
     library.install_sigbus_message.argtypes = [ctypes.c_char_p]
