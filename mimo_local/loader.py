@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import functools
 import contextlib
@@ -148,7 +146,7 @@ def _load_mapped(model: MiMoForCausalLM, quantized, checkpoint: Checkpoint, layo
     if files.resident_fraction() < COLD_FRACTION:
         with _progress("reading weights", files.used_bytes(), show_progress) as advance:
             files.read_ahead(advance)
-    guard.exit_on_sigbus(f"mimo: a memory-mapped weights file of {layout.path.parent.parent} was truncated or "
+    guard.exit_on_sigbus(f"mimo: a memory-mapped weights file of {checkpoint.dir} was truncated or "
                          "rewritten while in use; restart (or load with --no-mmap)")
     if mlock:
         for failure in files.lock():
@@ -173,7 +171,7 @@ def _tie_embeddings(model: MiMoForCausalLM) -> None:
 
 
 def _lock_process_memory() -> None:
-    libc = _libc()
+    libc = mapped_weights.libc()
     if libc is None or libc.mlockall(1) != 0:  # MCL_CURRENT: the weights just loaded
         print("mimo: --mlock could not lock the weights in RAM (raise `ulimit -l`)", file=sys.stderr)
 
@@ -181,15 +179,6 @@ def _lock_process_memory() -> None:
 HUGE_PAGE = 2 << 20
 COLD_FRACTION = 0.9  # mapped weights less resident than this are read ahead, with a progress bar
 
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
 
 
 MMAP_THRESHOLD = 1 << 20
@@ -202,7 +191,7 @@ def release_large_allocations() -> None:
     freed. glibc otherwise raises its mmap threshold after each large free and serves later large
     tensors from the heap, which keeps a load's conversion transients resident (measured: 10-25% of
     a quantized model's weights beyond the plan)."""
-    libc = _libc()
+    libc = mapped_weights.libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
@@ -210,7 +199,7 @@ def release_large_allocations() -> None:
 def advise_huge_pages(tensor: torch.Tensor) -> None:
     """Ask Linux to back a large, not yet touched CPU tensor with 2 MiB pages: decode streams every
     weight once per token, and fewer TLB misses let the prefetchers run ahead (a few % measured)."""
-    libc = _libc()
+    libc = mapped_weights.libc()
     if libc is None or tensor.nbytes < 4 * HUGE_PAGE:
         return
     begin = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE

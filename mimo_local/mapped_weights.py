@@ -14,6 +14,8 @@ and the variant's stale file is removed. Mappings are read-only (a write to a we
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import mmap
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import DTYPE_NAMES, Checkpoint, read_header
+from .checkpoint import DTYPE_NAMES, DTYPES, Checkpoint, read_header
 from .errors import MimoError
 
 LAYOUT_VERSION = 1
@@ -94,19 +96,23 @@ class MappedFiles:
 
     def lock(self) -> list[str]:
         """mlock the used ranges (kept in RAM, never paged out); the files that could not be locked."""
+        if libc() is None:
+            return ["the weights (no C library)"]
         failed = []
         for path, address, begin, end in self._each_span():
-            if _libc().mlock(ctypes.c_void_p(address), ctypes.c_size_t(end - begin)) != 0:
+            if libc().mlock(ctypes.c_void_p(address), ctypes.c_size_t(end - begin)) != 0:
                 failed.append(f"{path.name} ({os.strerror(ctypes.get_errno())})")
         return sorted(set(failed))
 
     def resident_fraction(self) -> float:
         """The fraction of the used pages that are in the page cache (mincore)."""
+        if libc() is None:
+            return 1.0  # cannot tell: assume warm
         resident = total = 0
         for _, address, begin, end in self._each_span():
             pages = -(-(end - begin) // PAGE)  # mincore writes one byte per page, a partial last one too
             vector = (ctypes.c_ubyte * pages)()
-            if _libc().mincore(ctypes.c_void_p(address), ctypes.c_size_t(end - begin), vector) != 0:
+            if libc().mincore(ctypes.c_void_p(address), ctypes.c_size_t(end - begin), vector) != 0:
                 return 1.0  # cannot tell: assume warm
             resident += pages - bytes(vector).count(0)
             total += pages
@@ -135,8 +141,15 @@ class MappedFiles:
         return list(self.maps)
 
 
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+@functools.lru_cache(maxsize=1)
+def libc() -> ctypes.CDLL | None:
+    """The C library (mincore, mlock, madvise, mallopt), or None where it cannot be loaded."""
+    try:
+        library = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        library.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return library
+    except (OSError, AttributeError):
+        return None
 
 
 def _address(mapped: mmap.mmap) -> int:
@@ -204,7 +217,6 @@ class QuantizedShell:
                    module.blocksize, getattr(module, "perm", None) is not None, bias)
 
     def build(self):
-        from .checkpoint import DTYPES
         from .quant.linear import QuantLinear
 
         return QuantLinear(self.kind, self.in_features, self.out_features, experts=self.experts,
