@@ -14,6 +14,7 @@ from .errors import MimoError
 from .models.model import MiMoForCausalLM
 from .sampling import Sampler, SamplingSettings
 from .speculative import DraftStep, MTPDrafter, SpeculationStats, SpeculationSwitch, accept_drafts, draft_together
+from .threads import tuner_for
 from .tokenizer import ChatTokenizer, IncrementalDetokenizer
 
 
@@ -381,7 +382,7 @@ def stream(model: MiMoForCausalLM, tokenizer: ChatTokenizer, prompt_ids: list[in
         yield from generation.take()
         if generation.finished:
             break
-        generation.decode_step()
+        decode_batch([generation])
     yield from generation.finish()
 
 
@@ -456,7 +457,18 @@ def decode_batch(generations: list[Generation], drafting: bool = True) -> None:
     """One decode step for several sequences (none finished) in one target forward: a plain one
     feeds its last token, a speculative one its last token and its drafts, drafted together for
     all of them; each keeps what its own sampler accepts. `drafting` False pauses speculation for
-    this step, except for the sequences that may not pause (`SpeculativeDecoder.may_pause`)."""
+    this step, except for the sequences that may not pause (`SpeculativeDecoder.may_pause`).
+    On a CPU the step runs with the thread count its model's ThreadTuner finds fastest."""
+    tuner = tuner_for(generations[0].model)
+    if tuner is None:
+        _decode_batch(generations, drafting)
+        return
+    rows = sum(1 + (g.decoder.depth if drafts_this_step(g, drafting) else 0) for g in generations)
+    with tuner.step(rows):
+        _decode_batch(generations, drafting)
+
+
+def _decode_batch(generations: list[Generation], drafting: bool) -> None:
     if len(generations) == 1 and (drafts_this_step(generations[0], drafting) or not generations[0].speculative):
         generations[0].decode_step()
         return
