@@ -48,8 +48,8 @@ def test_a_busy_core_moves_decode_to_fewer_threads_and_back(two_threads):
 
 def test_tries_grow_rarer_while_the_choice_keeps_winning(two_threads):
     tuner = ThreadTuner(2)
-    used = run_steps(tuner, 400, {2: 0.0005, 1: 0.0015})
-    assert used[200:].count(1) <= 4
+    used = run_steps(tuner, 300, {2: 0.003, 1: 0.009})
+    assert used[150:].count(1) <= 6  # one try (two steps), and room for a noisy machine's
 
 
 def test_one_thread_is_left_alone(one_thread):
