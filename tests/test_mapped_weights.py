@@ -202,3 +202,14 @@ def test_cold_start_reads_the_weights_ahead(fresh):
     assert files.resident_fraction() < 0.5
     model = load_model(model_dir, torch.bfloat16)  # cold: read ahead before the first step
     assert model.mapped_files.resident_fraction() == 1.0
+
+
+def test_a_cpu_start_leaves_the_offload_machinery_unimported(fresh):
+    """accelerate costs 0.1-0.2 s of every start to import: only offloading needs it."""
+    model_dir = fresh("mimo")
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom mimo_local.cli import app\n"
+            f"result = CliRunner().invoke(app, ['run', '-m', {str(model_dir)!r}, '-n', '2', '--raw', 'hi'])\n"
+            "assert result.exit_code == 0, result.output\nprint('accelerate' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "False"

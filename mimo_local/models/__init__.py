@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 
 import torch
-from accelerate import init_empty_weights
 
 from . import mimo, mimo_v2_flash
 from .layers import Router
@@ -23,16 +22,15 @@ def family_module(config):
 
 @contextlib.contextmanager
 def meta_device():
-    """Build modules without allocating or initialising weights. torch's meta device context keeps
-    the constructors from allocating (init_empty_weights alone creates each parameter on the CPU
-    first: 17 GB per V2-Flash MoE layer), accelerate's keeps later registrations on meta, and the
-    random initialisers are skipped: on meta they do nothing but import torch._dynamo (~3 s)."""
+    """Build modules without allocating or initialising weights: torch's meta device context keeps
+    the constructors from allocating (a V2-Flash MoE layer is 17 GB), and the random initialisers
+    are skipped: on meta they do nothing but import torch._dynamo (~3 s)."""
     names = ("normal_", "uniform_", "kaiming_uniform_")
     saved = {name: getattr(torch.nn.init, name) for name in names}
     try:
         for name in names:
             setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"), init_empty_weights():
+        with torch.device("meta"):
             yield
     finally:
         for name, function in saved.items():

@@ -67,18 +67,16 @@ def placement_request(
 
 
 def with_budgets(request, device=None):
-    """Fill budgets left out: the free memory of GPU 0 and the available RAM, as accelerate sees
-    them. A run on the CPU has no GPU budget whatever --gpu-mem says."""
+    """Fill budgets left out: the free memory of GPU 0 and the available RAM, as accelerate's
+    get_max_memory reads them. A run on the CPU has no GPU budget whatever --gpu-mem says."""
+    import psutil
     import torch
-    from accelerate.utils import get_max_memory
 
     gpu_mem, cpu_mem = request.gpu_mem, request.cpu_mem
     if device is not None and device.type != "cuda":
         gpu_mem = 0
-    if gpu_mem is None or cpu_mem is None:
-        detected = get_max_memory()
-        if gpu_mem is None:
-            gpu_mem = int(detected.get(0, 0)) if torch.cuda.is_available() else 0
-        if cpu_mem is None:
-            cpu_mem = int(detected["cpu"])
+    if gpu_mem is None:
+        gpu_mem = torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else 0
+    if cpu_mem is None:
+        cpu_mem = psutil.virtual_memory().available
     return dataclasses.replace(request, gpu_mem=gpu_mem, cpu_mem=cpu_mem)
