@@ -13,7 +13,7 @@ import pytest
 from mimo_local.kernels import build
 
 HARNESS = Path(__file__).with_name("kernel_harness.c")
-CHECKS = 8
+CHECKS = 9
 CROSS_COMPILER, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
 
