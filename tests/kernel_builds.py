@@ -1,4 +1,4 @@
-"""Running the kernel tests once per ISA build this CPU can run (MIMO_CPU_ISA=avx512|avx2|generic):
+"""Running the kernel tests once per ISA build this CPU can run (MIMO_CPU_ISA=<level>, build.LEVEL_NAMES):
 every CI run checks the AVX2 and generic builds on an AVX2 machine, all three on an AVX-512 one."""
 
 from __future__ import annotations

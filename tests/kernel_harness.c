@@ -91,6 +91,66 @@ int main(void) {
         }
     check(ok, "linear_int4_bf16 matches the reference within the int8 quantization of x");
 
+    /* The integer sums of both against the same quantized x summed exactly in int64 (only their
+     * conversion to float rounds), on the random rows and on rows at the int32 lane bound: 4096
+     * inputs of -32767 against weights of -128 (int8 wraps there if a lane holds more than 512
+     * products) or 15 (int4) */
+    ok = 1;
+    {
+        enum { LONG_K = 4096 };
+        static uint16_t x_long[LONG_K];
+        static int8_t w8_long[2 * LONG_K];
+        static uint8_t w4_long[2 * LONG_K / 2];
+        static int16_t xq[M * LONG_K];
+        static int8_t xq_even[M * LONG_K / 2], xq_odd[M * LONG_K / 2];
+        static float x_scales[M * LONG_K / GROUP], x_sums[M * LONG_K / GROUP];
+        static const float ones[2] = {1.f, 1.f}, none[2 * LONG_K / GROUP] = {0.f};
+        static float unit[2 * LONG_K / GROUP];
+        for (int i = 0; i < LONG_K; i++) x_long[i] = to_bf16(-1.f);
+        for (int i = 0; i < 2 * LONG_K; i++) w8_long[i] = i < LONG_K ? -128 : 127;
+        for (int i = 0; i < LONG_K; i++) w4_long[i] = i < LONG_K / 2 ? 0xFF : 0x0F;
+        for (int i = 0; i < 2 * LONG_K / GROUP; i++) unit[i] = 1.f;
+        for (int pass = 0; pass < 2; pass++) {
+            int m = pass ? 1 : M, n = pass ? 2 : N, k = pass ? LONG_K : K;
+            const uint16_t *xs = pass ? x_long : xb;
+            const int8_t *w8s = pass ? w8_long : w8;
+            const uint8_t *w4s = pass ? w4_long : w4;
+            const float *s8 = pass ? ones : scales8, *s4 = pass ? unit : scales4, *z4 = pass ? none : zeros4;
+            quantize_x_int16(xs, xq, x_scales, m, k);
+            linear_int8_bf16(xs, w8s, s8, NULL, y, m, n, k);
+            for (int i = 0; i < m; i++)
+                for (int r = 0; r < n; r++) {
+                    int64_t exact = 0, size = 0;
+                    for (int j = 0; j < k; j++) {
+                        exact += (int64_t)w8s[(int64_t)r * k + j] * xq[(int64_t)i * k + j];
+                        size += llabs((int64_t)w8s[(int64_t)r * k + j] * xq[(int64_t)i * k + j]);
+                    }
+                    double expected = (double)exact * x_scales[i] * s8[r];
+                    ok &= fabs(y[i * n + r] - expected) <= 4e-6 * (double)size * x_scales[i] * s8[r];
+                }
+            int groups = k / GROUP;
+            quantize_rows_int8(xs, m, k, GROUP, xq_even, xq_odd, x_scales, x_sums);
+            linear_int4_bf16(xs, w4s, s4, z4, NULL, y, m, n, k, GROUP);
+            for (int i = 0; i < m; i++)
+                for (int r = 0; r < n; r++) {
+                    double expected = 0, size = 0;
+                    for (int g = 0; g < groups; g++) {
+                        int64_t exact = 0;
+                        for (int j = g * GROUP / 2; j < (g + 1) * GROUP / 2; j++) {
+                            uint8_t byte = w4s[(int64_t)r * k / 2 + j];
+                            exact += (byte & 0x0F) * xq_even[i * k / 2 + j] + (byte >> 4) * xq_odd[i * k / 2 + j];
+                        }
+                        float step = s4[r * groups + g] * x_scales[i * groups + g];
+                        float offset = s4[r * groups + g] * z4[r * groups + g] * x_sums[i * groups + g];
+                        expected += (double)exact * step - offset;
+                        size += fabs((double)exact * step) + fabs(offset);
+                    }
+                    ok &= fabs(y[i * n + r] - expected) <= 4e-6 * size;
+                }
+        }
+    }
+    check(ok, "int8 and int4 integer dot products are exact, at the int32 lane bound too");
+
     /* MXFP4 rows (e2m1 pairs, an E8M0 scale per 32 inputs) on float32 x split into even/odd inputs:
      * within the float32 summation-order bound gamma(K + 1) * sum |w x| of the exact sum */
     static uint8_t wmx[N * K / 2], smx[N * K / 32];

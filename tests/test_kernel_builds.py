@@ -56,6 +56,38 @@ def test_the_best_level_the_cpu_runs_is_chosen(monkeypatch):
     assert build.chosen_level() == (build.LEVELS[-1], False)
 
 
+def arm_cpuinfo(features: str) -> list[str]:
+    """/proc/cpuinfo of an aarch64 Linux machine, one core, with this Features line."""
+    return [line + "\n" for line in ("processor\t: 0", "BogoMIPS\t: 243.75", f"Features\t: {features}",
+                                       "CPU implementer\t: 0x41", "CPU architecture: 8", "CPU variant\t: 0x1",
+                                       "CPU part\t: 0xd40", "CPU revision\t: 1", "")]
+
+
+# The Features lines of three aarch64 machines: Graviton3 (Neoverse V1), Graviton2 (Neoverse N1),
+# Raspberry Pi 4 (Cortex-A72).
+NEOVERSE_V1 = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc dcpop "
+               "sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs paca pacg dcpodp svei8mm svebf16 "
+               "i8mm bf16 dgh rng")
+NEOVERSE_N1 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs"
+CORTEX_A72 = "fp asimd evtstrm crc32 cpuid"
+
+
+@pytest.mark.parametrize(("features", "expected"), [(NEOVERSE_V1, "neon_i8mm"), (NEOVERSE_N1, "neon_dotprod"),
+                                                    (CORTEX_A72, "neon")])
+def test_an_arm_cpu_gets_the_best_neon_level_its_features_line_allows(monkeypatch, features, expected):
+    monkeypatch.delenv("MIMO_CPU_ISA", raising=False)
+    monkeypatch.setattr(build, "_machine", lambda: "aarch64")
+    flags = build.flags_from_cpuinfo(arm_cpuinfo(features))
+    monkeypatch.setattr(build, "cpu_flags", lambda: flags)
+    assert build.chosen_level() == (build.level(expected), False)
+    assert [level.name for level in build.runnable_levels()][-1] == "generic"
+    assert "avx2" not in [level.name for level in build.runnable_levels()]
+    if expected != "neon_i8mm":
+        monkeypatch.setenv("MIMO_CPU_ISA", "neon_i8mm")
+        with pytest.raises(MimoError, match=r"MIMO_CPU_ISA=neon_i8mm: this CPU cannot run that build \(no .*i8mm\)"):
+            build.chosen_level()
+
+
 def test_a_forced_level_the_cpu_cannot_run_or_does_not_know_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"sse2", "avx"}))
     monkeypatch.setenv("MIMO_CPU_ISA", "avx2")
@@ -63,7 +95,7 @@ def test_a_forced_level_the_cpu_cannot_run_or_does_not_know_is_a_one_line_error(
         build.chosen_level()
     assert "\n" not in str(error.value)
     monkeypatch.setenv("MIMO_CPU_ISA", "sse9")
-    with pytest.raises(MimoError, match="must be one of avx512, avx2, neon, generic"):
+    with pytest.raises(MimoError, match="must be one of avx512, avx2, neon_i8mm, neon_dotprod, neon, generic"):
         build.chosen_level()
     monkeypatch.setenv("MIMO_CPU_ISA", "generic")
     assert build.chosen_level() == (build.LEVELS[-1], True)

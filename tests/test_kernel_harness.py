@@ -1,7 +1,8 @@
 """tests/kernel_harness.c, the kernels against naive references in plain C, for every build: the
 host's runnable levels natively, the AVX-512 one compiled (not run) where this CPU lacks it, and
-the aarch64 builds (NEON and generic) cross-compiled and run under qemu-user. CI installs the
-cross compiler and qemu (gcc-aarch64-linux-gnu, qemu-user: .ci/run)."""
+the aarch64 builds (NEON with i8mm, NEON with dot products, NEON, generic) cross-compiled and run
+under qemu-user, each on a CPU model with just what its level needs. CI installs the cross compiler
+and qemu (gcc-aarch64-linux-gnu, qemu-user: .ci/run)."""
 
 import shutil
 import subprocess
@@ -13,9 +14,16 @@ import pytest
 from mimo_local.kernels import build
 
 HARNESS = Path(__file__).with_name("kernel_harness.c")
-CHECKS = 8
+CHECKS = 9
 CROSS_COMPILER, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+CROSS_OBJDUMP = shutil.which("aarch64-linux-gnu-objdump")
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
+AARCH64_LEVELS = [level.name for level in build.LEVELS if level.machine == "aarch64"] + ["generic"]
+# The qemu CPU model each aarch64 build runs on: one with the features of its level and no more
+# (Neoverse N1: dot products, no i8mm; Cortex-A53: Armv8.0).
+QEMU_CPUS = {"neon_i8mm": "max", "neon_dotprod": "neoverse-n1", "neon": "cortex-a53", "generic": "cortex-a53"}
+# The instructions of its extension each build must use (and the others must not).
+EXTENSION_INSTRUCTIONS = {"neon_i8mm": {"sdot", "usdot"}, "neon_dotprod": {"sdot"}, "neon": set(), "generic": set()}
 
 
 def compile_harness(compiler: str, flags, output: Path) -> None:
@@ -47,13 +55,17 @@ def test_the_avx512_harness_compiles_where_it_cannot_run(tmp_path):
     assert b"avx512\0" in (tmp_path / "harness-avx512").read_bytes()
 
 
-@pytest.mark.skipif(not (CROSS_COMPILER and QEMU and Path(AARCH64_SYSROOT).is_dir()),
+@pytest.mark.skipif(not (CROSS_COMPILER and CROSS_OBJDUMP and QEMU and Path(AARCH64_SYSROOT).is_dir()),
                     reason="needs gcc-aarch64-linux-gnu and qemu-user (installed by .ci/run)")
-@pytest.mark.parametrize("level", ["neon", "generic"])
-def test_the_aarch64_builds_pass_under_qemu(tmp_path, level):
+@pytest.mark.parametrize("level", AARCH64_LEVELS)
+def test_the_aarch64_builds_pass_under_qemu_and_use_their_extensions(tmp_path, level):
     program = tmp_path / f"harness-aarch64-{level}"
     compile_harness(CROSS_COMPILER, build.level(level).flags, program)
-    assert_passes([QEMU, "-L", AARCH64_SYSROOT, str(program)], level)
+    assert_passes([QEMU, "-cpu", QEMU_CPUS[level], "-L", AARCH64_SYSROOT, str(program)], level)
+    listing = subprocess.run([CROSS_OBJDUMP, "-d", str(program)], capture_output=True, text=True, check=True).stdout
+    rows = [line.split("\t") for line in listing.splitlines()]  # "  addr:", "bytes ", "mnemonic", "operands"
+    mnemonics = {fields[2].split()[0] for fields in rows if len(fields) > 2 and fields[2].strip()}
+    assert mnemonics & {"sdot", "udot", "usdot", "sudot", "smmla", "ummla", "usmmla"} == EXTENSION_INSTRUCTIONS[level]
 
 
 @pytest.mark.skipif(build.compiler() is None, reason="no C compiler on this machine")

@@ -2,9 +2,10 @@
 chosen at run time (from its feature flags, not from how the build machine happened to be).
 
 Levels, best first: `avx512` (x86-64-v4, plus AVX512-VNNI / AVX512-BF16 where the CPU has them),
-`avx2` (x86-64-v3: AVX2, FMA, F16C, plus AVX-VNNI where present), `neon` (aarch64) and `generic` (the compiler's default target,
-plain C without intrinsics).
-MIMO_CPU_ISA=avx512|avx2|generic forces one (an error where this CPU cannot run it);
+`avx2` (x86-64-v3: AVX2, FMA, F16C, plus AVX-VNNI where present), `neon_i8mm` (aarch64 with the dot-product
+and int8 matrix-multiply extensions), `neon_dotprod` (aarch64 with the dot-product extension), `neon` (baseline
+aarch64) and `generic` (the compiler's default target, plain C without intrinsics).
+MIMO_CPU_ISA=<level> forces one (an error where this CPU cannot run it);
 MIMO_CPU_KERNELS=0 turns the kernels off (torch's ops run). Builds are cached under
 ~/.cache/mimo-local/kernels, keyed by the sources, the compiler (path and version) and the flags.
 A build that fails prints one line to stderr, once per process, and the torch path runs.
@@ -28,6 +29,8 @@ from pathlib import Path
 from mimo_local.errors import MimoError
 
 _X86_64_V3 = frozenset("avx avx2 bmi1 bmi2 f16c fma abm movbe xsave".split())
+# What -march=armv8.2-a lets the compiler use beyond Armv8.0 (LSE atomics, rounding doubling multiply-add)
+_ARMV8_2 = frozenset({"asimd", "atomics", "asimdrdm"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ LEVELS = (
     IsaLevel("avx512", ("-march=x86-64-v4",), _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
              (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")), machine="x86_64"),
     IsaLevel("avx2", ("-march=x86-64-v3",), _X86_64_V3, (("avx_vnni", "-mavxvnni"),), machine="x86_64"),
+    IsaLevel("neon_i8mm", ("-march=armv8.2-a+dotprod+i8mm",), _ARMV8_2 | {"asimddp", "i8mm"}, machine="aarch64"),
+    IsaLevel("neon_dotprod", ("-march=armv8.2-a+dotprod",), _ARMV8_2 | {"asimddp"}, machine="aarch64"),
     IsaLevel("neon", (), frozenset({"asimd"}), machine="aarch64"),
     IsaLevel("generic", ("-DMIMO_PLAIN_C",), frozenset()),
 )
@@ -77,9 +82,14 @@ def cpu_flags() -> frozenset[str]:
     /proc/cpuinfo has none: generic)."""
     try:
         with open("/proc/cpuinfo") as handle:
-            line = next((line for line in handle if line.startswith(("flags", "Features"))), "")
+            return flags_from_cpuinfo(handle)
     except OSError:
-        line = ""
+        return frozenset()
+
+
+def flags_from_cpuinfo(lines) -> frozenset[str]:
+    """The feature flags of the first "flags" (x86) or "Features" (ARM) line of /proc/cpuinfo's text."""
+    line = next((line for line in lines if line.startswith(("flags", "Features"))), "")
     return frozenset(line.partition(":")[2].split())
 
 

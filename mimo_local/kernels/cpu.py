@@ -3,7 +3,7 @@
 `linear(x, weight, bias)` is F.linear for the few-token case (decode, speculative verify): it
 streams the weights once at memory bandwidth, which torch's bf16 GEMV on CPU does not reach.
 Any case it does not cover (GPU tensors, many tokens, other dtypes, no compiler) goes to F.linear.
-The library is built for the best ISA level the CPU runs (build.py: AVX-512, AVX2, generic), and
+The library is built for the best ISA level the CPU runs (build.py: AVX-512, AVX2, NEON, generic), and
 a weight shape on which torch's own op is faster on this machine goes to torch (choice.py).
 """
 
@@ -30,7 +30,7 @@ def load_compiled(source_path: Path) -> ctypes.CDLL | None:
 
 
 def active_isa() -> str:
-    """The ISA level of the kernels that run ("avx512", "avx2", "generic"), or "torch" where none do."""
+    """The ISA level of the kernels that run (a name of build.LEVEL_NAMES), or "torch" where none do."""
     lib = library()
     return "torch" if lib is None else lib.isa_name
 

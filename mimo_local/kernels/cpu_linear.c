@@ -2,9 +2,10 @@
  *
  * Decode reads every weight once per token, so speed is memory bandwidth: each thread streams a
  * contiguous block of rows of W once and applies it to all M rows of x held in cache.
- * Compiled on first use once per ISA level (build.py: AVX-512, AVX2+FMA, NEON, generic), the
- * level the CPU runs picked at load time; within one build the paths are picked at compile time
- * (MIMO_AVX512F, MIMO_AVX2, MIMO_NEON below), with plain C loops (auto-vectorized) otherwise.
+ * Compiled on first use once per ISA level (build.py: AVX-512, AVX2+FMA, NEON with i8mm, NEON with
+ * dot products, NEON, generic), the level the CPU runs picked at load time; within one build the
+ * paths are picked at compile time (MIMO_AVX512F, MIMO_AVX2, MIMO_NEON below), with plain C loops
+ * (auto-vectorized) otherwise.
  * OpenMP resolves to the libgomp torch already loaded, so torch's ops and these share one thread
  * pool.
  */
@@ -42,6 +43,12 @@ static inline int omp_get_thread_num(void) { return 0; }
 #if defined(__aarch64__) && defined(__ARM_NEON) && !defined(MIMO_PLAIN_C)
 #define MIMO_NEON 1
 #include <arm_neon.h>
+#if defined(__ARM_FEATURE_DOTPROD)
+#define MIMO_NEON_DOTPROD 1 /* sdot: 16 byte multiply-adds into 4 int32 lanes (Cortex-A76, Neoverse N1...) */
+#endif
+#if defined(__ARM_FEATURE_MATMUL_INT8) && defined(MIMO_NEON_DOTPROD)
+#define MIMO_NEON_I8MM 1 /* usdot: unsigned by signed bytes (Neoverse V1/N2, Apple M2...) */
+#endif
 #endif
 
 #if defined(MIMO_AVX2)
@@ -117,6 +124,10 @@ const char *kernel_isa(void) {
     return "avx512";
 #elif defined(MIMO_AVX2)
     return "avx2";
+#elif defined(MIMO_NEON_I8MM)
+    return "neon_i8mm";
+#elif defined(MIMO_NEON_DOTPROD)
+    return "neon_dotprod";
 #elif defined(MIMO_NEON)
     return "neon";
 #else

@@ -4,7 +4,8 @@
  * and applied to every row of x (float32, from L1). Each block of weights is dequantized once in
  * registers and used for all M rows of x; the result equals dequantize-then-matmul up to float
  * rounding. Layouts are documented in quant.py. Built once per ISA level as cpu_linear.c is: the
- * AVX-512 paths (VNNI where the CPU has it), AVX2+FMA paths, or plain C.
+ * AVX-512 paths (VNNI where the CPU has it), AVX2+FMA paths, NEON byte dot products (dotprod, i8mm),
+ * or plain C.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -16,12 +17,14 @@
 
 /* Integer dot products for bfloat16 activations quantized once per call: 512 (AVX512-VNNI), 256
  * (AVX2: AVX-VNNI's vpdpbusd / vpdpwssd where the CPU has it, else vpmaddubsw / vpmaddwd, the same
- * integer sums in more instructions) or 1 (plain C, which the compiler vectorizes for the target it
- * has, e.g. NEON). */
+ * integer sums in more instructions), 128 (NEON sdot, with usdot where the CPU has i8mm) or 1
+ * (plain C, which the compiler vectorizes for the target it has, e.g. baseline NEON). */
 #if defined(MIMO_AVX512VNNI)
 #define INT_DOT 512
 #elif defined(MIMO_AVX2)
 #define INT_DOT 256
+#elif defined(MIMO_NEON_DOTPROD)
+#define INT_DOT 128
 #else
 #define INT_DOT 1
 #endif
@@ -156,6 +159,48 @@ ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, 
             acc[t] = _mm512_add_ps(acc[t], _mm512_cvtepi32_ps(_mm512_add_epi32(exact[t][0], exact[t][1])));
     }
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]);
+}
+#elif INT_DOT == 128
+/* NEON has byte dot products only: each int16 input is 256 * hi + lo, hi its signed high byte and lo
+ * its unsigned low byte (vld2q_s8 splits 16 inputs so), and w . x = 256 * (w . hi) + w . lo. usdot
+ * (i8mm) takes lo as it is; sdot takes lo - 128 (its top bit flipped) and 128 * sum(w), the same for
+ * every token, is added back. A lane's exact sum over INT8_FLUSH inputs (512 products of at most
+ * 128 * 32767) fits int32; its parts wrap modulo 2^32 and add up to it. */
+ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
+    float32x4_t acc[TOKENS_PER_PASS];
+    for (int t = 0; t < tokens; t++) acc[t] = vdupq_n_f32(0.f);
+    for (int64_t chunk = 0; chunk < k; chunk += INT8_FLUSH) {
+        int64_t end = chunk + INT8_FLUSH < k ? chunk + INT8_FLUSH : k;
+        int32x4_t high[TOKENS_PER_PASS], low[TOKENS_PER_PASS];
+        for (int t = 0; t < tokens; t++) high[t] = low[t] = vdupq_n_s32(0);
+#if !defined(MIMO_NEON_I8MM)
+        const int8x16_t ones = vdupq_n_s8(1), top_bit = vdupq_n_s8(-128);
+        int32x4_t weight_sum = vdupq_n_s32(0);
+#endif
+        for (int64_t j = chunk; j < end; j += 16) {
+            int8x16_t wv = vld1q_s8(w + j);
+#if !defined(MIMO_NEON_I8MM)
+            weight_sum = vdotq_s32(weight_sum, wv, ones);
+#endif
+            for (int t = 0; t < tokens; t++) {
+                int8x16x2_t bytes = vld2q_s8((const int8_t *)(x + t * k + j)); /* [0]: low bytes, [1]: high */
+                high[t] = vdotq_s32(high[t], wv, bytes.val[1]);
+#if defined(MIMO_NEON_I8MM)
+                low[t] = vusdotq_s32(low[t], vreinterpretq_u8_s8(bytes.val[0]), wv);
+#else
+                low[t] = vdotq_s32(low[t], wv, veorq_s8(bytes.val[0], top_bit));
+#endif
+            }
+        }
+        for (int t = 0; t < tokens; t++) {
+            int32x4_t exact = vaddq_s32(vshlq_n_s32(high[t], 8), low[t]);
+#if !defined(MIMO_NEON_I8MM)
+            exact = vaddq_s32(exact, vshlq_n_s32(weight_sum, 7));
+#endif
+            acc[t] = vaddq_f32(acc[t], vcvtq_f32_s32(exact));
+        }
+    }
+    for (int t = 0; t < tokens; t++) sums[t] = vaddvq_f32(acc[t]);
 }
 #else
 ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
@@ -364,6 +409,36 @@ ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const fl
         }
     }
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]) - offset[t];
+}
+#elif INT_DOT == 128
+/* sdot: the nibbles (0..15) are signed bytes as they are; low and high nibbles in two int32 chains. */
+ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
+                                 const int8_t *x_odd, const float *x_scales, const float *x_sums, int64_t k,
+                                 int64_t groups, int64_t blocks_per_group, int tokens, float *sums) {
+    const int64_t half = k / 2;
+    const uint8x16_t low_mask = vdupq_n_u8(0x0F);
+    float32x4_t acc[TOKENS_PER_PASS];
+    float offset[TOKENS_PER_PASS];
+    for (int t = 0; t < tokens; t++) { acc[t] = vdupq_n_f32(0.f); offset[t] = 0.f; }
+    for (int64_t g = 0; g < groups; g++) {
+        int32x4_t exact_lo[TOKENS_PER_PASS], exact_hi[TOKENS_PER_PASS];
+        for (int t = 0; t < tokens; t++) exact_lo[t] = exact_hi[t] = vdupq_n_s32(0);
+        for (int64_t j = g * blocks_per_group * 64; j < (g + 1) * blocks_per_group * 64; j += 16) {
+            uint8x16_t bytes = vld1q_u8(w + j);
+            int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(bytes, low_mask));
+            int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4));
+            for (int t = 0; t < tokens; t++) {
+                exact_lo[t] = vdotq_s32(exact_lo[t], lo, vld1q_s8(x_even + t * half + j));
+                exact_hi[t] = vdotq_s32(exact_hi[t], hi, vld1q_s8(x_odd + t * half + j));
+            }
+        }
+        for (int t = 0; t < tokens; t++) {
+            acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(vaddq_s32(exact_lo[t], exact_hi[t])),
+                               vdupq_n_f32(scales[g] * x_scales[t * groups + g]));
+            offset[t] += scales[g] * zeros[g] * x_sums[t * groups + g];
+        }
+    }
+    for (int t = 0; t < tokens; t++) sums[t] = vaddvq_f32(acc[t]) - offset[t];
 }
 #else
 ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const float *zeros, const int8_t *x_even,
