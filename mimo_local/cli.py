@@ -121,6 +121,10 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    think: Optional[bool] = typer.Option(
+        None, "--think/--no-think", help="Let the model reason first, or not. Default: the model's chat template "
+        "decides (MiMo-V2-Flash: off; MiMo-V2.5, V2.6: on)."
+    ),
     ignore_eos: bool = typer.Option(
         False, "--ignore-eos", help="Go on past end-of-text tokens up to --max-tokens (benchmarks, long outputs)."
     ),
@@ -170,10 +174,12 @@ def run(
         settings.validate()
         if raw and system:
             raise MimoError("--raw sends the prompt as it is, without the chat template: --system cannot go with it")
+        if raw and think is not None:
+            raise MimoError("--raw sends the prompt as it is, without the chat template: --think/--no-think cannot go with it")
         if draft_tokens < 0 or (draft_vocab or 0) < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
         if server:
-            return _run_on_server(server, text, settings, model, system, raw, ignore_eos, api_key, as_json)
+            return _run_on_server(server, text, settings, model, system, raw, think, ignore_eos, api_key, as_json)
         model_dir = _resolve_model_for_run(model, yes)
         context = context_estimate(text + (system or ""), max_tokens)
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=context,
@@ -183,7 +189,7 @@ def run(
         front.plan = engine.plan
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
         with PrefillBar() as bar:
-            events = engine.stream(engine.prompt_ids(text, system=system, raw=raw), settings,
+            events = engine.stream(engine.prompt_ids(text, system=system, raw=raw, thinking=think), settings,
                                    eos_ids=() if ignore_eos else None, on_prefill=bar, **speculation)
             stats = None
             for event in events:
@@ -201,11 +207,11 @@ def run(
         save_recorded(engine.model, engine.path)
 
 
-def _run_on_server(url, text, settings, model, system, raw, ignore_eos, api_key, as_json) -> None:
+def _run_on_server(url, text, settings, model, system, raw, think, ignore_eos, api_key, as_json) -> None:
     from .serve.client import remote_run
 
-    for piece in remote_run(url, text, settings, model=model, system=system, raw=raw, ignore_eos=ignore_eos,
-                            api_key=api_key):
+    for piece in remote_run(url, text, settings, model=model, system=system, raw=raw, thinking=think,
+                            ignore_eos=ignore_eos, api_key=api_key):
         if isinstance(piece, dict):
             stats = piece
         elif not as_json:
@@ -507,7 +513,8 @@ def make_tiny(
 
 @app.command()
 def quantize(
-    source: str = typer.Argument(..., help="bf16 or FP8 checkpoint: directory, alias, demo model or hub repo id."),
+    source: str = typer.Argument(..., help="bf16 or FP8 checkpoint (FP8 + MXFP4 experts too: those are kept as "
+                                 "stored): directory, alias, demo model or hub repo id."),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped recipe name (int8, int4-g128, gptq-int4-g128, "
                                "nf4, bnb-int8, v2flash-mixed) or a YAML file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (rerun to resume an interrupted run)."),
@@ -520,7 +527,10 @@ def quantize(
     yes: bool = yes_option(),
     debug: bool = debug_option(),
 ):
-    """Quantize SOURCE with a recipe into OUT (GPTQ or bitsandbytes layout), shard by shard."""
+    """Quantize SOURCE with a recipe into OUT (GPTQ or bitsandbytes layout), shard by shard.
+
+    Routed experts a checkpoint stores as MXFP4 (MiMo-V2.6) are kept as stored (already 4.25 bits:
+    requantizing would only add error); the recipe quantizes everything else."""
     from rich.console import Console
 
     from .store.resolve import resolve_model
@@ -542,6 +552,8 @@ def quantize(
         line += f" in {result.seconds:.1f} s"
         if result.rtn_fallbacks:
             line += f"; {len(result.rtn_fallbacks)} rarely routed weights fell back to round-to-nearest"
+        if result.kept_mxfp4:
+            line += f"; {result.kept_mxfp4} MXFP4 expert weights kept as stored"
         console.print(line)
         if evaluate:
             console.print(table([evaluate_quality(out, source, tokens=eval_tokens)]))

@@ -16,6 +16,7 @@ from .offload.hotness import start_recording
 from .offload.options import with_budgets
 from .offload.plan import MemoryPlan, PlanRequest, make_plan
 from .sampling import SamplingSettings
+from .thinking import generation_prompt
 from .tokenizer import ChatTokenizer
 
 
@@ -67,13 +68,15 @@ class Engine:
     def config(self):
         return self.model.config
 
-    def prompt_ids(self, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str, system: str | None = None, raw: bool = False,
+                   thinking: bool | None = None) -> list[int]:
+        """`thinking` None: the chat template's default (thinking.py)."""
         if raw:
             return self.tokenizer.encode(prompt)
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
-        return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+        return self.tokenizer.encode(generation_prompt(self.tokenizer, messages, thinking)[0])
 
     def speculation(self, mtp: bool | None, draft_tokens: int = 0, draft_vocab: int | None = None) -> dict:
         """stream() arguments for MTP speculation: on by default when the checkpoint has MTP layers,

@@ -82,7 +82,9 @@ def test_v26_experts_load_as_stored_and_compute_like_the_float_twin(v26, decode_
 
 def test_v26_runs_plans_and_shows_its_parameters(v26):
     hub, twin = v26
-    runs = [CliRunner().invoke(app, ["run", "-m", str(path), "--temperature", "0", "-n", "8", "--json", "Hi"])
+    # "Hi" in the V2.5 template has a 0.004 top-2 tie at its third step, where MTP's batched
+    # verification may go either way: a prompt without one
+    runs = [CliRunner().invoke(app, ["run", "-m", str(path), "--temperature", "0", "-n", "8", "--json", "Hello"])
             for path in (hub, twin)]
     assert all(run.exit_code == 0 for run in runs), [run.output for run in runs]
     assert json.loads(runs[0].stdout)["token_ids"] == json.loads(runs[1].stdout)["token_ids"]
@@ -92,9 +94,3 @@ def test_v26_runs_plans_and_shows_its_parameters(v26):
     assert "mxfp4 experts" in report["weights_format"]
     experts = 5 * 8 * 3 * 32 * 64  # MoE layers x experts x (gate, up, down) x 32 x 64 weights
     assert report["weight_bytes"]["cpu"]["experts"] == experts * 4.25 / 8
-
-
-def test_quantize_refuses_mxfp4_experts_in_one_line(v26, tmp_path):
-    result = CliRunner().invoke(app, ["quantize", str(v26[0]), "--recipe", "int8", "--out", str(tmp_path / "q")])
-    assert result.exit_code == 1 and "routed experts are MXFP4 already" in result.output, result.output
-    assert len(result.output.strip().splitlines()) == 1

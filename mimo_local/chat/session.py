@@ -13,11 +13,9 @@ from typing import Iterator
 from ..budget import spare_slots
 from ..errors import MimoError
 from ..generate import DoneEvent, GenerationStats, TokenEvent
+from ..thinking import generation_prompt, prompt_opens_thinking
 from .settings import ChatSettings
 
-# With /think off the assistant turn starts with an empty thinking block, the way MiMo's and Qwen3's
-# templates switch reasoning off; it works with any ChatML template.
-EMPTY_THINKING = "<think>\n\n</think>\n\n"
 MAX_DEFAULT_CONTEXT = 32768
 
 
@@ -55,6 +53,7 @@ class ChatSession:
         self.last_stats: GenerationStats | None = None
         self.last_turn: TurnInfo | None = None
         self.on_prefill = None  # the front end's progress callback: (prompt tokens read, prompt tokens)
+        self.answer_prefix = ""  # what the last prompt appended after the template's output
         self.use_engine(engine, model_name)
 
     # -- model and cache ---------------------------------------------------------------------------
@@ -83,18 +82,20 @@ class ChatSession:
 
     # -- conversation ------------------------------------------------------------------------------
 
-    def generation_prefix(self) -> str:
-        return "" if self.settings.think else EMPTY_THINKING
+    def prompt_text(self, messages: list[dict]) -> tuple[str, str]:
+        """The prompt for `messages` with /think on or off (the template's `enable_thinking`), and the
+        empty think block appended after the template's output when thinking is off and the template
+        has no switch of its own (it begins the answer, so the answer is stored with it)."""
+        conversation = ([{"role": "system", "content": self.system}] if self.system else []) + messages
+        return generation_prompt(self.engine.tokenizer, conversation, self.settings.think)
 
     def render(self, messages: list[dict]) -> list[int]:
-        conversation = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        text = self.engine.tokenizer.render_chat(conversation) + self.generation_prefix()
+        text, self.answer_prefix = self.prompt_text(messages)
         return self.engine.tokenizer.encode(text)
 
     def thinking_opened_by_prompt(self) -> bool:
         """Whether the rendered prompt already opened a <think> block the answer continues."""
-        tail = self.engine.tokenizer.render_chat([{"role": "user", "content": ""}]) + self.generation_prefix()
-        return tail.rstrip().endswith("<think>")
+        return prompt_opens_thinking(self.prompt_text([{"role": "user", "content": ""}])[0])
 
     def _fitting_prompt(self) -> tuple[list[int], int]:
         """Token ids of the conversation in context, dropping oldest turns if the settings allow."""
@@ -153,7 +154,7 @@ class ChatSession:
         finally:
             events.close()
             if pieces or not self.last_turn.stopped:  # an error before the first token leaves no answer
-                self.messages.append({"role": "assistant", "content": self.generation_prefix() + "".join(pieces)})
+                self.messages.append({"role": "assistant", "content": self.answer_prefix + "".join(pieces)})
 
     def regenerate(self) -> Iterator[TokenEvent | DoneEvent]:
         if self.messages and self.messages[-1]["role"] == "assistant":

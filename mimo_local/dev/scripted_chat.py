@@ -27,6 +27,7 @@ from tokenizers import AddedToken
 
 from ..checkpoint import INDEX_FILE, write_safetensors
 from ..errors import MimoError
+from ..thinking import EMPTY_THINKING, generation_prompt
 from .tiny import make_bigram_with_oracle_mtp, make_checkpoint
 from .tokenizer_files import corpus, train_tokenizer, write_tokenizer_files
 
@@ -37,13 +38,12 @@ TOOL_ANSWER = "Checking now!"
 THINK_TAGS = ["<think>", "</think>"]
 LOGIT_SCALE = 12.0
 TEMPLATES_DIR = Path(__file__).parent / "templates"
-TEMPLATES = {"mimo-v2-flash": "mimo-v2-flash.jinja", "mimo-7b": "mimo-7b.jinja"}
-CHAT_THINKING_OFF = "<think>\n\n</think>\n\n"  # what `mimo chat --no-think` appends to the prompt
+TEMPLATES = {"mimo-v2-flash": "mimo-v2-flash.jinja", "mimo-v2.5": "mimo-v2.5.jinja", "mimo-7b": "mimo-7b.jinja"}
 PIECE_LENGTHS = (3, 5, 4, 6, 7)  # the cycle of piece lengths tool-call text is cut into
 
 
 def chat_template(name: str) -> str:
-    """A MiMo chat template shipped for test checkpoints: "mimo-v2-flash" or "mimo-7b"."""
+    """A MiMo chat template shipped for test checkpoints: "mimo-v2-flash", "mimo-v2.5" or "mimo-7b"."""
     if name not in TEMPLATES:
         raise MimoError(f"unknown chat template '{name}' (choose from {', '.join(TEMPLATES)})")
     return (TEMPLATES_DIR / TEMPLATES[name]).read_text()
@@ -90,7 +90,7 @@ def make_scripted_chat_checkpoint(
     known = tokenizer.get_vocab_size()
 
     def usable(piece: str) -> bool:  # a new token, and never the end of a generation prompt
-        tails = ("<|im_start|>assistant\n<think></think>", CHAT_THINKING_OFF)
+        tails = ("<|im_start|>assistant\n<think></think>", EMPTY_THINKING)
         return tokenizer.token_to_id(piece) is None and not any(piece in tail for tail in tails)
 
     pieces = _cut_into_pieces(calls_text, usable)
@@ -180,7 +180,7 @@ def _generation_prompts(tokenizer, tool_calls: list[dict]):
                 yield prompt, "answer"
             else:
                 yield prompt, "think"
-    yield tokenizer.render_chat(messages) + CHAT_THINKING_OFF, "answer"
+    yield generation_prompt(tokenizer, messages, False)[0], "answer"  # `mimo chat --no-think`
 
 
 def _set_chat_template(out_dir: Path, template: str) -> None:

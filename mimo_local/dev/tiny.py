@@ -19,8 +19,8 @@ import torch
 
 from ..checkpoint import INDEX_FILE, quantize_fp8_blocks, write_safetensors_streamed
 from ..errors import MimoError
-from .tiny_releases import RELEASES, flash_twin, release_config, release_tensors, write_release
-from .tokenizer_files import train_tokenizer, write_tokenizer_files
+from .tiny_releases import RELEASES, flash_twin, release_chat_template, release_config, release_tensors, write_release
+from .tokenizer_files import CHATML_TEMPLATE, train_tokenizer, write_tokenizer_files
 
 PRESETS = {
     "mimo": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -250,7 +250,8 @@ def make_checkpoint(
     config = hub_config(family, shape, fp8)
     if release is not None:
         config = release_config(config, release)
-    special = write_tokenizer_files(temporary, _tokenizer(min(TOKENIZER_VOCAB, shape["vocab_size"])))
+    template = release_chat_template(release) if release is not None else CHATML_TEMPLATE
+    special = write_tokenizer_files(temporary, _tokenizer(min(TOKENIZER_VOCAB, shape["vocab_size"])), template)
     config.update(bos_token_id=None, eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"])
     generation = {"eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]], "transformers_version": "4.51.0"}
     (temporary / "generation_config.json").write_text(json.dumps(generation, indent=2))

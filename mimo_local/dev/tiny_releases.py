@@ -27,6 +27,8 @@ import torch
 from ..checkpoint import INDEX_FILE, dequantize_fp8_blocks, quantize_fp8_blocks, write_safetensors
 
 RELEASES = {"mimo_v2.5": "v2.5", "mimo_v2.6": "v2.6"}
+# V2.5 and V2.6 ship the same template as far as the public record shows (templates/README.md)
+RELEASE_TEMPLATES = {"v2.5": "mimo-v2.5.jinja", "v2.6": "mimo-v2.5.jinja"}
 EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # e2m1 codes 0-7; 8-15 the negatives
 QKV_PARTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
@@ -41,6 +43,10 @@ ENCODER_SHAPES = {  # a few tensors of each encoder, shrunk
     "audio_encoder.input_local_transformer.layers.0.self_attn.q_proj.weight": (16, 16),
     "audio_encoder.projection.mlp.0.weight": (64, 16),
 }
+
+
+def release_chat_template(release: str) -> str:
+    return (Path(__file__).parent / "templates" / RELEASE_TEMPLATES[release]).read_text()
 
 
 def release_config(flash_config: dict, release: str) -> dict:

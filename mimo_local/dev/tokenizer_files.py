@@ -49,7 +49,7 @@ def train_tokenizer(vocab_size: int = 1024, texts: list[str] | None = None) -> T
     return tokenizer
 
 
-def write_tokenizer_files(out_dir: Path, tokenizer: Tokenizer) -> dict[str, int]:
+def write_tokenizer_files(out_dir: Path, tokenizer: Tokenizer, chat_template: str = CHATML_TEMPLATE) -> dict[str, int]:
     """tokenizer.json + tokenizer_config.json as the MiMo repos ship them; returns special ids."""
     out_dir = Path(out_dir)
     tokenizer.save(str(out_dir / "tokenizer.json"))
@@ -70,7 +70,7 @@ def write_tokenizer_files(out_dir: Path, tokenizer: Tokenizer) -> dict[str, int]
         },
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "bos_token": None,
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",

@@ -1,5 +1,10 @@
 """`mimo quantize`: a bf16 or FP8 hub checkpoint -> a quantized checkpoint in a standard layout.
 
+Routed experts stored as MXFP4 (MiMo-V2.6) are copied as they are, whatever the recipe: they are
+4.25 bits a weight already, so int4 would re-round them for no space (and int8 double them) while
+adding error; the recipe quantizes the rest (attention, dense FFNs, MTP, lm_head). The output then
+holds GPTQ (or bitsandbytes) weights beside MXFP4 ones, each read as it is stored.
+
 Streams unit by unit (the shell tensors one at a time, each decoder / MTP layer whole) and writes an
 output shard, atomically, as soon as every tensor it holds is done, so memory stays near one source
 layer plus the output shards in flight plus the calibration state. After each shard a progress file
@@ -27,7 +32,7 @@ from ..checkpoint import INDEX_FILE, Checkpoint, read_header, write_safetensors
 from ..config import load_config, read_raw_config
 from ..errors import MimoError
 from ..models.layers import RotaryEmbedding, Router
-from . import formats, manifest, runtime
+from . import formats, manifest, mxfp4, runtime
 from .calibration import calibration_ids
 from .gptq import HessianAccumulator
 from .loading import linear_targets
@@ -60,6 +65,13 @@ class QuantizeResult:
     shards_skipped: int
     seconds: float
     rtn_fallbacks: list[str]
+    kept_mxfp4: int = 0  # MXFP4 weights copied as stored
+
+
+def stored_mxfp4(checkpoint: Checkpoint) -> set[str]:
+    """The weights the checkpoint holds as MXFP4 (uint8 bytes beside a `_scale`, quant/mxfp4.py)."""
+    entries = checkpoint.entries
+    return {name for name, entry in entries.items() if mxfp4.is_mxfp4(entry.dtype, name + "_scale" in entries)}
 
 
 class Interrupted(Exception):
@@ -103,16 +115,14 @@ class QuantizeJob:
         self.raw_config = read_raw_config(source)
         if (self.raw_config.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
             raise MimoError(f"{source} is already quantized; quantize a bf16 or FP8 checkpoint")
-        if self.config.mxfp4_block_size:
-            raise MimoError(f"{source}: its routed experts are MXFP4 already (4.25 bits); quantizing such a "
-                            f"checkpoint is not supported yet: run it as it is")
         self.checkpoint = Checkpoint(source, self.config.fp8_block_size, self.config)
+        self.kept_mxfp4 = sorted(stored_mxfp4(self.checkpoint))
         num_mtp = count_mtp_layers(self.config, self.checkpoint)
         self.config = dataclasses.replace(self.config, num_mtp_layers=num_mtp)
         self.model = build_meta_model(self.config, num_mtp, torch.float32)
         self.targets = family_module(self.config).weight_map(self.model).targets
         shapes = {n: e.shape for n, e in self.checkpoint.entries.items() if not n.endswith("_scale_inv")}
-        self.plan = recipe.plan(shapes, set(linear_targets(self.model, self.targets)))
+        self.plan = recipe.plan(shapes, set(linear_targets(self.model, self.targets)) - set(self.kept_mxfp4))
         if not self.plan:
             raise MimoError(f"recipe '{recipe.name}' quantizes no tensor of {source}")
         self.units = self._units()
@@ -286,7 +296,7 @@ class QuantizeJob:
         done = self._start_output()
         skipped = len(done)
         if (self.out / manifest.MANIFEST).exists() and skipped == len(self.shard_names):
-            return QuantizeResult(self.out, 0, skipped, time.perf_counter() - started, [])
+            return QuantizeResult(self.out, 0, skipped, time.perf_counter() - started, [], len(self.kept_mxfp4))
         pending: dict[str, dict] = {shard: {} for shard in self.shard_names if shard not in done}
         written = 0
         calibrator = Calibrator(self) if self.recipe.calibrated else None
@@ -326,7 +336,8 @@ class QuantizeJob:
         if pending:
             raise MimoError(f"internal: shards never completed: {sorted(pending)}")
         self._finish(done)
-        return QuantizeResult(self.out, written, skipped, time.perf_counter() - started, self.rtn_fallbacks)
+        return QuantizeResult(self.out, written, skipped, time.perf_counter() - started, self.rtn_fallbacks,
+                              len(self.kept_mxfp4))
 
     def _finish(self, done: dict) -> None:
         weight_map = {name: shard for shard, names in self.shard_names.items() for name in names}
@@ -352,7 +363,8 @@ class QuantizeJob:
         return tensor
 
     def serialize(self, name: str, hessian: HessianAccumulator | None) -> dict[str, torch.Tensor]:
-        """Output tensors of source tensor `name`: quantized per the plan, or kept (FP8 -> bf16)."""
+        """Output tensors of source tensor `name`: quantized per the plan, or kept (FP8 -> bf16; MXFP4
+        bytes and their scales as stored)."""
         scheme = self.plan.get(name)
         if scheme is None:
             tensor = self.checkpoint.read(name)

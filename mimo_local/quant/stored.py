@@ -3,7 +3,8 @@
 really allocate.
 
 With the weights at hand the safetensors headers say it per tensor: GPTQ `qweight` / `scales`
-shapes give the bits and the group size, a bitsandbytes quant state its block, `SCB` LLM.int8.
+shapes give the bits and the group size, a bitsandbytes quant state its block, `SCB` LLM.int8,
+uint8 bytes beside a `weight_scale` MXFP4 (experts `mimo quantize` kept as stored).
 From config.json alone (`mimo plan` on a bare config) `quantization_config` says it: GPTQ bits,
 group_size, desc_act, `lm_head` and GPTQModel's `dynamic` per-module overrides ('+:regex' /
 '-:regex', first match wins), or bitsandbytes load_in_4bit / load_in_8bit with
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import MimoError
+from . import mxfp4
 from .recipes import KEEP, Scheme
 
 NOT_KEPT = (None, "fp8")  # quant methods the loader turns into float weights
@@ -91,6 +93,8 @@ class StoredQuantization:
             return Scheme("nf4", bits=4, blocksize=out_features * in_features // max(blocks, 1))
         if base + ".SCB" in entries:
             return Scheme("bnb-int8", bits=8)
+        if mxfp4.is_mxfp4(entries[name].dtype, base + ".weight_scale" in entries):  # kept by `mimo quantize`
+            return Scheme("mxfp4", bits=4, blocksize=mxfp4.BLOCK)
         return KEEP
 
     # -- from quantization_config ------------------------------------------------------------------

@@ -16,8 +16,8 @@ CONNECT_TIMEOUT_SECONDS = 10
 
 
 def remote_run(url: str, prompt: str, settings: SamplingSettings, *, model: str | None = None,
-               system: str | None = None, raw: bool = False, ignore_eos: bool = False,
-               api_key: str | None = None) -> Iterator[str | dict]:
+               system: str | None = None, raw: bool = False, thinking: bool | None = None,
+               ignore_eos: bool = False, api_key: str | None = None) -> Iterator[str | dict]:
     """Yields the answer's text pieces, then a dict with GenerationStats.as_dict()'s fields."""
     base = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -35,6 +35,8 @@ def remote_run(url: str, prompt: str, settings: SamplingSettings, *, model: str 
         body["messages"] = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
         body["reasoning_format"] = "none"  # the raw text, <think> block and all, as a local run prints it
+        if thinking is not None:
+            body["chat_template_kwargs"] = {"enable_thinking": thinking}
     pieces, final, used = [], None, None
     for chunk in server_chunks(base, endpoint, body, headers):
         if chunk.get("usage"):
@@ -146,8 +148,9 @@ class RemoteEngine:
         self.config = SimpleNamespace(max_position_embeddings=context)
         self.model = SimpleNamespace(device=self.base, new_cache=lambda size, spare_slots=0: RemoteCache(size))
         self.tokenizer = SimpleNamespace(
-            render_chat=lambda messages, add_generation_prompt=True: self._call(
-                "POST", "/apply-template", {"messages": messages, "add_generation_prompt": add_generation_prompt}
+            render_chat=lambda messages, add_generation_prompt=True, **template_kwargs: self._call(
+                "POST", "/apply-template", {"messages": messages, "add_generation_prompt": add_generation_prompt,
+                                            "chat_template_kwargs": template_kwargs}
             )["prompt"],
             encode=lambda text: self._call("POST", "/tokenize", {"content": text})["tokens"],
         )

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..chat.session import EMPTY_THINKING
 from ..errors import MimoError
+from ..thinking import generation_prompt
 from .parsers import prompt_ends_in_reasoning, tool_format_for
 
 
@@ -74,11 +74,7 @@ def build_chat_prompt(engine, messages: list[dict], tools: list[dict] | None, th
         raise MimoError(f"chat_template_kwargs may not set {', '.join(reserved)}")
     if tools:
         kwargs["tools"] = tools
-    if thinking is not None:
-        kwargs["enable_thinking"] = thinking
-    text = tokenizer.render_chat([template_message(m) for m in messages], **kwargs)
-    if thinking is False and not text.rstrip().endswith("</think>"):
-        text += EMPTY_THINKING
+    text, _ = generation_prompt(tokenizer, [template_message(m) for m in messages], thinking, **kwargs)
     tool_format = tool_format_for(tokenizer.chat_template, engine.config.family)
     return ChatPrompt(text, tokenizer.encode(text), prompt_ends_in_reasoning(text), tool_format)
 
