@@ -18,6 +18,7 @@ import torch
 
 
 class ThreadTuner:
+    FIRST_TRY_AFTER = 8  # steps at the full count first: a short answer never pays for a try
     RETRY_EVERY = 32  # steps between tries of the neighbouring thread counts, doubled while the choice keeps winning
     MOST_PATIENT = 512
     SLOWER = 1.3  # two steps in a row this much slower than the average try the neighbours at once
@@ -71,8 +72,9 @@ class ThreadTuner:
         if self._slow_steps >= 2:
             self.seconds[key] = seconds  # the new level, for the comparison with the tries
         self._since_trial += 1
-        untried = [n for n in self._neighbours() if (rows, n) not in self.seconds]
-        if untried and average is not None or self._slow_steps >= 2 or self._since_trial >= self._patience:
+        untried = any((rows, n) not in self.seconds for n in self._neighbours())
+        first_try = untried and self._since_trial >= self.FIRST_TRY_AFTER
+        if first_try or self._slow_steps >= 2 or self._since_trial >= self._patience:
             for n in self._neighbours():
                 self._trial += [n, n]
             self._since_trial = self._slow_steps = 0
