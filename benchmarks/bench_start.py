@@ -130,8 +130,10 @@ class Ours:
     def _mapped(self) -> tuple[list[Path], int]:
         """The files this load maps (the checkpoint's and its runtime layout) and the bytes it uses."""
         if not hasattr(self, "_mapped_files"):
-            code = ("import json, sys, torch; from mimo_local.loader import load_model; "
-                    f"m = load_model({str(self.model)!r}, torch.bfloat16, quant={None if self.quant == 'none' else self.quant!r}); "
+            quant = None if self.quant == "none" else self.quant
+            code = ("import json; from mimo_local.engine import Engine; from mimo_local.offload.plan import PlanRequest; "
+                    f"m = Engine.load({str(self.model)!r}, device='cpu', quant={quant!r}, "
+                    "placement=PlanRequest(gpu_mem=None, cpu_mem=None, mtp=False)).model; "  # as `mimo run --no-mtp`
                     "print(json.dumps([[str(p) for p in m.mapped_files.paths()], m.mapped_files.used_bytes()]))")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=self.env)
             paths, used = json.loads(out.stdout.strip().splitlines()[-1])

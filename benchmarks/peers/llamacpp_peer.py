@@ -147,7 +147,8 @@ def quantize(llama_cpp, src, dst, ftype_name, threads):
 def is_fresh(gguf, checkpoint):
     if not gguf.exists():
         return False
-    newest_input = max(p.stat().st_mtime for p in checkpoint.iterdir())
+    # Files only: mimo-local's runtime layouts (.mimo-runtime/) change the folder, not the weights.
+    newest_input = max(p.stat().st_mtime for p in checkpoint.iterdir() if p.is_file())
     return gguf.stat().st_mtime > newest_input
 
 
