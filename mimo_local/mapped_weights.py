@@ -37,6 +37,7 @@ LAYOUT_VERSION = 1
 FOLDER = ".mimo-runtime"
 ALIGNMENT = 64  # every tensor starts on a cache line
 PAGE = 4096
+RESIDENCY_STRIDE = 1 << 20
 FREE_SPACE_MARGIN = 1 << 30
 
 
@@ -105,17 +106,18 @@ class MappedFiles:
         return sorted(set(failed))
 
     def resident_fraction(self) -> float:
-        """The fraction of the used pages that are in the page cache (mincore)."""
+        """The fraction of the used pages that are in the page cache (mincore), estimated from one
+        page per RESIDENCY_STRIDE: asking for every page of a 15 GB model took 0.3 s of each start."""
         if libc() is None:
             return 1.0  # cannot tell: assume warm
         resident = total = 0
+        vector = (ctypes.c_ubyte * 1)()
         for _, address, begin, end in self._each_span():
-            pages = -(-(end - begin) // PAGE)  # mincore writes one byte per page, a partial last one too
-            vector = (ctypes.c_ubyte * pages)()
-            if libc().mincore(ctypes.c_void_p(address), ctypes.c_size_t(end - begin), vector) != 0:
-                return 1.0  # cannot tell: assume warm
-            resident += pages - bytes(vector).count(0)
-            total += pages
+            for offset in range(0, end - begin, RESIDENCY_STRIDE):
+                if libc().mincore(ctypes.c_void_p(address + offset), ctypes.c_size_t(PAGE), vector) != 0:
+                    return 1.0  # cannot tell: assume warm
+                resident += vector[0] & 1
+                total += 1
         return resident / total if total else 1.0
 
     def read_ahead(self, advance=None) -> None:
