@@ -17,8 +17,9 @@ llama.cpp has none for MiMo); peak RSS of one process (wait4's ru_maxrss) and th
 two processes decoding at once (shared weights count once).
 llama.cpp gets the same checkpoint converted to GGUF (bf16 / q8_0 / q4_K_M, by
 benchmarks/peers/llamacpp_peer.py, cached) and runs `llama-completion -no-cnv` the same way (-n 1, cold and warm),
-`llama-bench -p 0 -n --gen-tokens` for decode. The disk's read rate is measured on the model folder's
-files; "read at disk rate" is the time to read what a cold start must read at that rate (ours: the
+`llama-bench -p 0 -n --gen-tokens` for decode. The disk's read rate is measured on each engine's files
+right before its cold start; "read at disk rate" is the time to read what a cold start must read at
+that rate (ours: the
 byte ranges its load maps, from the checkpoint and its runtime layout; llama.cpp: its GGUF).
 Prints one JSON line per row and a table.
 """
@@ -39,10 +40,6 @@ PEER = HERE / "peers" / "llamacpp_peer.py"
 LLAMACPP_PYTHON = "/work/llvenv/bin/python"
 GGUF_TYPES = {"none": "bf16", "int8": "q8_0", "int4-g128": "q4_K_M"}
 PROMPT = "hi there"
-
-
-def files_of(directory: Path) -> list[Path]:
-    return [path for path in directory.rglob("*") if path.is_file()]
 
 
 def evict(paths: list[Path]) -> None:
@@ -124,8 +121,8 @@ class Ours:
     def files(self) -> list[Path]:
         return self._mapped()[0]
 
-    def used_bytes(self) -> int:
-        return self._mapped()[1]
+    def bytes_to_read(self) -> int:
+        return self._mapped()[1]  # the byte ranges the load maps
 
     def _mapped(self) -> tuple[list[Path], int]:
         """The files this load maps (the checkpoint's and its runtime layout) and the bytes it uses."""
@@ -167,6 +164,9 @@ class LlamaCpp:
     def files(self) -> list[Path]:
         return [self.gguf]
 
+    def bytes_to_read(self) -> int:
+        return self.gguf.stat().st_size
+
     def decode_command(self, tokens: int) -> list[str]:
         return [str(self.binaries / "llama-completion"), "-m", str(self.gguf), "-t", str(self.threads), "-n", str(tokens),
                 "-p", PROMPT, "-no-cnv", "--temp", "0", "--ignore-eos", "-c", "512"]
@@ -185,6 +185,11 @@ def measure(engine, repeats: int, gen_tokens: int, first_start: bool) -> dict:
     row = {}
     if first_start:
         row["first_start_s"] = round(engine.start()[0], 2)
+    # The disk's rate drifts (a shared virtual disk: 1.2-2.4 GiB/s within minutes): measured on the
+    # engine's own files right before its cold start.
+    rate = disk_read_rate(engine.files())
+    row["disk_gib_s"] = round(rate / 2**30, 2)
+    row["read_at_disk_rate_s"] = round(engine.bytes_to_read() / rate, 2)
     evict(engine.files())
     row["cold_start_s"] = round(engine.start()[0], 2)
     warm = [engine.start() for _ in range(repeats)]
@@ -212,8 +217,6 @@ def main() -> int:
     parser.add_argument("--copied", action="store_true", help="also measure ours with --no-mmap (weights copied)")
     args = parser.parse_args()
 
-    rate = disk_read_rate(files_of(args.model))
-    print(json.dumps({"disk_read_gib_s": round(rate / 2**30, 3)}), flush=True)
     rows = []
     for quant in args.quants.split(","):
         if args.fresh:
@@ -222,7 +225,6 @@ def main() -> int:
         ours = Ours(args.model, quant, args.threads)
         row = {"engine": "mimo-local", "load": quant, "threads": args.threads,
                **measure(ours, args.repeats, args.gen_tokens, first_start=True)}
-        row["read_at_disk_rate_s"] = round(ours.used_bytes() / rate, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.copied:
@@ -238,7 +240,6 @@ def main() -> int:
             peer = LlamaCpp(args.model, quant, args.threads, args.llamacpp_bin, args.llamacpp_python)
             row = {"engine": "llama.cpp", "load": GGUF_TYPES[quant], "threads": args.threads,
                    **measure(peer, args.repeats, args.gen_tokens, first_start=False)}
-            row["read_at_disk_rate_s"] = round(peer.gguf.stat().st_size / rate, 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
             engines.append((peer, row))
