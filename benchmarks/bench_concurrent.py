@@ -52,6 +52,7 @@ class Stream(threading.Thread):
         self.sent = self.first = self.done = None
         self.tokens = 0
         self.error: Exception | None = None
+        self.stop = threading.Event()  # set: the client hangs up (the server cancels the request)
 
     def run(self):
         import httpx
@@ -64,6 +65,8 @@ class Stream(threading.Thread):
             with httpx.stream("POST", f"{self.base}/v1/completions", json=body, timeout=1200) as response:
                 response.raise_for_status()
                 for line in response.iter_lines():
+                    if self.stop.is_set():
+                        break
                     if not line.startswith("data: {"):
                         continue
                     chunk = json.loads(line[6:])
@@ -94,18 +97,21 @@ def aggregate_rate(streams: list[Stream]) -> float:
     return sum(s.tokens - 1 for s in streams) / span
 
 
-def ttft_under_load(base: str, model: str, others: list[str], probe: str, gen_tokens: int) -> float:
-    """TTFT of `probe` sent once every one of `others` is streaming."""
-    streams = [Stream(base, model, text, gen_tokens) for text in others]
+def ttft_under_load(base: str, model: str, others: list[str], probe: str) -> float:
+    """TTFT of `probe` sent once every one of `others` is streaming; they are asked for as many tokens
+    as their slot holds and hang up once the probe has its first token."""
+    streams = [Stream(base, model, text, CTX_PER_SLOT // 2) for text in others]
     for stream in streams:
         stream.start()
     while any(s.first is None and s.error is None and s.is_alive() for s in streams):
         time.sleep(0.01)
     probe_stream = run_streams(base, model, [probe], 8)[0]
     for stream in streams:
+        stream.stop.set()
         stream.join()
     if any(s.first is None or s.done < probe_stream.first for s in streams):
-        raise RuntimeError("the other streams ended before the probe's first token: raise --gen-tokens")
+        raise RuntimeError(f"the other streams ended before the probe's first token (its prompt is longer than "
+                           f"{CTX_PER_SLOT // 2} decode steps): lower --ttft-prompt-words")
     return probe_stream.first - probe_stream.sent
 
 
@@ -146,7 +152,7 @@ def measure(command: list[str], port: int, ready_path: str, model: str, args, te
             probe = run_streams(base, model, [long_prompt()], 8)[0]
             idle.append(probe.first - probe.sent)
             others = [next(texts) for _ in range(max(args.streams) - 1)]
-            loaded.append(ttft_under_load(base, model, others, long_prompt(), args.gen_tokens))
+            loaded.append(ttft_under_load(base, model, others, long_prompt()))
         return {"rates": rates, "ttft_idle": min(idle), "ttft_loaded": min(loaded)}
     finally:
         process.send_signal(signal.SIGTERM)

@@ -74,6 +74,7 @@ def test_ctrl_c_stops_a_long_prefill_within_one_chunk(checkpoints):
     ids = torch.randint(0, 1000, (PREFILL_CHUNK * 12,), generator=torch.Generator().manual_seed(0)).tolist()
     cache = model.new_cache(len(ids))
     steps = prefill_chunks(model, cache, ids)
+    next(steps)  # the first chunk also pays torch's lazy set-up: time the second
     began = time.perf_counter()
     next(steps)
     chunk = time.perf_counter() - began
@@ -83,7 +84,7 @@ def test_ctrl_c_stops_a_long_prefill_within_one_chunk(checkpoints):
         fired.append(time.perf_counter())
         _thread.interrupt_main()
 
-    timer = threading.Timer(chunk * 1.5, interrupt)  # halfway through the third chunk
+    timer = threading.Timer(chunk * 1.5, interrupt)  # halfway through the fourth chunk
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -93,7 +94,7 @@ def test_ctrl_c_stops_a_long_prefill_within_one_chunk(checkpoints):
     finally:
         timer.cancel()
     assert stopped - fired[0] < 2 * chunk + 0.5, (stopped - fired[0], chunk)
-    assert PREFILL_CHUNK <= cache.length < len(ids) and cache.length % PREFILL_CHUNK == 0
+    assert 2 * PREFILL_CHUNK <= cache.length < len(ids) and cache.length % PREFILL_CHUNK == 0
 
 
 def test_progress_is_told_after_each_chunk_and_the_bar_leaves_no_trace(checkpoints):
