@@ -172,10 +172,7 @@ def run(
     with FrontEnd(debug) as front:
         text = _read_prompt(prompt)
         settings.validate()
-        if raw and system:
-            raise MimoError("--raw sends the prompt as it is, without the chat template: --system cannot go with it")
-        if raw and think is not None:
-            raise MimoError("--raw sends the prompt as it is, without the chat template: --think/--no-think cannot go with it")
+        _check_raw(raw, system, think)
         if draft_tokens < 0 or (draft_vocab or 0) < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
         if server:
@@ -205,6 +202,14 @@ def run(
             typer.echo(_stats_line(engine, stats), err=True)
         sys.stdout.flush()
         save_recorded(engine.model, engine.path)
+
+
+def _check_raw(raw: bool, system: Optional[str], think: Optional[bool]) -> None:
+    """--raw leaves out the chat template, and with it the system prompt and the thinking switch."""
+    if raw and system:
+        raise MimoError("--raw sends the prompt as it is, without the chat template: --system cannot go with it")
+    if raw and think is not None:
+        raise MimoError("--raw sends the prompt as it is, without the chat template: --think/--no-think cannot go with it")
 
 
 def _run_on_server(url, text, settings, model, system, raw, think, ignore_eos, api_key, as_json) -> None:
@@ -447,7 +452,14 @@ def chat(
     min_p: float = min_p_option(),
     repetition_penalty: float = repetition_penalty_option(),
     seed: Optional[int] = seed_option(),
-    think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason first (shown folded)."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable): an answer ends before it."),
+    raw: bool = typer.Option(False, "--raw", help="No chat template: each message is sent as it is and the model "
+                             "continues the conversation's texts put one after the other."),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Let the model reason first (shown "
+                                         "folded). Default: on."),
+    ignore_eos: bool = typer.Option(
+        False, "--ignore-eos", help="Go on past end-of-text tokens up to --max-tokens in every answer."
+    ),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the model's, at most 32768)."),
     drop_oldest: bool = typer.Option(
         False, "--drop-oldest", help="When the context is full, drop the oldest turns instead of refusing."
@@ -477,9 +489,11 @@ def chat(
     from .store.resolve import resolve_model
 
     with FrontEnd(debug):
+        _check_raw(raw, system, think)
         settings = ChatSettings(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
-            seed=seed, max_tokens=max_tokens, think=think, overflow="drop" if drop_oldest else "refuse",
+            seed=seed, max_tokens=max_tokens, think=think is not False, overflow="drop" if drop_oldest else "refuse",
+            stop=tuple(stop), ignore_eos=ignore_eos, raw=raw,
         ).validate()
         if draft_tokens < 0:
             raise MimoError("--draft-tokens must be >= 0")

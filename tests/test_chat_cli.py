@@ -45,11 +45,46 @@ def test_bad_flags_and_models_fail_with_one_line(scripted_chat, tmp_path):
         (["--model", str(scripted_chat), "--top-p", "0"], "error: top_p must be in (0, 1]"),
         (["--model", str(scripted_chat), "--ctx", "8"], "error: --ctx must be between 16 and"),
         (["--model", str(scripted_chat), "--load", "nothing"], "error: no saved session 'nothing'"),
+        (["--model", str(scripted_chat), "--raw", "--system", "X"], "error: --raw sends the prompt as it is"),
+        (["--model", str(scripted_chat), "--raw", "--think"], "error: --raw sends the prompt as it is"),
+        (["--model", str(scripted_chat), "--stop", ""], "error: stop must be a list of non-empty strings"),
     ]:
         result = subprocess.run(MIMO + ["chat", *args], input="", capture_output=True, text=True,
                                 env=chat_env(tmp_path), timeout=120)
         assert result.returncode == 1 and result.stderr.startswith(message), result.stderr
         assert "Traceback" not in result.stderr
+
+
+def piped_chat(scripted_chat, tmp_path, lines, *flags):
+    result = subprocess.run(MIMO + ["chat", "--model", str(scripted_chat), "--no-mtp", *flags], input=lines,
+                            capture_output=True, text=True, env=chat_env(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_stop_strings_end_every_answer_before_them(scripted_chat, tmp_path):
+    result = piped_chat(scripted_chat, tmp_path, "hi\nhi again\n", "--stop", "How can", "--stop", "never written")
+    cut = ANSWER[: ANSWER.index("How can")]
+    assert result.stdout == f"<think>{THINKING}</think>{cut}\n" * 2
+    assert result.stderr.count("| stop]") == 2
+
+
+def test_ignore_eos_goes_on_to_max_tokens(scripted_chat, tmp_path):
+    answers_end = piped_chat(scripted_chat, tmp_path, "hi\n", "-n", "60")
+    goes_on = piped_chat(scripted_chat, tmp_path, "hi\n", "-n", "60", "--ignore-eos")
+    assert answers_end.stdout == f"<think>{THINKING}</think>{ANSWER}\n" and "| stop]" in answers_end.stderr
+    assert goes_on.stdout.startswith(answers_end.stdout.rstrip("\n")) and len(goes_on.stdout) > len(answers_end.stdout)
+    assert "60 tok" in goes_on.stderr and "| length]" in goes_on.stderr
+
+
+def test_raw_chat_sends_the_texts_without_the_template(scripted_chat, tmp_path):
+    """The scripted model continues `<think>` with its script. Raw, the prompt is that tag alone, so
+    the answer is the script after it; through the template the answer would open its own `<think>`.
+    The second turn's prompt is the first message, its answer and the new message one after the
+    other: all of it but the new `<think>` is in the cache already."""
+    result = piped_chat(scripted_chat, tmp_path, "<think>\n<think>\n", "--raw")
+    assert result.stdout == f"{THINKING}</think>{ANSWER}\n" * 2
+    assert result.stderr.splitlines()[1].startswith("[1 new prompt tok")
 
 
 def wait_for(session, text, timeout=60.0):

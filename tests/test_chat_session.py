@@ -8,7 +8,8 @@ import torch
 
 from mimo_local.chat import commands, store
 from mimo_local.chat.session import ChatSession, ContextFull, split_thinking
-from mimo_local.chat.settings import ChatSettings
+from mimo_local.chat.controller import ChatController
+from mimo_local.chat.settings import ChatSettings, describe
 from mimo_local.dev.scripted_chat import ANSWER, THINKING
 from mimo_local.engine import Engine
 from mimo_local.errors import MimoError
@@ -201,6 +202,30 @@ def test_settings_assignments_and_their_errors():
     ]:
         with pytest.raises(MimoError, match=message):
             ChatSettings().with_assignments([bad])
+
+
+def test_stop_ignore_eos_and_raw_settings(scripted_chat, tmp_path, monkeypatch):
+    """/set changes them like any setting, a saved session keeps them, and a raw chat (no chat
+    template) refuses what only a template can carry: a system prompt and the thinking switch."""
+    settings = ChatSettings().with_assignments(["stop=How", "ignore_eos=on", "raw=on"])
+    assert (settings.stop, settings.ignore_eos, settings.raw) == (("How",), True, True)
+    assert 'stop=["How"]' in describe(settings) and "stop=none" in describe(ChatSettings())
+    assert settings.with_assignments(["stop=none"]).stop == ()
+    monkeypatch.setenv("MIMO_HOME", str(tmp_path))
+    session = ChatSession(Engine.load(scripted_chat), "scripted", settings, mtp=False)
+    store.save_session("raw", session.to_payload())
+    restored = ChatSession(session.engine, "scripted", mtp=False)
+    restored.restore(store.load_session("raw"))
+    assert restored.settings == settings
+    controller = ChatController(session, load_engine=None)
+    for line, message in [("/system Be brief.", "cannot have a system prompt"), ("/think off", "no chat template")]:
+        with pytest.raises(MimoError, match=message):
+            controller.handle(line)
+    session.set_settings(ChatSettings())
+    controller.handle("/system Be brief.")
+    with pytest.raises(MimoError, match="cannot have a system prompt"):
+        controller.handle("/set raw=on")
+    assert not session.settings.raw
 
 
 def test_command_parsing_errors_and_completion():

@@ -195,8 +195,8 @@ def test_ctrl_c_stops_cleanly(model):
 def test_newcomer_mistakes_get_one_line_errors(args, stdin, message):
     result = subprocess.run(MIMO + args, input=stdin, capture_output=True, timeout=300)
     stderr = result.stderr.decode()
-    assert result.returncode == 1 and stderr.strip().splitlines()[-1].startswith(message), stderr
-    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(message), stderr
 
 
 def test_version_and_a_default_model_not_downloaded(tmp_path):
@@ -208,3 +208,40 @@ def test_version_and_a_default_model_not_downloaded(tmp_path):
     result = subprocess.run(MIMO + ["config", "default-model", "mimo-7b-rl"], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and result.stdout == "mimo-7b-rl\n"
     assert "warning: mimo-7b-rl is not downloaded yet" in result.stderr
+
+
+def test_piped_tables_are_not_cut_at_80_columns(tmp_path):
+    """stdout a pipe and no COLUMNS (a file, grep, less): rows as wide as they are, not cut or wrapped."""
+    from mimo_local.store.names import DEMO_DIR
+
+    env = {**{k: v for k, v in os.environ.items() if k != "COLUMNS"}, "MIMO_HOME": str(tmp_path)}
+    listed = subprocess.run(MIMO + ["list"], capture_output=True, text=True, env=env, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "mimo-nano-moe (demo)" in line)
+    assert len(row) > 80 and f"│ {DEMO_DIR / 'mimo-nano-moe'} │" in row
+    planned = subprocess.run(MIMO + ["plan", "mimo-nano-moe"], capture_output=True, text=True, env=env, timeout=120)
+    assert planned.returncode == 0, planned.stderr
+    summary = next(line for line in planned.stdout.splitlines() if line.startswith("MiMo-V2-Flash: "))
+    assert len(summary) > 80 and summary.endswith("| context 32,768 tokens")
+
+
+def test_bench_marks_a_spread_out_run_unreliable(monkeypatch):
+    """Runs that disagree by more than 10% of their mean: "(unreliable)" on that row, and one warning line."""
+    from typer.testing import CliRunner
+
+    from mimo_local import bench
+    from mimo_local.cli import app
+
+    def measure(engine, prompt_tokens, gen_tokens, repetitions, speculation, on_run):
+        return [bench.BenchResult(f"pp{prompt_tokens}", [100.0, 40.0, 98.0]),
+                bench.BenchResult(f"tg{gen_tokens}", [50.0, 51.0, 49.0])]
+
+    monkeypatch.setattr(bench, "measure", measure)
+    result = CliRunner().invoke(app, ["bench", "-m", "mimo-nano", "-p", "16", "-n", "8", "-r", "3", "--no-mtp"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│ ")}
+    assert "79.33 ± 34.08 (unreliable)" in rows["pp16"]
+    assert "50.00 ± 1.00" in rows["tg8"] and "unreliable" not in rows["tg8"]
+    assert result.stderr.splitlines() == [
+        "unreliable: the runs differ by more than 10% of their mean (another program is probably using a core); "
+        "close it or raise --repetitions"]

@@ -3,6 +3,7 @@ independent dequantizer, round trip through our loader, transformers' bitsandbyt
 corruption, recipe errors and the CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -288,3 +289,45 @@ def test_nf4_load_prints_no_bitsandbytes_warning(checkpoints):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "kernels" not in result.stderr and "Failed to load" not in result.stderr
+
+
+def test_eval_and_quantize_name_what_is_wrong_with_a_directory(dense, tmp_path):
+    """No config.json, a quantize run stopped before writing it, a config.json or progress file that
+    is not JSON: each a one-line error naming the directory or file, exit code 1."""
+    runner = CliRunner()
+
+    def error_line(*args) -> str:
+        result = runner.invoke(app, [str(arg) for arg in args])
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        return lines[0]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert error_line("eval", empty) == f"error: {empty}: not a model directory (no config.json)"
+    stopped_early = tmp_path / "stopped-early"
+    stopped_early.mkdir()
+    (stopped_early / ".quant-progress.json").write_text('{"fingerprint": "f", "shards": {}}')
+    line = error_line("eval", stopped_early)
+    assert "incomplete quantized output" in line and "rerun `mimo quantize`" in line
+
+    bad_config = tmp_path / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text('{"hidden_size": ')
+    for args in (["eval", bad_config], ["eval", bad_config, "--quant", "int8"],
+                 ["quantize", bad_config, "--recipe", "int8", "--out", tmp_path / "never", "--no-eval"]):
+        assert error_line(*args).startswith(f"error: {bad_config / 'config.json'}: not valid JSON"), args
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".quant-progress.json").write_text('{"fingerprint": ')
+    line = error_line("quantize", dense, "--recipe", "int8", "--out", out, "--no-eval")
+    assert line.startswith(f"error: {out / '.quant-progress.json'}: not valid JSON")
+    assert f"corrupt: delete {out} and rerun `mimo quantize`" in line and "another quantization" not in line
+    (out / ".quant-progress.json").write_text('{"shards": {}}')
+    assert f"{out / '.quant-progress.json'}: no fingerprint" in error_line("quantize", dense, "--recipe", "int8",
+                                                                        "--out", out, "--no-eval")
+    shutil.rmtree(out)  # what the message says to do
+    result = runner.invoke(app, ["quantize", str(dense), "--recipe", "int8", "--out", str(out), "--no-eval"])
+    assert result.exit_code == 0 and (out / "quant-manifest.json").exists(), result.output

@@ -39,10 +39,12 @@ def test_largest_group():
 @pytest.fixture(scope="module")
 def models(checkpoints):
     return {"mimo-nano": resolve_model("mimo-nano"), "mimo-nano-moe": resolve_model("mimo-nano-moe"),
-            "tiny-mimo": checkpoints("mimo"), "tiny-mimo_v2_flash": checkpoints("mimo_v2_flash")}
+            "tiny-mimo": checkpoints("mimo"), "tiny-mimo_v2_flash": checkpoints("mimo_v2_flash"),
+            "tiny-mimo_v2.5": checkpoints("mimo_v2.5"), "tiny-mimo_v2.6": checkpoints("mimo_v2.6")}
 
 
-@pytest.mark.parametrize("model", ["mimo-nano", "mimo-nano-moe", "tiny-mimo", "tiny-mimo_v2_flash"])
+@pytest.mark.parametrize("model", ["mimo-nano", "mimo-nano-moe", "tiny-mimo", "tiny-mimo_v2_flash", "tiny-mimo_v2.5",
+                                   "tiny-mimo_v2.6"])
 def test_every_shipped_recipe_quantizes_and_runs(models, model, tmp_path):
     for recipe in sorted(shipped_recipes()):
         out = tmp_path / recipe

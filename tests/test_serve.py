@@ -433,12 +433,20 @@ def test_mimo_chat_against_a_server_answers_as_a_local_chat(scripted_chat, tmp_p
     env = {**os.environ, "MIMO_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     local = subprocess.run([sys.executable, "-m", "mimo_local.cli", "chat", "--model", str(scripted_chat), "--no-mtp"],
                            input=lines, capture_output=True, text=True, env=env, timeout=120)
+    past_eos = ["--temperature", "0", "-n", "40", "--ignore-eos"]
+    local_past_eos = subprocess.run([sys.executable, "-m", "mimo_local.cli", "chat", "--model", str(scripted_chat),
+                                     "--no-mtp", *past_eos], input="hi\n", capture_output=True, text=True, env=env,
+                                    timeout=120)
     with running_server(scripted_chat, "scripted", defaults=None) as (base, service):
         remote = subprocess.run([sys.executable, "-m", "mimo_local.cli", "chat", "--server", base],
                                 input=lines, capture_output=True, text=True, env=env, timeout=120)
         cached = service.metrics.cached_prompt_tokens._value.get()
+        remote_past_eos = subprocess.run([sys.executable, "-m", "mimo_local.cli", "chat", "--server", base, *past_eos],
+                                         input="hi\n", capture_output=True, text=True, env=env, timeout=120)
     assert remote.returncode == 0, remote.stderr
     assert remote.stdout == local.stdout and "hi again" not in remote.stdout
+    assert remote_past_eos.stdout == local_past_eos.stdout and "40 tok" in remote_past_eos.stderr
+    assert "| length]" in remote_past_eos.stderr
     assert cached > 0  # the second turn reused the first one's KV on the server
     switched = subprocess.run([sys.executable, "-m", "mimo_local.cli", "chat", "--server", "http://127.0.0.1:9"],
                               input="hi\n", capture_output=True, text=True, env=env, timeout=60)

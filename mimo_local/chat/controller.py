@@ -174,6 +174,8 @@ class ChatController:
         return Outcome(notice=describe(self.session.settings))
 
     def _think(self, argument: str) -> Outcome:
+        if self.session.settings.raw:
+            raise MimoError("a raw chat has no chat template to switch thinking in (/set raw=off first)")
         self.session.set_settings(self.session.settings.with_assignments([f"think={argument.lower()}"]))
         return Outcome(notice="thinking on: the model reasons first (folded)" if self.session.settings.think
                        else "thinking off: the model answers directly")

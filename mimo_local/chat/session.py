@@ -44,7 +44,7 @@ class ChatSession:
         draft_tokens: int = 0,
         context: int | None = None,
     ):
-        self.settings = (settings or ChatSettings()).validate()
+        self.settings = check_raw((settings or ChatSettings()).validate(), system)
         self.system = system
         self.mtp, self.draft_tokens = mtp, draft_tokens
         self.requested_context = context
@@ -85,7 +85,10 @@ class ChatSession:
     def prompt_text(self, messages: list[dict]) -> tuple[str, str]:
         """The prompt for `messages` with /think on or off (the template's `enable_thinking`), and the
         empty think block appended after the template's output when thinking is off and the template
-        has no switch of its own (it begins the answer, so the answer is stored with it)."""
+        has no switch of its own (it begins the answer, so the answer is stored with it).
+        Raw (no chat template): the messages' texts one after the other, as a text to continue."""
+        if self.settings.raw:
+            return "".join(message["content"] for message in messages), ""
         conversation = ([{"role": "system", "content": self.system}] if self.system else []) + messages
         return generation_prompt(self.engine.tokenizer, conversation, self.settings.think)
 
@@ -141,7 +144,7 @@ class ChatSession:
         pieces: list[str] = []
         events = self.engine.stream(
             prompt_ids[reused:], self.settings.sampling(), cache=self.cache, on_prefill=self.on_prefill,
-            **self.speculation
+            eos_ids=() if self.settings.ignore_eos else None, **self.speculation
         )
         try:
             for event in events:
@@ -177,10 +180,11 @@ class ChatSession:
         self.last_stats = self.last_turn = None
 
     def set_system(self, text: str) -> None:
+        check_raw(self.settings, text)
         self.system = text
 
     def set_settings(self, settings: ChatSettings) -> None:
-        self.settings = settings.validate()
+        self.settings = check_raw(settings.validate(), self.system)
 
     def last_answer(self) -> str | None:
         answers = [m["content"] for m in self.messages if m["role"] == "assistant"]
@@ -201,11 +205,17 @@ class ChatSession:
         messages = payload.get("messages", [])
         if not all(isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str) for m in messages):
             raise MimoError("the saved session has malformed messages")
-        self.settings = ChatSettings.from_dict(payload.get("settings", {}))
-        self.system = payload.get("system", "") or ""
+        settings, system = ChatSettings.from_dict(payload.get("settings", {})), payload.get("system", "") or ""
+        self.settings, self.system = check_raw(settings, system), system
         self.messages = [dict(m) for m in messages]
         self.context_start = min(int(payload.get("context_start", 0)), len(self.messages))
         self.last_stats = self.last_turn = None
+
+
+def check_raw(settings: ChatSettings, system: str) -> ChatSettings:
+    if settings.raw and system:
+        raise MimoError("a raw chat sends its text without the chat template: it cannot have a system prompt")
+    return settings
 
 
 @dataclass

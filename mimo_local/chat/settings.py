@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields, replace
 
 from ..errors import MimoError
@@ -24,6 +25,9 @@ class ChatSettings:
     seed: int | None = None
     think: bool = True
     overflow: str = "refuse"  # what a turn that does not fit the context does: refuse, or drop oldest turns
+    stop: tuple[str, ...] = ()  # stop strings: an answer ends before the first one it writes
+    ignore_eos: bool = False  # go on past end-of-text tokens up to max_tokens
+    raw: bool = False  # no chat template: the prompt is the conversation's texts one after the other
 
     def sampling(self) -> SamplingSettings:
         return SamplingSettings(
@@ -34,12 +38,15 @@ class ChatSettings:
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             max_tokens=self.max_tokens,
+            stop=list(self.stop),
         )
 
     def validate(self) -> "ChatSettings":
         self.sampling().validate()
         if self.overflow not in OVERFLOW_POLICIES:
             raise MimoError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise MimoError("stop must be a list of non-empty strings")
         return self
 
     def with_assignments(self, assignments: list[str]) -> "ChatSettings":
@@ -58,7 +65,10 @@ class ChatSettings:
     @classmethod
     def from_dict(cls, data: dict) -> "ChatSettings":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known}).validate()
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("stop"), list):  # JSON has no tuples
+            values["stop"] = tuple(values["stop"])
+        return cls(**values).validate()
 
 
 SETTING_NAMES = tuple(f.name for f in fields(ChatSettings))
@@ -79,6 +89,8 @@ def parse_value(key: str, value: str):
             return None if value.lower() in ("none", "random") else int(value)
         if kind == "bool":
             return _BOOLEANS[value.lower()]
+        if kind == "tuple[str, ...]":  # one stop string per /set (none: no stop strings)
+            return () if value.lower() == "none" else (value,)
         return value
     except (ValueError, KeyError):
         expected = {"float": "a number", "int": "an integer", "int | None": "an integer or none", "bool": "on or off"}
@@ -91,6 +103,8 @@ def describe(settings: ChatSettings) -> str:
             return "on" if value else "off"
         if value is None:
             return "random"
+        if isinstance(value, tuple):
+            return json.dumps(list(value), ensure_ascii=False) if value else "none"
         return f"{value:g}" if isinstance(value, float) else value
 
     return " ".join(f"{k}={shown(v)}" for k, v in settings.as_dict().items())

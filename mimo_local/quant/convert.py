@@ -257,11 +257,8 @@ class QuantizeJob:
             raise MimoError(f"--out {out} exists and is not a directory")
         done = {}
         if progress_path.exists():
-            try:
-                state = limits.read_json_object(progress_path, limits.MAX_INDEX_BYTES)
-            except MimoError:
-                state = {}
-            if state.get("fingerprint") != self.fingerprint:
+            state = self._read_progress(progress_path)
+            if state["fingerprint"] != self.fingerprint:
                 raise MimoError(f"{out} holds another quantization (other source, recipe or settings): choose another --out")
             shards = state.get("shards") if isinstance(state.get("shards"), dict) else {}
             for name, digest in shards.items():
@@ -286,6 +283,17 @@ class QuantizeJob:
                 shutil.copyfile(self.source / name, out / (name + ".tmp"))
                 (out / (name + ".tmp")).replace(out / name)
         return done
+
+    def _read_progress(self, path: Path) -> dict:
+        """The progress file of an interrupted run; a damaged one is named, with the way out."""
+        advice = f"the quantize progress file is corrupt: delete {self.out} and rerun `mimo quantize` to start over"
+        try:
+            state = limits.read_json_object(path, limits.MAX_INDEX_BYTES)
+        except MimoError as error:
+            raise MimoError(f"{error}; {advice}") from None
+        if not isinstance(state.get("fingerprint"), str):
+            raise MimoError(f"{path}: no fingerprint; {advice}")
+        return state
 
     def _save_progress(self, done: dict) -> None:
         """Atomic: the marker is either absent or whole (its temporary file counts as nothing written)."""

@@ -8,14 +8,15 @@ and the quantized model runs: never two models in memory at once.
 from __future__ import annotations
 
 import gc
-import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
+from .. import limits
 from ..errors import MimoError
 from . import manifest
 from .calibration import shipped_text, text_ids
@@ -61,13 +62,23 @@ def compare(reference: torch.Tensor, quantized: torch.Tensor, targets: torch.Ten
     }
 
 
-def default_reference(model_dir: Path) -> Path | None:
-    """The source recorded in a `mimo quantize` output, when it is still there."""
+def read_model_config(model_dir: Path) -> dict:
+    """config.json of `model_dir`; one-line errors for a directory that is no model, a half-finished
+    `mimo quantize` output, or a config that is not valid JSON (naming the file)."""
     config_path = Path(model_dir) / "config.json"
-    if not config_path.exists():
-        return None
-    source = json.loads(config_path.read_text()).get(manifest.MARKER, {}).get("source")
-    return Path(source) if source and Path(source).is_dir() else None
+    if not os.path.lexists(config_path):
+        manifest.check_complete(model_dir, {})  # a quantize run interrupted before it wrote config.json
+        raise MimoError(f"{model_dir}: not a model directory (no config.json)")
+    config = limits.read_json_object(config_path, limits.MAX_CONFIG_BYTES)
+    manifest.check_complete(model_dir, config)
+    return config
+
+
+def default_reference(model_dir: Path, config: dict) -> Path | None:
+    """The source recorded in a `mimo quantize` output, when it is still there."""
+    recorded = config.get(manifest.MARKER)
+    source = recorded.get("source") if isinstance(recorded, dict) else None
+    return Path(source) if isinstance(source, str) and Path(source).is_dir() else None
 
 
 def evaluate(
@@ -85,8 +96,9 @@ def evaluate(
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise MimoError(f"model directory not found: {model_dir}")
+    config = read_model_config(model_dir)
     if reference_dir is None:
-        reference_dir = model_dir if quant else default_reference(model_dir)
+        reference_dir = model_dir if quant else default_reference(model_dir, config)
         if reference_dir is None:
             raise MimoError(f"{model_dir}: no reference recorded or found: pass --ref (or --quant)")
     reference_dir = Path(reference_dir)

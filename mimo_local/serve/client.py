@@ -168,7 +168,8 @@ class RemoteEngine:
             raise MimoError(f"{self.base}: {response.status_code} {_error_message(response)}")
         return response.json()
 
-    def stream(self, prompt_ids: list[int], settings: SamplingSettings, cache: RemoteCache | None = None, **_):
+    def stream(self, prompt_ids: list[int], settings: SamplingSettings, cache: RemoteCache | None = None,
+               eos_ids: tuple | None = None, **_):
         from ..generate import DoneEvent, GenerationStats, TokenEvent
 
         cache = cache or RemoteCache(self.config.max_position_embeddings)
@@ -176,7 +177,8 @@ class RemoteEngine:
         body = {"model": self.name, "prompt": ids, "max_tokens": settings.max_tokens, "stream": True,
                 "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
                 "min_p": settings.min_p, "repetition_penalty": settings.repetition_penalty, "seed": settings.seed,
-                "stop": settings.stop or None, "return_token_ids": True, "stream_options": {"include_usage": True}}
+                "stop": settings.stop or None, "return_token_ids": True, "stream_options": {"include_usage": True},
+                "ignore_eos": eos_ids == ()}  # the chat's --ignore-eos
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         pieces = []
         cache.ids = ids
@@ -187,7 +189,7 @@ class RemoteEngine:
                     yield TokenEvent(choice["text"], -1)
                 if choice.get("finish_reason"):
                     timings = chunk.get("timings", {})
-                    stats.token_ids = choice.get("token_ids", [])
+                    stats.token_ids = choice.get("token_ids", chunk.get("token_ids", []))  # streamed: in the chunk
                     stats.completion_tokens = len(stats.token_ids)
                     stats.finish_reason = choice["finish_reason"]
                     stats.prefill_seconds = timings.get("prompt_ms", 0) / 1000
