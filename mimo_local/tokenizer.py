@@ -68,6 +68,9 @@ class ChatTokenizer:
         )
 
 
+UTF8_MAX_BYTES = 4
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8."""
 
@@ -83,9 +86,18 @@ class IncrementalDetokenizer:
         prefix = decode(self.ids[self.prefix_offset : self.read_offset])
         full = decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix) :]
+            return self._commit(len(self.ids), full[len(prefix) :])
+        if len(self.ids) - self.read_offset >= UTF8_MAX_BYTES:
+            # Only the last three tokens can still be the start of a character (one byte per token at
+            # least): what came before is invalid for good and goes out as U+FFFD, so a model that
+            # repeats a stray byte token does not hold its stream back until the end.
+            cut = len(self.ids) - (UTF8_MAX_BYTES - 1)
+            return self._commit(cut, decode(self.ids[self.prefix_offset : cut])[len(prefix) :])
         return ""
+
+    def _commit(self, read_to: int, text: str) -> str:
+        self.prefix_offset, self.read_offset = self.read_offset, read_to
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back (e.g. a final incomplete UTF-8 sequence, shown as U+FFFD)."""

@@ -77,6 +77,20 @@ def test_incremental_detokenizer_waits_for_complete_utf8(checkpoints):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_a_stray_byte_repeated_does_not_hold_the_stream_back(checkpoints):
+    """Greedy decoding on a random model can repeat a lone UTF-8 continuation byte: the text goes out
+    (as U+FFFD) once no character can complete it, not at the end of the answer."""
+    tokenizer = ChatTokenizer(checkpoints("mimo"))
+    stray = next(i for i in range(300) if tokenizer.decode([i]) == "\ufffd")
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.add(stray) for _ in range(12)]
+    assert pieces[:3] == [""] * 3 and all(piece for piece in pieces[3:])
+    assert "".join(pieces) + detokenizer.flush() == tokenizer.decode([stray] * 12)
+    text = "日本語 then a stray byte"
+    pieces = [detokenizer.add(i) for i in tokenizer.encode(text)] + [detokenizer.flush()]
+    assert "".join(pieces) == text
+
+
 def test_sampling_filters():
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
     top_k = probabilities(logits, SamplingSettings(temperature=1.0, top_k=2, top_p=1.0))

@@ -383,5 +383,6 @@ async def stream_completion(service, output: Output, common: dict, body, request
             logprobs = None
             if event.logprob is not None:
                 logprobs = completion_logprobs(service, [(event.token_id, event.logprob, event.top_logprobs)])
-            if event.text or logprobs:
-                yield chunk(event.text, logprobs=logprobs)
+            # One chunk per token, its text possibly empty (held-back UTF-8, a special token), as
+            # llama.cpp's server and OpenAI's send: clients see progress and time the first token.
+            yield chunk(event.text, logprobs=logprobs)
