@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -715,8 +716,9 @@ def serve(
                                           help="Require `Authorization: Bearer KEY` on every request."),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the model's, at most 32768)."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait for the model; more get 503."),
-    parallel: int = typer.Option(1, "--parallel", "-np", help="Requests decoded together (continuous batching); "
-                                 "each has a KV cache of --ctx tokens."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", "-np", help="Requests decoded together (continuous "
+                                           "batching); each has a KV cache of --ctx tokens. Default: 4, or 2 or 1 "
+                                           "where the memory plan fits no more."),
     cache_ram: str = typer.Option(DEFAULT_CACHE_RAM, "--cache-ram", help="Host memory for the KV prefixes of earlier requests "
                                   "(a later request sharing a prefix prefills only the rest); 0 disables."),
     max_body: str = typer.Option("4MiB", "--max-body", help="Largest request body (bigger: 413)."),
@@ -747,21 +749,24 @@ def serve(
 ):
     """Serve the model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and
     Ollama's (/api/chat, /api/generate, /api/tags, ...), plus /health and /metrics."""
-    from .serve.launch import ServeOptions, serve as serve_model
+    from .serve.launch import ServeOptions, auto_parallel, serve as serve_model
     from .sampling import SamplingSettings
     from .sizes import parse_size
 
     with FrontEnd(debug):
         if reasoning_format not in ("auto", "none"):
             raise MimoError("--reasoning-format must be auto or none")
-        if max_queue < 0 or draft_tokens < 0 or not 0 < port < 65536 or not 1 <= parallel <= 64:
+        if max_queue < 0 or draft_tokens < 0 or not 0 < port < 65536 or not 1 <= (parallel or 1) <= 64:
             raise MimoError("--max-queue and --draft-tokens must be >= 0, --parallel in 1..64, --port in 1..65535")
         defaults = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                     repetition_penalty=repetition_penalty, max_tokens=max_tokens).validate()
         model_dir = _resolve_model_for_run(model, yes)
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor,
-                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True, sequences=parallel,
+                                                      ctx=ctx or 32768, mtp=mtp, clamp_ctx=True, sequences=parallel or 1,
                                                       cache_type=cache_type)
+        if parallel is None:
+            parallel = auto_parallel(model_dir, placement, device, dtype, quant)
+            placement = dataclasses.replace(placement, sequences=parallel)
         options = ServeOptions(model or model_dir.name, model_dir, host=host, port=port, api_key=api_key, context=ctx,
                                max_queue=max_queue, parallel=parallel, cache_ram=parse_size(cache_ram, "--cache-ram"),
                                max_body_bytes=parse_size(max_body, "--max-body"),

@@ -31,6 +31,12 @@ def default_draft_vocab(vocab_size: int) -> int:
     return DRAFT_VOCAB if vocab_size > 2 * DRAFT_VOCAB else 0
 
 
+def plan_load(path: str | Path, placement: PlanRequest, device, dtype, quant: str | None) -> MemoryPlan:
+    """The memory plan of loading `path` with these flags on this machine (budgets detected where
+    the flags leave them out)."""
+    return make_plan(path, with_budgets(dataclasses.replace(placement, dtype=dtype, quant=quant), device))
+
+
 @dataclass
 class Engine:
     model: MiMoForCausalLM
@@ -52,8 +58,7 @@ class Engine:
         tokenizer = ChatTokenizer(path)
         plan = None
         if placement is not None:
-            request = with_budgets(dataclasses.replace(placement, dtype=torch_dtype, quant=quant), torch_device)
-            plan = make_plan(path, request)
+            plan = plan_load(path, placement, torch_device, torch_dtype, quant)
             if not plan.fits:
                 raise MimoError(plan.verdict())
             plan.placement.check_available()

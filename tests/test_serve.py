@@ -562,3 +562,24 @@ def test_a_hostile_chat_template_is_a_400_and_the_server_goes_on(tmp_path):
             assert "template" in message and "\n" not in message
         raw = httpx.post(f"{base}/v1/completions", json={"model": "hostile", "prompt": "It is", "max_tokens": 2})
         assert raw.status_code == 200  # no template involved: still served
+
+
+def test_without_parallel_the_server_takes_as_many_slots_as_the_memory_plan_fits():
+    """4 slots where memory allows (llama-server's default), fewer where only those fit, 1 where
+    even one does not (the load then refuses with the plan's verdict)."""
+    import dataclasses
+
+    import torch
+
+    from mimo_local.engine import plan_load
+    from mimo_local.offload.plan import PlanRequest
+    from mimo_local.serve.launch import auto_parallel
+
+    model = resolve_model("mimo-nano")
+    request = PlanRequest(gpu_mem=0, cpu_mem=None, ctx=4096, clamp_ctx=True)
+    assert auto_parallel(model, request, "cpu", "float32", None) == 4
+    need = {slots: plan_load(model, dataclasses.replace(request, sequences=slots, cpu_mem=1 << 50), torch.device("cpu"),
+                             torch.float32, None).used("cpu") for slots in (2, 4)}
+    between = dataclasses.replace(request, cpu_mem=(need[2] + need[4]) // 2)
+    assert auto_parallel(model, between, "cpu", "float32", None) == 2
+    assert auto_parallel(model, dataclasses.replace(request, cpu_mem=1 << 20), "cpu", "float32", None) == 1

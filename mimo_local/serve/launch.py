@@ -23,6 +23,7 @@ from .app import create_app
 from .service import ServeSettings, Service
 
 DEFAULT_CONTEXT = 32768
+AUTO_PARALLEL = (4, 2, 1)  # slots tried without --parallel (llama-server also starts 4)
 GRACEFUL_SHUTDOWN_SECONDS = 10
 
 
@@ -84,6 +85,22 @@ def context_size(requested: int | None, model_limit: int) -> int:
     return context
 
 
+def auto_parallel(model_dir: Path, placement, device: str, dtype: str, quant: str | None) -> int:
+    """The most slots, of AUTO_PARALLEL, whose KV caches fit beside the model in the memory plan
+    (1 when none does: loading then says why)."""
+    import dataclasses
+
+    from ..engine import plan_load
+    from ..loader import resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    for slots in AUTO_PARALLEL:
+        if plan_load(model_dir, dataclasses.replace(placement, sequences=slots), torch_device, torch_dtype, quant).fits:
+            return slots
+    return 1
+
+
 def load_engine(options: ServeOptions):
     from ..engine import Engine
 
@@ -127,7 +144,8 @@ def serve(options: ServeOptions, on_message: Callable[[str], None] = print) -> i
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     server = Server(config)
     on_message(f"mimo serve: {options.model_name} on http://{options.host}:{options.port} "
-               f"(OpenAI API under /v1, Ollama API under /api; loading the model...)")
+               f"(OpenAI API under /v1, Ollama API under /api; {options.parallel} parallel "
+               f"slot{'s' if options.parallel > 1 else ''}; loading the model...)")
     server.run()
     if failure:
         error = failure[0]
