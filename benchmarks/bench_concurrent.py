@@ -13,7 +13,7 @@ q8_0 by benchmarks/peers/llamacpp_peer.py). Then, for every stream count B, B st
 after each stream's first, summed, over the time from the first stream's first token to the last
 stream's end. Best of --rounds.
 
-Time to first token of a new request with a --ttft-prompt-words prompt (about 512 tokens) is
+Time to first token of a new request with a prompt of about 512 tokens (its count is printed) is
 measured alone (idle) and while B-1 other streams decode (loaded), for the largest B.
 """
 
@@ -51,6 +51,7 @@ class Stream(threading.Thread):
         self.base, self.model, self.text, self.gen_tokens = base, model, text, gen_tokens
         self.sent = self.first = self.done = None
         self.tokens = 0
+        self.prompt_tokens = None
         self.error: Exception | None = None
         self.stop = threading.Event()  # set: the client hangs up (the server cancels the request)
 
@@ -76,6 +77,7 @@ class Stream(threading.Thread):
                         usage = chunk["usage"]
             self.done = time.perf_counter()
             self.tokens = usage["completion_tokens"] if usage else self.gen_tokens
+            self.prompt_tokens = usage["prompt_tokens"] if usage else None
         except Exception as error:  # reported by the caller
             self.error = error
 
@@ -117,7 +119,7 @@ def ttft_under_load(base: str, model: str, others: list[str], probe: str) -> flo
 
 def mimo_server(path: Path, quant: str, slots: int, threads: int, port: int) -> list[str]:
     return [sys.executable, "-m", "mimo_local.cli", "serve", "-m", str(path), "--port", str(port), "--dtype", "bfloat16",
-            "--device", "cpu", "--no-mtp", "--parallel", str(slots), "--ctx", str(CTX_PER_SLOT * slots),
+            "--device", "cpu", "--no-mtp", "--parallel", str(slots), "--ctx", str(CTX_PER_SLOT),
             "--cache-ram", "0", *(["--quant", quant] if quant != "none" else [])]
 
 
@@ -151,9 +153,10 @@ def measure(command: list[str], port: int, ready_path: str, model: str, args, te
         for _ in range(args.rounds):
             probe = run_streams(base, model, [long_prompt()], 8)[0]
             idle.append(probe.first - probe.sent)
+            probe_tokens = probe.prompt_tokens
             others = [next(texts) for _ in range(max(args.streams) - 1)]
             loaded.append(ttft_under_load(base, model, others, long_prompt()))
-        return {"rates": rates, "ttft_idle": min(idle), "ttft_loaded": min(loaded)}
+        return {"rates": rates, "ttft_idle": min(idle), "ttft_loaded": min(loaded), "probe_tokens": probe_tokens}
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -176,7 +179,8 @@ def main() -> None:
     parser.add_argument("--quants", default="none", help="comma-separated: none, int8, int4-g128")
     parser.add_argument("--streams", default="1,2,4,8")
     parser.add_argument("--gen-tokens", type=int, default=64)
-    parser.add_argument("--ttft-prompt-words", type=int, default=500, help="about one token per word")
+    parser.add_argument("--ttft-prompt-words", type=int, default=150,
+                        help="words after the 40-word head: 150 make about 512 tokens with the bench tokenizer")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--llamacpp-bin", type=Path, help="folder with llama-server (omit: ours alone)")
@@ -199,13 +203,13 @@ def main() -> None:
             print(json.dumps({"engine": name, "quant": quant, **figures}), flush=True)
             rows.append((name, quant, figures))
     header = ("| engine | weights | " + " | ".join(f"{n} streams tok/s" for n in args.streams)
-              + f" | {slots} vs 1 stream | TTFT idle ms | TTFT with {slots - 1} streaming ms | loaded / idle |")
+              + f" | {slots} vs 1 stream | probe prompt tokens | TTFT idle ms | TTFT with {slots - 1} streaming ms | loaded / idle |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, quant, f in rows:
         rates = f["rates"]
         lines.append(f"| {name} | {quant if quant != 'none' else 'bf16'} | "
                      + " | ".join(f"{rates[n]:.2f}" for n in args.streams)
-                     + f" | {rates[slots] / rates[args.streams[0]]:.2f}x | {f['ttft_idle'] * 1000:.0f} | "
+                     + f" | {rates[slots] / rates[args.streams[0]]:.2f}x | {f['probe_tokens']} | {f['ttft_idle'] * 1000:.0f} | "
                      f"{f['ttft_loaded'] * 1000:.0f} | {f['ttft_loaded'] / f['ttft_idle']:.2f}x |")
     if args.llamacpp_bin:
         for quant in args.quants.split(","):
@@ -213,7 +217,7 @@ def main() -> None:
             theirs = next(f for n, q, f in rows if n == "llama-server" and q == quant)
             lines.append(f"| ours / llama.cpp | {quant if quant != 'none' else 'bf16'} | "
                          + " | ".join(f"{ours['rates'][n] / theirs['rates'][n]:.2f}x" for n in args.streams)
-                         + " | | | | |")
+                         + " | | | | | |")
     table = "\n".join(lines)
     print(table)
     if args.record:
