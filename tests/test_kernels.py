@@ -35,6 +35,19 @@ def test_linear_matches_reference(dtype, rows, out_features, in_features):
     assert ulp_close(cpu.linear(x, weight), cpu.reference_linear(x, weight), dtype)
 
 
+@pytest.mark.parametrize("rows", [4, 5, 8, 11])
+def test_rows_of_a_batch_equal_their_single_row_results_bit_for_bit(rows):
+    """Several decode rows share each weight load (bfloat16, widths a multiple of 128): every row's
+    result is the one it gets alone, so a request's output does not depend on its batch."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 384, generator=generator).bfloat16()
+    weight = (torch.randn(96, 384, generator=generator) / 384**0.5).bfloat16()
+    together = cpu.linear(x, weight, float32_out=True)
+    alone = torch.cat([cpu.linear(x[i : i + 1], weight, float32_out=True) for i in range(rows)])
+    assert torch.equal(together, alone)
+    assert ulp_close(together, cpu.reference_linear(x, weight), torch.bfloat16)
+
+
 def test_linear_falls_back_for_many_rows():
     x, weight = torch.randn(40, 64), torch.randn(32, 64)
     assert not cpu.supports(x, weight)

@@ -221,6 +221,38 @@ static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t k) {
     return s;
 }
 
+/* out[i] = dot_bf16(w, x + i * k, k) for the m rows of x. With AVX512-BF16 each 32-element piece of
+ * the weight row is loaded once for four rows of x (a batch's decode rows) instead of once per row:
+ * one load per dot-product instruction instead of two, the limit once there are several rows. Each
+ * row's lanes are summed and reduced as in dot_bf16. */
+static void dot_bf16_rows(const uint16_t *w, const uint16_t *x, int m, int64_t k, float *out) {
+    int i = 0;
+#if defined(MIMO_AVX512BF16)
+#define BF(p) ((__m512bh)_mm512_loadu_si512(p))
+    for (; i + 4 <= m && k % 128 == 0; i += 4) {
+        const uint16_t *xr[4] = {x + i * k, x + (i + 1) * k, x + (i + 2) * k, x + (i + 3) * k};
+        __m512 acc[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < k; j += 128) {
+            for (int a = 0; a < 4; a++) {
+                __m512bh wv = BF(w + j + 32 * a);
+                for (int r = 0; r < 4; r++) acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv, BF(xr[r] + j + 32 * a));
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            out[i + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                            _mm512_add_ps(acc[r][2], acc[r][3])));
+    }
+#undef BF
+#endif
+    for (; i < m; i++) out[i] = dot_bf16(w, x + i * k, k);
+}
+
+static void dot_f32_rows(const float *w, const float *x, int m, int64_t k, float *out) {
+    for (int i = 0; i < m; i++) out[i] = dot_f32(w, x + i * k, k);
+}
+
 /* ---------------------------------------------------------------- routed SwiGLU experts
  * out[t] += w * down_e(silu(gate_e(x_t)) * up_e(x_t)) for each (token t, expert e, weight w)
  * assignment. gate_up is [E, 2I, H] (gate rows first), down is [E, H, I]; out is float32 [M, H].
@@ -329,6 +361,7 @@ typedef struct {
     float *q_scratch, *score_scratch;
 } attention_args;
 
+#define LINEAR_ROW_BLOCK 16 /* rows of x whose dot products with a weight row are made together */
 #define DECODE_KERNELS(SUFFIX, T, DOT, HEAD_DOT, HEAD_AXPY, TO_F32, FROM_F32)                             \
     static void linear_rows_##SUFFIX(const T *x, const T *w, const T *bias, float *y_f32, T *y, int add_to_y, \
                                      int m, int64_t n, int64_t k) {                                        \
@@ -336,8 +369,11 @@ typedef struct {
         for (int64_t row = 0; row < n; row++) {                                                           \
             const T *wr = w + row * k;                                                                    \
             float b = bias ? TO_F32(bias[row]) : 0.f;                                                     \
+            float sums[LINEAR_ROW_BLOCK];                                                                 \
             for (int i = 0; i < m; i++) {                                                                 \
-                float v = DOT(wr, x + i * k, k) + b;                                                      \
+                if (i % LINEAR_ROW_BLOCK == 0)                                                            \
+                    DOT##_rows(wr, x + i * k, m - i < LINEAR_ROW_BLOCK ? m - i : LINEAR_ROW_BLOCK, k, sums);\
+                float v = sums[i % LINEAR_ROW_BLOCK] + b;                                                 \
                 if (y_f32) y_f32[i * n + row] = v;                                                        \
                 else if (add_to_y) y[i * n + row] = FROM_F32(TO_F32(y[i * n + row]) + TO_F32(FROM_F32(v))); \
                 else y[i * n + row] = FROM_F32(v);                                                        \
