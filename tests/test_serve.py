@@ -11,6 +11,7 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
+from mimo_local.dev.scripted_chat import THINKING
 from mimo_local.cli import app
 from mimo_local.store.resolve import resolve_model
 from serve_server import running_server
@@ -384,6 +385,7 @@ def test_mimo_serve_cli_serves_until_a_signal_and_exits_cleanly(signal_name):
         assert process.wait(timeout=30) == 0
         stderr = process.stderr.read()
         assert "Traceback" not in stderr and "POST /v1/completions 200" in stderr and "It is" not in stderr
+        assert "4 parallel slots" in stderr  # no --parallel: as many as the memory plan fits, here 4
     finally:
         process.kill()
 
@@ -583,3 +585,21 @@ def test_without_parallel_the_server_takes_as_many_slots_as_the_memory_plan_fits
     between = dataclasses.replace(request, cpu_mem=(need[2] + need[4]) // 2)
     assert auto_parallel(model, between, "cpu", "float32", None) == 2
     assert auto_parallel(model, dataclasses.replace(request, cpu_mem=1 << 20), "cpu", "float32", None) == 1
+
+
+def test_completions_stream_one_chunk_per_token_even_without_text(scripted_chat):
+    """Past its end of text the scripted model writes special tokens, which have no text: each still
+    gets its chunk (as llama-server sends them), so a client sees every token arrive."""
+    with running_server(scripted_chat, "scripted") as (base, _):
+        body = {"model": "scripted", "prompt": "<think>", "max_tokens": 60, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        texts, usage = [], None
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    if chunk["choices"] and not chunk["choices"][0]["finish_reason"]:
+                        texts.append(chunk["choices"][0]["text"])
+    assert len(texts) == usage["completion_tokens"] == 60
+    assert "" in texts and "".join(texts).startswith(THINKING)

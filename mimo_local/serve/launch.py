@@ -4,6 +4,7 @@ with uvicorn until Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -88,8 +89,6 @@ def context_size(requested: int | None, model_limit: int) -> int:
 def auto_parallel(model_dir: Path, placement, device: str, dtype: str, quant: str | None) -> int:
     """The most slots, of AUTO_PARALLEL, whose KV caches fit beside the model in the memory plan
     (1 when none does: loading then says why)."""
-    import dataclasses
-
     from ..engine import plan_load
     from ..loader import resolve_device, resolve_dtype
 
