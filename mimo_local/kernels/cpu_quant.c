@@ -94,6 +94,15 @@ ALWAYS_INLINE void int8_row(const int8_t *w, const float *x, int64_t k, int toke
  * widen to int16, and each instruction does 32 (16) multiply-adds into int32 lanes. The int32 sums
  * move to float32 every 2048 inputs, before they could overflow (128 products of at most
  * 127 * 32767 per lane). Needs k % 64 == 0. */
+/* One float32 row x [K] -> int16 xq (max |x| maps to 32767); returns the row's scale. */
+static float quantize_row_int16(const float *x, int16_t *xq, int64_t k) {
+    float peak = 0.f;
+    for (int64_t j = 0; j < k; j++) { float v = fabsf(x[j]); peak = v > peak ? v : peak; }
+    float scale = peak > 0.f ? peak / 32767.f : 1.f, inverse = 1.f / scale;
+    for (int64_t j = 0; j < k; j++) xq[j] = (int16_t)lrintf(x[j] * inverse);
+    return scale;
+}
+
 /* bfloat16 rows x [M, K] -> int16 xq with one scale per row (max |x| maps to 32767). */
 static void quantize_x_int16(const uint16_t *x, int16_t *xq, float *x_scale, int m, int64_t k) {
     for (int t = 0; t < m; t++) {
@@ -627,23 +636,30 @@ typedef struct {
 } QuantStack;
 
 /* One token's input to a stack of rows, prepared once for all the rows it meets: float32 even/odd
- * halves for the exact int4 kernel and for MXFP4, or int8 halves with per-group scales for the
- * VNNI int4 one. */
+ * halves for the exact int4 kernel and for MXFP4, int8 halves with per-group scales for the VNNI
+ * int4 one, or for int8 weights int16 with one scale (the dense int8 kernel's integer dot product;
+ * inputs a multiple of 64) or float32 as it is. */
 typedef struct {
     const float *x;
     float *even, *odd;
     int8_t *q_even, *q_odd;
     float *q_scales, *q_sums;
-    int vnni;
+    int quantized; /* the integer-dot-product form above is used */
+    int16_t *x16;
+    float x16_scale;
 } PreparedInput;
 
 #define MOE_VNNI(group) ((group) % 128 == 0)
 
 static void prepare_input(PreparedInput *in, const float *x, int format, int64_t k, int64_t group) {
     in->x = x;
-    if (format == FORMAT_INT8) return;
-    in->vnni = format == FORMAT_INT4 && MOE_VNNI(group);
-    if (in->vnni) {
+    if (format == FORMAT_INT8) {
+        in->quantized = k % 64 == 0;
+        if (in->quantized) in->x16_scale = quantize_row_int16(x, in->x16, k);
+        return;
+    }
+    in->quantized = format == FORMAT_INT4 && MOE_VNNI(group);
+    if (in->quantized) {
         quantize_x_int8(x, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, group);
         return;
     }
@@ -655,6 +671,10 @@ static float quant_row(int format, QuantStack s, int64_t expert, int64_t rows, i
     float sum;
     int64_t r = expert * rows + row;
     if (format == FORMAT_INT8) {
+        if (in->quantized) {
+            int8_row_int16((const int8_t *)s.weights + r * k, in->x16, k, 1, &sum);
+            return sum * in->x16_scale * ((const float *)s.scales)[r];
+        }
         int8_row((const int8_t *)s.weights + r * k, in->x, k, 1, &sum);
         return sum * ((const float *)s.scales)[r];
     }
@@ -664,7 +684,7 @@ static float quant_row(int format, QuantStack s, int64_t expert, int64_t rows, i
         return sum;
     }
     const float *scales = (const float *)s.scales + r * (k / group), *zeros = s.zeros + r * (k / group);
-    if (in->vnni) {
+    if (in->quantized) {
         int4_row_vnni(w, scales, zeros, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, k / group, group / 128, 1,
                       &sum);
         return sum;
@@ -690,10 +710,11 @@ void moe_quant(int format, const float *x, const void *gate_up, const void *gate
         float *x_halves = act + inter, *act_halves = x_halves + hidden; /* float32 even|odd halves */
         int8_t *x_q = (int8_t *)(act_halves + inter), *act_q = x_q + hidden; /* int8 even|odd halves */
         float *x_q_stats = (float *)(act_q + inter), *act_q_stats = x_q_stats + hidden / 2;
+        /* int16 inputs (int8 weights only) share the float32 halves' room */
         PreparedInput x_in = {0, x_halves, x_halves + hidden / 2, x_q, x_q + hidden / 2, x_q_stats,
-                              x_q_stats + hidden / 4, 0};
+                              x_q_stats + hidden / 4, 0, (int16_t *)x_halves, 0.f};
         PreparedInput act_in = {0, act_halves, act_halves + inter / 2, act_q, act_q + inter / 2, act_q_stats,
-                                act_q_stats + inter / 4, 0};
+                                act_q_stats + inter / 4, 0, (int16_t *)act_halves, 0.f};
         for (int64_t j = 0; j < (int64_t)m * hidden; j++) mine[j] = 0.f;
         int first = (int)((int64_t)assignments * id / threads);
         int last = (int)((int64_t)assignments * (id + 1) / threads);
