@@ -63,7 +63,7 @@ int main(void) {
     check(ok, "linear_bf16 rounds once to bfloat16");
 
     /* int8 rows on int16-quantized activations */
-    ok = linear_int8_bf16(xb, w8, scales8, bias, y, M, N, K);
+    ok = linear_int8_bf16(xb, w8, scales8, bias, y, M, N, K, 0);
     for (int i = 0; i < M; i++)
         for (int r = 0; r < N; r++) {
             double sum = bias[r], size = 0;
@@ -76,7 +76,7 @@ int main(void) {
     check(ok, "linear_int8_bf16 matches the reference within the int16 quantization of x");
 
     /* int4 groups on int8-quantized activations */
-    ok = linear_int4_bf16(xb, w4, scales4, zeros4, bias, y, M, N, K, GROUP);
+    ok = linear_int4_bf16(xb, w4, scales4, zeros4, bias, y, M, N, K, GROUP, 0);
     for (int i = 0; i < M; i++)
         for (int r = 0; r < N; r++) {
             double sum = bias[r], size = 0;
@@ -117,7 +117,7 @@ int main(void) {
             const uint8_t *w4s = pass ? w4_long : w4;
             const float *s8 = pass ? ones : scales8, *s4 = pass ? unit : scales4, *z4 = pass ? none : zeros4;
             quantize_x_int16(xs, xq, x_scales, m, k);
-            linear_int8_bf16(xs, w8s, s8, NULL, y, m, n, k);
+            linear_int8_bf16(xs, w8s, s8, NULL, y, m, n, k, 0);
             for (int i = 0; i < m; i++)
                 for (int r = 0; r < n; r++) {
                     int64_t exact = 0, size = 0;
@@ -130,7 +130,7 @@ int main(void) {
                 }
             int groups = k / GROUP;
             quantize_rows_int8(xs, m, k, GROUP, xq_even, xq_odd, x_scales, x_sums);
-            linear_int4_bf16(xs, w4s, s4, z4, NULL, y, m, n, k, GROUP);
+            linear_int4_bf16(xs, w4s, s4, z4, NULL, y, m, n, k, GROUP, 0);
             for (int i = 0; i < m; i++)
                 for (int r = 0; r < n; r++) {
                     double expected = 0, size = 0;
@@ -184,12 +184,12 @@ int main(void) {
         for (int i = 0; i < M; i++) {
             float alone[N];
             if (kind == 0) linear_bf16(xb + i * K, wb, NULL, alone, NULL, 1, N, K);
-            if (kind == 1) linear_int8_bf16(xb + i * K, w8, scales8, bias, alone, 1, N, K);
-            if (kind == 2) linear_int4_bf16(xb + i * K, w4, scales4, zeros4, bias, alone, 1, N, K, GROUP);
+            if (kind == 1) linear_int8_bf16(xb + i * K, w8, scales8, bias, alone, 1, N, K, 0);
+            if (kind == 2) linear_int4_bf16(xb + i * K, w4, scales4, zeros4, bias, alone, 1, N, K, GROUP, 0);
             if (i == 0) {
                 if (kind == 0) linear_bf16(xb, wb, NULL, y1, NULL, M, N, K);
-                if (kind == 1) linear_int8_bf16(xb, w8, scales8, bias, y1, M, N, K);
-                if (kind == 2) linear_int4_bf16(xb, w4, scales4, zeros4, bias, y1, M, N, K, GROUP);
+                if (kind == 1) linear_int8_bf16(xb, w8, scales8, bias, y1, M, N, K, 0);
+                if (kind == 2) linear_int4_bf16(xb, w4, scales4, zeros4, bias, y1, M, N, K, GROUP, 0);
             }
             ok &= memcmp(alone, y1 + i * N, sizeof alone) == 0;
         }

@@ -45,7 +45,7 @@ def test_a_shape_torch_wins_goes_to_torch_row_by_row_and_is_remembered(decisions
     assert not cpu.mlp_supports(x, weight, weight)  # the fused MLP steps aside for the three calls
     assert len(measured) == 1  # measured once for the shape
     assert choice._read(choice.decisions_path()) == {f"linear-bfloat16:1024x1024:threads{torch.get_num_threads()}:"
-                                                     f"{cpu.active_isa()}": True}
+                                                     f"{cpu.library().choice_key}": True}
     choice._decisions.cache_clear()  # a new process: the decision comes from disk
     monkeypatch.setattr(choice, "measure", lambda *args: pytest.fail("measured again"))
     assert cpu.torch_is_faster(weight)

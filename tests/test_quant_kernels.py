@@ -36,11 +36,11 @@ def test_bfloat16_activations_take_the_integer_dot_product_kernels_in_every_buil
     scales, zeros = torch.rand(8, 2), torch.rand(8, 2)
     packed = quant.pack_int4(torch.randint(0, 16, (8, 256)))
     ran = quant.library().linear_int4_bf16(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-                                           None, out.data_ptr(), 1, 8, 256, 128)
+                                           None, out.data_ptr(), 1, 8, 256, 128, 0)
     assert ran == 1
     qweight, row_scales = torch.randint(-127, 128, (8, 256), dtype=torch.int8), torch.rand(8)
     ran = quant.library().linear_int8_bf16(x.data_ptr(), qweight.data_ptr(), row_scales.data_ptr(), None,
-                                           out.data_ptr(), 1, 8, 256)
+                                           out.data_ptr(), 1, 8, 256, 0)
     assert ran == 1
 
 

@@ -96,7 +96,8 @@ def measure(ours: Callable[[], object], theirs: Callable[[], object]) -> bool:
 
 def prefers_torch(op: str, out_features: int, in_features: int, build_name: str, contenders: Contenders) -> bool:
     """Whether `op` on a weight [out_features, in_features] should run torch's op instead of the C
-    kernel. `contenders()` gives (ours, theirs), one-token calls on that weight, for a measurement."""
+    kernel. `contenders()` gives (ours, theirs), one-token calls on that weight, for a measurement.
+    `build_name` names the kernel build and torch version (a changed kernel is measured again)."""
     chosen = mode()
     if chosen != "measure":
         return chosen == "torch"

@@ -26,7 +26,12 @@ def load_compiled(source_path: Path) -> ctypes.CDLL | None:
     """`source_path` built for the best ISA level this CPU runs (see build.py) and loaded; None
     where the kernels are off or cannot be built."""
     loaded = build.load(source_path)
-    return None if loaded is None else loaded[0]
+    if loaded is None:
+        return None
+    lib = loaded[0]
+    # measured matmul choices (choice.py) hold for this build and this torch only
+    lib.choice_key = f"{Path(lib._name).stem}+torch{torch.__version__}"
+    return lib
 
 
 def active_isa() -> str:
@@ -60,7 +65,7 @@ def library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     signatures.declare(lib, DECLARATIONS)
-    lib.isa_name = lib.kernel_isa().decode()  # asked on every matmul (choice.py keys): read once
+    lib.isa_name = lib.kernel_isa().decode()
     return lib
 
 
@@ -106,8 +111,8 @@ def torch_is_faster(weight: torch.Tensor) -> bool:
         x = torch.randn(1, weight.shape[1]).to(weight.dtype)
         return (lambda: _kernel_linear(x, weight, None, False)), (lambda: F.linear(x, weight))
 
-    return choice.prefers_torch(f"linear-{str(weight.dtype).removeprefix('torch.')}", *weight.shape, active_isa(),
-                                contenders)
+    return choice.prefers_torch(f"linear-{str(weight.dtype).removeprefix('torch.')}", *weight.shape,
+                                library().choice_key, contenders)
 
 
 def torch_rows(function, x: torch.Tensor, *args) -> torch.Tensor:

@@ -115,48 +115,62 @@ static void quantize_x_int16(const uint16_t *x, int16_t *xq, float *x_scale, int
 }
 
 #define INT8_FLUSH 2048
+/* Independent accumulators per token: few tokens need four chains to hide the dot product's
+ * latency; more tokens have enough chains between them (and four each would spill registers). */
+#define INT8_CHAINS(tokens) ((tokens) <= 2 ? 4 : 2)
 #if INT_DOT == 256
 ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
+    const int chains = INT8_CHAINS(tokens);
     __m256 acc[TOKENS_PER_PASS];
     for (int t = 0; t < tokens; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t chunk = 0; chunk < k; chunk += INT8_FLUSH) {
         int64_t end = chunk + INT8_FLUSH < k ? chunk + INT8_FLUSH : k;
-        __m256i exact[TOKENS_PER_PASS][2];
-        for (int t = 0; t < tokens; t++) exact[t][0] = exact[t][1] = _mm256_setzero_si256();
+        __m256i exact[TOKENS_PER_PASS][4];
+        for (int t = 0; t < tokens; t++)
+            for (int c = 0; c < chains; c++) exact[t][c] = _mm256_setzero_si256();
         for (int64_t j = chunk; j < end; j += 64) {
-            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j)));
-            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j + 16)));
-            __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j + 32)));
-            __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j + 48)));
+            __m256i wv[4];
+            for (int c = 0; c < 4; c++) wv[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j + 16 * c)));
             for (int t = 0; t < tokens; t++) {
                 const __m256i *xt = (const __m256i *)(x + t * k + j);
+                for (int c = 0; c < 4; c++) {
+                    __m256i *e = &exact[t][c % chains];
 #if defined(MIMO_AVXVNNI)
-                exact[t][0] = _mm256_dpwssd_avx_epi32(exact[t][0], w0, _mm256_loadu_si256(xt));
-                exact[t][1] = _mm256_dpwssd_avx_epi32(exact[t][1], w1, _mm256_loadu_si256(xt + 1));
-                exact[t][0] = _mm256_dpwssd_avx_epi32(exact[t][0], w2, _mm256_loadu_si256(xt + 2));
-                exact[t][1] = _mm256_dpwssd_avx_epi32(exact[t][1], w3, _mm256_loadu_si256(xt + 3));
+                    *e = _mm256_dpwssd_avx_epi32(*e, wv[c], _mm256_loadu_si256(xt + c));
 #else
-                exact[t][0] = _mm256_add_epi32(exact[t][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(xt)));
-                exact[t][1] = _mm256_add_epi32(exact[t][1], _mm256_madd_epi16(w1, _mm256_loadu_si256(xt + 1)));
-                exact[t][0] = _mm256_add_epi32(exact[t][0], _mm256_madd_epi16(w2, _mm256_loadu_si256(xt + 2)));
-                exact[t][1] = _mm256_add_epi32(exact[t][1], _mm256_madd_epi16(w3, _mm256_loadu_si256(xt + 3)));
+                    *e = _mm256_add_epi32(*e, _mm256_madd_epi16(wv[c], _mm256_loadu_si256(xt + c)));
 #endif
+                }
             }
         }
-        for (int t = 0; t < tokens; t++)
-            acc[t] = _mm256_add_ps(acc[t], _mm256_cvtepi32_ps(_mm256_add_epi32(exact[t][0], exact[t][1])));
+        for (int t = 0; t < tokens; t++) {
+            __m256i total = exact[t][0];
+            for (int c = 1; c < chains; c++) total = _mm256_add_epi32(total, exact[t][c]);
+            acc[t] = _mm256_add_ps(acc[t], _mm256_cvtepi32_ps(total));
+        }
     }
     for (int t = 0; t < tokens; t++) sums[t] = hsum256(acc[t]);
 }
 #elif INT_DOT == 512
 ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, int tokens, float *sums) {
+    const int chains = INT8_CHAINS(tokens);
     __m512 acc[TOKENS_PER_PASS];
     for (int t = 0; t < tokens; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t chunk = 0; chunk < k; chunk += INT8_FLUSH) {
         int64_t end = chunk + INT8_FLUSH < k ? chunk + INT8_FLUSH : k;
-        __m512i exact[TOKENS_PER_PASS][2];
-        for (int t = 0; t < tokens; t++) exact[t][0] = exact[t][1] = _mm512_setzero_si512();
-        for (int64_t j = chunk; j < end; j += 64) {
+        __m512i exact[TOKENS_PER_PASS][4];
+        for (int t = 0; t < tokens; t++)
+            for (int c = 0; c < chains; c++) exact[t][c] = _mm512_setzero_si512();
+        int64_t j = chunk;
+        for (; j + 128 <= end; j += 128) {
+            __m512i wv[4];
+            for (int c = 0; c < 4; c++) wv[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + j + 32 * c)));
+            for (int t = 0; t < tokens; t++)
+                for (int c = 0; c < 4; c++)
+                    exact[t][c % chains] = _mm512_dpwssd_epi32(exact[t][c % chains], wv[c],
+                                                               _mm512_loadu_si512(x + t * k + j + 32 * c));
+        }
+        for (; j < end; j += 64) { /* k is a multiple of 64 */
             __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + j)));
             __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + j + 32)));
             for (int t = 0; t < tokens; t++) {
@@ -164,8 +178,11 @@ ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, 
                 exact[t][1] = _mm512_dpwssd_epi32(exact[t][1], w1, _mm512_loadu_si512(x + t * k + j + 32));
             }
         }
-        for (int t = 0; t < tokens; t++)
-            acc[t] = _mm512_add_ps(acc[t], _mm512_cvtepi32_ps(_mm512_add_epi32(exact[t][0], exact[t][1])));
+        for (int t = 0; t < tokens; t++) {
+            __m512i total = exact[t][0];
+            for (int c = 1; c < chains; c++) total = _mm512_add_epi32(total, exact[t][c]);
+            acc[t] = _mm512_add_ps(acc[t], _mm512_cvtepi32_ps(total));
+        }
     }
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]);
 }
@@ -221,8 +238,14 @@ ALWAYS_INLINE void int8_row_int16(const int8_t *w, const int16_t *x, int64_t k, 
 }
 #endif
 
-int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, const float *bias, float *y, int m,
-                     int64_t n, int64_t k) {
+/* y[index] = value, as float32 or (y_bf16) rounded to bfloat16 as torch rounds */
+static inline void store_out(void *y, int y_bf16, int64_t index, float value) {
+    if (y_bf16) ((uint16_t *)y)[index] = f32_to_bf16(value);
+    else ((float *)y)[index] = value;
+}
+
+int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, const float *bias, void *y, int m,
+                     int64_t n, int64_t k, int y_bf16) {
     if (k % 64) return 0;
     int16_t *xq = malloc(sizeof(int16_t) * m * k);
     float *x_scale = malloc(sizeof(float) * m);
@@ -234,7 +257,8 @@ int linear_int8_bf16(const uint16_t *x, const int8_t *w, const float *scales, co
         float b = bias ? bias[row] : 0.f;
         float sums[TOKENS_PER_PASS];
 #define ROW(T) int8_row_int16(wr, xq + (int64_t)first * k, k, T, sums)
-        EACH_TOKEN_PASS(m, ROW, y[(int64_t)(first + t) * n + row] = sums[t] * x_scale[first + t] * scales[row] + b)
+        EACH_TOKEN_PASS(m, ROW, store_out(y, y_bf16, (int64_t)(first + t) * n + row,
+                                          sums[t] * x_scale[first + t] * scales[row] + b))
 #undef ROW
     }
     free(xq);
@@ -469,7 +493,7 @@ ALWAYS_INLINE void int4_row_vnni(const uint8_t *w, const float *scales, const fl
 #endif
 
 int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, const float *zeros,
-                     const float *bias, float *y, int m, int64_t n, int64_t k, int64_t group) {
+                     const float *bias, void *y, int m, int64_t n, int64_t k, int64_t group, int y_bf16) {
     if (group % 128) return 0;
     const int64_t groups = k / group, half = k / 2, blocks_per_group = group / 128;
     int8_t *x_even = malloc((size_t)m * k);
@@ -488,7 +512,7 @@ int linear_int4_bf16(const uint16_t *x, const uint8_t *w, const float *scales, c
     int4_row_vnni(wr, sr, zr, x_even + (int64_t)first * half, x_odd + (int64_t)first * half,             \
                   x_scales + (int64_t)first * groups, x_sums + (int64_t)first * groups, k, groups,       \
                   blocks_per_group, T, sums)
-        EACH_TOKEN_PASS(m, ROW, y[(int64_t)(first + t) * n + row] = sums[t] + b)
+        EACH_TOKEN_PASS(m, ROW, store_out(y, y_bf16, (int64_t)(first + t) * n + row, sums[t] + b))
 #undef ROW
     }
     free(x_even);

@@ -119,8 +119,8 @@ DECLARATIONS: dict[str, signatures.Declaration] = {
     "linear_int8": ([_POINTER] * 5 + [_INT, _I64, _I64], None),
     "linear_int4": ([_POINTER] * 7 + [_INT, _I64, _I64, _I64], None),
     "linear_mxfp4": ([_POINTER] * 6 + [_INT, _I64, _I64], None),
-    "linear_int4_bf16": ([_POINTER] * 6 + [_INT, _I64, _I64, _I64], _INT),
-    "linear_int8_bf16": ([_POINTER] * 5 + [_INT, _I64, _I64], _INT),
+    "linear_int4_bf16": ([_POINTER] * 6 + [_INT, _I64, _I64, _I64, _INT], _INT),
+    "linear_int8_bf16": ([_POINTER] * 5 + [_INT, _I64, _I64, _INT], _INT),
     "moe_quant": ([_INT] + [_POINTER] * 10 + [_INT, _INT] + [_POINTER] * 3 + [_I64, _I64, _I64], None),
     "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
                                  + [_I64] + [_POINTER] * 8, _INT),
@@ -208,7 +208,7 @@ def int8_torch_is_faster(qweight: torch.Tensor, scales: torch.Tensor, dtype: tor
         x = torch.randn(1, qweight.shape[1]).to(dtype)
         return (lambda: _int8_kernel(x, qweight, scales, None, dtype)), (lambda: _torch_int8_linear(x, qweight, scales))
 
-    return choice.prefers_torch(f"int8-{str(dtype).removeprefix('torch.')}", *qweight.shape, cpu.active_isa(),
+    return choice.prefers_torch(f"int8-{str(dtype).removeprefix('torch.')}", *qweight.shape, library().choice_key,
                                 contenders)
 
 
@@ -242,15 +242,17 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
 
 def _int8_kernel(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias, out_dtype: torch.dtype):
     out_features, in_features = qweight.shape
-    out = torch.empty(x.numel() // in_features, out_features, dtype=torch.float32)
+    rows = x.numel() // in_features
     scales, bias = _float32(scales), _float32(bias)
-    if x.dtype == torch.bfloat16:
-        flat = x.reshape(-1, in_features).contiguous()
+    if x.dtype == torch.bfloat16 and out_dtype in (torch.bfloat16, torch.float32):
+        flat = x if x.is_contiguous() else x.contiguous()
+        out = torch.empty(*x.shape[:-1], out_features, dtype=out_dtype)
         if library().linear_int8_bf16(
             flat.data_ptr(), qweight.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
-            out.data_ptr(), flat.shape[0], out_features, in_features,
+            out.data_ptr(), rows, out_features, in_features, out_dtype == torch.bfloat16,
         ):
-            return out.view(*x.shape[:-1], out_features).to(out_dtype)
+            return out
+    out = torch.empty(rows, out_features, dtype=torch.float32)
     flat = x.reshape(-1, in_features).float().contiguous()
     library().linear_int8(
         flat.data_ptr(), qweight.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
@@ -267,17 +269,18 @@ def int4_linear(
         return triton_quant.int4_linear(x, packed, scales, zeros, group_size, bias)
     if not _kernel_applies(x, packed, max_rows=INT4_MAX_ROWS) or in_features % group_size or group_size % 2:
         return reference_int4_linear(x, packed, scales, zeros, group_size, bias)
-    out_features = packed.shape[0]
-    out = torch.empty(x.numel() // in_features, out_features, dtype=torch.float32)
+    out_features, rows = packed.shape[0], x.numel() // in_features
     scales, zeros, bias = _float32(scales), _float32(zeros), _float32(bias)
     if x.dtype == torch.bfloat16:
-        flat = x.reshape(-1, in_features).contiguous()
+        flat = x if x.is_contiguous() else x.contiguous()
+        out = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
         if library().linear_int4_bf16(
             flat.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-            bias.data_ptr() if bias is not None else None, out.data_ptr(), flat.shape[0], out_features,
-            in_features, group_size,
+            bias.data_ptr() if bias is not None else None, out.data_ptr(), rows, out_features,
+            in_features, group_size, 1,
         ):
-            return out.view(*x.shape[:-1], out_features).to(x.dtype)
+            return out
+    out = torch.empty(rows, out_features, dtype=torch.float32)
     flat = x.reshape(-1, in_features).float()
     x_even, x_odd = flat[:, 0::2].contiguous(), flat[:, 1::2].contiguous()
     library().linear_int4(
