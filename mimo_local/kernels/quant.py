@@ -36,6 +36,7 @@ INT4_MAX_ROWS = 512
 # MXFP4 (an expert's rows in a prefill chunk, V2-Flash down 4096x2048, 1 thread): the C kernel 28 ms
 # for 64 rows vs 120 ms to dequantize + F.linear; 219 vs 119 ms for 256 rows.
 MXFP4_MAX_ROWS = 64
+GEMM_INT8_GROUP = 128  # inputs per x scale of the prefill GEMM on int8 weights (cpu_quant.c)
 # moe_quant's `format` argument per stack kind (cpu_quant.c)
 MOE_FORMATS = {"mxfp4": 1, "int4": 4, "int8": 8}
 
@@ -121,6 +122,7 @@ DECLARATIONS: dict[str, signatures.Declaration] = {
     "linear_mxfp4": ([_POINTER] * 6 + [_INT, _I64, _I64], None),
     "linear_int4_bf16": ([_POINTER] * 6 + [_INT, _I64, _I64, _I64], _INT),
     "linear_int8_bf16": ([_POINTER] * 5 + [_INT, _I64, _I64], _INT),
+    "gemm_quant_bf16": ([_POINTER, _INT] + [_POINTER] * 5 + [_INT, _I64, _I64, _I64], _INT),
     "moe_quant": ([_INT] + [_POINTER] * 10 + [_INT, _INT] + [_POINTER] * 3 + [_I64, _I64, _I64], None),
     "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
                                  + [_I64] + [_POINTER] * 8, _INT),
@@ -286,6 +288,65 @@ def int4_linear(
         group_size,
     )
     return out.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def gemm_x_codes(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefill GEMM's (and the int4 decode kernel's) int8 quantization of x [M, K]: codes [M, K]
+    (round(x / scale), half to even as lrintf), scales and scale * sum(codes) [M, K / group]."""
+    rows = x.float().reshape(x.shape[0], -1, group)
+    peak = rows.abs().amax(dim=-1)
+    scales = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+    codes = torch.round(rows * (1.0 / scales)[..., None])
+    return codes.reshape(x.shape), scales, scales * codes.sum(dim=-1)
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 a * b + c rounded once (float64 holds the product exactly; the sum is rounded to
+    float64 and then to float32, which can differ from one rounding in the last bit, odds about
+    2^-29 per call)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def reference_gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros, group: int,
+                   bias=None) -> torch.Tensor:
+    """What gemm_quant_bf16 of cpu_quant.c computes, in its order of float32 operations (float32
+    [M, N]): x quantized by gemm_x_codes in groups (int8 weights: of GEMM_INT8_GROUP), each group's
+    integer sum exact, then per group acc = fma(exact, scale * x_scale, acc) and
+    acc = fma(-scale * zero, x_sum, acc), where int8 weights count as codes w + 128 with zero 128."""
+    if bits == 8:
+        group = GEMM_INT8_GROUP
+        codes_w = weight.double() + 128
+        groups = weight.shape[1] // group
+        col_scales = scales.float()[:, None].expand(-1, groups)
+        offsets = col_scales * 128.0
+    else:
+        codes_w = unpack_int4(weight).double()
+        col_scales, offsets = scales.float(), scales.float() * zeros.float()
+    codes_x, x_scales, x_sums = gemm_x_codes(x.reshape(-1, x.shape[-1]), group)
+    out_features, groups = col_scales.shape
+    exact = torch.einsum("mgj,ngj->mng", codes_x.double().view(codes_x.shape[0], groups, group),
+                         codes_w.view(out_features, groups, group)).float()
+    acc = torch.zeros(codes_x.shape[0], out_features)
+    for g in range(groups):
+        acc = _fma(exact[:, :, g], col_scales[None, :, g] * x_scales[:, g, None], acc)
+        acc = _fma(-offsets[None, :, g], x_sums[:, g, None].expand_as(acc), acc)
+    return acc if bias is None else acc + bias.float()
+
+
+def gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros, group: int,
+         bias=None) -> torch.Tensor | None:
+    """The prefill GEMM on bfloat16 x [..., K] (float32 [..., N]), or None where its layout conditions
+    fail (see gemm_quant_bf16)."""
+    in_features = x.shape[-1]
+    flat = x.reshape(-1, in_features).contiguous()
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32)
+    scales, zeros, bias = _float32(scales), _float32(zeros), _float32(bias)
+    address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    if not library().gemm_quant_bf16(flat.data_ptr(), bits, weight.data_ptr(), scales.data_ptr(), address(zeros),
+                                      address(bias), out.data_ptr(), flat.shape[0], weight.shape[0], in_features,
+                                      group):
+        return None
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def mxfp4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
