@@ -37,6 +37,11 @@ INT4_MAX_ROWS = 512
 # for 64 rows vs 120 ms to dequantize + F.linear; 219 vs 119 ms for 256 rows.
 MXFP4_MAX_ROWS = 64
 GEMM_INT8_GROUP = 128  # inputs per x scale of the prefill GEMM on int8 weights (cpu_quant.c)
+# Rows from which bfloat16 x takes the prefill GEMM (gemm_quant_bf16) where it measured faster than
+# the path above (choice.py): past the decode and verify steps, whose bits stay the row kernels'.
+# 4096x4096, 1 thread, ours vs before: int4 1.28x at 24 rows, 4.7x at 512 (MiMo-7B gate|up); int8
+# 1.9x at 24 rows, 1.7x at 512 (torch's bfloat16 GEMM on the float weight: 1.15-1.25x at 512).
+GEMM_MIN_ROWS = 17
 # moe_quant's `format` argument per stack kind (cpu_quant.c)
 MOE_FORMATS = {"mxfp4": 1, "int4": 4, "int8": 8}
 
@@ -235,6 +240,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     out_dtype = torch.float32 if float32_out else x.dtype
     if x.is_cuda and triton_quant.available():
         return triton_quant.int8_linear(x, qweight, scales, bias).to(out_dtype)
+    out = _prefill_gemm(x, 8, qweight, scales, None, 0, bias)
+    if out is not None:
+        return out.to(out_dtype)
     if not _kernel_applies(x, qweight):
         return reference_int8_linear(x.to(out_dtype), qweight, scales, None if bias is None else bias.to(out_dtype))
     if int8_torch_is_faster(qweight, scales, x.dtype):
@@ -264,9 +272,15 @@ def _int8_kernel(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
 def int4_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bias=None
 ) -> torch.Tensor:
-    in_features = packed.shape[1] * 2
     if x.is_cuda and triton_quant.available():
         return triton_quant.int4_linear(x, packed, scales, zeros, group_size, bias)
+    out = _prefill_gemm(x, 4, packed, scales, zeros, group_size, bias)
+    return out.to(x.dtype) if out is not None else _int4_rows(x, packed, scales, zeros, group_size, bias)
+
+
+def _int4_rows(x, packed, scales, zeros, group_size: int, bias=None) -> torch.Tensor:
+    """int4_linear without the prefill GEMM: the row kernels up to INT4_MAX_ROWS rows, else the reference."""
+    in_features = packed.shape[1] * 2
     if not _kernel_applies(x, packed, max_rows=INT4_MAX_ROWS) or in_features % group_size or group_size % 2:
         return reference_int4_linear(x, packed, scales, zeros, group_size, bias)
     out_features = packed.shape[0]
@@ -347,6 +361,37 @@ def gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor,
                                       group):
         return None
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _gemm_layout_fits(bits: int, in_features: int, group: int) -> bool:
+    return in_features % GEMM_INT8_GROUP == 0 if bits == 8 else group % 128 == 0 and in_features % group == 0
+
+
+def _prefill_gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales, zeros, group: int, bias):
+    """`gemm` for a prefill-sized bfloat16 x on the CPU where it applies and is not the slower path
+    for the weight's shape here; None otherwise (the caller's path runs)."""
+    rows = x.numel() // x.shape[-1]
+    if (x.dtype != torch.bfloat16 or rows < GEMM_MIN_ROWS or not _gemm_layout_fits(bits, x.shape[-1], group)
+            or not _kernel_applies(x, weight, max_rows=rows) or gemm_is_slower(bits, weight, scales, zeros, group)):
+        return None
+    return gemm(x, bits, weight, scales, zeros, group, bias)
+
+
+def gemm_is_slower(bits: int, weight: torch.Tensor, scales, zeros, group: int) -> bool:
+    """Whether the path prefill took before the GEMM (dequantize + F.linear, or int4's row kernel)
+    beats it on this weight shape here, measured once on GEMM_MIN_ROWS * 8 rows (choice.py)."""
+    in_features = weight.shape[1] * (1 if bits == 8 else 2)
+
+    def contenders():
+        x = torch.randn(GEMM_MIN_ROWS * 8, in_features).bfloat16()
+        if bits == 8:
+            before = lambda: reference_int8_linear(x, weight, scales)  # noqa: E731
+        else:
+            before = lambda: _int4_rows(x, weight, scales, zeros, group)  # noqa: E731
+        return (lambda: gemm(x, bits, weight, scales, zeros, group)), before
+
+    op = "gemm-int8" if bits == 8 else f"gemm-int4-g{group}"
+    return choice.prefers_torch(op, weight.shape[0], in_features, cpu.active_isa(), contenders)
 
 
 def mxfp4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
