@@ -14,7 +14,7 @@ import pytest
 from mimo_local.kernels import build
 
 HARNESS = Path(__file__).with_name("kernel_harness.c")
-CHECKS = 9
+CHECKS = 10
 CROSS_COMPILER, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
 CROSS_OBJDUMP = shutil.which("aarch64-linux-gnu-objdump")
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
