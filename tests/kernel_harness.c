@@ -158,10 +158,14 @@ int main(void) {
         enum { ROWS = 13 };
         static uint16_t xg[ROWS * K];
         static float yg[ROWS * N];
+        static uint16_t ygb[ROWS * N];
         for (int i = 0; i < ROWS * K; i++) xg[i] = to_bf16(uniform() * (i < 64 ? 40.f : 3.f));
         for (int format = 8; format >= 4; format -= 4) {
-            ok &= gemm_quant_bf16(xg, format, format == 8 ? (const void *)w8 : (const void *)w4,
-                                  format == 8 ? scales8 : scales4, zeros4, bias, yg, ROWS, N, K, GROUP);
+            const void *weights = format == 8 ? (const void *)w8 : (const void *)w4;
+            const float *scales = format == 8 ? scales8 : scales4;
+            ok &= gemm_quant_bf16(xg, format, weights, scales, zeros4, bias, NULL, ygb, ROWS, N, K, GROUP);
+            ok &= gemm_quant_bf16(xg, format, weights, scales, zeros4, bias, yg, NULL, ROWS, N, K, GROUP);
+            for (int i = 0; i < ROWS * N; i++) ok &= ygb[i] == to_bf16(yg[i]);
             for (int i = 0; i < ROWS; i++)
                 for (int r = 0; r < N; r++) {
                     float acc = 0.f;
@@ -189,7 +193,7 @@ int main(void) {
                 }
         }
     }
-    check(ok, "gemm_quant_bf16 (int8, int4) equals its float32 steps after exact integer sums");
+    check(ok, "gemm_quant_bf16 (int8, int4) equals its float32 steps after exact integer sums, and rounds them once");
 
     /* MXFP4 rows (e2m1 pairs, an E8M0 scale per 32 inputs) on float32 x split into even/odd inputs:
      * within the float32 summation-order bound gamma(K + 1) * sum |w x| of the exact sum */

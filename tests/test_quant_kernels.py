@@ -148,9 +148,12 @@ def test_prefill_gemm_equals_its_reference_bit_for_bit(bits, rows, out_features,
     weight, scales, zeros = gemm_weights(bits, out_features, in_features, group, generator)
     bias = torch.randn(out_features, generator=generator)
     for with_bias in (bias, None):
-        got = quant.gemm(x, bits, weight, scales, zeros, group, with_bias)
+        got = quant.gemm(x, bits, weight, scales, zeros, group, with_bias, float32_out=True)
         assert got.dtype == torch.float32 and got.shape == (rows, out_features)
-        assert torch.equal(got, quant.reference_gemm(x, bits, weight, scales, zeros, group, with_bias))
+        expected = quant.reference_gemm(x, bits, weight, scales, zeros, group, with_bias)
+        assert torch.equal(got, expected)
+        rounded = quant.gemm(x, bits, weight, scales, zeros, group, with_bias)
+        assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, expected.bfloat16())
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -159,7 +162,7 @@ def test_prefill_gemm_is_within_the_int8_quantization_of_x_of_the_float_result(b
     rows, out_features, in_features, group = 40, 48, 512, 128
     x = torch.randn(rows, in_features, generator=generator).bfloat16()
     weight, scales, zeros = gemm_weights(bits, out_features, in_features, group, generator)
-    got = quant.gemm(x, bits, weight, scales, zeros, group)
+    got = quant.gemm(x, bits, weight, scales, zeros, group, float32_out=True)
     dense = (quant.dequantize_int8(weight, scales) if bits == 8
              else quant.dequantize_int4(weight, scales, zeros, group))
     expected = x.float() @ dense.T

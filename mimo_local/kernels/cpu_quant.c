@@ -530,8 +530,49 @@ void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, cons
 #endif
 #define GEMM_INT8_GROUP 128
 
-/* bfloat16 x [M, K] -> int8 codes [M, K] (int4: each 8 inputs reordered 0,2,4,6,1,3,5,7), x_scales and
- * x_sums [M, K/group] as quantize_x_int8 makes them. */
+/* One group of bfloat16 inputs -> int8 codes (int4: each 8 inputs reordered 0,2,4,6,1,3,5,7), as
+ * quantize_x_int8 makes them (the vector conversions round to nearest even, as lrintf does);
+ * returns the sum of the codes. */
+static int gemm_quantize_group(const uint16_t *x, int64_t group, int interleave, float inverse, int8_t *out) {
+    int sum = 0;
+    int64_t j = 0;
+#if defined(MIMO_AVX512F)
+    const __m512i order = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+    __m512i sums = _mm512_setzero_si512();
+    for (; j + 16 <= group; j += 16) {
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + j))), 16));
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inverse)));
+        sums = _mm512_add_epi32(sums, q);
+        if (interleave) q = _mm512_permutexvar_epi32(order, q);
+        _mm_storeu_si128((__m128i *)(out + j), _mm512_cvtsepi32_epi8(q));
+    }
+    sum = _mm512_reduce_add_epi32(sums);
+#elif defined(MIMO_AVX2)
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    __m256i sums = _mm256_setzero_si256();
+    for (; j + 8 <= group; j += 8) {
+        __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + j))), 16));
+        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v, _mm256_set1_ps(inverse)));
+        sums = _mm256_add_epi32(sums, q);
+        if (interleave) q = _mm256_permutevar8x32_epi32(q, order);
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256()); /* 4 codes per lane */
+        _mm_storel_epi64((__m128i *)(out + j),
+                         _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)));
+    }
+    __m128i half = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
+    sum = _mm_cvtsi128_si32(_mm_add_epi32(half, _mm_shuffle_epi32(half, 0xB1)));
+#endif
+    for (; j < group; j++) {
+        int q = (int)lrintf(bf16_value(x[j]) * inverse);
+        out[interleave ? (j & ~7) + (j & 1) * 4 + (j & 7) / 2 : j] = (int8_t)q;
+        sum += q;
+    }
+    return sum;
+}
+
+/* bfloat16 x [M, K] -> int8 codes [M, K] (gemm_quantize_group), x_scales and x_sums [M, K/group] as
+ * quantize_x_int8 makes them. */
 static void gemm_quantize_x(const uint16_t *x, int m, int64_t k, int64_t group, int interleave, int8_t *codes,
                             float *x_scales, float *x_sums) {
     const int64_t groups = k / group;
@@ -539,16 +580,14 @@ static void gemm_quantize_x(const uint16_t *x, int m, int64_t k, int64_t group, 
     for (int t = 0; t < m; t++) {
         for (int64_t g = 0; g < groups; g++) {
             const uint16_t *xg = x + (int64_t)t * k + g * group;
-            float peak = 0.f;
-            for (int64_t j = 0; j < group; j++) { float v = fabsf(bf16_value(xg[j])); peak = v > peak ? v : peak; }
-            float scale = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / scale;
-            int sum = 0;
-            int8_t *out = codes + (int64_t)t * k + g * group;
+            uint16_t peak_bits = 0; /* |x| as bfloat16 bits: ordered as the values are */
             for (int64_t j = 0; j < group; j++) {
-                int q = (int)lrintf(bf16_value(xg[j]) * inverse);
-                out[interleave ? (j & ~7) + (j & 1) * 4 + (j & 7) / 2 : j] = (int8_t)q;
-                sum += q;
+                uint16_t v = xg[j] & 0x7FFF;
+                peak_bits = v > peak_bits ? v : peak_bits;
             }
+            float peak = bf16_value(peak_bits);
+            float scale = peak > 0.f ? peak / 127.f : 1.f;
+            int sum = gemm_quantize_group(xg, group, interleave, 1.f / scale, codes + (int64_t)t * k + g * group);
             x_scales[t * groups + g] = scale;
             x_sums[t * groups + g] = scale * (float)sum;
         }
@@ -717,10 +756,11 @@ static void gemm_tile(const uint32_t *words, const float *col_scales, const floa
 }
 
 /* The GEMM for format 8 (int8 w [N, K], scales [N]) or 4 (packed int4 w [N, K/2], scales and zeros
- * [N, K/group]). Returns 0, having done nothing, where the layout does not allow it (int8: K % 128,
- * int4: group % 128) or memory is short. */
+ * [N, K/group]), into float32 y_f32 where it is not NULL, else into bfloat16 y (rounded once).
+ * Returns 0, having done nothing, where the layout does not allow it (int8: K % 128, int4:
+ * group % 128) or memory is short. */
 int gemm_quant_bf16(const uint16_t *x, int format, const void *w, const float *scales, const float *zeros,
-                    const float *bias, float *y, int m, int64_t n, int64_t k, int64_t group) {
+                    const float *bias, float *y_f32, uint16_t *y, int m, int64_t n, int64_t k, int64_t group) {
     if (format == 8) group = GEMM_INT8_GROUP;
     if ((format != 8 && format != 4) || group % 128 || k % group) return 0;
     const int64_t groups = k / group, blocks = (n + GEMM_COLUMNS - 1) / GEMM_COLUMNS;
@@ -754,8 +794,12 @@ int gemm_quant_bf16(const uint16_t *x, int format, const void *w, const float *s
                 gemm_tile(words, col_scales, col_offsets, codes + (int64_t)t0 * k, x_scales + (int64_t)t0 * groups,
                           x_sums + (int64_t)t0 * groups, k, group, format == 8, tile);
                 for (int t = 0; t < GEMM_TOKENS && t0 + t < m; t++)
-                    for (int c = 0; c < columns; c++)
-                        y[(int64_t)(t0 + t) * n + first + c] = tile[t * GEMM_COLUMNS + c] + (bias ? bias[first + c] : 0.f);
+                    for (int c = 0; c < columns; c++) {
+                        float value = tile[t * GEMM_COLUMNS + c] + (bias ? bias[first + c] : 0.f);
+                        int64_t index = (int64_t)(t0 + t) * n + first + c;
+                        if (y_f32) y_f32[index] = value;
+                        else y[index] = f32_to_bf16(value);
+                    }
             }
         }
         free(words);

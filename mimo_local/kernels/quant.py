@@ -127,7 +127,7 @@ DECLARATIONS: dict[str, signatures.Declaration] = {
     "linear_mxfp4": ([_POINTER] * 6 + [_INT, _I64, _I64], None),
     "linear_int4_bf16": ([_POINTER] * 6 + [_INT, _I64, _I64, _I64], _INT),
     "linear_int8_bf16": ([_POINTER] * 5 + [_INT, _I64, _I64], _INT),
-    "gemm_quant_bf16": ([_POINTER, _INT] + [_POINTER] * 5 + [_INT, _I64, _I64, _I64], _INT),
+    "gemm_quant_bf16": ([_POINTER, _INT] + [_POINTER] * 6 + [_INT, _I64, _I64, _I64], _INT),
     "moe_quant": ([_INT] + [_POINTER] * 10 + [_INT, _INT] + [_POINTER] * 3 + [_I64, _I64, _I64], None),
     "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
                                  + [_I64] + [_POINTER] * 8, _INT),
@@ -240,9 +240,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     out_dtype = torch.float32 if float32_out else x.dtype
     if x.is_cuda and triton_quant.available():
         return triton_quant.int8_linear(x, qweight, scales, bias).to(out_dtype)
-    out = _prefill_gemm(x, 8, qweight, scales, None, 0, bias)
+    out = _prefill_gemm(x, 8, qweight, scales, None, 0, bias, float32_out)
     if out is not None:
-        return out.to(out_dtype)
+        return out
     if not _kernel_applies(x, qweight):
         return reference_int8_linear(x.to(out_dtype), qweight, scales, None if bias is None else bias.to(out_dtype))
     if int8_torch_is_faster(qweight, scales, x.dtype):
@@ -275,7 +275,7 @@ def int4_linear(
     if x.is_cuda and triton_quant.available():
         return triton_quant.int4_linear(x, packed, scales, zeros, group_size, bias)
     out = _prefill_gemm(x, 4, packed, scales, zeros, group_size, bias)
-    return out.to(x.dtype) if out is not None else _int4_rows(x, packed, scales, zeros, group_size, bias)
+    return out if out is not None else _int4_rows(x, packed, scales, zeros, group_size, bias)
 
 
 def _int4_rows(x, packed, scales, zeros, group_size: int, bias=None) -> torch.Tensor:
@@ -348,17 +348,17 @@ def reference_gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: tor
 
 
 def gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros, group: int,
-         bias=None) -> torch.Tensor | None:
-    """The prefill GEMM on bfloat16 x [..., K] (float32 [..., N]), or None where its layout conditions
-    fail (see gemm_quant_bf16)."""
+         bias=None, float32_out: bool = False) -> torch.Tensor | None:
+    """The prefill GEMM on bfloat16 x [..., K]: bfloat16 [..., N] (float32 with `float32_out`), or
+    None where its layout conditions fail (see gemm_quant_bf16)."""
     in_features = x.shape[-1]
     flat = x.reshape(-1, in_features).contiguous()
-    out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32)
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32 if float32_out else torch.bfloat16)
     scales, zeros, bias = _float32(scales), _float32(zeros), _float32(bias)
     address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    y_f32, y = (out.data_ptr(), None) if float32_out else (None, out.data_ptr())
     if not library().gemm_quant_bf16(flat.data_ptr(), bits, weight.data_ptr(), scales.data_ptr(), address(zeros),
-                                      address(bias), out.data_ptr(), flat.shape[0], weight.shape[0], in_features,
-                                      group):
+                                      address(bias), y_f32, y, flat.shape[0], weight.shape[0], in_features, group):
         return None
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -367,14 +367,15 @@ def _gemm_layout_fits(bits: int, in_features: int, group: int) -> bool:
     return in_features % GEMM_INT8_GROUP == 0 if bits == 8 else group % 128 == 0 and in_features % group == 0
 
 
-def _prefill_gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales, zeros, group: int, bias):
+def _prefill_gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales, zeros, group: int, bias,
+                  float32_out: bool = False):
     """`gemm` for a prefill-sized bfloat16 x on the CPU where it applies and is not the slower path
     for the weight's shape here; None otherwise (the caller's path runs)."""
     rows = x.numel() // x.shape[-1]
     if (x.dtype != torch.bfloat16 or rows < GEMM_MIN_ROWS or not _gemm_layout_fits(bits, x.shape[-1], group)
             or not _kernel_applies(x, weight, max_rows=rows) or gemm_is_slower(bits, weight, scales, zeros, group)):
         return None
-    return gemm(x, bits, weight, scales, zeros, group, bias)
+    return gemm(x, bits, weight, scales, zeros, group, bias, float32_out)
 
 
 def gemm_is_slower(bits: int, weight: torch.Tensor, scales, zeros, group: int) -> bool:
