@@ -11,8 +11,10 @@ Layouts (row = output channel, so a decode GEMV streams each row once):
 
 Each op has a pure-torch reference (`reference_*`). On CPU, the few-token case (decode, speculative
 verify) runs the C kernels of cpu_quant.c, which stream the packed bytes once per call (int8: unless
-torch's own int8 op, torch._weight_int8pack_mm, is faster for the shape here: choice.py); on CUDA
-the Triton kernels of triton_quant.py run; everything else dequantizes and calls F.linear.
+torch's own int8 op, torch._weight_int8pack_mm, is faster for the shape here: choice.py); prefill-
+sized bfloat16 int8/int4 calls run its GEMM on int8-quantized x (`gemm`, exactly `reference_gemm`)
+where that measured faster than the row kernel or dequantize + F.linear; on CUDA the Triton kernels
+of triton_quant.py run; everything else dequantizes and calls F.linear.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from ..quant import mxfp4
 from . import choice, cpu, signatures, triton_quant
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
-# Rows (tokens) up to which the C kernels beat dequantize + F.linear: decode for int8; for int4 a
+# Rows (tokens) up to which the row kernels beat dequantize + F.linear: decode for int8; for int4 a
 # whole prefill chunk (measured on the 7B-shape bench: 512-token prefill 914 vs 747 tok/s; int8 with
-# 512 rows would be slower than torch's GEMM, 677 vs 1031 tok/s).
+# 512 rows would be slower than torch's GEMM, 677 vs 1031 tok/s). Both now serve prefill only where
+# the GEMM (GEMM_MIN_ROWS) does not apply or measured slower.
 INT8_MAX_ROWS = 16
 INT4_MAX_ROWS = 512
 # MXFP4 (an expert's rows in a prefill chunk, V2-Flash down 4096x2048, 1 thread): the C kernel 28 ms
