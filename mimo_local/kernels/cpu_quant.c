@@ -517,16 +517,13 @@ void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, cons
  * Per group g, token t and column c, with x = x_scale * codes and W = scale * (code - zero):
  *   acc = fma(exact, scale * x_scale, acc); acc = fma(-scale * zero, x_scale * sum(codes), acc)
  * in this order in every build (lanes never mix columns), so every build gives the same bits, and
- * reference_gemm_int in quant.py reproduces them. */
+ * reference_gemm in quant.py reproduces them. */
 #if INT_DOT == 512
 #define GEMM_COLUMNS 32
+#define GEMM_TOKENS 12 /* 24 int32 accumulators, 2 weight vectors, of 32 registers */
 #else
 #define GEMM_COLUMNS 16
-#endif
-#if INT_DOT == 512
-#define GEMM_TOKENS 12 /* 24 int32 accumulators, 2 weight vectors */
-#else
-#define GEMM_TOKENS 6
+#define GEMM_TOKENS 6 /* 12 accumulators, 2 weight vectors, of 16 */
 #endif
 #define GEMM_INT8_GROUP 128
 
@@ -540,7 +537,8 @@ static int gemm_quantize_group(const uint16_t *x, int64_t group, int interleave,
     const __m512i order = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
     __m512i sums = _mm512_setzero_si512();
     for (; j + 16 <= group; j += 16) {
-        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + j))), 16));
+        __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + j))), 16);
+        __m512 v = _mm512_castsi512_ps(bits);
         __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inverse)));
         sums = _mm512_add_epi32(sums, q);
         if (interleave) q = _mm512_permutexvar_epi32(order, q);
@@ -551,7 +549,8 @@ static int gemm_quantize_group(const uint16_t *x, int64_t group, int interleave,
     const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     __m256i sums = _mm256_setzero_si256();
     for (; j + 8 <= group; j += 8) {
-        __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + j))), 16));
+        __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + j))), 16);
+        __m256 v = _mm256_castsi256_ps(bits);
         __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v, _mm256_set1_ps(inverse)));
         sums = _mm256_add_epi32(sums, q);
         if (interleave) q = _mm256_permutevar8x32_epi32(q, order);
@@ -603,7 +602,8 @@ static void gemm_pack(int format, const void *w, const float *scales, const floa
         int64_t row = first + c;
         if (row >= n) {
             for (int64_t s = 0; s < k / 4; s++) words[s * GEMM_COLUMNS + c] = 0;
-            for (int64_t g = 0; g < groups; g++) col_scales[g * GEMM_COLUMNS + c] = col_offsets[g * GEMM_COLUMNS + c] = 0.f;
+            for (int64_t g = 0; g < groups; g++)
+                col_scales[g * GEMM_COLUMNS + c] = col_offsets[g * GEMM_COLUMNS + c] = 0.f;
             continue;
         }
         if (format == 8) {
@@ -744,7 +744,8 @@ static void gemm_tile(const uint32_t *words, const float *col_scales, const floa
             for (int64_t s = g * group / 4; s < (g + 1) * group / 4; s++)
                 for (int c = 0; c < GEMM_COLUMNS; c++) {
                     uint32_t word = words[s * GEMM_COLUMNS + c];
-                    for (int b = 0; b < 4; b++) exact[c] += (int32_t)((word >> (8 * b)) & 0xFF) * codes[t * k + 4 * s + b];
+                    for (int b = 0; b < 4; b++)
+                        exact[c] += (int32_t)((word >> (8 * b)) & 0xFF) * codes[t * k + 4 * s + b];
                 }
             for (int c = 0; c < GEMM_COLUMNS; c++) {
                 float both = col_scales[g * GEMM_COLUMNS + c] * x_scales[t * groups + g];
