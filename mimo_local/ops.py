@@ -2,8 +2,9 @@
 
 The model code (models/) says what is computed; this module decides how: our C kernels on the CPU
 (float ones in kernels/cpu.py, packed int8/int4 ones in kernels/quant.py), fused into one call per
-decoder layer where every part of it allows, and torch's own ops otherwise (CUDA, prefill-sized
-steps, modules with accelerate's device hooks, shapes where torch measured faster). What is settled
+decoder layer where every part of it allows (prefill-sized int8/int4 linears: quant.py's GEMM), and
+torch's own ops otherwise (CUDA, other prefill-sized steps, modules with accelerate's device hooks,
+shapes where torch measured faster). What is settled
 once: whether the kernels built and for which ISA (kernels/build.py, per process), torch or kernel
 per weight shape (kernels/choice.py, per machine), and the fused path of each decoder layer
 (LayerPlan, per layer and activation dtype). Functions returning None leave the step to the caller's

@@ -151,6 +151,50 @@ int main(void) {
     }
     check(ok, "int8 and int4 integer dot products are exact, at the int32 lane bound too");
 
+    /* the prefill GEMM: 13 tokens (tiles padded), int8 and int4 weights, against the same float32
+     * steps in order after exact integer sums (fmaf: one rounding, as the vector builds' FMAs) */
+    ok = 1;
+    {
+        enum { ROWS = 13 };
+        static uint16_t xg[ROWS * K];
+        static float yg[ROWS * N];
+        static uint16_t ygb[ROWS * N];
+        for (int i = 0; i < ROWS * K; i++) xg[i] = to_bf16(uniform() * (i < 64 ? 40.f : 3.f));
+        for (int format = 8; format >= 4; format -= 4) {
+            const void *weights = format == 8 ? (const void *)w8 : (const void *)w4;
+            const float *scales = format == 8 ? scales8 : scales4;
+            ok &= gemm_quant_bf16(xg, format, weights, scales, zeros4, bias, NULL, ygb, ROWS, N, K, GROUP);
+            ok &= gemm_quant_bf16(xg, format, weights, scales, zeros4, bias, yg, NULL, ROWS, N, K, GROUP);
+            for (int i = 0; i < ROWS * N; i++) ok &= ygb[i] == to_bf16(yg[i]);
+            for (int i = 0; i < ROWS; i++)
+                for (int r = 0; r < N; r++) {
+                    float acc = 0.f;
+                    for (int g = 0; g < K / GROUP; g++) {
+                        float peak = 0.f;
+                        for (int j = g * GROUP; j < (g + 1) * GROUP; j++) {
+                            float v = fabsf(bf16_to_f32(xg[i * K + j]));
+                            peak = v > peak ? v : peak;
+                        }
+                        float x_scale = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / x_scale;
+                        int32_t exact = 0, codes = 0; /* at most 128 * 255 * 127 */
+                        for (int j = g * GROUP; j < (g + 1) * GROUP; j++) {
+                            int32_t q = (int32_t)lrintf(bf16_to_f32(xg[i * K + j]) * inverse);
+                            int w = format == 8 ? w8[r * K + j] + 128
+                                                : (j % 2 ? w4[r * K / 2 + j / 2] >> 4 : w4[r * K / 2 + j / 2] & 0x0F);
+                            exact += w * q;
+                            codes += q;
+                        }
+                        float scale = format == 8 ? scales8[r] : scales4[r * K / GROUP + g];
+                        float offset = format == 8 ? scale * 128.f : scale * zeros4[r * K / GROUP + g];
+                        acc = fmaf((float)exact, scale * x_scale, acc);
+                        acc = fmaf(-offset, x_scale * (float)codes, acc);
+                    }
+                    ok &= yg[i * N + r] == acc + bias[r];
+                }
+        }
+    }
+    check(ok, "gemm_quant_bf16 (int8, int4) equals its float32 steps after exact integer sums, and rounds them once");
+
     /* MXFP4 rows (e2m1 pairs, an E8M0 scale per 32 inputs) on float32 x split into even/odd inputs:
      * within the float32 summation-order bound gamma(K + 1) * sum |w x| of the exact sum */
     static uint8_t wmx[N * K / 2], smx[N * K / 32];

@@ -14,7 +14,7 @@ import pytest
 from mimo_local.kernels import build
 
 HARNESS = Path(__file__).with_name("kernel_harness.c")
-CHECKS = 9
+CHECKS = 10
 CROSS_COMPILER, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
 CROSS_OBJDUMP = shutil.which("aarch64-linux-gnu-objdump")
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
@@ -46,6 +46,16 @@ def test_the_harness_passes_on_every_build_this_cpu_runs(tmp_path, level):
     program = tmp_path / f"harness-{level}"
     compile_harness(build.compiler(), build.level(level).compiler_flags(build.cpu_flags()), program)
     assert_passes([str(program)], level)
+
+
+@pytest.mark.skipif("avx2" not in kernel_builds.LEVELS or build.compiler() is None, reason="needs an AVX2 CPU")
+def test_the_avx2_harness_passes_without_avx_vnni_too(tmp_path):
+    """The AVX2 build of a CPU without AVX-VNNI (vpmaddubsw + vpmaddwd in place of vpdpbusd), run here."""
+    program = tmp_path / "harness-avx2-no-vnni"
+    compile_harness(build.compiler(), build.level("avx2").compiler_flags(frozenset()), program)
+    assert_passes([str(program)], "avx2")
+    listing = subprocess.run(["objdump", "-d", str(program)], capture_output=True, check=True).stdout
+    assert b"vpmaddubsw" in listing and b"vpdpbusd" not in listing
 
 
 @pytest.mark.skipif(build.compiler() is None or build._machine() != "x86_64", reason="needs gcc on x86-64")

@@ -124,6 +124,95 @@ def test_many_rows_and_leading_dimensions_take_the_reference_path_with_the_same_
     assert close(decode, expected[:, :1], 1e-4)
 
 
+def gemm_weights(bits, out_features, in_features, group, generator):
+    if bits == 8:
+        qweight = torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
+        return qweight, torch.rand(out_features, generator=generator) / 64, None
+    packed = quant.pack_int4(torch.randint(0, 16, (out_features, in_features), generator=generator))
+    scales = torch.rand(out_features, in_features // group, generator=generator) / 8
+    return packed, scales, torch.rand(out_features, in_features // group, generator=generator) * 15
+
+
+# (rows, out features, in features, int4 group): rows and columns off the tile sizes (12 x 32 AVX-512,
+# 6 x 16 otherwise) as well as on them, groups of 128 and 256
+GEMM_SHAPES = [(17, 40, 256, 128), (24, 64, 512, 256), (37, 33, 384, 128), (1, 7, 128, 128)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows,out_features,in_features,group", GEMM_SHAPES)
+def test_prefill_gemm_equals_its_reference_bit_for_bit(bits, rows, out_features, in_features, group):
+    """Integer sums are exact and every build does the float32 steps in reference_gemm's order."""
+    generator = torch.Generator().manual_seed(rows + bits)
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    x[0, :64] *= 30  # a group with an outlier: its own scale
+    weight, scales, zeros = gemm_weights(bits, out_features, in_features, group, generator)
+    bias = torch.randn(out_features, generator=generator)
+    for with_bias in (bias, None):
+        got = quant.gemm(x, bits, weight, scales, zeros, group, with_bias, float32_out=True)
+        assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+        expected = quant.reference_gemm(x, bits, weight, scales, zeros, group, with_bias)
+        assert torch.equal(got, expected)
+        rounded = quant.gemm(x, bits, weight, scales, zeros, group, with_bias)
+        assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, expected.bfloat16())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_gemm_is_within_the_int8_quantization_of_x_of_the_float_result(bits):
+    generator = torch.Generator().manual_seed(5)
+    rows, out_features, in_features, group = 40, 48, 512, 128
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    weight, scales, zeros = gemm_weights(bits, out_features, in_features, group, generator)
+    got = quant.gemm(x, bits, weight, scales, zeros, group, float32_out=True)
+    dense = (quant.dequantize_int8(weight, scales) if bits == 8
+             else quant.dequantize_int4(weight, scales, zeros, group))
+    expected = x.float() @ dense.T
+    # each input moves by at most half a step of its group, max|x_group| / 254
+    step = x.float().abs().view(rows, -1, 128).amax(-1) / 254
+    bound = step.repeat_interleave(128, dim=1) @ dense.abs().T
+    assert ((got - expected).abs() <= bound * 1.001 + 1e-4 * expected.abs()).all()
+    assert not torch.equal(got, expected)
+
+
+def test_prefill_gemm_declines_layouts_it_does_not_take():
+    x = torch.randn(24, 192).bfloat16()
+    weight, scales, zeros = gemm_weights(4, 8, 192, 64, torch.Generator().manual_seed(0))
+    assert quant.gemm(x, 4, weight, scales, zeros, 64) is None  # int4 groups of 64
+    assert quant.gemm(x, 8, *gemm_weights(8, 8, 192, 0, torch.Generator())[:2], None, 0) is None  # K % 128
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_sized_bfloat16_linears_take_the_gemm_and_decode_steps_do_not(monkeypatch, bits):
+    monkeypatch.setenv("MIMO_CPU_MATMUL", "kernels")  # the GEMM wherever it applies (no measurement)
+    generator = torch.Generator().manual_seed(9)
+    weight, scales, zeros = gemm_weights(bits, 40, 256, 128, generator)
+    bias = torch.randn(40, generator=generator)
+
+    def run(x):
+        if bits == 8:
+            return quant.int8_linear(x, weight, scales, bias)
+        return quant.int4_linear(x, weight, scales, zeros, 128, bias)
+
+    prefill = torch.randn(1, quant.GEMM_MIN_ROWS, 256, generator=generator).bfloat16()
+    got = run(prefill)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, quant.GEMM_MIN_ROWS, 40)
+    assert torch.equal(got, quant.reference_gemm(prefill[0], bits, weight, scales, zeros, 128, bias)
+                       .bfloat16().unsqueeze(0))
+    decode = prefill[:, : quant.GEMM_MIN_ROWS - 1]  # a verify step: the row kernels, as before
+    before = (quant._int8_kernel(decode, weight, scales, bias, torch.bfloat16) if bits == 8
+              else quant._int4_rows(decode, weight, scales, zeros, 128, bias))
+    assert torch.equal(run(decode), before)
+    if bits == 4:  # the int4 row kernel quantizes x as the GEMM does: only the float32 summation order differs
+        row_kernel = torch.empty(decode.shape[1], 40)
+        assert quant.library().linear_int4_bf16(
+            decode.data_ptr(), weight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bias.data_ptr(),
+            row_kernel.data_ptr(), decode.shape[1], 40, 256, 128, 0)
+        gemm = quant.reference_gemm(decode[0], 4, weight, scales, zeros, 128, bias)
+        assert torch.allclose(row_kernel, gemm, rtol=1e-5, atol=1e-5 * gemm.abs().max().item())
+    monkeypatch.setenv("MIMO_CPU_MATMUL", "torch")  # pinned to the path before the GEMM
+    assert torch.equal(run(prefill), quant.reference_int8_linear(prefill, weight, scales, bias.bfloat16()) if bits == 8
+                       else quant._int4_rows(prefill, weight, scales, zeros, 128, bias))
+
+
 def quantized_stack(bits, experts, out_features, in_features, group, generator):
     if bits == 16:
         weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)

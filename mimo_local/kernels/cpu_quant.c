@@ -535,6 +535,315 @@ void linear_int4(const float *x_even, const float *x_odd, const uint8_t *w, cons
     }
 }
 
+/* ---------------------------------------------------------------- prefill GEMM on integer dot products
+ * y[M, N] = x . W^T (+ bias) for many rows of bfloat16 x (a prefill chunk) and int8 (format 8) or
+ * int4 (format 4) weights, the way llama.cpp multiplies its k-quants: x is quantized to int8 with one
+ * scale per group of inputs (int4: the weights' groups, so each token's codes are those of
+ * quantize_x_int8, as decode has them; int8: groups of 128), and blocks of GEMM_TOKENS tokens by
+ * GEMM_COLUMNS output columns are summed in int32 lanes (AVX512-VNNI vpdpbusd, AVX-VNNI, AVX2
+ * vpmaddubsw + vpmaddwd for int4, else plain C), one lane per output column, 4 inputs per lane.
+ *
+ * Each column block of W is first repacked by one thread into `words` [K/4][GEMM_COLUMNS] (4 unsigned
+ * weight codes per uint32 word), then reused by every token: int4 words are the low (high) nibbles
+ * of 4 packed bytes, i.e. inputs 0,2,4,6 (1,3,5,7) of each 8, so x's codes are stored in that order;
+ * int8 words are 4 weights plus 128 (unsigned), the 128 * sum(x codes) taken off with the zeros.
+ * Per group g, token t and column c, with x = x_scale * codes and W = scale * (code - zero):
+ *   acc = fma(exact, scale * x_scale, acc); acc = fma(-scale * zero, x_scale * sum(codes), acc)
+ * in this order in every build (lanes never mix columns), so every build gives the same bits, and
+ * reference_gemm in quant.py reproduces them. */
+#if INT_DOT == 512
+#define GEMM_COLUMNS 32
+#define GEMM_TOKENS 12 /* 24 int32 accumulators, 2 weight vectors, of 32 registers */
+#else
+#define GEMM_COLUMNS 16
+#define GEMM_TOKENS 6 /* 12 accumulators, 2 weight vectors, of 16 */
+#endif
+#define GEMM_INT8_GROUP 128
+
+/* One group of bfloat16 inputs -> int8 codes (int4: each 8 inputs reordered 0,2,4,6,1,3,5,7), as
+ * quantize_x_int8 makes them (the vector conversions round to nearest even, as lrintf does);
+ * returns the sum of the codes. */
+static int gemm_quantize_group(const uint16_t *x, int64_t group, int interleave, float inverse, int8_t *out) {
+    int sum = 0;
+    int64_t j = 0;
+#if defined(MIMO_AVX512F)
+    const __m512i order = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+    __m512i sums = _mm512_setzero_si512();
+    for (; j + 16 <= group; j += 16) {
+        __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + j))), 16);
+        __m512 v = _mm512_castsi512_ps(bits);
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inverse)));
+        sums = _mm512_add_epi32(sums, q);
+        if (interleave) q = _mm512_permutexvar_epi32(order, q);
+        _mm_storeu_si128((__m128i *)(out + j), _mm512_cvtsepi32_epi8(q));
+    }
+    sum = _mm512_reduce_add_epi32(sums);
+#elif defined(MIMO_AVX2)
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    __m256i sums = _mm256_setzero_si256();
+    for (; j + 8 <= group; j += 8) {
+        __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + j))), 16);
+        __m256 v = _mm256_castsi256_ps(bits);
+        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v, _mm256_set1_ps(inverse)));
+        sums = _mm256_add_epi32(sums, q);
+        if (interleave) q = _mm256_permutevar8x32_epi32(q, order);
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256()); /* 4 codes per lane */
+        _mm_storel_epi64((__m128i *)(out + j),
+                         _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)));
+    }
+    __m128i half = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
+    sum = _mm_cvtsi128_si32(_mm_add_epi32(half, _mm_shuffle_epi32(half, 0xB1)));
+#endif
+    for (; j < group; j++) {
+        int q = (int)lrintf(bf16_value(x[j]) * inverse);
+        out[interleave ? (j & ~7) + (j & 1) * 4 + (j & 7) / 2 : j] = (int8_t)q;
+        sum += q;
+    }
+    return sum;
+}
+
+/* bfloat16 x [M, K] -> int8 codes [M, K] (gemm_quantize_group), x_scales and x_sums [M, K/group] as
+ * quantize_x_int8 makes them. */
+static void gemm_quantize_x(const uint16_t *x, int m, int64_t k, int64_t group, int interleave, int8_t *codes,
+                            float *x_scales, float *x_sums) {
+    const int64_t groups = k / group;
+#pragma omp for schedule(static)
+    for (int t = 0; t < m; t++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const uint16_t *xg = x + (int64_t)t * k + g * group;
+            uint16_t peak_bits = 0; /* |x| as bfloat16 bits: ordered as the values are */
+            for (int64_t j = 0; j < group; j++) {
+                uint16_t v = xg[j] & 0x7FFF;
+                peak_bits = v > peak_bits ? v : peak_bits;
+            }
+            float peak = bf16_value(peak_bits);
+            float scale = peak > 0.f ? peak / 127.f : 1.f;
+            int sum = gemm_quantize_group(xg, group, interleave, 1.f / scale, codes + (int64_t)t * k + g * group);
+            x_scales[t * groups + g] = scale;
+            x_sums[t * groups + g] = scale * (float)sum;
+        }
+    }
+}
+
+/* Columns [first, first + GEMM_COLUMNS) of W into words, scales and offsets ([groups][GEMM_COLUMNS]:
+ * scale, scale * zero); columns past n get zero weights and scales. */
+static void gemm_pack(int format, const void *w, const float *scales, const float *zeros, int64_t n, int64_t k,
+                      int64_t group, int64_t first, uint32_t *words, float *col_scales, float *col_offsets) {
+    const int64_t groups = k / group;
+    for (int c = 0; c < GEMM_COLUMNS; c++) {
+        int64_t row = first + c;
+        if (row >= n) {
+            for (int64_t s = 0; s < k / 4; s++) words[s * GEMM_COLUMNS + c] = 0;
+            for (int64_t g = 0; g < groups; g++)
+                col_scales[g * GEMM_COLUMNS + c] = col_offsets[g * GEMM_COLUMNS + c] = 0.f;
+            continue;
+        }
+        if (format == 8) {
+            const uint8_t *wr = (const uint8_t *)w + row * k;
+            for (int64_t s = 0; s < k / 4; s++) {
+                uint32_t p;
+                memcpy(&p, wr + 4 * s, 4);
+                words[s * GEMM_COLUMNS + c] = p ^ 0x80808080u;
+            }
+            for (int64_t g = 0; g < groups; g++) {
+                col_scales[g * GEMM_COLUMNS + c] = scales[row];
+                col_offsets[g * GEMM_COLUMNS + c] = scales[row] * 128.f;
+            }
+        } else {
+            const uint8_t *wr = (const uint8_t *)w + row * (k / 2);
+            for (int64_t s = 0; s < k / 8; s++) {
+                uint32_t p;
+                memcpy(&p, wr + 4 * s, 4);
+                words[2 * s * GEMM_COLUMNS + c] = p & 0x0F0F0F0Fu;
+                words[(2 * s + 1) * GEMM_COLUMNS + c] = (p >> 4) & 0x0F0F0F0Fu;
+            }
+            for (int64_t g = 0; g < groups; g++) {
+                float s = scales[row * groups + g];
+                col_scales[g * GEMM_COLUMNS + c] = s;
+                col_offsets[g * GEMM_COLUMNS + c] = s * zeros[row * groups + g];
+            }
+        }
+    }
+}
+
+/* tile[t][c] for GEMM_TOKENS tokens (codes, scales, sums from token 0) against a packed column block.
+ * `wide_products`: whether a pair of products may exceed int16 (int8 weights), which the AVX2 path
+ * without AVX-VNNI cannot sum (it then takes the plain C loop). The vector paths name each
+ * accumulator (EACH_GEMM_TOKEN) so that the compiler keeps them all in registers. */
+#if GEMM_TOKENS == 12
+#define EACH_GEMM_TOKEN(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
+#else
+#define EACH_GEMM_TOKEN(M) M(0) M(1) M(2) M(3) M(4) M(5)
+#endif
+#if INT_DOT == 512
+#define GEMM_VEC __m512i
+#define GEMM_LANES 16
+#define GEMM_ZERO() _mm512_setzero_si512()
+#define GEMM_LOAD(p) _mm512_loadu_si512(p)
+#define GEMM_BROADCAST(v) _mm512_set1_epi32(v)
+#define GEMM_DOT(acc, w, x) _mm512_dpbusd_epi32(acc, w, x)
+#define GEMM_ACCUMULATE(out, exact, scale, offset, x_scale, x_sum)                                             \
+    _mm512_storeu_ps(out, _mm512_fnmadd_ps(offset, _mm512_set1_ps(x_sum),                                     \
+                                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact),                         \
+                                                           _mm512_mul_ps(scale, _mm512_set1_ps(x_scale)),     \
+                                                           _mm512_loadu_ps(out))))
+#define GEMM_FLOATS(p) _mm512_loadu_ps(p)
+#define GEMM_STORE(p, v) _mm512_storeu_si512(p, v)
+#elif INT_DOT == 256
+#define GEMM_VEC __m256i
+#define GEMM_LANES 8
+#define GEMM_ZERO() _mm256_setzero_si256()
+#define GEMM_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define GEMM_BROADCAST(v) _mm256_set1_epi32(v)
+#if defined(MIMO_AVXVNNI)
+#define GEMM_DOT(acc, w, x) _mm256_dpbusd_avx_epi32(acc, w, x)
+#else /* nibbles only: a pair's products are at most 2 * 15 * 127, no int16 saturation */
+#define GEMM_DOT(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)))
+#endif
+#define GEMM_ACCUMULATE(out, exact, scale, offset, x_scale, x_sum)                                             \
+    _mm256_storeu_ps(out, _mm256_fnmadd_ps(offset, _mm256_set1_ps(x_sum),                                     \
+                                           _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact),                         \
+                                                           _mm256_mul_ps(scale, _mm256_set1_ps(x_scale)),     \
+                                                           _mm256_loadu_ps(out))))
+#define GEMM_FLOATS(p) _mm256_loadu_ps(p)
+#define GEMM_STORE(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+#endif
+
+static inline int32_t load_four(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+#if defined(GEMM_VEC)
+/* exact[t][c] = the integer sums of inputs [4 * s, 4 * end) of GEMM_TOKENS tokens against a packed
+ * column block (its own function: the compiler then keeps every accumulator in a register). */
+static __attribute__((noinline)) void gemm_dots(const uint32_t *words, const int8_t *codes, int64_t k, int64_t s,
+                                                int64_t end, int32_t *exact) {
+#define GEMM_ZEROS(t) GEMM_VEC e##t##a = GEMM_ZERO(), e##t##b = GEMM_ZERO();
+    EACH_GEMM_TOKEN(GEMM_ZEROS)
+#undef GEMM_ZEROS
+    for (; s < end; s++) {
+        GEMM_VEC w0 = GEMM_LOAD(words + s * GEMM_COLUMNS), w1 = GEMM_LOAD(words + s * GEMM_COLUMNS + GEMM_LANES);
+#define GEMM_DOTS(t)                                                                                           \
+    {                                                                                                          \
+        GEMM_VEC xv = GEMM_BROADCAST(load_four(codes + (t) * k + 4 * s));                                      \
+        e##t##a = GEMM_DOT(e##t##a, w0, xv);                                                                   \
+        e##t##b = GEMM_DOT(e##t##b, w1, xv);                                                                   \
+    }
+        EACH_GEMM_TOKEN(GEMM_DOTS)
+#undef GEMM_DOTS
+    }
+#define GEMM_STORES(t)                                                                                         \
+    GEMM_STORE(exact + (t) * GEMM_COLUMNS, e##t##a);                                                           \
+    GEMM_STORE(exact + (t) * GEMM_COLUMNS + GEMM_LANES, e##t##b);
+    EACH_GEMM_TOKEN(GEMM_STORES)
+#undef GEMM_STORES
+}
+#endif
+
+static void gemm_tile(const uint32_t *words, const float *col_scales, const float *col_offsets,
+                      const int8_t *codes, const float *x_scales, const float *x_sums, int64_t k, int64_t group,
+                      int wide_products, float *tile) {
+    const int64_t groups = k / group;
+    for (int t = 0; t < GEMM_TOKENS * GEMM_COLUMNS; t++) tile[t] = 0.f;
+#if defined(GEMM_VEC)
+#if INT_DOT == 256 && !defined(MIMO_AVXVNNI)
+    if (!wide_products) {
+#else
+    (void)wide_products;
+    {
+#endif
+        int32_t exact[GEMM_TOKENS * GEMM_COLUMNS] __attribute__((aligned(64)));
+        for (int64_t g = 0; g < groups; g++) {
+            gemm_dots(words, codes, k, g * group / 4, (g + 1) * group / 4, exact);
+            const float *sg = col_scales + g * GEMM_COLUMNS, *og = col_offsets + g * GEMM_COLUMNS;
+            for (int t = 0; t < GEMM_TOKENS; t++)
+                for (int h = 0; h < GEMM_COLUMNS; h += GEMM_LANES)
+                    GEMM_ACCUMULATE(tile + t * GEMM_COLUMNS + h, GEMM_LOAD(exact + t * GEMM_COLUMNS + h),
+                                    GEMM_FLOATS(sg + h), GEMM_FLOATS(og + h), x_scales[t * groups + g],
+                                    x_sums[t * groups + g]);
+        }
+        return;
+    }
+#else
+    (void)wide_products;
+#endif
+    for (int t = 0; t < GEMM_TOKENS; t++) {
+        float *acc = tile + t * GEMM_COLUMNS;
+        for (int64_t g = 0; g < groups; g++) {
+            int32_t exact[GEMM_COLUMNS] = {0};
+            for (int64_t s = g * group / 4; s < (g + 1) * group / 4; s++)
+                for (int c = 0; c < GEMM_COLUMNS; c++) {
+                    uint32_t word = words[s * GEMM_COLUMNS + c];
+                    for (int b = 0; b < 4; b++)
+                        exact[c] += (int32_t)((word >> (8 * b)) & 0xFF) * codes[t * k + 4 * s + b];
+                }
+            for (int c = 0; c < GEMM_COLUMNS; c++) {
+                float both = col_scales[g * GEMM_COLUMNS + c] * x_scales[t * groups + g];
+                acc[c] = fmaf((float)exact[c], both, acc[c]);
+                acc[c] = fmaf(-col_offsets[g * GEMM_COLUMNS + c], x_sums[t * groups + g], acc[c]);
+            }
+        }
+    }
+}
+
+/* The GEMM for format 8 (int8 w [N, K], scales [N]) or 4 (packed int4 w [N, K/2], scales and zeros
+ * [N, K/group]), into float32 y_f32 where it is not NULL, else into bfloat16 y (rounded once).
+ * Returns 0, having done nothing, where the layout does not allow it (int8: K % 128, int4:
+ * group % 128) or memory is short. */
+int gemm_quant_bf16(const uint16_t *x, int format, const void *w, const float *scales, const float *zeros,
+                    const float *bias, float *y_f32, uint16_t *y, int m, int64_t n, int64_t k, int64_t group) {
+    if (format == 8) group = GEMM_INT8_GROUP;
+    if ((format != 8 && format != 4) || group % 128 || k % group) return 0;
+    const int64_t groups = k / group, blocks = (n + GEMM_COLUMNS - 1) / GEMM_COLUMNS;
+    /* rows padded to whole tiles: codes 0, scale 1, sum 0 (their sums stay 0; they are not stored) */
+    const int64_t rows = (m + GEMM_TOKENS - 1) / GEMM_TOKENS * GEMM_TOKENS;
+    int8_t *codes = malloc((size_t)rows * k);
+    float *x_scales = malloc(sizeof(float) * 2 * rows * groups);
+    if (!codes || !x_scales) { free(codes); free(x_scales); return 0; }
+    float *x_sums = x_scales + rows * groups;
+    memset(codes + (int64_t)m * k, 0, (size_t)(rows - m) * k);
+    for (int64_t j = (int64_t)m * groups; j < rows * groups; j++) { x_scales[j] = 1.f; x_sums[j] = 0.f; }
+    int failed = 0;
+#pragma omp parallel
+    {
+        gemm_quantize_x(x, m, k, group, format == 4, codes, x_scales, x_sums);
+        uint32_t *words = malloc(sizeof(uint32_t) * GEMM_COLUMNS * k / 4);
+        float *col_scales = malloc(sizeof(float) * 2 * GEMM_COLUMNS * groups);
+        float tile[GEMM_TOKENS * GEMM_COLUMNS];
+        if (!words || !col_scales) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t block = 0; block < (failed ? 0 : blocks); block++) {
+            const int64_t first = block * GEMM_COLUMNS;
+            float *col_offsets = col_scales + GEMM_COLUMNS * groups;
+            gemm_pack(format, w, scales, zeros, n, k, group, first, words, col_scales, col_offsets);
+            const int columns = n - first < GEMM_COLUMNS ? (int)(n - first) : GEMM_COLUMNS;
+            for (int t0 = 0; t0 < m; t0 += GEMM_TOKENS) {
+                gemm_tile(words, col_scales, col_offsets, codes + (int64_t)t0 * k, x_scales + (int64_t)t0 * groups,
+                          x_sums + (int64_t)t0 * groups, k, group, format == 8, tile);
+                for (int t = 0; t < GEMM_TOKENS && t0 + t < m; t++)
+                    for (int c = 0; c < columns; c++) {
+                        float value = tile[t * GEMM_COLUMNS + c] + (bias ? bias[first + c] : 0.f);
+                        int64_t index = (int64_t)(t0 + t) * n + first + c;
+                        if (y_f32) y_f32[index] = value;
+                        else y[index] = f32_to_bf16(value);
+                    }
+            }
+        }
+        free(words);
+        free(col_scales);
+    }
+    free(codes);
+    free(x_scales);
+    return !failed;
+}
+
 /* ---------------------------------------------------------------- MXFP4: e2m1 pairs, E8M0 scale per 32
  * Byte j of a row holds inputs 2j (low nibble) and 2j+1 (high nibble), as for int4, so x comes split
  * into its even and odd inputs likewise; one E8M0 scale byte per 32 inputs (2^(e - 127), 255 NaN).

@@ -11,8 +11,10 @@ Layouts (row = output channel, so a decode GEMV streams each row once):
 
 Each op has a pure-torch reference (`reference_*`). On CPU, the few-token case (decode, speculative
 verify) runs the C kernels of cpu_quant.c, which stream the packed bytes once per call (int8: unless
-torch's own int8 op, torch._weight_int8pack_mm, is faster for the shape here: choice.py); on CUDA
-the Triton kernels of triton_quant.py run; everything else dequantizes and calls F.linear.
+torch's own int8 op, torch._weight_int8pack_mm, is faster for the shape here: choice.py); prefill-
+sized bfloat16 int8/int4 calls run its GEMM on int8-quantized x (`gemm`, exactly `reference_gemm`)
+where that measured faster than the row kernel or dequantize + F.linear; on CUDA the Triton kernels
+of triton_quant.py run; everything else dequantizes and calls F.linear.
 """
 
 from __future__ import annotations
@@ -28,14 +30,21 @@ from ..quant import mxfp4
 from . import choice, cpu, signatures, triton_quant
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
-# Rows (tokens) up to which the C kernels beat dequantize + F.linear: decode for int8; for int4 a
+# Rows (tokens) up to which the row kernels beat dequantize + F.linear: decode for int8; for int4 a
 # whole prefill chunk (measured on the 7B-shape bench: 512-token prefill 914 vs 747 tok/s; int8 with
-# 512 rows would be slower than torch's GEMM, 677 vs 1031 tok/s).
+# 512 rows would be slower than torch's GEMM, 677 vs 1031 tok/s). Both now serve prefill only where
+# the GEMM (GEMM_MIN_ROWS) does not apply or measured slower.
 INT8_MAX_ROWS = 16
 INT4_MAX_ROWS = 512
 # MXFP4 (an expert's rows in a prefill chunk, V2-Flash down 4096x2048, 1 thread): the C kernel 28 ms
 # for 64 rows vs 120 ms to dequantize + F.linear; 219 vs 119 ms for 256 rows.
 MXFP4_MAX_ROWS = 64
+GEMM_INT8_GROUP = 128  # inputs per x scale of the prefill GEMM on int8 weights (cpu_quant.c)
+# Rows from which bfloat16 x takes the prefill GEMM (gemm_quant_bf16) where it measured faster than
+# the path above (choice.py): past the decode and verify steps, whose bits stay the row kernels'.
+# 4096x4096, 1 thread, ours vs before: int4 1.28x at 24 rows, 4.7x at 512 (MiMo-7B gate|up); int8
+# 1.9x at 24 rows, 1.7x at 512 (torch's bfloat16 GEMM on the float weight: 1.15-1.25x at 512).
+GEMM_MIN_ROWS = 17
 # moe_quant's `format` argument per stack kind (cpu_quant.c)
 MOE_FORMATS = {"mxfp4": 1, "int4": 4, "int8": 8}
 
@@ -121,6 +130,7 @@ DECLARATIONS: dict[str, signatures.Declaration] = {
     "linear_mxfp4": ([_POINTER] * 6 + [_INT, _I64, _I64], None),
     "linear_int4_bf16": ([_POINTER] * 6 + [_INT, _I64, _I64, _I64, _INT], _INT),
     "linear_int8_bf16": ([_POINTER] * 5 + [_INT, _I64, _I64, _INT], _INT),
+    "gemm_quant_bf16": ([_POINTER, _INT] + [_POINTER] * 6 + [_INT, _I64, _I64, _I64], _INT),
     "moe_quant": ([_INT] + [_POINTER] * 10 + [_INT, _INT] + [_POINTER] * 3 + [_I64, _I64, _I64], None),
     "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
                                  + [_I64] + [_POINTER] * 8, _INT),
@@ -233,6 +243,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     out_dtype = torch.float32 if float32_out else x.dtype
     if x.is_cuda and triton_quant.available():
         return triton_quant.int8_linear(x, qweight, scales, bias).to(out_dtype)
+    out = _prefill_gemm(x, 8, qweight, scales, None, 0, bias, float32_out)
+    if out is not None:
+        return out
     if not _kernel_applies(x, qweight):
         return reference_int8_linear(x.to(out_dtype), qweight, scales, None if bias is None else bias.to(out_dtype))
     if int8_torch_is_faster(qweight, scales, x.dtype):
@@ -264,9 +277,15 @@ def _int8_kernel(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
 def int4_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bias=None
 ) -> torch.Tensor:
-    in_features = packed.shape[1] * 2
     if x.is_cuda and triton_quant.available():
         return triton_quant.int4_linear(x, packed, scales, zeros, group_size, bias)
+    out = _prefill_gemm(x, 4, packed, scales, zeros, group_size, bias)
+    return out if out is not None else _int4_rows(x, packed, scales, zeros, group_size, bias)
+
+
+def _int4_rows(x, packed, scales, zeros, group_size: int, bias=None) -> torch.Tensor:
+    """int4_linear without the prefill GEMM: the row kernels up to INT4_MAX_ROWS rows, else the reference."""
+    in_features = packed.shape[1] * 2
     if not _kernel_applies(x, packed, max_rows=INT4_MAX_ROWS) or in_features % group_size or group_size % 2:
         return reference_int4_linear(x, packed, scales, zeros, group_size, bias)
     out_features, rows = packed.shape[0], x.numel() // in_features
@@ -289,6 +308,97 @@ def int4_linear(
         group_size,
     )
     return out.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def gemm_x_codes(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefill GEMM's (and the int4 decode kernel's) int8 quantization of x [M, K]: codes [M, K]
+    (round(x / scale), half to even as lrintf), scales and scale * sum(codes) [M, K / group]."""
+    rows = x.float().reshape(x.shape[0], -1, group)
+    peak = rows.abs().amax(dim=-1)
+    scales = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+    codes = torch.round(rows * (1.0 / scales)[..., None])
+    return codes.reshape(x.shape), scales, scales * codes.sum(dim=-1)
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 a * b + c rounded once (float64 holds the product exactly; the sum is rounded to
+    float64 and then to float32, which can differ from one rounding in the last bit, odds about
+    2^-29 per call)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def reference_gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros, group: int,
+                   bias=None) -> torch.Tensor:
+    """What gemm_quant_bf16 of cpu_quant.c computes, in its order of float32 operations (float32
+    [M, N]): x quantized by gemm_x_codes in groups (int8 weights: of GEMM_INT8_GROUP), each group's
+    integer sum exact, then per group acc = fma(exact, scale * x_scale, acc) and
+    acc = fma(-scale * zero, x_sum, acc), where int8 weights count as codes w + 128 with zero 128."""
+    if bits == 8:
+        group = GEMM_INT8_GROUP
+        codes_w = weight.double() + 128
+        groups = weight.shape[1] // group
+        col_scales = scales.float()[:, None].expand(-1, groups)
+        offsets = col_scales * 128.0
+    else:
+        codes_w = unpack_int4(weight).double()
+        col_scales, offsets = scales.float(), scales.float() * zeros.float()
+    codes_x, x_scales, x_sums = gemm_x_codes(x.reshape(-1, x.shape[-1]), group)
+    out_features, groups = col_scales.shape
+    exact = torch.einsum("mgj,ngj->mng", codes_x.double().view(codes_x.shape[0], groups, group),
+                         codes_w.view(out_features, groups, group)).float()
+    acc = torch.zeros(codes_x.shape[0], out_features)
+    for g in range(groups):
+        acc = _fma(exact[:, :, g], col_scales[None, :, g] * x_scales[:, g, None], acc)
+        acc = _fma(-offsets[None, :, g], x_sums[:, g, None].expand_as(acc), acc)
+    return acc if bias is None else acc + bias.float()
+
+
+def gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros, group: int,
+         bias=None, float32_out: bool = False) -> torch.Tensor | None:
+    """The prefill GEMM on bfloat16 x [..., K]: bfloat16 [..., N] (float32 with `float32_out`), or
+    None where its layout conditions fail (see gemm_quant_bf16)."""
+    in_features = x.shape[-1]
+    flat = x.reshape(-1, in_features).contiguous()
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32 if float32_out else torch.bfloat16)
+    scales, zeros, bias = _float32(scales), _float32(zeros), _float32(bias)
+    address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    y_f32, y = (out.data_ptr(), None) if float32_out else (None, out.data_ptr())
+    if not library().gemm_quant_bf16(flat.data_ptr(), bits, weight.data_ptr(), scales.data_ptr(), address(zeros),
+                                      address(bias), y_f32, y, flat.shape[0], weight.shape[0], in_features, group):
+        return None
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _gemm_layout_fits(bits: int, in_features: int, group: int) -> bool:
+    return in_features % GEMM_INT8_GROUP == 0 if bits == 8 else group % 128 == 0 and in_features % group == 0
+
+
+def _prefill_gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales, zeros, group: int, bias,
+                  float32_out: bool = False):
+    """`gemm` for a prefill-sized bfloat16 x on the CPU where it applies and is not the slower path
+    for the weight's shape here; None otherwise (the caller's path runs)."""
+    rows = x.numel() // x.shape[-1]
+    if (x.dtype != torch.bfloat16 or rows < GEMM_MIN_ROWS or not _gemm_layout_fits(bits, x.shape[-1], group)
+            or not _kernel_applies(x, weight, max_rows=rows) or gemm_is_slower(bits, weight, scales, zeros, group)):
+        return None
+    return gemm(x, bits, weight, scales, zeros, group, bias, float32_out)
+
+
+def gemm_is_slower(bits: int, weight: torch.Tensor, scales, zeros, group: int) -> bool:
+    """Whether the path prefill took before the GEMM (dequantize + F.linear, or int4's row kernel)
+    beats it on this weight shape here, measured once on GEMM_MIN_ROWS * 8 rows (choice.py)."""
+    in_features = weight.shape[1] * (1 if bits == 8 else 2)
+
+    def contenders():
+        x = torch.randn(GEMM_MIN_ROWS * 8, in_features).bfloat16()
+        if bits == 8:
+            before = lambda: reference_int8_linear(x, weight, scales)  # noqa: E731
+        else:
+            before = lambda: _int4_rows(x, weight, scales, zeros, group)  # noqa: E731
+        return (lambda: gemm(x, bits, weight, scales, zeros, group)), before
+
+    op = "gemm-int8" if bits == 8 else f"gemm-int4-g{group}"
+    return choice.prefers_torch(op, weight.shape[0], in_features, library().choice_key, contenders)
 
 
 def mxfp4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
