@@ -751,7 +751,8 @@ static void prepare_input(PreparedInput *in, const float *x, int format, int64_t
     for (int64_t j = 0; j < k / 2; j++) { in->even[j] = x[2 * j]; in->odd[j] = x[2 * j + 1]; }
 }
 
-static float quant_row(int format, QuantStack s, int64_t expert, int64_t rows, int64_t row, const PreparedInput *in,
+/* inlined: as a call it took a third of the MXFP4 experts' time on V2-shape rows (128-512 bytes) */
+ALWAYS_INLINE float quant_row(int format, QuantStack s, int64_t expert, int64_t rows, int64_t row, const PreparedInput *in,
                        int64_t k, int64_t group) {
     float sum;
     int64_t r = expert * rows + row;
