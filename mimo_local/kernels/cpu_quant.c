@@ -591,6 +591,43 @@ ALWAYS_INLINE void mxfp4_blocks_512(const uint8_t *w, const uint8_t *scales, con
     }
 #undef BYTES
 }
+#elif INT_DOT == 256
+/* Blocks b..b+count-1 (count 1 or 2: 32 bytes, 8 lanes; a single block zero-extended) into acc[t]. */
+ALWAYS_INLINE void mxfp4_blocks_256(const uint8_t *w, const uint8_t *scales, const int8_t *x_even,
+                                    const int8_t *x_odd, const float *lane_scales, const int32_t *lane_offsets,
+                                    int64_t half, int64_t lanes, int64_t b, int count, int tokens, __m256 *acc) {
+    const __m256i low_mask = _mm256_set1_epi8(0x0F);
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const int pair = count == 2;
+#if !defined(MIMO_AVXVNNI)
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+#define BYTES(p) (pair ? _mm256_loadu_si256((const __m256i *)(p))                                       \
+                       : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)(p)), 0))
+    /* absent second block: scale byte 127 (1), its lanes are zero */
+    uint32_t exponents = scales[b] | (uint32_t)(pair ? scales[b + 1] : 0x7F) << 8 | 0x7F7F0000u;
+    __m256i e = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128((int)exponents), spread));
+    __m256 ws = special_exponent(exponents) ? _mm256_i32gather_ps(E8M0_VALUE, e, 4)
+                                            : _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+    __m256i bytes = BYTES(w + b * 16);
+    __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(bytes, low_mask));
+    __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask));
+    for (int t = 0; t < tokens; t++) {
+        const int64_t at = t * half + b * 16, lane = t * lanes + b * 4;
+        __m256i exact = BYTES(lane_offsets + lane), even = BYTES(x_even + at), odd = BYTES(x_odd + at);
+        __m256 lane_scale = pair ? _mm256_loadu_ps(lane_scales + lane)
+                                 : _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(lane_scales + lane), 0);
+#if defined(MIMO_AVXVNNI)
+        exact = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(exact, lo, even), hi, odd);
+#else /* no int16 overflow: 2 * (24 * 127) * 2 < 2^15 */
+        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+        exact = _mm256_add_epi32(exact, _mm256_madd_epi16(pairs, ones));
+#endif
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(ws, lane_scale), acc[t]);
+    }
+#undef BYTES
+}
 #endif
 
 /* sums[t] for the tokens of a pass: xq halves of token t at x_even/x_odd + t * k/2, its lane scales
@@ -610,40 +647,12 @@ ALWAYS_INLINE void mxfp4_row(const uint8_t *w, const uint8_t *scales, const int8
                          acc);
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]);
 #elif INT_DOT == 256
-    const __m256i low_mask = _mm256_set1_epi8(0x0F);
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
-    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-#if !defined(MIMO_AVXVNNI)
-    const __m256i ones = _mm256_set1_epi16(1);
-#endif
     __m256 acc[TOKENS_PER_PASS];
     for (int t = 0; t < tokens; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; b += 2) { /* 2 blocks: 32 bytes, 8 lanes; a last single block zero-extended */
-        const int pair = blocks - b >= 2;
-        uint32_t exponents = scales[b] | (uint32_t)(pair ? scales[b + 1] : 0x7F) << 8 | 0x7F7F0000u;
-        __m256i e = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128((int)exponents), spread));
-        __m256 ws = special_exponent(exponents) ? _mm256_i32gather_ps(E8M0_VALUE, e, 4)
-                                                : _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
-#define LOAD_BLOCKS(p) (pair ? _mm256_loadu_si256((const __m256i *)(p))                                  \
-                             : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)(p)), 0))
-        __m256i bytes = LOAD_BLOCKS(w + b * 16);
-        __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(bytes, low_mask));
-        __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask));
-        for (int t = 0; t < tokens; t++) {
-            const int64_t at = t * half + b * 16, lane = t * lanes + b * 4;
-            __m256i exact = LOAD_BLOCKS(lane_offsets + lane), even = LOAD_BLOCKS(x_even + at), odd = LOAD_BLOCKS(x_odd + at);
-            __m256 lane_scale = pair ? _mm256_loadu_ps(lane_scales + lane)
-                                     : _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(lane_scales + lane), 0);
-#if defined(MIMO_AVXVNNI)
-            exact = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(exact, lo, even), hi, odd);
-#else /* no int16 overflow: 2 * (24 * 127) * 2 < 2^15 */
-            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
-            exact = _mm256_add_epi32(exact, _mm256_madd_epi16(pairs, ones));
-#endif
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(ws, lane_scale), acc[t]);
-        }
-#undef LOAD_BLOCKS
-    }
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2)
+        mxfp4_blocks_256(w, scales, x_even, x_odd, lane_scales, lane_offsets, half, lanes, b, 2, tokens, acc);
+    if (b < blocks) mxfp4_blocks_256(w, scales, x_even, x_odd, lane_scales, lane_offsets, half, lanes, b, 1, tokens, acc);
     for (int t = 0; t < tokens; t++) sums[t] = hsum256(acc[t]);
 #elif INT_DOT == 128
     const int8x16_t table = vld1q_s8(E2M1_TWICE);
