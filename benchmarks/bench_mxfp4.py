@@ -3,8 +3,8 @@
 At MiMo-V2-Flash's real expert shapes (hidden 4096, expert FFN 2048: gate|up 4096x4096, down
 4096x2048), random weights:
 - one expert's GEMV, 1 row: bf16 (cpu_linear.c), int4 groups of 128 (int8-quantized x, VNNI),
-  int4 groups of 32 (float32 x, the exact path), MXFP4 (linear_mxfp4, float32 x, exact), and MXFP4
-  dequantized by torch then F.linear (the path before the MXFP4 kernels);
+  int4 groups of 32 (float32 x, the exact path), MXFP4 (linear_mxfp4: x quantized to int8 per block
+  of 32, VNNI), and MXFP4 dequantized by torch then F.linear (the path before the MXFP4 kernels);
 - a routed-expert step: one token through --experts experts (all selected), one moe_pairs call, for
   MXFP4, both int4 variants and bf16.
 The candidates take turns for --rounds rounds and each keeps its best (the machine may be shared:
@@ -60,7 +60,7 @@ def gemv_candidates(weights: dict, x: torch.Tensor) -> dict:
         "bf16 (ours)": lambda: cpu.linear(x, first["bf16"]),
         "int4-g128 (ours, int8 x)": lambda: quant.int4_linear(x, *first["int4-g128"], 128),
         "int4-g32 (ours, float x)": lambda: quant.int4_linear(x, *first["int4-g32"], 32),
-        "mxfp4 (ours)": lambda: quant.mxfp4_linear(x, *first["mxfp4"]),
+        "mxfp4 (ours, int8 x)": lambda: quant.mxfp4_linear(x, *first["mxfp4"]),
         "mxfp4 torch dequantize + F.linear": lambda: quant.reference_mxfp4_linear(x, *first["mxfp4"]),
     }
 
@@ -75,7 +75,7 @@ def moe_candidates(gate_up: dict, down: dict, x: torch.Tensor, experts: int) -> 
                                                             down["int4-g128"], *pairs),
         "int4-g32 (ours, float x)": lambda: quant.moe_pairs(x, "int4", 32, gate_up["int4-g32"], down["int4-g32"],
                                                             *pairs),
-        "mxfp4 (ours)": lambda: quant.moe_pairs(x, "mxfp4", 32, gate_up["mxfp4"], down["mxfp4"], *pairs),
+        "mxfp4 (ours, int8 x)": lambda: quant.moe_pairs(x, "mxfp4", 32, gate_up["mxfp4"], down["mxfp4"], *pairs),
     }
 
 
@@ -124,7 +124,7 @@ def main():
     print("| step | kernel | us | GB/s | mxfp4 / this |")
     print("|---|---|---|---|---|")
     for row in rows:
-        mxfp4_us = next(r["us"] for r in rows if r["step"] == row["step"] and r["kernel"] == "mxfp4 (ours)")
+        mxfp4_us = next(r["us"] for r in rows if r["step"] == row["step"] and r["kernel"] == "mxfp4 (ours, int8 x)")
         print(f"| {row['step']} | {row['kernel']} | {row['us']} | {row['GB/s']} | {mxfp4_us / row['us']:.2f} |")
 
 

@@ -195,45 +195,51 @@ int main(void) {
     }
     check(ok, "gemm_quant_bf16 (int8, int4) equals its float32 steps after exact integer sums, and rounds them once");
 
-    /* MXFP4 rows (e2m1 pairs, an E8M0 scale per 32 inputs) on float32 x split into even/odd inputs:
-     * within the float32 summation-order bound gamma(K + 1) * sum |w x| of the exact sum */
+    /* MXFP4 rows (e2m1 pairs, an E8M0 scale per 32 inputs) on x quantized to int8 per block of 32
+     * (scale max|x| / 127): each block's integer dot product exact, then the sum of its products
+     * with 2^(e - 127) * x_scale / 2 within the float32 summation-order bound gamma(K/8 + 2) * sum |terms| */
     static uint8_t wmx[N * K / 2], smx[N * K / 32];
-    static float x_even[M * K / 2], x_odd[M * K / 2];
-    static const double magnitudes[8] = {0, .5, 1, 1.5, 2, 3, 4, 6};
+    static const int twice_e2m1[8] = {0, 1, 2, 3, 4, 6, 8, 12};
     for (int i = 0; i < N * K / 2; i++) wmx[i] = (uint8_t)((uniform() + 1.f) * 127.99f);
     for (int i = 0; i < N * K / 32; i++) smx[i] = (uint8_t)(118 + (uniform() + 1.f) * 4.99f);
-    for (int i = 0; i < M * K / 2; i++) {
-        x_even[i] = xf[2 * i];
-        x_odd[i] = xf[2 * i + 1];
-    }
-    linear_mxfp4(x_even, x_odd, wmx, smx, bias, y, M, N, K);
-    ok = 1;
+    ok = linear_mxfp4(xf, wmx, smx, bias, y, M, N, K);
     for (int i = 0; i < M; i++)
         for (int r = 0; r < N; r++) {
             double sum = bias[r], size = fabs(bias[r]);
-            for (int j = 0; j < K; j++) {
-                int q = j % 2 ? wmx[r * K / 2 + j / 2] >> 4 : wmx[r * K / 2 + j / 2] & 0x0F;
-                double w = (q & 8 ? -1 : 1) * magnitudes[q & 7] * ldexp(1.0, smx[r * K / 32 + j / 32] - 127);
-                sum += xf[i * K + j] * w;
-                size += fabs(xf[i * K + j] * w);
+            for (int b = 0; b < K / 32; b++) {
+                float peak = 0.f;
+                for (int j = 32 * b; j < 32 * b + 32; j++) peak = fmaxf(peak, fabsf(xf[i * K + j]));
+                float x_scale = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / x_scale;
+                float step = (float)ldexp(1.0, smx[r * K / 32 + b] - 127) * (x_scale * .5f);
+                long exact = 0, magnitude = 0;
+                for (int j = 32 * b; j < 32 * b + 32; j++) {
+                    int q = j % 2 ? wmx[r * K / 2 + j / 2] >> 4 : wmx[r * K / 2 + j / 2] & 0x0F;
+                    long product = (q & 8 ? -1 : 1) * twice_e2m1[q & 7] * lrintf(xf[i * K + j] * inverse);
+                    exact += product;
+                    magnitude += labs(product);
+                }
+                sum += (double)exact * step;
+                size += (double)magnitude * step;
             }
-            double gamma = (K + 1) * 0x1p-24 / (1 - (K + 1) * 0x1p-24);
+            double gamma = (K / 8 + 2) * 0x1p-24 / (1 - (K / 8 + 2) * 0x1p-24);
             ok &= fabs(y[i * N + r] - sum) <= gamma * size;
         }
-    check(ok, "linear_mxfp4 matches the reference within float32 summation order");
+    check(ok, "linear_mxfp4 matches its int8-activation arithmetic within float32 summation order");
 
     /* a token gets the same bits alone and among others (MTP verify steps) */
     ok = 1;
-    for (int kind = 0; kind < 3; kind++) {
+    for (int kind = 0; kind < 4; kind++) {
         for (int i = 0; i < M; i++) {
             float alone[N];
             if (kind == 0) linear_bf16(xb + i * K, wb, NULL, alone, NULL, 1, N, K);
             if (kind == 1) linear_int8_bf16(xb + i * K, w8, scales8, bias, alone, 1, N, K, 0);
             if (kind == 2) linear_int4_bf16(xb + i * K, w4, scales4, zeros4, bias, alone, 1, N, K, GROUP, 0);
+            if (kind == 3) linear_mxfp4(xf + i * K, wmx, smx, bias, alone, 1, N, K);
             if (i == 0) {
                 if (kind == 0) linear_bf16(xb, wb, NULL, y1, NULL, M, N, K);
                 if (kind == 1) linear_int8_bf16(xb, w8, scales8, bias, y1, M, N, K, 0);
                 if (kind == 2) linear_int4_bf16(xb, w4, scales4, zeros4, bias, y1, M, N, K, GROUP, 0);
+                if (kind == 3) linear_mxfp4(xf, wmx, smx, bias, y1, M, N, K);
             }
             ok &= memcmp(alone, y1 + i * N, sizeof alone) == 0;
         }

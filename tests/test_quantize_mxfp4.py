@@ -3,6 +3,7 @@ experts are copied as stored, the recipe quantizes the rest, and the output runs
 
 import json
 
+import kernel_builds
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -76,14 +77,17 @@ def test_mxfp4_experts_are_kept_as_stored_and_the_rest_quantized(v26, tmp_path, 
 
 def test_output_computes_like_the_same_quantization_of_the_float_twin(v26, tmp_path):
     """The twin holds the same weights in the V2-Flash layout with the experts dequantized: quantized
-    alike (int8 rows, experts untouched), both outputs give the same logits and the same greedy ids."""
+    alike (int8 rows, experts untouched), both outputs give the same logits on torch's float matmuls
+    (the MXFP4 kernels round activations to int8, which the twin's float experts do not: its effect
+    is bounded in tests/test_mxfp4_kernels.py) and the same greedy ids."""
     hub, twin = v26
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(INT8_BUT_EXPERTS)
     for source, out in ((hub, tmp_path / "hub-q"), (twin, tmp_path / "twin-q")):
         result = invoke("quantize", source, "--recipe", recipe, "--out", out, "--no-eval")
         assert result.exit_code == 0, result.output
-    torch.testing.assert_close(logits(tmp_path / "hub-q"), logits(tmp_path / "twin-q"), atol=2e-4, rtol=1e-4)
+    with kernel_builds.kernels(enabled=False):
+        torch.testing.assert_close(logits(tmp_path / "hub-q"), logits(tmp_path / "twin-q"), atol=2e-4, rtol=1e-4)
     runs = [invoke("run", "-m", tmp_path / out, "--temperature", "0", "-n", "12", "--json", "--no-mtp", "Hello")
             for out in ("hub-q", "twin-q")]
     assert all(run.exit_code == 0 for run in runs), [run.output for run in runs]

@@ -9,6 +9,8 @@ Supported checkpoints:
   * MiMo-7B (model_type "mimo"): converted as Qwen2, the MTP layer (model.mtp_layers.*) is dropped.
   * MiMo-V2-Flash (model_type "mimo_v2_flash"): converted natively (llama.cpp arch "mimo2"), MTP dropped.
     FP8 block-quantized weights (weight_scale_inv) are dequantized by the converter.
+  * MiMo-V2.5 / V2.6 (model_type "mimo_v2", fused FP8 q|k|v): the same; V2.6's MXFP4 routed experts
+    are repacked as stored into ggml's MXFP4 type whatever --outtype says.
 """
 
 import argparse
@@ -101,7 +103,7 @@ def converter_config(config):
         # MiMo-7B's main path is exactly Qwen2 (q/k/v biases included); llama.cpp has no MiMo-7B MTP.
         config = dict(config, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
         return config, "model.mtp_layers.", []
-    if model_type == "mimo_v2_flash":
+    if model_type in ("mimo_v2_flash", "mimo_v2"):
         # The converter writes "sliding_window" as llama.cpp's n_swa, under which a query sees
         # n_swa keys including itself. MiMo's sliding layers see the query plus sliding_window_size
         # earlier tokens (as transformers does, which sets sliding_window = size + 1).
@@ -109,7 +111,7 @@ def converter_config(config):
             raise PeerError("config.json has no sliding_window_size")
         config = dict(config, sliding_window=config["sliding_window_size"] + 1)
         return config, "", ["--no-mtp"]
-    raise PeerError(f"unsupported model_type {model_type!r} (expected 'mimo' or 'mimo_v2_flash')")
+    raise PeerError(f"unsupported model_type {model_type!r} (expected 'mimo', 'mimo_v2_flash' or 'mimo_v2')")
 
 
 def convert(checkpoint, outtype, out_path, llamacpp_dir, python):

@@ -845,112 +845,218 @@ int gemm_quant_bf16(const uint16_t *x, int format, const void *w, const float *s
 }
 
 /* ---------------------------------------------------------------- MXFP4: e2m1 pairs, E8M0 scale per 32
- * Byte j of a row holds inputs 2j (low nibble) and 2j+1 (high nibble), as for int4, so x comes split
- * into its even and odd inputs likewise; one E8M0 scale byte per 32 inputs (2^(e - 127), 255 NaN).
- * A block's 16 bytes are decoded by a table lookup of their nibbles in the 16 e2m1 values already
- * multiplied by the block's scale (exact: a power of two; one such table per scale byte, made when
- * the library loads, so a block costs one aligned load), then one fused multiply-add per weight
- * and token in float32. The weights are those of mxfp4.py's dequantize bit for bit; only the
- * summation order differs from dequantize-then-matmul. Needs k % 32 == 0. */
+ * Byte j of a row holds inputs 2j (low nibble) and 2j+1 (high nibble), as for int4; one E8M0 scale
+ * byte per block of 32 inputs (2^(e - 127), 255 NaN). As llama.cpp runs MXFP4 on the CPU
+ * (ggml_vec_dot_mxfp4_q8_0), x is quantized once per call to int8 per block of 32 inputs (scale
+ * max|x_block| / 127: Q8_0's rounding, with a float32 scale), split into even and odd inputs, and a
+ * nibble becomes twice its e2m1 value, an integer in -12..12, by a 16-byte table lookup (pshufb,
+ * tbl): a block's dot product is exact in int32, a few byte dot products (vpdpbusd, vpmaddubsw,
+ * sdot) instead of 32 float multiply-adds. Per block: sum += (q . xq) * (2^(e - 127) * x_scale / 2).
+ * The weights are decoded exactly; the result differs from dequantize-then-matmul by the rounding
+ * of x (at most x_scale / 2 per input) and the float32 summation order. Needs k % 32 == 0.
+ *
+ * Lanes: an int32 lane of a byte dot product covers 4 consecutive bytes, so a block's 16 bytes are
+ * 4 lanes on every ISA, each converted to float and scaled on its own. Per token and lane the
+ * quantizer stores the lane's x_scale / 2 and -12 * (the sum of the lane's 8 xq): x86's vpdpbusd and
+ * vpmaddubsw take unsigned weight bytes, so their table holds 2 * e2m1 + 12 (0..24) and each lane
+ * starts from that offset. */
 #define MXFP4_BLOCK 32
-static const float E2M1[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
-                               -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
-/* SCALED_E2M1[e][i] = E2M1[i] * 2^(e - 127) (NaN for e = 255) */
-static float SCALED_E2M1[256][16] __attribute__((aligned(64)));
+#define MXFP4_LANES_PER_BLOCK 4
+#define E2M1_OFFSET 12
+static const int8_t E2M1_TWICE[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+static float E8M0_VALUE[256]; /* 2^(e - 127); e = 0 the subnormal 2^-127, 255 NaN */
 
-static inline float e8m0_value(uint8_t e) {
-    uint32_t bits = e == 0 ? 0x00400000u /* 2^-127, subnormal */ : e == 255 ? 0x7FC00000u : (uint32_t)e << 23;
-    float out;
-    memcpy(&out, &bits, 4);
-    return out;
-}
-
-__attribute__((constructor)) static void make_scaled_e2m1(void) {
-    for (int e = 0; e < 256; e++)
-        for (int i = 0; i < 16; i++) SCALED_E2M1[e][i] = E2M1[i] * e8m0_value((uint8_t)e);
-}
-
-/* Accumulators per token: enough independent FMA chains for one token to run at full rate. */
-#define MXFP4_CHAINS 4
-
-ALWAYS_INLINE void mxfp4_row(const uint8_t *w, const uint8_t *scales, const float *x_even, const float *x_odd,
-                             int64_t k, int tokens, float *sums) {
-    const int64_t half = k / 2, blocks = k / MXFP4_BLOCK;
-#if defined(MIMO_AVX512F)
-    /* vpermps takes the low 4 bits of each index: the byte itself picks its low nibble's value */
-    __m512 acc[TOKENS_PER_PASS][MXFP4_CHAINS];
-    for (int t = 0; t < tokens; t++)
-        for (int c = 0; c < MXFP4_CHAINS; c++) acc[t][c] = _mm512_setzero_ps();
-#define MXFP4_BLOCK_512(b, c)                                                                             \
-    do {                                                                                                  \
-        __m512 scaled = _mm512_load_ps(SCALED_E2M1[scales[b]]);                                          \
-        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + (b) * 16)));              \
-        __m512 lo = _mm512_permutexvar_ps(q, scaled);                                                    \
-        __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), scaled);                               \
-        for (int t = 0; t < tokens; t++) {                                                                \
-            acc[t][c] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_even + t * half + (b) * 16), acc[t][c]);     \
-            acc[t][(c) + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_odd + t * half + (b) * 16), acc[t][(c) + 1]); \
-        }                                                                                                 \
-    } while (0)
-    int64_t b = 0;
-    for (; b + 2 <= blocks; b += 2) {
-        MXFP4_BLOCK_512(b, 0);
-        MXFP4_BLOCK_512(b + 1, 2);
+__attribute__((constructor)) static void make_e8m0_values(void) {
+    for (int e = 0; e < 256; e++) {
+        uint32_t bits = e == 0 ? 0x00400000u : e == 255 ? 0x7FC00000u : (uint32_t)e << 23;
+        memcpy(&E8M0_VALUE[e], &bits, 4);
     }
-    if (b < blocks) MXFP4_BLOCK_512(b, 0);
-#undef MXFP4_BLOCK_512
-    for (int t = 0; t < tokens; t++)
-        sums[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),
-                                                     _mm512_add_ps(acc[t][2], acc[t][3])));
-#elif defined(MIMO_AVX2)
-    /* vpermps on 8 lanes takes the low 3 bits of each index: the magnitude; bit 3 is the sign */
-    const __m256i sign_bit = _mm256_set1_epi32((int)0x80000000u);
-    __m256 acc[TOKENS_PER_PASS][MXFP4_CHAINS];
-    for (int t = 0; t < tokens; t++)
-        for (int c = 0; c < MXFP4_CHAINS; c++) acc[t][c] = _mm256_setzero_ps();
+}
+
+/* x [k] float32 -> xq even/odd halves [k/2] int8, lane_scales and lane_offsets [k/8] */
+static void quantize_x_mxfp4(const float *x, int64_t k, int8_t *even, int8_t *odd, float *lane_scales,
+                             int32_t *lane_offsets) {
+    for (int64_t b = 0; b < k / MXFP4_BLOCK; b++) {
+        const float *xb = x + b * MXFP4_BLOCK;
+        float peak = 0.f;
+        for (int j = 0; j < MXFP4_BLOCK; j++) { float v = fabsf(xb[j]); peak = v > peak ? v : peak; }
+        float scale = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / scale;
+        int8_t *e = even + b * 16, *o = odd + b * 16;
+        for (int j = 0; j < 16; j++) {
+            e[j] = (int8_t)lrintf(xb[2 * j] * inverse);
+            o[j] = (int8_t)lrintf(xb[2 * j + 1] * inverse);
+        }
+        for (int lane = 0; lane < MXFP4_LANES_PER_BLOCK; lane++) {
+            int sum = 0;
+            for (int j = 4 * lane; j < 4 * lane + 4; j++) sum += e[j] + o[j];
+            lane_scales[4 * b + lane] = scale * .5f;
+            lane_offsets[4 * b + lane] = -E2M1_OFFSET * sum;
+        }
+    }
+}
+
+/* Whether one of the 4 scale bytes is 0 or 255, the two whose value is not the float bits e << 23 */
+static inline int special_exponent(uint32_t bytes) {
+    return (((bytes - 0x01010101u) & ~bytes) | ((~bytes - 0x01010101u) & bytes)) & 0x80808080u;
+}
+
+#if INT_DOT == 512
+/* Blocks b..b+count-1 (count <= 4: 64 bytes, 16 lanes) into acc[t]. Loads are plain for a full
+ * group of 4 blocks (masked ones there measured 2-3x slower, the weight stream stalling) and
+ * masked for the last, shorter group. */
+ALWAYS_INLINE void mxfp4_blocks_512(const uint8_t *w, const uint8_t *scales, const int8_t *x_even,
+                                    const int8_t *x_odd, const float *lane_scales, const int32_t *lane_offsets,
+                                    int64_t half, int64_t lanes, int64_t b, int count, int tokens, __m512 *acc) {
+    const __m512i low_mask = _mm512_set1_epi8(0x0F);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int full = count == 4;
+    const __mmask64 byte_mask = full ? ~0ULL : (1ULL << (16 * count)) - 1;
+    const __mmask16 lane_mask = (__mmask16)((1u << (4 * count)) - 1);
+#define BYTES(p) (full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(byte_mask, p))
+    uint32_t exponents = 0x7F7F7F7Fu; /* scale 1 for absent blocks (their lanes are zero) */
+    if (full) memcpy(&exponents, scales + b, 4);
+    else for (int i = 0; i < count; i++) exponents = (exponents & ~(0xFFu << 8 * i)) | (uint32_t)scales[b + i] << 8 * i;
+    __m512i e = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128((int)exponents), spread));
+    __m512 ws = special_exponent(exponents) ? _mm512_i32gather_ps(e, E8M0_VALUE, 4)
+                                            : _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+    __m512i bytes = BYTES(w + b * 16);
+    __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(bytes, low_mask));
+    __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask));
+    for (int t = 0; t < tokens; t++) {
+        const int64_t at = t * half + b * 16, lane = t * lanes + b * 4;
+        __m512i exact = BYTES(lane_offsets + lane);
+        exact = _mm512_dpbusd_epi32(exact, lo, BYTES(x_even + at));
+        exact = _mm512_dpbusd_epi32(exact, hi, BYTES(x_odd + at));
+        __m512 lane_scale = full ? _mm512_loadu_ps(lane_scales + lane) : _mm512_maskz_loadu_ps(lane_mask, lane_scales + lane);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(ws, lane_scale), acc[t]);
+    }
+#undef BYTES
+}
+#elif INT_DOT == 256
+/* Blocks b..b+count-1 (count 1 or 2: 32 bytes, 8 lanes; a single block zero-extended) into acc[t]. */
+ALWAYS_INLINE void mxfp4_blocks_256(const uint8_t *w, const uint8_t *scales, const int8_t *x_even,
+                                    const int8_t *x_odd, const float *lane_scales, const int32_t *lane_offsets,
+                                    int64_t half, int64_t lanes, int64_t b, int count, int tokens, __m256 *acc) {
+    const __m256i low_mask = _mm256_set1_epi8(0x0F);
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const int pair = count == 2;
+#if !defined(MIMO_AVXVNNI)
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+#define BYTES(p) (pair ? _mm256_loadu_si256((const __m256i *)(p))                                       \
+                       : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)(p)), 0))
+    /* absent second block: scale byte 127 (1), its lanes are zero */
+    uint32_t exponents = scales[b] | (uint32_t)(pair ? scales[b + 1] : 0x7F) << 8 | 0x7F7F0000u;
+    __m256i e = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128((int)exponents), spread));
+    __m256 ws = special_exponent(exponents) ? _mm256_i32gather_ps(E8M0_VALUE, e, 4)
+                                            : _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+    __m256i bytes = BYTES(w + b * 16);
+    __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(bytes, low_mask));
+    __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask));
+    for (int t = 0; t < tokens; t++) {
+        const int64_t at = t * half + b * 16, lane = t * lanes + b * 4;
+        __m256i exact = BYTES(lane_offsets + lane), even = BYTES(x_even + at), odd = BYTES(x_odd + at);
+        __m256 lane_scale = pair ? _mm256_loadu_ps(lane_scales + lane)
+                                 : _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(lane_scales + lane), 0);
+#if defined(MIMO_AVXVNNI)
+        exact = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(exact, lo, even), hi, odd);
+#else /* no int16 overflow: 2 * (24 * 127) * 2 < 2^15 */
+        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+        exact = _mm256_add_epi32(exact, _mm256_madd_epi16(pairs, ones));
+#endif
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(ws, lane_scale), acc[t]);
+    }
+#undef BYTES
+}
+#endif
+
+/* sums[t] for the tokens of a pass: xq halves of token t at x_even/x_odd + t * k/2, its lane scales
+ * and offsets at + t * k/8. Each token's arithmetic is the same whatever the pass's token count. */
+ALWAYS_INLINE void mxfp4_row(const uint8_t *w, const uint8_t *scales, const int8_t *x_even, const int8_t *x_odd,
+                             const float *lane_scales, const int32_t *lane_offsets, int64_t k, int tokens,
+                             float *sums) {
+    const int64_t half = k / 2, lanes = k / 8, blocks = k / MXFP4_BLOCK;
+#if INT_DOT == 512
+    __m512 acc[TOKENS_PER_PASS];
+    for (int t = 0; t < tokens; t++) acc[t] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= blocks; b += 4)
+        mxfp4_blocks_512(w, scales, x_even, x_odd, lane_scales, lane_offsets, half, lanes, b, 4, tokens, acc);
+    if (b < blocks)
+        mxfp4_blocks_512(w, scales, x_even, x_odd, lane_scales, lane_offsets, half, lanes, b, (int)(blocks - b), tokens,
+                         acc);
+    for (int t = 0; t < tokens; t++) sums[t] = _mm512_reduce_add_ps(acc[t]);
+#elif INT_DOT == 256
+    __m256 acc[TOKENS_PER_PASS];
+    for (int t = 0; t < tokens; t++) acc[t] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2)
+        mxfp4_blocks_256(w, scales, x_even, x_odd, lane_scales, lane_offsets, half, lanes, b, 2, tokens, acc);
+    if (b < blocks) mxfp4_blocks_256(w, scales, x_even, x_odd, lane_scales, lane_offsets, half, lanes, b, 1, tokens, acc);
+    for (int t = 0; t < tokens; t++) sums[t] = hsum256(acc[t]);
+#elif INT_DOT == 128
+    const int8x16_t table = vld1q_s8(E2M1_TWICE);
+    const uint8x16_t low_mask = vdupq_n_u8(0x0F);
+    float32x4_t acc[TOKENS_PER_PASS];
+    for (int t = 0; t < tokens; t++) acc[t] = vdupq_n_f32(0.f);
     for (int64_t b = 0; b < blocks; b++) {
-        __m256 scaled = _mm256_load_ps(SCALED_E2M1[scales[b]]); /* the 8 magnitudes */
-        for (int part = 0; part < 2; part++) {
-            int64_t j = b * 16 + part * 8;
-            __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + j)));
-            __m256 lo = _mm256_xor_ps(_mm256_permutevar8x32_ps(scaled, q),
-                                      _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(q, 28), sign_bit)));
-            __m256 hi = _mm256_xor_ps(_mm256_permutevar8x32_ps(scaled, _mm256_srli_epi32(q, 4)),
-                                      _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(q, 24), sign_bit)));
-            for (int t = 0; t < tokens; t++) {
-                acc[t][2 * part] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x_even + t * half + j), acc[t][2 * part]);
-                acc[t][2 * part + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x_odd + t * half + j), acc[t][2 * part + 1]);
+        uint8x16_t bytes = vld1q_u8(w + b * 16);
+        int8x16_t lo = vqtbl1q_s8(table, vandq_u8(bytes, low_mask)), hi = vqtbl1q_s8(table, vshrq_n_u8(bytes, 4));
+        const float ws = E8M0_VALUE[scales[b]];
+        for (int t = 0; t < tokens; t++) {
+            const int64_t at = t * half + b * 16, lane = t * lanes + b * 4;
+            int32x4_t exact = vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(x_even + at)), hi, vld1q_s8(x_odd + at));
+            acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(exact), vmulq_n_f32(vld1q_f32(lane_scales + lane), ws));
+        }
+    }
+    for (int t = 0; t < tokens; t++) sums[t] = vaddvq_f32(acc[t]);
+#else
+    (void)lane_offsets; /* signed products here: no offset to take back */
+    for (int t = 0; t < tokens; t++) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const float ws = E8M0_VALUE[scales[b]];
+            for (int lane = 0; lane < MXFP4_LANES_PER_BLOCK; lane++) {
+                int32_t exact = 0;
+                for (int64_t j = b * 16 + 4 * lane; j < b * 16 + 4 * lane + 4; j++)
+                    exact += E2M1_TWICE[w[j] & 0x0F] * x_even[t * half + j] + E2M1_TWICE[w[j] >> 4] * x_odd[t * half + j];
+                acc += (float)exact * (ws * lane_scales[t * lanes + 4 * b + lane]);
             }
         }
-    }
-    for (int t = 0; t < tokens; t++)
-        sums[t] = hsum256(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3])));
-#else
-    for (int t = 0; t < tokens; t++) sums[t] = 0.f;
-    for (int64_t b = 0; b < blocks; b++) {
-        const float *scaled = SCALED_E2M1[scales[b]];
-        for (int64_t j = b * 16; j < (b + 1) * 16; j++) {
-            float lo = scaled[w[j] & 0x0F], hi = scaled[w[j] >> 4];
-            for (int t = 0; t < tokens; t++) sums[t] += lo * x_even[t * half + j] + hi * x_odd[t * half + j];
-        }
+        sums[t] = acc;
     }
 #endif
 }
 
-/* y[M, N] = x . W^T (+ bias) for MXFP4 rows w [N, K/2] with scales [N, K/32]; x given as its even and
- * odd inputs (x_even, x_odd [M, K/2], float32). */
-void linear_mxfp4(const float *x_even, const float *x_odd, const uint8_t *w, const uint8_t *scales,
-                  const float *bias, float *y, int m, int64_t n, int64_t k) {
-    const int64_t half = k / 2, blocks = k / MXFP4_BLOCK;
+/* y[M, N] = x . W^T (+ bias) for float32 x [M, K] and MXFP4 rows w [N, K/2] with scales [N, K/32].
+ * Returns 0 (having done nothing) if its buffers cannot be allocated. */
+int linear_mxfp4(const float *x, const uint8_t *w, const uint8_t *scales, const float *bias, float *y, int m,
+                 int64_t n, int64_t k) {
+    const int64_t half = k / 2, lanes = k / 8, blocks = k / MXFP4_BLOCK;
+    int8_t *x_even = malloc((size_t)m * k);
+    float *lane_scales = malloc(sizeof(float) * m * lanes);
+    int32_t *lane_offsets = malloc(sizeof(int32_t) * m * lanes);
+    if (!x_even || !lane_scales || !lane_offsets) { free(x_even); free(lane_scales); free(lane_offsets); return 0; }
+    int8_t *x_odd = x_even + (int64_t)m * half;
+    for (int t = 0; t < m; t++)
+        quantize_x_mxfp4(x + t * k, k, x_even + t * half, x_odd + t * half, lane_scales + t * lanes,
+                         lane_offsets + t * lanes);
 #pragma omp parallel for schedule(guided, 32)
     for (int64_t row = 0; row < n; row++) {
-        const uint8_t *wr = w + row * half, *sr = scales + row * blocks;
         float b = bias ? bias[row] : 0.f;
         float sums[TOKENS_PER_PASS];
-#define ROW(T) mxfp4_row(wr, sr, x_even + (int64_t)first * half, x_odd + (int64_t)first * half, k, T, sums)
+#define ROW(T)                                                                                          \
+    mxfp4_row(w + row * half, scales + row * blocks, x_even + (int64_t)first * half, x_odd + (int64_t)first * half, \
+              lane_scales + (int64_t)first * lanes, lane_offsets + (int64_t)first * lanes, k, T, sums)
         EACH_TOKEN_PASS(m, ROW, y[(int64_t)(first + t) * n + row] = sums[t] + b)
 #undef ROW
     }
+    free(x_even);
+    free(lane_scales);
+    free(lane_offsets);
+    return 1;
 }
 
 /* ---------------------------------------------------------------- routed SwiGLU experts, quantized
@@ -969,9 +1075,10 @@ typedef struct {
 } QuantStack;
 
 /* One token's input to a stack of rows, prepared once for all the rows it meets: float32 even/odd
- * halves for the exact int4 kernel and for MXFP4, int8 halves with per-group scales for the VNNI
- * int4 one, or for int8 weights int16 with one scale (the dense int8 kernel's integer dot product;
- * inputs a multiple of 64) or float32 as it is. */
+ * halves for the exact int4 kernel, int8 halves with per-group scales and sums for the VNNI int4
+ * one, or with per-lane scales and offsets (in the sums' place) for MXFP4, or for int8 weights int16
+ * with one scale (the dense int8 kernel's integer dot product; inputs a multiple of 64) or float32
+ * as it is. */
 typedef struct {
     const float *x;
     float *even, *odd;
@@ -991,6 +1098,10 @@ static void prepare_input(PreparedInput *in, const float *x, int format, int64_t
         if (in->quantized) in->x16_scale = quantize_row_int16(x, in->x16, k);
         return;
     }
+    if (format == FORMAT_MXFP4) {
+        quantize_x_mxfp4(x, k, in->q_even, in->q_odd, in->q_scales, (int32_t *)in->q_sums);
+        return;
+    }
     in->quantized = format == FORMAT_INT4 && MOE_VNNI(group);
     if (in->quantized) {
         quantize_x_int8(x, in->q_even, in->q_odd, in->q_scales, in->q_sums, k, group);
@@ -999,8 +1110,9 @@ static void prepare_input(PreparedInput *in, const float *x, int format, int64_t
     for (int64_t j = 0; j < k / 2; j++) { in->even[j] = x[2 * j]; in->odd[j] = x[2 * j + 1]; }
 }
 
-static float quant_row(int format, QuantStack s, int64_t expert, int64_t rows, int64_t row, const PreparedInput *in,
-                       int64_t k, int64_t group) {
+/* inlined: as a call it took a third of the MXFP4 experts' time on V2-shape rows (128-512 bytes) */
+ALWAYS_INLINE float quant_row(int format, QuantStack s, int64_t expert, int64_t rows, int64_t row,
+                              const PreparedInput *in, int64_t k, int64_t group) {
     float sum;
     int64_t r = expert * rows + row;
     if (format == FORMAT_INT8) {
@@ -1013,7 +1125,8 @@ static float quant_row(int format, QuantStack s, int64_t expert, int64_t rows, i
     }
     const uint8_t *w = (const uint8_t *)s.weights + r * (k / 2);
     if (format == FORMAT_MXFP4) {
-        mxfp4_row(w, (const uint8_t *)s.scales + r * (k / MXFP4_BLOCK), in->even, in->odd, k, 1, &sum);
+        mxfp4_row(w, (const uint8_t *)s.scales + r * (k / MXFP4_BLOCK), in->q_even, in->q_odd, in->q_scales,
+                  (const int32_t *)in->q_sums, k, 1, &sum);
         return sum;
     }
     const float *scales = (const float *)s.scales + r * (k / group), *zeros = s.zeros + r * (k / group);

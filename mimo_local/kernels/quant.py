@@ -122,12 +122,45 @@ def reference_mxfp4_linear(x, packed, scales, bias=None):
     return tiled_linear(x, packed.shape[0], lambda b, e: mxfp4.dequantize(packed[b:e], scales[b:e], x.dtype), bias)
 
 
+def quantize_blocks_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activations of the MXFP4 kernels (cpu_quant.c): x [..., K] in blocks of 32 inputs, each
+    as int8 codes (float32 [..., K]) round(x * (1 / scale)), scale = max|x_block| / 127 (1 for a
+    zero block) in float32 [..., K / 32]: llama.cpp's Q8_0 with a float32 scale."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, mxfp4.BLOCK)
+    peak = blocks.abs().amax(-1)
+    scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
+    return torch.round(blocks * (1 / scale)[..., None]).reshape(x.shape), scale
+
+
+def mxfp4_q8_terms(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MXFP4 kernels' arithmetic for x [M, K]: per output and block, the exact integer dot product of
+    the block's int8 codes with twice its e2m1 values, and the float32 step it is multiplied by,
+    2^(e - 127) * (x_scale / 2) rounded as the kernels round it. Both float64 [M, N, K / 32]; the
+    kernels' result is the sum of their products, in float32 and their own order."""
+    codes, x_scale = quantize_blocks_q8(x)
+    twice = mxfp4.dequantize(packed, torch.full_like(scales, 128))  # scale byte 128: 2 * e2m1, exact
+    blocks = scales.shape[-1]
+    dots = torch.einsum("mbj,nbj->mnb", codes.double().view(x.shape[0], blocks, mxfp4.BLOCK),
+                        twice.double().view(packed.shape[0], blocks, mxfp4.BLOCK))
+    steps = mxfp4.scale_values(scales)[None] * (x_scale * 0.5)[:, None, :]
+    return dots, steps.double()
+
+
+def reference_mxfp4_q8_linear(x, packed, scales, bias=None):
+    """x @ W.T (+ bias) as the MXFP4 kernels compute it (mxfp4_q8_terms), summed in float64, in x's dtype."""
+    flat = x.reshape(-1, x.shape[-1])
+    dots, steps = mxfp4_q8_terms(flat, packed, scales)
+    out = (dots * steps).sum(-1)
+    out = out if bias is None else out + bias.double()
+    return out.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+
+
 _POINTER, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # Every entry point of cpu_quant.c: (argtypes, restype), checked against the C source by the tests.
 DECLARATIONS: dict[str, signatures.Declaration] = {
     "linear_int8": ([_POINTER] * 5 + [_INT, _I64, _I64], None),
     "linear_int4": ([_POINTER] * 7 + [_INT, _I64, _I64, _I64], None),
-    "linear_mxfp4": ([_POINTER] * 6 + [_INT, _I64, _I64], None),
+    "linear_mxfp4": ([_POINTER] * 5 + [_INT, _I64, _I64], _INT),
     "linear_int4_bf16": ([_POINTER] * 6 + [_INT, _I64, _I64, _I64, _INT], _INT),
     "linear_int8_bf16": ([_POINTER] * 5 + [_INT, _I64, _I64, _INT], _INT),
     "gemm_quant_bf16": ([_POINTER, _INT] + [_POINTER] * 6 + [_INT, _I64, _I64, _I64], _INT),
@@ -403,20 +436,21 @@ def gemm_is_slower(bits: int, weight: torch.Tensor, scales, zeros, group: int) -
 
 def mxfp4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
     """x @ W.T in x's dtype for MXFP4 weights (packed [out, in/2], E8M0 scales [out, in/32]): the
-    Triton kernel on CUDA, the C kernel for few rows on the CPU, else dequantize + F.linear."""
+    Triton kernel on CUDA, the C kernel for few rows on the CPU (x quantized to int8 per block of 32:
+    reference_mxfp4_q8_linear), else dequantize + F.linear."""
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
     if x.is_cuda and triton_quant.available():
         return triton_quant.mxfp4_linear(x, packed, scales, bias)
     if not _kernel_applies(x, packed, scales, max_rows=MXFP4_MAX_ROWS) or in_features % mxfp4.BLOCK:
         return reference_mxfp4_linear(x, packed, scales, bias)
-    flat = x.reshape(-1, in_features).float()
-    x_even, x_odd = flat[:, 0::2].contiguous(), flat[:, 1::2].contiguous()
+    flat = x.reshape(-1, in_features).float().contiguous()
     out = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
     bias = _float32(bias)
-    library().linear_mxfp4(
-        x_even.data_ptr(), x_odd.data_ptr(), packed.data_ptr(), scales.data_ptr(),
-        bias.data_ptr() if bias is not None else None, out.data_ptr(), flat.shape[0], out_features, in_features,
-    )
+    if not library().linear_mxfp4(
+        flat.data_ptr(), packed.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
+        out.data_ptr(), flat.shape[0], out_features, in_features,
+    ):
+        return reference_mxfp4_linear(x, packed, scales, bias)
     return out.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
@@ -465,7 +499,17 @@ def moe_pairs(
     return out
 
 
-def reference_moe_pairs(x, kind, group_size, gate_up, down, pair_experts, pair_tokens, pair_weights):
+def reference_moe_pairs(x, kind, group_size, gate_up, down, pair_experts, pair_tokens, pair_weights,
+                        q8_activations: bool = False):
+    """moe_pairs in torch, each expert dequantized; with `q8_activations` (MXFP4 only) each matmul
+    is the kernels' int8-activation arithmetic (reference_mxfp4_q8_linear) instead."""
+    if q8_activations:
+        def linear(inputs, stack, expert):
+            return reference_mxfp4_q8_linear(inputs[None], stack[0][expert], stack[1][expert])[0]
+    else:
+        def linear(inputs, stack, expert):
+            return F.linear(inputs, weight(stack, expert))
+
     def weight(stack, expert):
         if kind == "int8":
             return dequantize_int8(stack[0][expert], stack[1][expert])
@@ -475,6 +519,6 @@ def reference_moe_pairs(x, kind, group_size, gate_up, down, pair_experts, pair_t
 
     out = torch.zeros(x.shape, dtype=torch.float32)
     for expert, token, w in zip(pair_experts.tolist(), pair_tokens.tolist(), pair_weights.tolist()):
-        gate, up = F.linear(x[token].float(), weight(gate_up, expert)).chunk(2)
-        out[token] += w * F.linear(F.silu(gate) * up, weight(down, expert))
+        gate, up = linear(x[token].float(), gate_up, expert).chunk(2)
+        out[token] += w * linear(F.silu(gate) * up, down, expert)
     return out
