@@ -44,12 +44,10 @@ REAL_TP = dict(num_attention_heads=8, num_key_value_heads=4, swa_num_key_value_h
 PROMPT = [100 + (7 * i) % 800 for i in range(24)]
 STEPS = 16
 # max |logit difference| called agreement. f32 GGUF, but both engines multiply MXFP4 by activations
-# rounded to int8 per block of 32, and not alike: ggml stores each block's scale in float16
-# (Q8_0, ggml_vec_dot_mxfp4_q8_0), ours keeps it in float32 (cpu_quant.c). Measured 2026-12-03 on
-# the tiny V2.6: per-step max differences 0.025-0.08 and one step of 1.32 (tiny random models have
-# near ties, in the routing too), the same 16 greedy ids: "disagree" under this tolerance. Our
-# experts run in torch on activations rounded as ggml rounds them (float16 scales): 0.014-0.036 at
-# every step. V2.5 (no MXFP4) agrees within 0.0012.
+# rounded to int8 per block of 32 with the block's scale in float16 (Q8_0, ggml_vec_dot_mxfp4_q8_0;
+# ours: cpu_quant.c's round_to_half); the two still sum in different orders. Measured 2026-12-03 on
+# the tiny V2.6: max 0.036 over 16 steps (0.025-0.08 and one step of 1.32 while our scales were
+# float32), the same greedy ids. V2.5 (no MXFP4) agrees within 0.0012.
 TOLERANCE = 0.1
 
 LLAMA_RUN = r"""

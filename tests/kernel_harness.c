@@ -210,7 +210,7 @@ int main(void) {
                 float peak = 0.f;
                 for (int j = 32 * b; j < 32 * b + 32; j++) peak = fmaxf(peak, fabsf(xf[i * K + j]));
                 float x_scale = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / x_scale;
-                float step = (float)ldexp(1.0, smx[r * K / 32 + b] - 127) * (x_scale * .5f);
+                float step = (float)ldexp(1.0, smx[r * K / 32 + b] - 127) * (round_to_half(x_scale) * .5f);
                 long exact = 0, magnitude = 0;
                 for (int j = 32 * b; j < 32 * b + 32; j++) {
                     int q = j % 2 ? wmx[r * K / 2 + j / 2] >> 4 : wmx[r * K / 2 + j / 2] & 0x0F;

@@ -70,12 +70,14 @@ def assert_within_summation_order(got, x, packed, scales, bias=None):
 
 
 def assert_within_activation_rounding(got, x, packed, scales, bias=None):
-    """got differs from x . W (float64) by at most x_scale / 2 per input times |w| (and float32 sums)."""
+    """got differs from x . W (float64) by at most x_scale * (1/2 + 127 * 2^-11) per input times |w|
+    (half a step of rounding, plus a code of at most 127 times the float16 rounding of the step), and
+    float32 sums."""
     weight = mxfp4.reference_dequantize(packed, scales).double()
     exact = x.double() @ weight.T + (0 if bias is None else bias.double())
     _, x_scale = quant.quantize_blocks_q8(x.float())
     per_block = weight.abs().view(weight.shape[0], -1, mxfp4.BLOCK).sum(-1)  # [N, blocks]
-    rounding = (x_scale.double() / 2) @ per_block.T
+    rounding = (x_scale.double() * (0.5 + 127 * 2.0**-11)) @ per_block.T
     magnitude = x.double().abs() @ weight.abs().T + rounding + (0 if bias is None else bias.double().abs())
     bound = rounding * (1 + 1e-6) + gamma(x.shape[-1] + 1) * magnitude
     assert ((got.double() - exact).abs() <= bound).all(), ((got.double() - exact).abs() / bound).max()
@@ -201,3 +203,13 @@ def test_v26_decodes_as_the_torch_path_with_the_mxfp4_kernels(checkpoints, tmp_p
         assert not kinds
     assert (with_kernels - torch_path).abs().max() <= 0.02 * (1 + torch_path.abs().max())
     assert torch.equal(with_kernels.argmax(-1), torch_path.argmax(-1))
+
+
+def test_activation_scales_round_as_float16_stores_them():
+    """The x scales keep float16's precision (llama.cpp's Q8_0 stores them in float16), subnormals
+    included, and stay finite past its range."""
+    generator = torch.Generator().manual_seed(5)
+    values = (torch.rand(50000, generator=generator) * torch.logspace(-9, 4, 50000)).float()
+    values = torch.cat([values, torch.tensor([2.0**-14, 3 * 2.0**-16, 65504.0, 1 / 3])])
+    assert torch.equal(quant.round_to_half(values), values.half().float())
+    assert quant.round_to_half(torch.tensor([1e6])).item() == 999936.0  # 1953 * 2^9, where float16 is inf

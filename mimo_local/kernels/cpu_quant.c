@@ -848,7 +848,7 @@ int gemm_quant_bf16(const uint16_t *x, int format, const void *w, const float *s
  * Byte j of a row holds inputs 2j (low nibble) and 2j+1 (high nibble), as for int4; one E8M0 scale
  * byte per block of 32 inputs (2^(e - 127), 255 NaN). As llama.cpp runs MXFP4 on the CPU
  * (ggml_vec_dot_mxfp4_q8_0), x is quantized once per call to int8 per block of 32 inputs (scale
- * max|x_block| / 127: Q8_0's rounding, with a float32 scale), split into even and odd inputs, and a
+ * max|x_block| / 127, kept at float16's precision: Q8_0's rounding), split into even and odd inputs, and a
  * nibble becomes twice its e2m1 value, an integer in -12..12, by a 16-byte table lookup (pshufb,
  * tbl): a block's dot product is exact in int32, a few byte dot products (vpdpbusd, vpmaddubsw,
  * sdot) instead of 32 float multiply-adds. Per block: sum += (q . xq) * (2^(e - 127) * x_scale / 2).
@@ -874,6 +874,18 @@ __attribute__((constructor)) static void make_e8m0_values(void) {
 }
 
 /* x [k] float32 -> xq even/odd halves [k/2] int8, lane_scales and lane_offsets [k/8] */
+/* f rounded to float16's precision (to nearest, ties to even), as ggml stores a Q8_0 block's scale:
+ * the activations of llama.cpp's MXFP4 x Q8_0 dot product. Precision only: beyond float16's range
+ * (|x| over 8e6, where ggml's scale would be inf) the result stays finite. */
+static inline float round_to_half(float f) {
+    if (fabsf(f) < 6.103515625e-05f) return nearbyintf(f * 16777216.f) / 16777216.f; /* subnormal: k * 2^-24 */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    bits = (bits + 0xFFFu + ((bits >> 13) & 1u)) & ~0x1FFFu;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 static void quantize_x_mxfp4(const float *x, int64_t k, int8_t *even, int8_t *odd, float *lane_scales,
                              int32_t *lane_offsets) {
     for (int64_t b = 0; b < k / MXFP4_BLOCK; b++) {
@@ -889,7 +901,7 @@ static void quantize_x_mxfp4(const float *x, int64_t k, int8_t *even, int8_t *od
         for (int lane = 0; lane < MXFP4_LANES_PER_BLOCK; lane++) {
             int sum = 0;
             for (int j = 4 * lane; j < 4 * lane + 4; j++) sum += e[j] + o[j];
-            lane_scales[4 * b + lane] = scale * .5f;
+            lane_scales[4 * b + lane] = round_to_half(scale) * .5f;
             lane_offsets[4 * b + lane] = -E2M1_OFFSET * sum;
         }
     }

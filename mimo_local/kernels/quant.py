@@ -125,11 +125,20 @@ def reference_mxfp4_linear(x, packed, scales, bias=None):
 def quantize_blocks_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The activations of the MXFP4 kernels (cpu_quant.c): x [..., K] in blocks of 32 inputs, each
     as int8 codes (float32 [..., K]) round(x * (1 / scale)), scale = max|x_block| / 127 (1 for a
-    zero block) in float32 [..., K / 32]: llama.cpp's Q8_0 with a float32 scale."""
+    zero block), and the scale the codes are multiplied by, rounded to float16's precision
+    (float32 [..., K / 32]): llama.cpp's Q8_0 exactly."""
     blocks = x.float().reshape(*x.shape[:-1], -1, mxfp4.BLOCK)
     peak = blocks.abs().amax(-1)
     scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
-    return torch.round(blocks * (1 / scale)[..., None]).reshape(x.shape), scale
+    return torch.round(blocks * (1 / scale)[..., None]).reshape(x.shape), round_to_half(scale)
+
+
+def round_to_half(values: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to float16's precision, to nearest with ties to even (round_to_half of
+    cpu_quant.c): float16's subnormals below 2^-14, its 11 significant bits above, without its range."""
+    bits = values.view(torch.int32)
+    rounded = ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+    return torch.where(values.abs() < 2.0**-14, torch.round(values * 2.0**24) / 2.0**24, rounded)
 
 
 def mxfp4_q8_terms(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
