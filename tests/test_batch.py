@@ -4,6 +4,7 @@ tokens it gets alone (greedy and seeded sampling), whatever joins or leaves the 
 import pytest
 import torch
 
+from mimo_local.budget import PREFILL_CHUNK, PREFILL_STEP
 from mimo_local.dev.tiny import make_bigram_with_oracle_mtp
 from mimo_local.engine import Engine
 from mimo_local.generate import Batch, DoneEvent, Generation, TokenEvent
@@ -159,3 +160,31 @@ def test_the_switch_runs_the_faster_mode_per_batch_size_and_retries_the_other():
     assert 2 <= one.count(False) <= 4  # drafting, but for one plain step a retry
     steps(4, 8 * retry, 0.015)  # the text gets easier to draft: at 4 sequences drafts pay again
     assert steps(4, 4 * retry, 0.015).count(False) <= 4
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_step_up_to_the_step_budget(checkpoints):
+    """Prompts that arrive together start decoding together (their first tokens come out of one
+    step), as many whole chunks as fit PREFILL_STEP tokens; the next step takes the rest."""
+    engine = Engine.load(checkpoints("mimo"), device="cpu", dtype="float32")
+    settings = SamplingSettings(temperature=0, max_tokens=4)
+    # the fourth fills the budget but 5 tokens: the fifth waits for the next step
+    lengths = [PREFILL_CHUNK + 10, 7, 30, PREFILL_STEP - (PREFILL_CHUNK + 10) - 7 - 30 - 5, 20, 9]
+    batch = Batch()
+    generations = [Generation(engine.model, engine.tokenizer, [5 + i % 800 for i in range(length)], settings)
+                   for length in lengths]
+    for generation in generations:
+        batch.join(generation)
+    first = {id(g) for g, events in batch.step() if any(isinstance(e, TokenEvent) for e in events)}
+    assert first == {id(g) for g in generations[:4]}
+    second = [g for g, events in batch.step() if any(isinstance(e, TokenEvent) for e in events)]
+    assert {id(g) for g in generations[4:]} <= {id(g) for g in second} and not batch.prefilling
+
+
+def test_a_prompt_longer_than_the_step_budget_runs_one_budget_per_step(checkpoints):
+    engine = Engine.load(checkpoints("mimo"), device="cpu", dtype="float32")
+    generation = Generation(engine.model, engine.tokenizer, [5 + i % 800 for i in range(PREFILL_STEP + 3)],
+                            SamplingSettings(temperature=0, max_tokens=2))
+    batch = Batch()
+    batch.join(generation)
+    assert batch.step() == [] and generation.cache.length == PREFILL_STEP
+    assert [g for g, _ in batch.step()] == [generation] and generation.cache.length == PREFILL_STEP + 3
