@@ -188,3 +188,23 @@ def test_a_prompt_longer_than_the_step_budget_runs_one_budget_per_step(checkpoin
     batch.join(generation)
     assert batch.step() == [] and generation.cache.length == PREFILL_STEP
     assert [g for g, _ in batch.step()] == [generation] and generation.cache.length == PREFILL_STEP + 3
+
+
+def test_rope_tables_of_a_batchs_positions_are_made_once_per_step_and_equal_fresh_ones():
+    """Every layer asks for each sequence's positions in turn: the tables of all of them are kept (a
+    bounded number), not only the last one, and equal the ones made afresh."""
+    from mimo_local.models.layers import RotaryEmbedding
+
+    rope = RotaryEmbedding(16, 10000.0)
+    starts = [3, 40, 7, 900]
+    first = [rope.cos_sin(start, 1, torch.float32) for start in starts]
+    for _ in range(3):  # the next layers
+        assert all(rope.cos_sin(start, 1, torch.float32)[0] is tables[0] for start, tables in zip(starts, first))
+    for start, (cos, sin) in zip(starts, first):
+        fresh = RotaryEmbedding(16, 10000.0).cos_sin(start, 1, torch.float32)
+        assert torch.equal(cos, fresh[0]) and torch.equal(sin, fresh[1])
+    for start in range(1000, 1000 + RotaryEmbedding.KEPT_TABLES):
+        rope.cos_sin(start, 1, torch.float32)
+    assert len(rope._tables) == RotaryEmbedding.KEPT_TABLES
+    again = rope.cos_sin(3, 1, torch.float32)
+    assert again[0] is not first[0][0] and torch.equal(again[0], first[0][0])
