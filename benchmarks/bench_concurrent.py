@@ -127,7 +127,8 @@ def llamacpp_server(path: Path, quant: str, slots: int, threads: int, port: int,
     from llamacpp_peer import gguf_path
 
     outtype = GGUF_TYPES[quant]
-    gguf = gguf_path(path, Path("~/.cache/mimo-local/llamacpp_peer").expanduser().resolve(), outtype)
+    # The peer script names its GGUF after the resolved checkpoint path (benchmarks/cache may be a link).
+    gguf = gguf_path(path.resolve(), Path("~/.cache/mimo-local/llamacpp_peer").expanduser().resolve(), outtype)
     if not gguf.exists():  # the peer script converts (and caches) it
         subprocess.run([LLAMACPP_PYTHON, str(HERE / "peers" / "llamacpp_peer.py"), "--checkpoint", str(path),
                         "--outtype", outtype, "--prompt-tokens", "8", "--gen-tokens", "2", "--repeats", "1"],

@@ -5,6 +5,9 @@ CLI's estimate and the planner all take these numbers from here."""
 from __future__ import annotations
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward (bounds activation memory)
+# Prompt tokens a batch step prefills at most, in whole chunks (llama-server's default batch): prompts
+# that arrive together start decoding together, and a long one holds the others' step back no longer.
+PREFILL_STEP = 4 * PREFILL_CHUNK
 SPARE_SLOTS = 8  # sliding-window ring slots beyond the window: room for speculative tokens to roll back
 REWIND_SLOTS = 128  # what a chat or a server keeps instead, so an edit or a new request can rewind that far
 DEFAULT_CACHE_RAM = "8GiB"  # `mimo serve --cache-ram`: host memory for earlier requests' KV, as llama-server's

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from .budget import PREFILL_CHUNK, cache_size, room_to_generate, spare_slots
+from .budget import PREFILL_CHUNK, PREFILL_STEP, cache_size, room_to_generate, spare_slots
 from .cache import ModelCache
 from .errors import MimoError
 from .models.model import MiMoForCausalLM
@@ -299,6 +299,11 @@ class Generation:
         while not self.prefill_chunk():
             pass
 
+    @property
+    def next_chunk(self) -> int:
+        """Prompt tokens the next prefill_chunk runs."""
+        return min(PREFILL_CHUNK, len(self.prompt_ids) - (self.cache.length - self._prefill_base))
+
     def prefill_chunk(self) -> bool:
         """Prefill the next chunk of the prompt; True once the prompt is done and the first token
         picked."""
@@ -409,11 +414,13 @@ class Batch:
         (self.active if generation in self.active else self.prefilling).remove(generation)
 
     def step(self) -> list[tuple[Generation, list[TokenEvent | DoneEvent]]]:
-        """One chunk of the first waiting prompt and one decode step of the others; returns the
-        events of every sequence that produced some."""
+        """Chunks of the waiting prompts, in order, up to PREFILL_STEP tokens (at least one chunk),
+        and one decode step of the others; returns the events of every sequence that produced some."""
         results = []
-        if self.prefilling:
+        budget = PREFILL_STEP
+        while self.prefilling and (budget == PREFILL_STEP or self.prefilling[0].next_chunk <= budget):
             generation = self.prefilling[0]
+            budget -= generation.next_chunk
             if generation.prefill_chunk():
                 self.prefilling.pop(0)
                 results.append((generation, self._taken(generation)))

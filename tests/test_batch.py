@@ -4,6 +4,7 @@ tokens it gets alone (greedy and seeded sampling), whatever joins or leaves the 
 import pytest
 import torch
 
+from mimo_local.budget import PREFILL_CHUNK, PREFILL_STEP
 from mimo_local.dev.tiny import make_bigram_with_oracle_mtp
 from mimo_local.engine import Engine
 from mimo_local.generate import Batch, DoneEvent, Generation, TokenEvent
@@ -159,3 +160,51 @@ def test_the_switch_runs_the_faster_mode_per_batch_size_and_retries_the_other():
     assert 2 <= one.count(False) <= 4  # drafting, but for one plain step a retry
     steps(4, 8 * retry, 0.015)  # the text gets easier to draft: at 4 sequences drafts pay again
     assert steps(4, 4 * retry, 0.015).count(False) <= 4
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_step_up_to_the_step_budget(checkpoints):
+    """Prompts that arrive together start decoding together (their first tokens come out of one
+    step), as many whole chunks as fit PREFILL_STEP tokens; the next step takes the rest."""
+    engine = Engine.load(checkpoints("mimo"), device="cpu", dtype="float32")
+    settings = SamplingSettings(temperature=0, max_tokens=4)
+    # the fourth fills the budget but 5 tokens: the fifth waits for the next step
+    lengths = [PREFILL_CHUNK + 10, 7, 30, PREFILL_STEP - (PREFILL_CHUNK + 10) - 7 - 30 - 5, 20, 9]
+    batch = Batch()
+    generations = [Generation(engine.model, engine.tokenizer, [5 + i % 800 for i in range(length)], settings)
+                   for length in lengths]
+    for generation in generations:
+        batch.join(generation)
+    first = {id(g) for g, events in batch.step() if any(isinstance(e, TokenEvent) for e in events)}
+    assert first == {id(g) for g in generations[:4]}
+    second = [g for g, events in batch.step() if any(isinstance(e, TokenEvent) for e in events)]
+    assert {id(g) for g in generations[4:]} <= {id(g) for g in second} and not batch.prefilling
+
+
+def test_a_prompt_longer_than_the_step_budget_runs_one_budget_per_step(checkpoints):
+    engine = Engine.load(checkpoints("mimo"), device="cpu", dtype="float32")
+    generation = Generation(engine.model, engine.tokenizer, [5 + i % 800 for i in range(PREFILL_STEP + 3)],
+                            SamplingSettings(temperature=0, max_tokens=2))
+    batch = Batch()
+    batch.join(generation)
+    assert batch.step() == [] and generation.cache.length == PREFILL_STEP
+    assert [g for g, _ in batch.step()] == [generation] and generation.cache.length == PREFILL_STEP + 3
+
+
+def test_rope_tables_of_a_batchs_positions_are_made_once_per_step_and_equal_fresh_ones():
+    """Every layer asks for each sequence's positions in turn: the tables of all of them are kept (a
+    bounded number), not only the last one, and equal the ones made afresh."""
+    from mimo_local.models.layers import RotaryEmbedding
+
+    rope = RotaryEmbedding(16, 10000.0)
+    starts = [3, 40, 7, 900]
+    first = [rope.cos_sin(start, 1, torch.float32) for start in starts]
+    for _ in range(3):  # the next layers
+        assert all(rope.cos_sin(start, 1, torch.float32)[0] is tables[0] for start, tables in zip(starts, first))
+    for start, (cos, sin) in zip(starts, first):
+        fresh = RotaryEmbedding(16, 10000.0).cos_sin(start, 1, torch.float32)
+        assert torch.equal(cos, fresh[0]) and torch.equal(sin, fresh[1])
+    for start in range(1000, 1000 + RotaryEmbedding.KEPT_TABLES):
+        rope.cos_sin(start, 1, torch.float32)
+    assert len(rope._tables) == RotaryEmbedding.KEPT_TABLES
+    again = rope.cos_sin(3, 1, torch.float32)
+    assert again[0] is not first[0][0] and torch.equal(again[0], first[0][0])

@@ -603,3 +603,68 @@ def test_completions_stream_one_chunk_per_token_even_without_text(scripted_chat)
                         texts.append(chunk["choices"][0]["text"])
     assert len(texts) == usage["completion_tokens"] == 60
     assert "" in texts and "".join(texts).startswith(THINKING)
+
+
+def test_concurrent_streams_get_every_token_in_order_with_a_step_handed_over_at_once():
+    """Four streams decoded together (MTP on: several tokens per step), a step's tokens crossing to
+    the event loop in one hand-over: each stream still gets one chunk per token, in order, its text
+    and ids those of the same request alone."""
+    prompts = [f"Chapter {n}. It is a truth" for n in range(4)]
+    body = {"model": "mimo-nano", "max_tokens": 40, "ignore_eos": True, "return_token_ids": True}
+    with running_server(resolve_model("mimo-nano"), "mimo-nano", parallel=4) as (base, service):
+        alone = [httpx.post(f"{base}/v1/completions", json={**body, "prompt": p}, timeout=120).json()["choices"][0]
+                 for p in prompts]
+        streamed = [None] * 4
+        peak = []
+
+        def stream(index):
+            texts, final = [], None
+            with httpx.stream("POST", f"{base}/v1/completions", timeout=120,
+                              json={**body, "prompt": prompts[index], "stream": True}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        if chunk["choices"][0]["finish_reason"]:
+                            final = chunk  # with the answer's token_ids
+                        else:
+                            texts.append(chunk["choices"][0]["text"])
+            streamed[index] = texts, final
+
+        def watch():
+            while any(s is None for s in streamed):
+                peak.append(service.worker.slots_in_use)
+                time.sleep(0.005)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)] + [threading.Thread(target=watch)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert max(peak) >= 2
+    for single, (texts, final) in zip(alone, streamed):
+        assert final["token_ids"] == single["token_ids"] and len(texts) == len(single["token_ids"]) == 40
+        assert "".join(texts) == single["text"]
+
+
+def test_hand_over_wakes_each_event_loop_once_and_keeps_each_jobs_order():
+    import asyncio
+
+    from mimo_local.sampling import SamplingSettings
+    from mimo_local.serve.worker import GenerationRequest, Job, hand_over
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        wake = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: calls.append(args) or wake(*args)
+        jobs = [Job(GenerationRequest([1], SamplingSettings()), loop) for _ in range(3)]
+        handed = [(job, [f"{index}.{n}" for n in range(index + 1)]) for index, job in enumerate(jobs)]
+        worker = threading.Thread(target=hand_over, args=(handed,))  # as the generation thread does
+        worker.start()
+        worker.join()
+        await asyncio.sleep(0)
+        return calls, [[job.events.get_nowait() for _ in range(job.events.qsize())] for job in jobs]
+
+    calls, queued = asyncio.run(main())
+    assert len(calls) == 1
+    assert queued == [["0.0"], ["1.0", "1.1"], ["2.0", "2.1", "2.2"]]

@@ -7,6 +7,8 @@ math is written here; how each operation runs (C kernels, fused per layer, or to
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,21 +48,28 @@ class RotaryEmbedding(nn.Module):
         self.rope_dim = rope_dim
         self.theta = theta
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
-        self._last = None  # (key, tables): every layer of a step asks for the same positions
+        # (start, steps, dtype) -> (cos, sin) of the latest positions asked for: every layer of a
+        # step asks for each sequence's positions in turn (one sequence, or a batch of them).
+        self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def compute_inv_freq(self, device="cpu") -> torch.Tensor:
         # An explicit device even when built on meta: torch's first meta arange costs ~3 s of imports.
         exponents = torch.arange(0, self.rope_dim, 2, dtype=torch.float32, device=device) / self.rope_dim
         return 1.0 / (self.theta**exponents)
 
+    KEPT_TABLES = 64  # more than the sequences of a batch
+
     def cos_sin(self, start: int, steps: int, dtype: torch.dtype):
         key = (start, steps, dtype)
-        if self._last is None or self._last[0] != key:
+        tables = self._tables.get(key)
+        if tables is None:
             positions = torch.arange(start, start + steps, device=self.inv_freq.device, dtype=torch.float32)
             freqs = positions[:, None] * self.inv_freq[None, :]
             angles = torch.cat([freqs, freqs], dim=-1)
-            self._last = (key, (angles.cos().to(dtype), angles.sin().to(dtype)))
-        return self._last[1]
+            tables = self._tables[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+            if len(self._tables) > self.KEPT_TABLES:
+                self._tables.popitem(last=False)  # the oldest
+        return tables
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, heads, T, head_dim]; cos/sin: [T, rope_dim]."""

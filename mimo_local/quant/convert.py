@@ -450,7 +450,7 @@ class Calibrator:
         module.to_empty(device="cpu")
         for rope in (m for m in module.modules() if isinstance(m, RotaryEmbedding)):
             rope.inv_freq = rope.compute_inv_freq()
-            rope._last = None
+            rope._tables.clear()
         params = dict(self.job.model.named_parameters())
         for hub_name, target in self.job.targets.items():
             if not target.param.startswith(prefix):

@@ -171,11 +171,14 @@ async def events(output: Output, is_disconnected=None):
     getter = None
     try:
         while True:
-            getter = asyncio.ensure_future(job.events.get())
-            while not (await asyncio.wait({getter}, timeout=DISCONNECT_POLL_SECONDS))[0]:
-                if is_disconnected is not None and await is_disconnected():
-                    return
-            item = getter.result()
+            if job.events.empty():
+                getter = asyncio.ensure_future(job.events.get())
+                while not (await asyncio.wait({getter}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+                    if is_disconnected is not None and await is_disconnected():
+                        return
+                item, getter = getter.result(), None
+            else:  # a step handed over several events: no waiting for the ones already there
+                item = job.events.get_nowait()
             if isinstance(item, Failed):
                 raise item.error
             yield item

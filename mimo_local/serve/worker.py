@@ -53,6 +53,22 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+def hand_over(handed: list[tuple[Job, list]]) -> None:
+    """Queue each job's events, in order, with one wake-up of each event loop for all of them: a
+    step's tokens cross to the loop together, not a thread-safe call (a pipe write) per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list]]] = {}
+    for job, events in handed:
+        by_loop.setdefault(job.loop, []).append((job, events))
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_queue_all, items)
+
+
+def _queue_all(items: list[tuple[Job, list]]) -> None:
+    for job, events in items:
+        for event in events:
+            job.events.put_nowait(event)
+
+
 @dataclass
 class Slot:
     """A sequence's place in the batch: its KV cache, kept after the request for the next one."""
@@ -163,19 +179,16 @@ class GenerationWorker:
                 self.batch.leave(generation)
                 self._forget(generation)
             return
-        for generation, events in results:
-            self._deliver(generation, events)
+        hand_over([self._deliver(generation, events) for generation, events in results])
 
-    def _deliver(self, generation: Generation, events: list) -> None:
+    def _deliver(self, generation: Generation, events: list) -> tuple[Job, list]:
+        """The job of a generation and its events; a generation that ended leaves its slot."""
         job = self.running[id(generation)][1].job
-        for event in events:
-            if isinstance(event, DoneEvent):
-                if self.on_done is not None:
-                    self.on_done(job, event.stats)
-                job.put(event)
-                self._forget(generation)
-                return
-            job.put(event)
+        if events and isinstance(events[-1], DoneEvent):
+            if self.on_done is not None:
+                self.on_done(job, events[-1].stats)
+            self._forget(generation)
+        return job, events
 
     def _forget(self, generation: Generation) -> None:
         _, slot = self.running.pop(id(generation))
