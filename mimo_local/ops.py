@@ -69,11 +69,20 @@ def decode_attention(attention: nn.Module, qkv: torch.Tensor, start: int, cache)
 
 
 def moe(group: nn.Module, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
-    """All routed experts of a layer held by one float ExpertGroup, for a few tokens, in one call
-    (float32 [M, H]); None where the kernel does not apply."""
-    if isinstance(group.gate_up_proj, torch.Tensor) and cpu_kernels.moe_supports(tokens, group.gate_up_proj):
-        return cpu_kernels.moe(tokens, group.gate_up_proj, group.down_proj, experts, weights)
-    return None
+    """All routed experts of a layer held by one ExpertGroup (float, or packed int8/int4/MXFP4 stacks),
+    for a few tokens, in one call (float32 [M, H]); None where no kernel applies."""
+    if isinstance(group.gate_up_proj, torch.Tensor):
+        if cpu_kernels.moe_supports(tokens, group.gate_up_proj):
+            return cpu_kernels.moe(tokens, group.gate_up_proj, group.down_proj, experts, weights)
+        return None
+    quantized = fused_expert_operands(group.gate_up_proj, group.down_proj)
+    if not quantized or not quant_kernels.moe_supports(tokens, quantized[2][0], quantized[3][0]):
+        return None
+    # the assignments as MoE's grouped path orders them (so the same sums, bit for bit)
+    flat = experts.reshape(-1)
+    order = flat.argsort(stable=True)
+    return quant_kernels.moe_pairs(tokens, *quantized, flat[order], order // experts.shape[1],
+                                   weights.reshape(-1).float()[order])
 
 
 def expert_pairs(group: nn.Module, x, pair_tokens, pair_experts, pair_weights) -> torch.Tensor | None:
