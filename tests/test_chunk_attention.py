@@ -66,6 +66,25 @@ def test_sliding_window_cost_follows_the_window_not_the_prompt(monkeypatch):
     assert len(widths) == steps // block and max(widths) <= window + block
 
 
+def test_global_layer_scores_about_the_causal_triangle(monkeypatch):
+    """A global layer's chunk goes to the fused kernel in query blocks, each over the keys up to its
+    last query: about half the chunk's own T x T scores, however the kernel blocks its keys."""
+    scored = []
+    original = chunked.part_attention
+
+    def recording(q, k, v, scale, mask=None, causal=False):
+        scored.append(q.shape[2] * k.shape[2])
+        return original(q, k, v, scale, mask, causal)
+
+    monkeypatch.setattr(chunked, "part_attention", recording)
+    before, steps, block = 100, 512, chunked.CAUSAL_QUERY_BLOCK
+    q = torch.randn(1, 4, steps, 32)
+    view = KeyView(torch.randn(1, 2, before + steps, 32), torch.randn(1, 2, before + steps, 32), first=0)
+    chunked.chunk_attention(q, view, before, None, 32**-0.5)
+    assert len(scored) == steps // block
+    assert sum(scored) == steps * before + steps * (steps + block) // 2
+
+
 def test_rolled_back_ring_slots_are_not_seen():
     """Positions rolled back (truncated) and not rewritten are holes in the view: masked, not read."""
     s = spec(16)
