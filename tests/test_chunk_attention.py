@@ -97,3 +97,17 @@ def test_rolled_back_ring_slots_are_not_seen():
     fresh.update(k[:, :, :10], v[:, :, :10], 0)
     view = fresh.update(k[:, :, 20:40], v[:, :, 20:40], 20)  # 10..19 never written
     assert view.first == 4 and view.valid.tolist() == [True] * 6 + [False] * 10 + [True] * 20
+
+
+@pytest.mark.parametrize("rope_dim", [32, 16])  # whole heads; partial (V2-Flash)
+def test_rope_equals_the_rotate_half_formula(rope_dim):
+    """RoPE in place of halves gives exactly the bfloat16 roundings of x * cos + rotate_half(x) * sin."""
+    from mimo_local.models.layers import RotaryEmbedding
+
+    rope = RotaryEmbedding(rope_dim, 1e4)
+    x = torch.randn(1, 40, 6, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    cos, sin = (t[:, None] for t in rope.cos_sin(3, 40, torch.bfloat16))
+    rotated, half = x[..., :rope_dim], rope_dim // 2
+    rotate_half = torch.cat([-rotated[..., half:], rotated[..., :half]], dim=-1)
+    expected = torch.cat([rotated * cos + rotate_half * sin, x[..., rope_dim:]], dim=-1)
+    assert torch.equal(rope.apply(x, cos, sin), expected)

@@ -236,7 +236,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     inter = gate_up.shape[-1] // 2
     if not supports_contiguous(gate_up, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)
     out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype)
     _kernel("swiglu", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inter)
     return out
