@@ -66,6 +66,25 @@ def test_sliding_window_cost_follows_the_window_not_the_prompt(monkeypatch):
     assert len(widths) == steps // block and max(widths) <= window + block
 
 
+def test_global_layer_scores_about_the_causal_triangle(monkeypatch):
+    """A global layer's chunk goes to the fused kernel in query blocks, each over the keys up to its
+    last query: about half the chunk's own T x T scores, however the kernel blocks its keys."""
+    scored = []
+    original = chunked.part_attention
+
+    def recording(q, k, v, scale, mask=None, causal=False):
+        scored.append(q.shape[2] * k.shape[2])
+        return original(q, k, v, scale, mask, causal)
+
+    monkeypatch.setattr(chunked, "part_attention", recording)
+    before, steps, block = 100, 512, chunked.CAUSAL_QUERY_BLOCK
+    q = torch.randn(1, 4, steps, 32)
+    view = KeyView(torch.randn(1, 2, before + steps, 32), torch.randn(1, 2, before + steps, 32), first=0)
+    chunked.chunk_attention(q, view, before, None, 32**-0.5)
+    assert len(scored) == steps // block
+    assert sum(scored) == steps * before + steps * (steps + block) // 2
+
+
 def test_rolled_back_ring_slots_are_not_seen():
     """Positions rolled back (truncated) and not rewritten are holes in the view: masked, not read."""
     s = spec(16)
@@ -78,3 +97,17 @@ def test_rolled_back_ring_slots_are_not_seen():
     fresh.update(k[:, :, :10], v[:, :, :10], 0)
     view = fresh.update(k[:, :, 20:40], v[:, :, 20:40], 20)  # 10..19 never written
     assert view.first == 4 and view.valid.tolist() == [True] * 6 + [False] * 10 + [True] * 20
+
+
+@pytest.mark.parametrize("rope_dim", [32, 16])  # whole heads; partial (V2-Flash)
+def test_rope_equals_the_rotate_half_formula(rope_dim):
+    """RoPE in place of halves gives exactly the bfloat16 roundings of x * cos + rotate_half(x) * sin."""
+    from mimo_local.models.layers import RotaryEmbedding
+
+    rope = RotaryEmbedding(rope_dim, 1e4)
+    x = torch.randn(1, 40, 6, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    cos, sin = (t[:, None] for t in rope.cos_sin(3, 40, torch.bfloat16))
+    rotated, half = x[..., :rope_dim], rope_dim // 2
+    rotate_half = torch.cat([-rotated[..., half:], rotated[..., :half]], dim=-1)
+    expected = torch.cat([rotated * cos + rotate_half * sin, x[..., rope_dim:]], dim=-1)
+    assert torch.equal(rope.apply(x, cos, sin), expected)

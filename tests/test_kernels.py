@@ -68,13 +68,14 @@ def test_moe_matches_reference(dtype):
     assert torch.allclose(got, expected, atol=1e-4 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("rows", [2, 300])  # a decode step; a prefill chunk (threaded kernel)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_reference(dtype):
+def test_rms_norm_matches_reference(dtype, rows):
     from mimo_local.models.layers import RMSNorm
 
     norm = RMSNorm(200, 1e-5).to(dtype)
     norm.weight.data = torch.rand(200).to(dtype) + 0.5
-    x = torch.randn(2, 200).to(dtype) * 3
+    x = torch.randn(rows, 200).to(dtype) * 3
     fused = norm(x)
     reference = norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
     assert ulp_close(fused, reference, dtype)

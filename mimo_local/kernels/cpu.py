@@ -168,6 +168,14 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.to(x.dtype)
 
 
+def rows_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the row-wise kernels (rms_norm) take x and weight, however many rows: CPU, one
+    float32 or bfloat16 dtype, both contiguous."""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+            and weight.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous() and weight.is_contiguous()
+            and library() is not None)
+
+
 def supports_contiguous(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """`supports`, for the kernels that also need x itself contiguous (norms, activations)."""
     return supports(x, weight) and x.is_contiguous()
@@ -228,7 +236,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     inter = gate_up.shape[-1] // 2
     if not supports_contiguous(gate_up, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)
     out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype)
     _kernel("swiglu", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inter)
     return out
@@ -254,7 +262,8 @@ def mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Ten
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * cast(x * rsqrt(mean(x^2) + eps)) for a few rows. Callers check `supports_contiguous`."""
+    """weight * cast(x * rsqrt(mean(x^2) + eps)), any number of rows (threaded above MAX_ROWS: a
+    prefill chunk). Callers check `rows_supported`."""
     out = torch.empty_like(x)
     rows = x.numel() // x.shape[-1]
     _kernel("rmsnorm", x.dtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, x.shape[-1], eps)

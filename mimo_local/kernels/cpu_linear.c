@@ -396,7 +396,7 @@ typedef struct {
         }                                                                                                 \
     }                                                                                                     \
     void rmsnorm_##SUFFIX(const T *x, const T *weight, T *out, int m, int64_t size, float eps) {          \
-        rmsnorm_rows_##SUFFIX(x, weight, out, m, size, eps);                                              \
+        _Pragma("omp parallel if (m > 16)") rmsnorm_rows_##SUFFIX(x, weight, out, m, size, eps);          \
     }                                                                                                     \
                                                                                                           \
     static void swiglu_rows_##SUFFIX(const T *gate_up, T *out, int m, int64_t inter) {                    \

@@ -19,6 +19,7 @@ from ..cache import KeyView
 
 KEY_TILE = 2048  # positions per tile where keys are dequantized or scored without the fused kernel
 MIN_QUERY_BLOCK = 64  # queries per sliding-window block at least (tiny windows would mean many calls)
+CAUSAL_QUERY_BLOCK = 64  # queries per fused call on a global layer (see _causal_blocks)
 MANUAL_ATTENTION_STEPS = 16  # up to this many queries (decode, verify) two small matmuls beat the fused kernel
 
 _fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -117,20 +118,36 @@ def chunk_attention(q: torch.Tensor, view: KeyView, start: int, window: int | No
 
 
 def _global(q, view: KeyView, start: int, scale: float, sinks):
-    """Everything before the chunk without a mask, then the chunk's own keys causally. The fused
-    kernel takes bfloat16 or float32 keys of the queries' head size in one call (it tiles them
-    itself); other keys (quantized, narrower values to pad, no fused kernel) come a tile at a time."""
+    """Causal attention over every entry up to each query. The fused kernel takes bfloat16 or
+    float32 keys of the queries' head size whole (_causal_blocks); other keys (quantized, narrower
+    values to pad, no fused kernel) come a tile at a time: everything before the chunk without a
+    mask, then the chunk's own keys causally."""
     steps = q.shape[2]
     before = start - view.first
-    whole = _uses_fused(q) and not view.quantized and view.values.shape[-1] == q.shape[-1]
-    tile = max(before, 1) if whole else KEY_TILE
+    if _uses_fused(q) and not view.quantized and view.values.shape[-1] == q.shape[-1]:
+        return _causal_blocks(q, view, before, scale, sinks)
     merged = Merged()
-    for begin in range(0, before, tile):
-        keys, values = view.span(begin, min(begin + tile, before))
+    for begin in range(0, before, KEY_TILE):
+        keys, values = view.span(begin, min(begin + KEY_TILE, before))
         merged.add(*part_attention(q, keys, values, scale))
     keys, values = view.span(before, before + steps)
     merged.add(*part_attention(q, keys, values, scale, causal=True))
     return merged.result(sinks, q.dtype)
+
+
+def _causal_blocks(q, view: KeyView, before: int, scale: float, sinks):
+    """Blocks of CAUSAL_QUERY_BLOCK queries, each in one fused call over the entries it sees (the
+    `before` ones and the chunk's up to its last query, masked causally). The kernel computes every
+    score of a 512-key block a query block reaches, masked or not: one call for a whole chunk of
+    T queries would score T * T of its own keys where T * T / 2 are seen."""
+    steps = q.shape[2]
+    outs = []
+    for begin in range(0, steps, CAUSAL_QUERY_BLOCK):
+        end = min(begin + CAUSAL_QUERY_BLOCK, steps)
+        keys, values = view.span(0, before + end)
+        mask = torch.ones(end - begin, before + end, dtype=torch.bool, device=q.device).tril(before + begin)
+        outs.append(single(part_attention(q[:, :, begin:end], keys, values, scale, mask), sinks, q.dtype))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def _uses_fused(q: torch.Tensor) -> bool:

@@ -72,12 +72,17 @@ class RotaryEmbedding(nn.Module):
         return tables
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [B, heads, T, head_dim]; cos/sin: [T, rope_dim]."""
-        rotated, passed = x[..., : self.rope_dim], x[..., self.rope_dim :]
-        half = self.rope_dim // 2
-        rotate_half = torch.cat([-rotated[..., half:], rotated[..., :half]], dim=-1)
-        rotated = rotated * cos + rotate_half * sin
-        return torch.cat([rotated, passed], dim=-1) if passed.shape[-1] else rotated
+        """x * cos + rotate_half(x) * sin on the first rope_dim dims of x [..., head_dim] (cos/sin
+        [..., rope_dim] broadcast against it), each product rounded to x's dtype as in the reference.
+        rotate_half(x) = [-x2, x1] for x = [x1, x2]: the halves are subtracted and added in place
+        (the negation is exact), without building rotate_half."""
+        rope, half = self.rope_dim, self.rope_dim // 2
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.mul(x[..., :rope], cos, out=out[..., :rope])
+        out[..., :half].sub_(x[..., half:rope] * sin[..., :half])
+        out[..., half:rope].add_(x[..., :half] * sin[..., half:])
+        out[..., rope:] = x[..., rope:]
+        return out
 
 
 class RopeSet:
@@ -148,14 +153,15 @@ class Attention(nn.Module):
             return fused
         batch, steps, _ = qkv.shape
         spec = self.spec
-        q, k, v = qkv.split([self.q_size, self.k_size, self.v_size], dim=-1)
-        q = q.view(batch, steps, spec.num_heads, spec.head_dim).transpose(1, 2)
-        k = k.view(batch, steps, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        q_k, v = qkv.split([self.q_size + self.k_size, self.v_size], dim=-1)
+        # q and k heads rotated together in the projection's [B, T, heads, D] layout
+        q_k = q_k.view(batch, steps, spec.num_heads + spec.num_kv_heads, spec.head_dim)
+        cos, sin = self.rope.cos_sin(start, steps, qkv.dtype)
+        q, k = self.rope.apply(q_k, cos[:, None], sin[:, None]).transpose(1, 2).split(
+            [spec.num_heads, spec.num_kv_heads], dim=1)
         v = v.view(batch, steps, spec.num_kv_heads, spec.v_head_dim).transpose(1, 2)
         if spec.value_scale != 1.0:
             v = v * spec.value_scale
-        cos, sin = self.rope.cos_sin(start, steps, qkv.dtype)
-        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         view = cache.update(k, v, start)
         if steps > MANUAL_ATTENTION_STEPS or view.quantized:
             out = chunk_attention(q, view, start, spec.sliding_window, self.scale, self.sinks)
