@@ -2,6 +2,7 @@
 the same for a token alone and in a verify step."""
 
 import time
+from pathlib import Path
 
 import kernel_builds
 import pytest
@@ -128,3 +129,16 @@ def test_with_torch_preferred_a_token_gets_the_same_bits_alone_and_in_a_verify_s
         monkeypatch.setenv("MIMO_CPU_MATMUL", "kernels")
         kernels_alone, _ = logits()
     assert ((alone.float() - kernels_alone.float()).abs() <= 0.05 * (1 + kernels_alone.float().abs())).all()
+
+
+def test_a_changed_kernel_build_or_torch_is_measured_again(decisions_in, monkeypatch):
+    """Decisions are kept per kernel build (its compiled file: source, compiler, flags) and torch
+    version: a rebuilt kernel does not inherit the old one's verdict."""
+    measured = decisions_in(True)
+    weight = torch.randn(1024, 1024).bfloat16()
+    key = cpu.library().choice_key
+    assert Path(cpu.library()._name).stem in key and torch.__version__ in key
+    assert cpu.torch_is_faster(weight) and len(measured) == 1
+    monkeypatch.setattr(cpu.library(), "choice_key", key.replace(Path(cpu.library()._name).stem, "cpu_linear-rebuilt"))
+    cpu.torch_is_faster(weight)
+    assert len(measured) == 2

@@ -91,17 +91,20 @@ def _address(tensor: torch.Tensor | None):
     return None if tensor is None else tensor.data_ptr()
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    rows = x.numel() // x.shape[-1]
+def _takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CPU tensors of one float32 or bfloat16 dtype, the weight contiguous, and kernels built."""
     return (
         x.device.type == "cpu"
         and weight.device.type == "cpu"
-        and rows <= MAX_ROWS
         and x.dtype == weight.dtype
         and weight.dtype in (torch.float32, torch.bfloat16)
         and weight.is_contiguous()
         and library() is not None
     )
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.numel() // x.shape[-1] <= MAX_ROWS and _takes(x, weight)
 
 
 def torch_is_faster(weight: torch.Tensor) -> bool:
@@ -169,11 +172,8 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def rows_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the row-wise kernels (rms_norm) take x and weight, however many rows: CPU, one
-    float32 or bfloat16 dtype, both contiguous."""
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
-            and weight.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous() and weight.is_contiguous()
-            and library() is not None)
+    """Whether the row-wise kernels (rms_norm) take x and weight, however many rows (x contiguous)."""
+    return x.is_contiguous() and _takes(x, weight)
 
 
 def supports_contiguous(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -892,7 +892,7 @@ static void quantize_x_mxfp4(const float *x, int64_t k, int8_t *even, int8_t *od
         const float *xb = x + b * MXFP4_BLOCK;
         float peak = 0.f;
         for (int j = 0; j < MXFP4_BLOCK; j++) { float v = fabsf(xb[j]); peak = v > peak ? v : peak; }
-        float scale = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / scale;
+        float scale = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / scale, lane_scale = round_to_half(scale) * .5f;
         int8_t *e = even + b * 16, *o = odd + b * 16;
         for (int j = 0; j < 16; j++) {
             e[j] = (int8_t)lrintf(xb[2 * j] * inverse);
@@ -901,7 +901,7 @@ static void quantize_x_mxfp4(const float *x, int64_t k, int8_t *even, int8_t *od
         for (int lane = 0; lane < MXFP4_LANES_PER_BLOCK; lane++) {
             int sum = 0;
             for (int j = 4 * lane; j < 4 * lane + 4; j++) sum += e[j] + o[j];
-            lane_scales[4 * b + lane] = round_to_half(scale) * .5f;
+            lane_scales[4 * b + lane] = lane_scale;
             lane_offsets[4 * b + lane] = -E2M1_OFFSET * sum;
         }
     }

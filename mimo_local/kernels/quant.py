@@ -123,14 +123,11 @@ def reference_mxfp4_linear(x, packed, scales, bias=None):
 
 
 def quantize_blocks_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The activations of the MXFP4 kernels (cpu_quant.c): x [..., K] in blocks of 32 inputs, each
-    as int8 codes (float32 [..., K]) round(x * (1 / scale)), scale = max|x_block| / 127 (1 for a
-    zero block), and the scale the codes are multiplied by, rounded to float16's precision
-    (float32 [..., K / 32]): llama.cpp's Q8_0 exactly."""
-    blocks = x.float().reshape(*x.shape[:-1], -1, mxfp4.BLOCK)
-    peak = blocks.abs().amax(-1)
-    scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
-    return torch.round(blocks * (1 / scale)[..., None]).reshape(x.shape), round_to_half(scale)
+    """The activations of the MXFP4 kernels (cpu_quant.c): x [..., K] as int8_group_codes in blocks of
+    32 (float32 codes [..., K]) and the scale the codes are multiplied by, rounded to float16's
+    precision (float32 [..., K / 32]): llama.cpp's Q8_0 exactly."""
+    codes, scales, _ = int8_group_codes(x.reshape(-1, x.shape[-1]), mxfp4.BLOCK)
+    return codes.view(x.shape), round_to_half(scales).view(*x.shape[:-1], -1)
 
 
 def round_to_half(values: torch.Tensor) -> torch.Tensor:
@@ -352,9 +349,10 @@ def _int4_rows(x, packed, scales, zeros, group_size: int, bias=None) -> torch.Te
     return out.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
-def gemm_x_codes(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prefill GEMM's (and the int4 decode kernel's) int8 quantization of x [M, K]: codes [M, K]
-    (round(x / scale), half to even as lrintf), scales and scale * sum(codes) [M, K / group]."""
+def int8_group_codes(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 quantization of x [M, K] that the prefill GEMM, the int4 decode kernel and (in blocks
+    of 32) the MXFP4 kernels make: codes [M, K] (round(x / scale), half to even as lrintf, scale =
+    max|x_group| / 127, 1 for a zero group), scales and scale * sum(codes) [M, K / group]."""
     rows = x.float().reshape(x.shape[0], -1, group)
     peak = rows.abs().amax(dim=-1)
     scales = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
@@ -372,7 +370,7 @@ def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def reference_gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros, group: int,
                    bias=None) -> torch.Tensor:
     """What gemm_quant_bf16 of cpu_quant.c computes, in its order of float32 operations (float32
-    [M, N]): x quantized by gemm_x_codes in groups (int8 weights: of GEMM_INT8_GROUP), each group's
+    [M, N]): x quantized by int8_group_codes in groups (int8 weights: of GEMM_INT8_GROUP), each group's
     integer sum exact, then per group acc = fma(exact, scale * x_scale, acc) and
     acc = fma(-scale * zero, x_sum, acc), where int8 weights count as codes w + 128 with zero 128."""
     if bits == 8:
@@ -384,7 +382,7 @@ def reference_gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: tor
     else:
         codes_w = unpack_int4(weight).double()
         col_scales, offsets = scales.float(), scales.float() * zeros.float()
-    codes_x, x_scales, x_sums = gemm_x_codes(x.reshape(-1, x.shape[-1]), group)
+    codes_x, x_scales, x_sums = int8_group_codes(x.reshape(-1, x.shape[-1]), group)
     out_features, groups = col_scales.shape
     exact = torch.einsum("mgj,ngj->mng", codes_x.double().view(codes_x.shape[0], groups, group),
                          codes_w.view(out_features, groups, group)).float()
