@@ -76,6 +76,19 @@ def test_an_interrupt_around_every_file_operation_resumes_byte_identical(source,
             assert snapshot(out) == reference, f"interrupted {'after' if after else 'before'} file operation {n}"
 
 
+def test_a_killed_runs_temporary_files_are_removed_on_resume(source, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        InterruptAt(patch, 6, False)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_checkpoint(source, RECIPE, out)
+    # What SIGKILL leaves mid-write: temp files named after the dead process, which no rerun would reuse.
+    (out / ".config.json.999999.tmp").write_text("{")
+    (out / "model-00001-of-00002.safetensors.tmp").write_bytes(b"\0" * 10)
+    quantize_checkpoint(source, RECIPE, out)
+    assert snapshot(out) == reference
+
+
 def start_quantize(source: Path, out: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "mimo_local.cli", "quantize", str(source), "--recipe", RECIPE, "--out", str(out),
                "--no-eval"]

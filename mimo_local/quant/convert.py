@@ -266,6 +266,9 @@ class QuantizeJob:
                     done[name] = digest
         elif out.exists() and any(not _is_temporary(path) for path in out.iterdir()):
             raise MimoError(f"--out {out} is not empty and holds no interrupted quantization")
+        if out.is_dir():  # a killed run's half-written files: their names carry the dead process's id
+            for path in [p for p in out.iterdir() if _is_temporary(p)]:
+                path.unlink()
         if manifest_path.exists() and len(done) == len(self.shard_names):
             return done
         manifest_path.unlink(missing_ok=True)
