@@ -68,6 +68,15 @@ def decode_attention(attention: nn.Module, qkv: torch.Tensor, start: int, cache)
     return out.view(batch, steps, -1)
 
 
+def route(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A MoE router's (experts [M, k], weights [M, k]) for tokens x [M, H] in one call, or None where
+    the kernel does not apply. Every CPU path routes here, so a token gets the same experts and
+    weights in prefill, decode and batched steps."""
+    if hasattr(router, "_hf_hook") or not quant_kernels.route_supports(x, router.weight):
+        return None
+    return quant_kernels.route(x, router.weight, router.e_score_correction_bias, router.spec)
+
+
 def moe(group: nn.Module, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
     """All routed experts of a layer held by one ExpertGroup (float, or packed int8/int4/MXFP4 stacks),
     for a few tokens, in one call (float32 [M, H]); None where no kernel applies."""
@@ -130,8 +139,9 @@ class LayerPlan:
     kernel, int8/int4 ones (mixed with bfloat16 ones) through quant.py's. Made once per layer and
     activation dtype: the weights' descriptions do not change between steps."""
 
-    def __init__(self, quantized: bool, weights: dict, dense: bool, sinks: torch.Tensor | None):
+    def __init__(self, quantized: bool, weights: dict, dense: bool, sinks: torch.Tensor | None, experts=None):
         self.quantized, self.weights, self.dense, self.sinks = quantized, weights, dense, sinks
+        self.experts = experts  # quant.RoutedExperts of a MoE layer, where its kernel applies
 
     @classmethod
     def make(cls, layer: nn.Module, x: torch.Tensor) -> "LayerPlan | None":
@@ -141,6 +151,7 @@ class LayerPlan:
             return None
         dense = type(mlp_module) is model_layers.MLP
         sinks = None if attention.sinks is None else attention.sinks.float()  # the kernels take float32 sinks
+        experts = None if dense else routed_experts(mlp_module, x)
         projections = [attention.qkv_proj, attention.o_proj]
         if dense:
             projections += [mlp_module.gate_up_proj, mlp_module.down_proj]
@@ -149,14 +160,14 @@ class LayerPlan:
                            o_weight=attention.o_proj.weight)
             if dense:
                 weights.update(gate_up=mlp_module.gate_up_proj.weight, down=mlp_module.down_proj.weight)
-            return cls(False, weights, dense, sinks)
+            return cls(False, weights, dense, sinks, experts)
         described = [projection_operand(m) for m in projections]
         if None in described or not quant_kernels.decoder_layer_supports(x, described):
             return None
         weights = dict(qkv=described[0], o=described[1])
         if dense:
             weights.update(gate_up=described[2], down=described[3], inter=mlp_module.intermediate_size)
-        return cls(True, weights, dense, sinks)
+        return cls(True, weights, dense, sinks, experts)
 
     def run(self, layer: nn.Module, x: torch.Tensor, start: int, cache) -> torch.Tensor | None:
         """The layer's output, or None where the kernel declined (nothing was changed then)."""
@@ -169,4 +180,21 @@ class LayerPlan:
         if result is None:
             return None
         out, normed = result
-        return out if self.dense else out + layer.mlp(normed)
+        if self.dense:
+            return out
+        if self.experts is not None and layer.mlp.selection_counts is None and self.experts.add_to(out, normed):
+            return out
+        return out + layer.mlp(normed)
+
+
+def routed_experts(moe: nn.Module, x: torch.Tensor) -> "quant_kernels.RoutedExperts | None":
+    """The one-call routing and experts of a MoE layer whose experts are packed int8/int4/MXFP4 stacks
+    in one group on the CPU, for bfloat16 decode steps; None where that kernel does not apply."""
+    if type(moe) is not model_layers.MoE or len(moe.groups) != 1 or x.dtype != torch.bfloat16:
+        return None
+    router, group = moe.gate, moe.groups[0]
+    quantized = fused_expert_operands(group.gate_up_proj, group.down_proj)
+    if (not quantized or hasattr(router, "_hf_hook") or not quant_kernels.route_supports(x, router.weight)
+            or not quant_kernels.moe_supports(x, quantized[2][0], quantized[3][0])):
+        return None
+    return quant_kernels.RoutedExperts(router.weight, router.e_score_correction_bias, moe.spec, *quantized)

@@ -17,6 +17,7 @@
 #else /* a compiler without OpenMP (Apple's clang): the same kernels, on one thread */
 static inline int omp_get_num_threads(void) { return 1; }
 static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_max_threads(void) { return 1; }
 #endif
 
 /* The paths this build takes, from the target the compiler was given. The `generic` build

@@ -1297,3 +1297,111 @@ int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, cons
     free(scratch);
     return 1;
 }
+
+/* ---------------------------------------------------------------- MoE routing
+ * The sigmoid router of a MiMo-V2 MoE layer for m tokens x float32 [m, H] (weight float32 [E, H],
+ * correction bias [E] or NULL): score = sigmoid(x . w_e), experts chosen on score + bias (with
+ * n_group > 1 only within the topk_group groups whose two best such values sum highest), each
+ * weighted by its score (divided by the chosen scores' sum + 1e-20 with `norm`) times `scaling`.
+ * chosen [m, top_k]: experts in descending order of choice (ties: the lower index); chosen_weights
+ * [m, top_k]. The logits are linear_f32's dot products (the same bits as the kernel's linear). */
+static int better(const float *value, int a, int b) { /* whether expert a ranks before expert b */
+    return value[a] > value[b] || (value[a] == value[b] && a < b);
+}
+
+static void route_token(const float *x, const float *weight, const float *bias, int64_t hidden, int experts,
+                        int top_k, int n_group, int topk_group, int norm, float scaling, int64_t *chosen,
+                        float *chosen_weights) {
+    float score[experts], choice[experts];
+    for (int e = 0; e < experts; e++) {
+        score[e] = 1.f / (1.f + expf(-dot_f32(weight + e * hidden, x, hidden)));
+        choice[e] = score[e] + (bias ? bias[e] : 0.f);
+    }
+    if (n_group > 1) {
+        const int size = experts / n_group;
+        float group_score[n_group];
+        for (int g = 0; g < n_group; g++) {
+            int first = g * size, second = -1;
+            for (int e = g * size + 1; e < (g + 1) * size; e++) {
+                if (better(choice, e, first)) { second = first; first = e; }
+                else if (second < 0 || better(choice, e, second)) second = e;
+            }
+            group_score[g] = choice[first] + (second < 0 ? 0.f : choice[second]);
+        }
+        unsigned char kept[n_group];
+        memset(kept, 0, sizeof kept);
+        for (int i = 0; i < topk_group && i < n_group; i++) {
+            int best = -1;
+            for (int g = 0; g < n_group; g++)
+                if (!kept[g] && (best < 0 || better(group_score, g, best))) best = g;
+            kept[best] = 1;
+        }
+        for (int e = 0; e < experts; e++)
+            if (!kept[e / size]) choice[e] = -INFINITY;
+    }
+    unsigned char taken[experts];
+    memset(taken, 0, sizeof taken);
+    float total = 0.f;
+    for (int i = 0; i < top_k; i++) {
+        int best = -1;
+        for (int e = 0; e < experts; e++)
+            if (!taken[e] && (best < 0 || better(choice, e, best))) best = e;
+        taken[best] = 1;
+        chosen[i] = best;
+        chosen_weights[i] = score[best];
+        total += score[best];
+    }
+    for (int i = 0; i < top_k; i++) {
+        if (norm) chosen_weights[i] = chosen_weights[i] / (total + 1e-20f);
+        chosen_weights[i] *= scaling;
+    }
+}
+
+void moe_route(const float *x, const float *weight, const float *bias, int m, int64_t hidden, int experts,
+               int top_k, int n_group, int topk_group, int norm, float scaling, int64_t *chosen,
+               float *chosen_weights) {
+#pragma omp parallel for schedule(static) if (m > 4)
+    for (int t = 0; t < m; t++)
+        route_token(x + t * hidden, weight, bias, hidden, experts, top_k, n_group, topk_group, norm, scaling,
+                    chosen + (int64_t)t * top_k, chosen_weights + (int64_t)t * top_k);
+}
+
+/* A decode or verify step's routed experts on quantized stacks, routing included, added to the
+ * layer's output: h [m, H] bfloat16 += bfloat16(sum over the chosen experts of w * expert(normed)),
+ * rounded as the step-by-step path rounds (the MoE's output to bfloat16, then the sum). normed: the
+ * bfloat16 input of the MoE [m, H]. The assignments are ordered by expert, then by token (MoE's
+ * grouped order), so the sums are moe_quant's for the same routing. Returns 0 (having done nothing)
+ * if its buffers cannot be allocated. */
+int moe_quant_routed(int format, uint16_t *h, const uint16_t *normed, int m, const float *router,
+                     const float *router_bias, int experts, int top_k, int n_group, int topk_group, int norm,
+                     float scaling, const void *gate_up, const void *gate_up_scales, const float *gate_up_zeros,
+                     const void *down, const void *down_scales, const float *down_zeros, int64_t hidden,
+                     int64_t inter, int64_t group) {
+    const int threads = omp_get_max_threads(), assignments = m * top_k;
+    const size_t floats = (size_t)m * hidden * (2 + threads) + (size_t)threads * (3 * hidden + 5 * inter) +
+                          2 * (size_t)assignments;
+    float *x = malloc(sizeof(float) * floats);
+    int64_t *ids = malloc(sizeof(int64_t) * 4 * (size_t)assignments);
+    if (!x || !ids) { free(x); free(ids); return 0; }
+    float *out = x + (int64_t)m * hidden, *partial = out + (int64_t)m * hidden;
+    float *scratch = partial + (int64_t)threads * m * hidden, *chosen_weights = scratch + (int64_t)threads * (3 * hidden + 5 * inter);
+    float *pair_weights = chosen_weights + assignments;
+    int64_t *chosen = ids, *pair_experts = ids + assignments, *pair_tokens = ids + 2 * assignments;
+    for (int64_t j = 0; j < (int64_t)m * hidden; j++) x[j] = bf16_to_f32(normed[j]);
+    moe_route(x, router, router_bias, m, hidden, experts, top_k, n_group, topk_group, norm, scaling, chosen,
+              chosen_weights);
+    int count = 0; /* ordered by expert, each expert's assignments in token order (a stable sort) */
+    for (int e = 0; e < experts; e++)
+        for (int a = 0; a < assignments; a++)
+            if (chosen[a] == e) {
+                pair_experts[count] = e;
+                pair_tokens[count] = a / top_k;
+                pair_weights[count++] = chosen_weights[a];
+            }
+    moe_quant(format, x, gate_up, gate_up_scales, gate_up_zeros, down, down_scales, down_zeros, pair_experts,
+              pair_tokens, pair_weights, assignments, m, out, partial, scratch, hidden, inter, group);
+    for (int64_t j = 0; j < (int64_t)m * hidden; j++) store_bf16(h, 1, j, out[j]);
+    free(x);
+    free(ids);
+    return 1;
+}

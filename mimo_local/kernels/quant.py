@@ -171,6 +171,9 @@ DECLARATIONS: dict[str, signatures.Declaration] = {
     "linear_int8_bf16": ([_POINTER] * 5 + [_INT, _I64, _I64, _INT], _INT),
     "gemm_quant_bf16": ([_POINTER, _INT] + [_POINTER] * 6 + [_INT, _I64, _I64, _I64], _INT),
     "moe_quant": ([_INT] + [_POINTER] * 10 + [_INT, _INT] + [_POINTER] * 3 + [_I64, _I64, _I64], None),
+    "moe_route": ([_POINTER] * 3 + [_INT, _I64, _INT, _INT, _INT, _INT, _INT, ctypes.c_float] + [_POINTER] * 2, None),
+    "moe_quant_routed": ([_INT, _POINTER, _POINTER, _INT, _POINTER, _POINTER] + [_INT] * 5 + [ctypes.c_float]
+                         + [_POINTER] * 6 + [_I64] * 3, _INT),
     "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
                                  + [_I64] + [_POINTER] * 8, _INT),
 }
@@ -504,6 +507,57 @@ def moe_pairs(
         hidden, inter, group_size,
     )
     return out
+
+
+def route_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.is_contiguous() and library() is not None)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigmoid router of a MoE layer (config.MoESpec `spec`) for tokens x [M, H]: (experts
+    int64 [M, k], weights float32 [M, k]), as Router's torch ops compute them. Callers check
+    `route_supports` first."""
+    tokens = x.float().contiguous()
+    experts = torch.empty(tokens.shape[0], spec.experts_per_token, dtype=torch.int64)
+    weights = torch.empty(tokens.shape[0], spec.experts_per_token, dtype=torch.float32)
+    library().moe_route(tokens.data_ptr(), weight.data_ptr(), None if bias is None else _float32(bias).data_ptr(),
+                        tokens.shape[0], tokens.shape[1], spec.num_experts, spec.experts_per_token, spec.n_group,
+                        spec.topk_group, int(spec.norm_topk_prob), spec.routed_scaling_factor, experts.data_ptr(),
+                        weights.data_ptr())
+    return experts, weights
+
+
+class RoutedExperts:
+    """A MoE layer's routing and quantized routed experts for a decode or verify step in one call,
+    added to the layer's bfloat16 output in place (moe_quant_routed): the same bits as `route` then
+    `moe_pairs` in MoE's order, rounded to bfloat16 and added. The operands are gathered once."""
+
+    def __init__(self, router_weight, router_bias, spec, kind: str, group_size: int, gate_up: tuple, down: tuple):
+        self.spec, self.format, self.group_size = spec, MOE_FORMATS[kind], group_size
+        self.inter = down[0].shape[2] * (1 if kind == "int8" else 2)
+        bias = None if router_bias is None else _float32(router_bias)
+        if kind == "mxfp4":  # E8M0 bytes as they are
+            scales = gate_up[1].contiguous(), down[1].contiguous()
+        else:
+            scales = _float32(gate_up[1]), _float32(down[1])
+        zeros = (_float32(gate_up[2]), _float32(down[2])) if kind == "int4" else (None, None)
+        self._tensors = (router_weight, bias, gate_up[0], down[0], *scales, *zeros)  # kept alive
+        address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self._operands = (address(router_weight), address(bias))
+        self._stacks = (gate_up[0].data_ptr(), scales[0].data_ptr(), address(zeros[0]), down[0].data_ptr(),
+                        scales[1].data_ptr(), address(zeros[1]))
+
+    def add_to(self, h: torch.Tensor, normed: torch.Tensor) -> bool:
+        """h [.., M, H] bfloat16 += the experts' output for normed (both contiguous); False where the
+        kernel could not allocate its buffers (h unchanged)."""
+        spec, hidden = self.spec, h.shape[-1]
+        if h.numel() // hidden > INT8_MAX_ROWS:  # MoE's other path for these (other sums)
+            return False
+        return bool(library().moe_quant_routed(
+            self.format, h.data_ptr(), normed.data_ptr(), h.numel() // hidden, *self._operands, spec.num_experts,
+            spec.experts_per_token, spec.n_group, spec.topk_group, int(spec.norm_topk_prob),
+            spec.routed_scaling_factor, *self._stacks, hidden, self.inter, self.group_size))
 
 
 def reference_moe_pairs(x, kind, group_size, gate_up, down, pair_experts, pair_tokens, pair_weights,

@@ -193,6 +193,9 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor):
+        routed = ops.route(self, x)
+        if routed is not None:
+            return routed
         spec = self.spec
         scores = ops.linear(x.float(), self.weight).sigmoid()
         choice = scores + self.e_score_correction_bias
