@@ -1151,6 +1151,25 @@ ALWAYS_INLINE float quant_row(int format, QuantStack s, int64_t expert, int64_t 
     return sum;
 }
 
+/* Software prefetch of the expert rows about to be read: each expert's rows are a short stream
+ * (a V2-shape MXFP4 expert: 384 KB), too short for the hardware prefetcher to ramp up on; measured
+ * 1.1x on the V2-shape MXFP4 experts of 12 layers (out of cache), 1 thread. */
+#define PREFETCH_BYTES 2048
+
+static inline int64_t row_bytes(int format, int64_t k) { return format == FORMAT_INT8 ? k : k / 2; }
+
+static inline int64_t rows_ahead(int format, int64_t k) { return PREFETCH_BYTES / row_bytes(format, k); }
+
+/* The packed bytes of rows [first, first + count) of an expert's stack (clipped to the stack) */
+static inline void prefetch_rows(int format, QuantStack s, int64_t expert, int64_t rows, int64_t first,
+                                 int64_t count, int64_t k) {
+    if (first >= rows) return;
+    if (first + count > rows) count = rows - first;
+    const int64_t bytes = row_bytes(format, k);
+    const char *start = (const char *)s.weights + (expert * rows + first) * bytes;
+    for (int64_t at = 0; at < count * bytes; at += 64) __builtin_prefetch(start + at, 0, 3);
+}
+
 void moe_quant(int format, const float *x, const void *gate_up, const void *gate_up_scales,
                const float *gate_up_zeros, const void *down, const void *down_scales, const float *down_zeros,
                const int64_t *experts, const int64_t *tokens, const float *weights, int assignments, int m,
@@ -1176,19 +1195,26 @@ void moe_quant(int format, const float *x, const void *gate_up, const void *gate
         for (int64_t j = 0; j < (int64_t)m * hidden; j++) mine[j] = 0.f;
         int first = (int)((int64_t)assignments * id / threads);
         int last = (int)((int64_t)assignments * (id + 1) / threads);
+        if (first < last) prefetch_rows(format, gu, experts[first], 2 * inter, 0, rows_ahead(format, hidden), hidden);
         for (int a = first; a < last; a++) {
             if (a == first || tokens[a] != tokens[a - 1])
                 prepare_input(&x_in, x + tokens[a] * hidden, format, hidden, group);
-            for (int64_t r = 0; r < 2 * inter; r++)
+            for (int64_t r = 0; r < 2 * inter; r++) {
+                prefetch_rows(format, gu, experts[a], 2 * inter, r + rows_ahead(format, hidden), 1, hidden);
                 gate_up_out[r] = quant_row(format, gu, experts[a], 2 * inter, r, &x_in, hidden, group);
+            }
+            prefetch_rows(format, dn, experts[a], hidden, 0, rows_ahead(format, inter), inter);
             for (int64_t i = 0; i < inter; i++) {
                 float g = gate_up_out[i];
                 act[i] = g / (1.f + expf(-g)) * gate_up_out[inter + i];
             }
             prepare_input(&act_in, act, format, inter, group);
             float *ot = mine + tokens[a] * hidden;
-            for (int64_t r = 0; r < hidden; r++)
+            for (int64_t r = 0; r < hidden; r++) {
+                prefetch_rows(format, dn, experts[a], hidden, r + rows_ahead(format, inter), 1, inter);
                 ot[r] += weights[a] * quant_row(format, dn, experts[a], hidden, r, &act_in, inter, group);
+            }
+            if (a + 1 < last) prefetch_rows(format, gu, experts[a + 1], 2 * inter, 0, rows_ahead(format, hidden), hidden);
         }
 #pragma omp barrier
 #pragma omp for
