@@ -362,13 +362,24 @@ typedef struct {
     float *q_scratch, *score_scratch;
 } attention_args;
 
+static inline void prefetch_span(const void *p, int64_t bytes) {
+    for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char *)p + at, 0, 3);
+}
+/* Short weight rows (hidden 1024: 2 KB of bfloat16) are prefetched two rows ahead: measured 1.07-1.21x
+ * on a 152576x1024 lm_head, 1 thread. Long rows (MiMo-7B: 8-22 KB) measured 0.8x with it: the
+ * hardware prefetcher follows them. */
+#define LINEAR_PREFETCH_ROWS 2
+#define LINEAR_PREFETCH_MAX_ROW_BYTES 4096
 #define LINEAR_ROW_BLOCK 16 /* rows of x whose dot products with a weight row are made together */
 #define DECODE_KERNELS(SUFFIX, T, DOT, HEAD_DOT, HEAD_AXPY, TO_F32, FROM_F32)                             \
     static void linear_rows_##SUFFIX(const T *x, const T *w, const T *bias, float *y_f32, T *y, int add_to_y, \
                                      int m, int64_t n, int64_t k) {                                        \
+        const int short_rows = k * (int64_t)sizeof(T) <= LINEAR_PREFETCH_MAX_ROW_BYTES;                   \
         _Pragma("omp for schedule(guided, 32)")                                                          \
         for (int64_t row = 0; row < n; row++) {                                                           \
             const T *wr = w + row * k;                                                                    \
+            if (short_rows && row + LINEAR_PREFETCH_ROWS < n)                                              \
+                prefetch_span(wr + LINEAR_PREFETCH_ROWS * k, k * sizeof(T));                              \
             float b = bias ? TO_F32(bias[row]) : 0.f;                                                     \
             float sums[LINEAR_ROW_BLOCK];                                                                 \
             for (int i = 0; i < m; i++) {                                                                 \
