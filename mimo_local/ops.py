@@ -188,13 +188,21 @@ class LayerPlan:
 
 
 def routed_experts(moe: nn.Module, x: torch.Tensor) -> "quant_kernels.RoutedExperts | None":
-    """The one-call routing and experts of a MoE layer whose experts are packed int8/int4/MXFP4 stacks
-    in one group on the CPU, for bfloat16 decode steps; None where that kernel does not apply."""
+    """The one-call routing and experts of a MoE layer whose experts are one group of bfloat16 or
+    packed int8/int4/MXFP4 stacks on the CPU, for bfloat16 decode steps; None where that kernel does
+    not apply."""
     if type(moe) is not model_layers.MoE or len(moe.groups) != 1 or x.dtype != torch.bfloat16:
         return None
     router, group = moe.gate, moe.groups[0]
-    quantized = fused_expert_operands(group.gate_up_proj, group.down_proj)
-    if (not quantized or hasattr(router, "_hf_hook") or not quant_kernels.route_supports(x, router.weight)
-            or not quant_kernels.moe_supports(x, quantized[2][0], quantized[3][0])):
+    if hasattr(router, "_hf_hook") or hasattr(group, "_hf_hook") or not quant_kernels.route_supports(x, router.weight):
+        return None
+    gate_up, down = group.gate_up_proj, group.down_proj
+    if isinstance(gate_up, torch.Tensor):
+        if gate_up.is_contiguous() and down.is_contiguous() and cpu_kernels.moe_supports(x, gate_up):
+            return quant_kernels.RoutedExperts(router.weight, router.e_score_correction_bias, moe.spec, "bf16", 0,
+                                               (gate_up,), (down,))
+        return None
+    quantized = fused_expert_operands(gate_up, down)
+    if not quantized or not quant_kernels.moe_supports(x, quantized[2][0], quantized[3][0]):
         return None
     return quant_kernels.RoutedExperts(router.weight, router.e_score_correction_bias, moe.spec, *quantized)

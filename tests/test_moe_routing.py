@@ -9,7 +9,7 @@ import torch
 
 from mimo_local import ops
 from mimo_local.config import MoESpec
-from mimo_local.kernels import quant
+from mimo_local.kernels import cpu, quant
 from mimo_local.models.layers import MoE, Router
 from mimo_local.quant import mxfp4
 
@@ -61,6 +61,8 @@ def test_grouped_routing_keeps_to_the_best_groups():
 
 def stacks(kind: str, experts: int, hidden: int, inter: int, generator):
     def stack(out_features, in_features):
+        if kind == "bf16":
+            return (torch.randn(experts, out_features, in_features, generator=generator).bfloat16() / 8,)
         if kind == "mxfp4":
             packed = torch.randint(0, 256, (experts, out_features, in_features // 2), generator=generator,
                                    dtype=torch.uint8)
@@ -78,12 +80,12 @@ def stacks(kind: str, experts: int, hidden: int, inter: int, generator):
     return stack(2 * inter, hidden), stack(hidden, inter)
 
 
-@pytest.mark.parametrize("kind", ["mxfp4", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["bf16", "mxfp4", "int8", "int4"])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_routed_experts_add_route_then_moe_pairs_rounded_to_bfloat16(kind, tokens):
     generator = torch.Generator().manual_seed(tokens)
     spec = dataclasses.replace(SPECS["v2-flash"], intermediate_size=256)
-    hidden, group = 256, {"mxfp4": mxfp4.BLOCK, "int8": 0, "int4": 128}[kind]
+    hidden, group = 256, {"bf16": 0, "mxfp4": mxfp4.BLOCK, "int8": 0, "int4": 128}[kind]
     module = router(spec, hidden, generator)
     gate_up, down = stacks(kind, spec.num_experts, hidden, spec.intermediate_size, generator)
     h = torch.randn(1, tokens, hidden, generator=generator).bfloat16()
@@ -92,8 +94,11 @@ def test_routed_experts_add_route_then_moe_pairs_rounded_to_bfloat16(kind, token
     experts, weights = quant.route(normed[0], module.weight, module.e_score_correction_bias, spec)
     flat = experts.reshape(-1)
     order = flat.argsort(stable=True)
-    moe_out = quant.moe_pairs(normed[0], kind, group, gate_up, down, flat[order], order // spec.experts_per_token,
-                              weights.reshape(-1)[order])
+    pairs = flat[order], order // spec.experts_per_token, weights.reshape(-1)[order]
+    if kind == "bf16":
+        moe_out = cpu.moe_pairs(normed[0], gate_up[0], down[0], *pairs)
+    else:
+        moe_out = quant.moe_pairs(normed[0], kind, group, gate_up, down, *pairs)
     expected = h + moe_out.to(torch.bfloat16)
 
     routed = quant.RoutedExperts(module.weight, module.e_score_correction_bias, spec, kind, group, gate_up, down)
@@ -103,18 +108,20 @@ def test_routed_experts_add_route_then_moe_pairs_rounded_to_bfloat16(kind, token
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("preset", ["mimo_v2.6", "mimo_v2_flash"])
 def test_bfloat16_decode_steps_take_the_routed_experts_call_with_the_step_by_step_bits(tmp_path, monkeypatch,
-                                                                                     decode_logits, threads):
-    """The tiny MiMo-V2.6 (MXFP4 experts) in bfloat16: every MoE layer of every decode and verify step
-    is one RoutedExperts call, and the logits equal those of the router and experts run as MoE runs
-    them (route, moe_pairs, then the bfloat16 add)."""
+                                                                                     decode_logits, threads, preset):
+    """Tiny MiMo-V2.6 (MXFP4 experts) and V2-Flash (FP8 experts, bfloat16 once loaded) in bfloat16:
+    every MoE layer of every decode and verify step is one RoutedExperts call, and the logits equal
+    those of the router and experts run as MoE runs them (route, the experts' kernel, then the
+    bfloat16 add)."""
     from mimo_local.dev.tiny import make_checkpoint
     from mimo_local.loader import load_model
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model = load_model(make_checkpoint(tmp_path / "v26", "mimo_v2.6"), torch.bfloat16)
+        model = load_model(make_checkpoint(tmp_path / preset, preset), torch.bfloat16)
         moe_layers = sum(isinstance(layer.mlp, MoE) for layer in model.layers)
         assert moe_layers
         calls = []

@@ -1078,7 +1078,7 @@ int linear_mxfp4(const float *x, const uint8_t *w, const uint8_t *scales, const 
  * only, group by int4 only. x is float32 [M, H]; out float32 [M, H].
  * Threads split the assignments (each streams whole experts) into their own partial output.
  * scratch per thread: 3H + 5I floats. partial: threads * M * H floats. */
-enum { FORMAT_MXFP4 = 1, FORMAT_INT4 = 4, FORMAT_INT8 = 8 };
+enum { FORMAT_MXFP4 = 1, FORMAT_INT4 = 4, FORMAT_INT8 = 8, FORMAT_BF16 = 16 };
 
 typedef struct {
     const void *weights; /* int8_t or uint8_t (packed) */
@@ -1392,17 +1392,19 @@ void moe_route(const float *x, const float *weight, const float *bias, int m, in
                     chosen + (int64_t)t * top_k, chosen_weights + (int64_t)t * top_k);
 }
 
-/* A decode or verify step's routed experts on quantized stacks, routing included, added to the
- * layer's output: h [m, H] bfloat16 += bfloat16(sum over the chosen experts of w * expert(normed)),
- * rounded as the step-by-step path rounds (the MoE's output to bfloat16, then the sum). normed: the
- * bfloat16 input of the MoE [m, H]. The assignments are ordered by expert, then by token (MoE's
- * grouped order), so the sums are moe_quant's for the same routing. Returns 0 (having done nothing)
- * if its buffers cannot be allocated. */
-int moe_quant_routed(int format, uint16_t *h, const uint16_t *normed, int m, const float *router,
-                     const float *router_bias, int experts, int top_k, int n_group, int topk_group, int norm,
-                     float scaling, const void *gate_up, const void *gate_up_scales, const float *gate_up_zeros,
-                     const void *down, const void *down_scales, const float *down_zeros, int64_t hidden,
-                     int64_t inter, int64_t group) {
+/* A decode or verify step's routed experts, routing included, added to the layer's output:
+ * h [m, H] bfloat16 += bfloat16(sum over the chosen experts of w * expert(normed)), rounded as the
+ * step-by-step path rounds (the MoE's output to bfloat16, then the sum). normed: the bfloat16 input
+ * of the MoE [m, H]. The stacks: quantized ones as moe_quant takes them, or with FORMAT_BF16
+ * bfloat16 gate_up [E, 2I, H] and down [E, H, I] (moe_bf16; scales and zeros unused). The
+ * assignments are ordered by expert, then by token (MoE's grouped order), so the sums are those of
+ * moe_quant / moe_bf16 for the same routing. Returns 0 (having done nothing) if its buffers cannot
+ * be allocated. */
+int moe_routed(int format, uint16_t *h, const uint16_t *normed, int m, const float *router,
+               const float *router_bias, int experts, int top_k, int n_group, int topk_group, int norm,
+               float scaling, const void *gate_up, const void *gate_up_scales, const float *gate_up_zeros,
+               const void *down, const void *down_scales, const float *down_zeros, int64_t hidden,
+               int64_t inter, int64_t group) {
     const int threads = omp_get_max_threads(), assignments = m * top_k;
     const size_t floats = (size_t)m * hidden * (2 + threads) + (size_t)threads * (3 * hidden + 5 * inter) +
                           2 * (size_t)assignments;
@@ -1424,8 +1426,12 @@ int moe_quant_routed(int format, uint16_t *h, const uint16_t *normed, int m, con
                 pair_tokens[count] = a / top_k;
                 pair_weights[count++] = chosen_weights[a];
             }
-    moe_quant(format, x, gate_up, gate_up_scales, gate_up_zeros, down, down_scales, down_zeros, pair_experts,
-              pair_tokens, pair_weights, assignments, m, out, partial, scratch, hidden, inter, group);
+    if (format == FORMAT_BF16)
+        moe_bf16(normed, gate_up, down, pair_experts, pair_tokens, pair_weights, assignments, m, out, partial, scratch,
+                 hidden, inter);
+    else
+        moe_quant(format, x, gate_up, gate_up_scales, gate_up_zeros, down, down_scales, down_zeros, pair_experts,
+                  pair_tokens, pair_weights, assignments, m, out, partial, scratch, hidden, inter, group);
     for (int64_t j = 0; j < (int64_t)m * hidden; j++) store_bf16(h, 1, j, out[j]);
     free(x);
     free(ids);

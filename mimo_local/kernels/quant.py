@@ -47,6 +47,7 @@ GEMM_INT8_GROUP = 128  # inputs per x scale of the prefill GEMM on int8 weights 
 GEMM_MIN_ROWS = 17
 # moe_quant's `format` argument per stack kind (cpu_quant.c)
 MOE_FORMATS = {"mxfp4": 1, "int4": 4, "int8": 8}
+ROUTED_FORMATS = {**MOE_FORMATS, "bf16": 16}  # moe_routed's: bfloat16 stacks too
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -172,8 +173,8 @@ DECLARATIONS: dict[str, signatures.Declaration] = {
     "gemm_quant_bf16": ([_POINTER, _INT] + [_POINTER] * 6 + [_INT, _I64, _I64, _I64], _INT),
     "moe_quant": ([_INT] + [_POINTER] * 10 + [_INT, _INT] + [_POINTER] * 3 + [_I64, _I64, _I64], None),
     "moe_route": ([_POINTER] * 3 + [_INT, _I64, _INT, _INT, _INT, _INT, _INT, ctypes.c_float] + [_POINTER] * 2, None),
-    "moe_quant_routed": ([_INT, _POINTER, _POINTER, _INT, _POINTER, _POINTER] + [_INT] * 5 + [ctypes.c_float]
-                         + [_POINTER] * 6 + [_I64] * 3, _INT),
+    "moe_routed": ([_INT, _POINTER, _POINTER, _INT, _POINTER, _POINTER] + [_INT] * 5 + [ctypes.c_float]
+                   + [_POINTER] * 6 + [_I64] * 3, _INT),
     "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
                                  + [_I64] + [_POINTER] * 8, _INT),
 }
@@ -529,24 +530,27 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec
 
 
 class RoutedExperts:
-    """A MoE layer's routing and quantized routed experts for a decode or verify step in one call,
-    added to the layer's bfloat16 output in place (moe_quant_routed): the same bits as `route` then
-    `moe_pairs` in MoE's order, rounded to bfloat16 and added. The operands are gathered once."""
+    """A MoE layer's routing and routed experts (bfloat16 stacks, or packed int8/int4/MXFP4 ones) for
+    a bfloat16 decode or verify step in one call, added to the layer's output in place (moe_routed):
+    the same bits as `route` then the experts' kernel in MoE's order (cpu.moe_pairs or moe_pairs),
+    rounded to bfloat16 and added. The operands are gathered once."""
 
     def __init__(self, router_weight, router_bias, spec, kind: str, group_size: int, gate_up: tuple, down: tuple):
-        self.spec, self.format, self.group_size = spec, MOE_FORMATS[kind], group_size
-        self.inter = down[0].shape[2] * (1 if kind == "int8" else 2)
+        self.spec, self.format, self.group_size = spec, ROUTED_FORMATS[kind], group_size
+        self.inter = down[0].shape[2] * (2 if kind in ("int4", "mxfp4") else 1)
         bias = None if router_bias is None else _float32(router_bias)
-        if kind == "mxfp4":  # E8M0 bytes as they are
-            scales = gate_up[1].contiguous(), down[1].contiguous()
+        if kind == "bf16":
+            scales = zeros = (None, None)
+        elif kind == "mxfp4":  # E8M0 bytes as they are
+            scales, zeros = (gate_up[1].contiguous(), down[1].contiguous()), (None, None)
         else:
             scales = _float32(gate_up[1]), _float32(down[1])
-        zeros = (_float32(gate_up[2]), _float32(down[2])) if kind == "int4" else (None, None)
+            zeros = (_float32(gate_up[2]), _float32(down[2])) if kind == "int4" else (None, None)
         self._tensors = (router_weight, bias, gate_up[0], down[0], *scales, *zeros)  # kept alive
         address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         self._operands = (address(router_weight), address(bias))
-        self._stacks = (gate_up[0].data_ptr(), scales[0].data_ptr(), address(zeros[0]), down[0].data_ptr(),
-                        scales[1].data_ptr(), address(zeros[1]))
+        self._stacks = (gate_up[0].data_ptr(), address(scales[0]), address(zeros[0]), down[0].data_ptr(),
+                        address(scales[1]), address(zeros[1]))
 
     def add_to(self, h: torch.Tensor, normed: torch.Tensor) -> bool:
         """h [.., M, H] bfloat16 += the experts' output for normed (both contiguous); False where the
@@ -554,7 +558,7 @@ class RoutedExperts:
         spec, hidden = self.spec, h.shape[-1]
         if h.numel() // hidden > INT8_MAX_ROWS:  # MoE's other path for these (other sums)
             return False
-        return bool(library().moe_quant_routed(
+        return bool(library().moe_routed(
             self.format, h.data_ptr(), normed.data_ptr(), h.numel() // hidden, *self._operands, spec.num_experts,
             spec.experts_per_token, spec.n_group, spec.topk_group, int(spec.norm_topk_prob),
             spec.routed_scaling_factor, *self._stacks, hidden, self.inter, self.group_size))
