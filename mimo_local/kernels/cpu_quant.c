@@ -1266,15 +1266,20 @@ static void projection_rows(const Projection *p, const uint16_t *x, uint16_t *y,
     }
 }
 
-int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, const uint16_t *norm1,
-                             const Projection *qkv_p, int64_t qkv_out, const Projection *o_p, const uint16_t *norm2,
-                             const Projection *gate_up_p, const Projection *down_p, int64_t inter, uint16_t *keys,
-                             uint16_t *values, const attention_args *a, uint16_t *normed, uint16_t *qkv,
-                             uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
-    int64_t attn_width = (int64_t)a->heads * a->v_dim;
+/* The M rows are those of `sequences` sequences, rows[b] each, with caches and attention arguments
+ * as attention_all_bf16 takes them (a batch step); decoder_layer_quant_bf16 is one sequence's. */
+int decoder_layer_quant_batch_bf16(uint16_t *x, int sequences, const int *rows, int64_t hidden, float eps,
+                                   const uint16_t *norm1, const Projection *qkv_p, int64_t qkv_out,
+                                   const Projection *o_p, const uint16_t *norm2, const Projection *gate_up_p,
+                                   const Projection *down_p, int64_t inter, uint16_t *const *keys,
+                                   uint16_t *const *values, const attention_args *args, uint16_t *normed,
+                                   uint16_t *qkv, uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
+    int64_t attn_width = (int64_t)args[0].heads * args[0].v_dim;
     if (!projection_supported(qkv_p, hidden) || !projection_supported(o_p, attn_width) ||
         (gate_up_p && (!projection_supported(gate_up_p, hidden) || !projection_supported(down_p, inter))))
         return 0;
+    int m = 0;
+    for (int b = 0; b < sequences; b++) m += rows[b];
     int64_t widest = hidden > attn_width ? hidden : attn_width;
     widest = widest > inter ? widest : inter;
     void *scratch = malloc((size_t)m * widest * 2 + sizeof(float) * 4 * ((size_t)m * widest / 64 + m));
@@ -1283,9 +1288,7 @@ int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, cons
     {
         rmsnorm_rows_bf16(x, norm1, normed, m, hidden, eps);
         projection_rows(qkv_p, normed, qkv, 0, m, qkv_out, hidden, scratch);
-#pragma omp single
-        attention_store_bf16(qkv, m, keys, values, a);
-        attention_heads_bf16(m, keys, values, attn, a);
+        attention_all_bf16(qkv, sequences, rows, keys, values, attn, args);
         projection_rows(o_p, attn, x, 1, m, hidden, attn_width, scratch);
         rmsnorm_rows_bf16(x, norm2, normed, m, hidden, eps);
         if (gate_up_p) {
@@ -1296,4 +1299,13 @@ int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, cons
     }
     free(scratch);
     return 1;
+}
+
+int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, const uint16_t *norm1,
+                             const Projection *qkv_p, int64_t qkv_out, const Projection *o_p, const uint16_t *norm2,
+                             const Projection *gate_up_p, const Projection *down_p, int64_t inter, uint16_t *keys,
+                             uint16_t *values, const attention_args *a, uint16_t *normed, uint16_t *qkv,
+                             uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
+    return decoder_layer_quant_batch_bf16(x, 1, &m, hidden, eps, norm1, qkv_p, qkv_out, o_p, norm2, gate_up_p,
+                                          down_p, inter, &keys, &values, a, normed, qkv, attn, gate_up_out, act);
 }
