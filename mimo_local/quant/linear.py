@@ -72,10 +72,6 @@ class QuantLinear(nn.Module):
         return self.scales.device if self.kind != "nf4" else self.absmax.device
 
     def forward(self, x: torch.Tensor, float32_out: bool = False) -> torch.Tensor:
-        if float32_out and self.kind == "int8" and self.experts is None:
-            # logits straight from the kernel in float32: no rounding to x's dtype, and no second
-            # pass converting a [rows, vocabulary] tensor (a batch step's largest allocation)
-            return quant_kernels.int8_linear(x, self.qweight, self.scales, self.bias, float32_out=True)
         out = self.linear(x, None)
         return out.float() if float32_out else out
 
