@@ -1151,6 +1151,65 @@ ALWAYS_INLINE float quant_row(int format, QuantStack s, int64_t expert, int64_t 
     return sum;
 }
 
+/* moe_quant's assignments first..last-1 on int4 stacks in groups of a multiple of 128 (the VNNI
+ * path), the consecutive ones of one expert (assignments come sorted by expert) up to
+ * TOKENS_PER_PASS at a time: each weight row is unpacked once for all of their tokens. Every token
+ * gets the sums the one-token path gives it (int4_row_vnni keeps each token's accumulation apart)
+ * and `mine` receives them in the same order. Returns 0, having done nothing, where it cannot
+ * allocate its scratch. */
+static int moe_int4_grouped(QuantStack gu, QuantStack dn, const float *x, const int64_t *experts,
+                            const int64_t *tokens, const float *weights, int first, int last, float *mine,
+                            int64_t hidden, int64_t inter, int64_t group) {
+    const int T = TOKENS_PER_PASS;
+    const int64_t x_groups = hidden / group, act_groups = inter / group;
+    float *gate_up_out = malloc(sizeof(float) * T * (3 * inter + 2 * (x_groups + act_groups)) + (size_t)T * (hidden + inter));
+    if (!gate_up_out) return 0;
+    float *act = gate_up_out + (int64_t)T * 2 * inter;
+    float *x_scales = act + (int64_t)T * inter, *x_sums = x_scales + T * x_groups;
+    float *act_scales = x_sums + T * x_groups, *act_sums = act_scales + T * act_groups;
+    int8_t *x_even = (int8_t *)(act_sums + T * act_groups), *x_odd = x_even + (int64_t)T * hidden / 2;
+    int8_t *act_even = x_odd + (int64_t)T * hidden / 2, *act_odd = act_even + (int64_t)T * inter / 2;
+    for (int a = first; a < last;) {
+        int count = 1;
+        while (count < T && a + count < last && experts[a + count] == experts[a]) count++;
+        for (int t = 0; t < count; t++)
+            quantize_x_int8(x + tokens[a + t] * hidden, x_even + t * hidden / 2, x_odd + t * hidden / 2,
+                            x_scales + t * x_groups, x_sums + t * x_groups, hidden, group);
+        float sums[TOKENS_PER_PASS];
+        for (int64_t r = 0; r < 2 * inter; r++) {
+            int64_t row = experts[a] * 2 * inter + r;
+            const uint8_t *w = (const uint8_t *)gu.weights + row * (hidden / 2);
+            const float *sc = (const float *)gu.scales + row * x_groups, *zr = gu.zeros + row * x_groups;
+#define ROW(TOKENS) int4_row_vnni(w, sc, zr, x_even, x_odd, x_scales, x_sums, hidden, x_groups, group / 128, TOKENS, sums)
+            switch (count) { case 1: ROW(1); break; case 2: ROW(2); break; case 3: ROW(3); break; default: ROW(4); }
+#undef ROW
+            for (int t = 0; t < count; t++) gate_up_out[t * 2 * inter + r] = sums[t];
+        }
+        for (int t = 0; t < count; t++) {
+            const float *gt = gate_up_out + t * 2 * inter;
+            float *at = act + t * inter;
+            for (int64_t i = 0; i < inter; i++) {
+                float g = gt[i];
+                at[i] = g / (1.f + expf(-g)) * gt[inter + i];
+            }
+            quantize_x_int8(at, act_even + t * inter / 2, act_odd + t * inter / 2, act_scales + t * act_groups,
+                            act_sums + t * act_groups, inter, group);
+        }
+        for (int64_t r = 0; r < hidden; r++) {
+            int64_t row = experts[a] * hidden + r;
+            const uint8_t *w = (const uint8_t *)dn.weights + row * (inter / 2);
+            const float *sc = (const float *)dn.scales + row * act_groups, *zr = dn.zeros + row * act_groups;
+#define ROW(TOKENS) int4_row_vnni(w, sc, zr, act_even, act_odd, act_scales, act_sums, inter, act_groups, group / 128, TOKENS, sums)
+            switch (count) { case 1: ROW(1); break; case 2: ROW(2); break; case 3: ROW(3); break; default: ROW(4); }
+#undef ROW
+            for (int t = 0; t < count; t++) mine[tokens[a + t] * hidden + r] += weights[a + t] * sums[t];
+        }
+        a += count;
+    }
+    free(gate_up_out);
+    return 1;
+}
+
 void moe_quant(int format, const float *x, const void *gate_up, const void *gate_up_scales,
                const float *gate_up_zeros, const void *down, const void *down_scales, const float *down_zeros,
                const int64_t *experts, const int64_t *tokens, const float *weights, int assignments, int m,
@@ -1176,6 +1235,9 @@ void moe_quant(int format, const float *x, const void *gate_up, const void *gate
         for (int64_t j = 0; j < (int64_t)m * hidden; j++) mine[j] = 0.f;
         int first = (int)((int64_t)assignments * id / threads);
         int last = (int)((int64_t)assignments * (id + 1) / threads);
+        if (format == FORMAT_INT4 && MOE_VNNI(group) && moe_int4_grouped(gu, dn, x, experts, tokens, weights, first,
+                                                                          last, mine, hidden, inter, group))
+            first = last; /* done: the tokens sharing an expert went through its weights together */
         for (int a = first; a < last; a++) {
             if (a == first || tokens[a] != tokens[a - 1])
                 prepare_input(&x_in, x + tokens[a] * hidden, format, hidden, group);
