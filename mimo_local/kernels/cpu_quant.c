@@ -1169,10 +1169,16 @@ static int moe_int4_grouped(QuantStack gu, QuantStack dn, const float *x, const 
     float *act_scales = x_sums + T * x_groups, *act_sums = act_scales + T * act_groups;
     int8_t *x_even = (int8_t *)(act_sums + T * act_groups), *x_odd = x_even + (int64_t)T * hidden / 2;
     int8_t *act_even = x_odd + (int64_t)T * hidden / 2, *act_odd = act_even + (int64_t)T * inter / 2;
+    int64_t held[TOKENS_PER_PASS]; /* the tokens whose quantized x the buffers hold (one token's run of experts) */
+    int held_count = 0;
     for (int a = first; a < last;) {
         int count = 1;
         while (count < T && a + count < last && experts[a + count] == experts[a]) count++;
-        for (int t = 0; t < count; t++)
+        int same = count == held_count;
+        for (int t = 0; t < count && same; t++) same = tokens[a + t] == held[t];
+        held_count = count;
+        for (int t = 0; t < count; t++) held[t] = tokens[a + t];
+        for (int t = 0; t < count && !same; t++)
             quantize_x_int8(x + tokens[a + t] * hidden, x_even + t * hidden / 2, x_odd + t * hidden / 2,
                             x_scales + t * x_groups, x_sums + t * x_groups, hidden, group);
         float sums[TOKENS_PER_PASS];
