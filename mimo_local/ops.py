@@ -80,7 +80,7 @@ def decode_attention_batch(attention: nn.Module, qkv: torch.Tensor, starts: list
     rows = qkv.shape[1]
     out = cpu_kernels.decode_attention_batch(qkv.view(rows, -1), starts, lengths, tables, caches, sinks,
                                              attention.scale)
-    return None if out is None else out.view(1, rows, -1)
+    return out.view(1, rows, -1)
 
 
 def moe(group: nn.Module, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
@@ -134,7 +134,9 @@ def decoder_layer_batch(layer: nn.Module, x: torch.Tensor, starts: list[int], le
     """decoder_layer for a batch step: the rows of several sequences (x [1, N, H]: lengths[b] rows of
     sequence b at positions starts[b].. in caches[b]) in one kernel call, each sequence's rows as its
     own decoder_layer call gives them; None where that cannot run."""
-    if x.shape[0] != 1 or not all(cpu_kernels.attention_supports(x, cache, steps) for cache, steps in zip(caches, lengths)):
+    if x.shape[0] != 1:
+        return None
+    if not all(cpu_kernels.attention_supports(x, cache, steps) for cache, steps in zip(caches, lengths)):
         return None
     if layer.kernel_plan is None or layer.kernel_plan[0] != x.dtype:
         layer.kernel_plan = (x.dtype, LayerPlan.make(layer, x))
