@@ -77,6 +77,21 @@ def route(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return quant_kernels.route(x, router.weight, router.e_score_correction_bias, router.spec)
 
 
+def decode_attention_batch(attention: nn.Module, qkv: torch.Tensor, starts: list[int], lengths: list[int],
+                           caches: list) -> torch.Tensor | None:
+    """decode_attention of several sequences' projected rows (qkv [1, N, *]: lengths[b] rows of sequence
+    b at positions starts[b].. in caches[b]) in one kernel call ([1, N, heads * v_head_dim]), each
+    sequence's rows as its own call gives them; None where the kernel does not apply to all of them."""
+    if not all(cpu_kernels.attention_supports(qkv, cache, steps) for cache, steps in zip(caches, lengths)):
+        return None
+    tables = [attention.rope.cos_sin(start, steps, torch.float32) for start, steps in zip(starts, lengths)]
+    sinks = None if attention.sinks is None else attention.sinks.float()
+    rows = qkv.shape[1]
+    out = cpu_kernels.decode_attention_batch(qkv.view(rows, -1), starts, lengths, tables, caches, sinks,
+                                             attention.scale)
+    return out.view(1, rows, -1)
+
+
 def moe(group: nn.Module, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
     """All routed experts of a layer held by one ExpertGroup (float, or packed int8/int4/MXFP4 stacks),
     for a few tokens, in one call (float32 [M, H]); None where no kernel applies."""
@@ -121,6 +136,21 @@ def decoder_layer(layer: nn.Module, x: torch.Tensor, start: int, cache) -> torch
         layer.kernel_plan = (x.dtype, LayerPlan.make(layer, x))
     plan = layer.kernel_plan[1]
     return None if plan is None else plan.run(layer, x, start, cache)
+
+
+def decoder_layer_batch(layer: nn.Module, x: torch.Tensor, starts: list[int], lengths: list[int],
+                        caches: list) -> torch.Tensor | None:
+    """decoder_layer for a batch step: the rows of several sequences (x [1, N, H]: lengths[b] rows of
+    sequence b at positions starts[b].. in caches[b]) in one kernel call, each sequence's rows as its
+    own decoder_layer call gives them; None where that cannot run."""
+    if x.shape[0] != 1:
+        return None
+    if not all(cpu_kernels.attention_supports(x, cache, steps) for cache, steps in zip(caches, lengths)):
+        return None
+    if layer.kernel_plan is None or layer.kernel_plan[0] != x.dtype:
+        layer.kernel_plan = (x.dtype, LayerPlan.make(layer, x))
+    plan = layer.kernel_plan[1]
+    return None if plan is None else plan.run_batch(layer, x, starts, lengths, caches)
 
 
 def projection_operand(module: nn.Module):
@@ -177,6 +207,20 @@ class LayerPlan:
         result = kernel(x, layer.input_layernorm.eps, norm1=layer.input_layernorm.weight,
                         norm2=layer.post_attention_layernorm.weight, start=start, cos=cos, sin=sin, cache=cache,
                         sinks=self.sinks, scale=attention.scale, **self.weights)
+        return self._finish(layer, result)
+
+    def run_batch(self, layer: nn.Module, x: torch.Tensor, starts: list[int], lengths: list[int],
+                  caches: list) -> torch.Tensor | None:
+        """`run` for the rows of several sequences (ops.decoder_layer_batch)."""
+        attention = layer.self_attn
+        tables = [attention.rope.cos_sin(start, steps, torch.float32) for start, steps in zip(starts, lengths)]
+        kernel = quant_kernels.decoder_layer_batch if self.quantized else cpu_kernels.decoder_layer_batch
+        result = kernel(x, layer.input_layernorm.eps, norm1=layer.input_layernorm.weight,
+                        norm2=layer.post_attention_layernorm.weight, starts=starts, lengths=lengths, tables=tables,
+                        caches=caches, sinks=self.sinks, scale=attention.scale, **self.weights)
+        return self._finish(layer, result)
+
+    def _finish(self, layer: nn.Module, result) -> torch.Tensor | None:
         if result is None:
             return None
         out, normed = result

@@ -208,3 +208,58 @@ def test_rope_tables_of_a_batchs_positions_are_made_once_per_step_and_equal_fres
     assert len(rope._tables) == RotaryEmbedding.KEPT_TABLES
     again = rope.cos_sin(3, 1, torch.float32)
     assert again[0] is not first[0][0] and torch.equal(again[0], first[0][0])
+
+
+GROUP_SIZED = {  # every projection input a multiple of 128, so the fused quantized layers apply
+    "mimo": dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2),
+    "mimo_v2_flash": dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, head_dim=96,
+                          v_head_dim=32, moe_intermediate_size=128),
+}
+
+
+@pytest.mark.parametrize("family,dtype,quant", [
+    ("mimo", "float32", None), ("mimo", "bfloat16", None), ("mimo_v2_flash", "float32", None),
+    ("mimo_v2_flash", "bfloat16", None), ("mimo", "bfloat16", "int4-g128"), ("mimo", "bfloat16", "int8"),
+    ("mimo_v2_flash", "bfloat16", "v2flash-mixed"),
+])
+def test_a_batch_step_runs_each_layer_in_one_call_with_the_step_by_step_numbers(checkpoints, tmp_path, monkeypatch,
+                                                                               family, dtype, quant):
+    """The decoder layers of a batch step run as one kernel call for all of its sequences (per-row
+    caches and positions; float or quantized weights) and give bit for bit the outputs and caches
+    of the layers run step by step (norms, projections, each sequence's attention, MLP or MoE)."""
+    from mimo_local.dev.tiny import make_checkpoint
+    from mimo_local.kernels import cpu, quant as quant_kernels
+    from mimo_local.ops import LayerPlan
+
+    # the kernels on every projection, whatever torch measures on these tiny shapes here
+    monkeypatch.setattr(cpu, "torch_is_faster", lambda *args: False)
+    monkeypatch.setattr(quant_kernels, "int8_torch_is_faster", lambda *args: False)
+    path = checkpoints(family) if quant is None else make_checkpoint(tmp_path / family, family,
+                                                                     overrides=GROUP_SIZED[family])
+    model = Engine.load(path, device="cpu", dtype=dtype, quant=quant).model
+    caches = {True: [], False: []}
+    for length in (3, 140, 20):  # 140: past the sliding window (ring buffers wrap)
+        ids = torch.arange(length).remainder(800).add(7).view(1, -1)
+        for fused in caches:
+            caches[fused].append(model.new_cache(256))
+            model(ids, caches[fused][-1])
+    calls = []
+    real = LayerPlan.run_batch
+
+    def step(fused: bool):
+        def run_batch(self, *args):
+            out = real(self, *args) if fused else None
+            calls.append(out is not None)
+            return out
+
+        monkeypatch.setattr(LayerPlan, "run_batch", run_batch)
+        tokens = [torch.tensor([11]), torch.tensor([22, 23, 24, 25]), torch.tensor([33, 34])]  # a decode, two verifies
+        return model.forward_batch(tokens, caches[fused])
+
+    fused, step_by_step = step(True), step(False)
+    assert calls == [True] * len(model.layers) + [False] * len(model.layers)
+    for got, expected in zip(fused, step_by_step):
+        assert torch.equal(got.logits, expected.logits) and torch.equal(got.hidden, expected.hidden)
+    for got, expected in zip(caches[True], caches[False]):
+        for layer, other in zip(got.layers, expected.layers):
+            assert torch.equal(layer.keys, other.keys) and torch.equal(layer.values, other.values)

@@ -162,3 +162,51 @@ def test_argmax_rows_picks_what_torch_argmax_picks(vocab):
             logits[:] = float("-inf")
         assert cpu.argmax_rows(logits) == logits.argmax(dim=-1).tolist()
         assert cpu.argmax_rows(logits[1]) == [int(logits[1].argmax())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,sink", [(None, False), (6, True)])
+def test_batch_attention_equals_each_sequence_alone(monkeypatch, dtype, window, sink):
+    """One attention call for several sequences (a batch step: own caches, positions and row counts)
+    gives each one bit for bit what its own decode-attention call gives, caches included, and what
+    the torch ops give up to rounding."""
+    import copy
+
+    from mimo_local import ops
+    from mimo_local.cache import make_layer_cache
+    from mimo_local.config import AttentionSpec
+    from mimo_local.models.layers import Attention, RotaryEmbedding
+
+    spec = AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=32, v_head_dim=16, rope_theta=10000.0, rope_dim=16,
+                         sliding_window=window, has_sink=sink, bias=True, value_scale=0.7 if sink else 1.0)
+    torch.manual_seed(3)
+    attention = Attention(64, spec, RotaryEmbedding(spec.rope_dim, spec.rope_theta)).to(dtype)
+    with torch.no_grad():
+        for parameter in attention.parameters():
+            parameter.normal_(0, 0.3)
+    prompts, lengths = [5, 11, 2], [1, 3, 1]  # each sequence's held positions, and its rows this step
+    caches = [make_layer_cache(spec, 32, 4, 1, dtype, "cpu") for _ in prompts]
+    with torch.inference_mode():
+        for cache, held in zip(caches, prompts):
+            attention(torch.randn(1, held, 64).to(dtype), 0, cache)
+        x = torch.randn(1, sum(lengths), 64).to(dtype)
+        qkv = attention.qkv_proj(x)
+
+        def each_alone(use_kernel: bool):
+            mine = copy.deepcopy(caches)
+            with monkeypatch.context() as patch:
+                if not use_kernel:
+                    patch.setattr(cpu, "attention_supports", lambda *args: False)
+                outs = [attention.attend_projected(part, start, cache)
+                        for part, start, cache in zip(qkv.split(lengths, dim=1), prompts, mine)]
+            return torch.cat(outs, dim=1), mine
+
+        alone, alone_caches = each_alone(True)
+        reference, _ = each_alone(False)
+        batched_caches = copy.deepcopy(caches)
+        batched = ops.decode_attention_batch(attention, qkv, prompts, lengths, batched_caches)
+    assert batched is not None and torch.equal(batched, alone)
+    for got, expected in zip(batched_caches, alone_caches):
+        assert torch.equal(got.keys, expected.keys) and torch.equal(got.values, expected.values)
+    difference = (batched.float() - reference.float()).abs().max()
+    assert difference <= (1e-4 if dtype == torch.float32 else 0.05) * reference.float().abs().max()

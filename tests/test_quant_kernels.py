@@ -334,6 +334,31 @@ def test_int4_experts_with_128_groups_take_the_int8_activation_path_within_its_e
     assert 0 < error <= 0.02 * expected.abs().max().item()
 
 
+def test_int4_experts_shared_by_several_tokens_give_each_token_its_own_sums():
+    """Tokens routed to the same expert go through its weights together (a batch step), and each
+    gets bit for bit what it gets routed alone (one thread: the same additions in the same order)."""
+    generator = torch.Generator().manual_seed(11)
+    experts, tokens, hidden, inter, group = 4, 6, 256, 256, 128
+    gate_up = quantized_stack(4, experts, 2 * inter, hidden, group, generator)
+    down = quantized_stack(4, experts, hidden, inter, group, generator)
+    x = torch.randn(tokens, hidden, generator=generator)
+    routes = torch.tensor([[0, 1], [0, 3], [0, 1], [0, 2], [0, 1], [3, 1]])  # expert 0: five tokens, 1: four
+    weights = torch.rand(tokens, 2, generator=generator)
+    flat = routes.reshape(-1)
+    order = flat.argsort(stable=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        together = quant.moe_pairs(x, "int4", group, gate_up, down, flat[order], order // 2, weights.reshape(-1)[order])
+        for token in range(tokens):
+            alone_order = routes[token].argsort(stable=True)
+            alone = quant.moe_pairs(x[token : token + 1], "int4", group, gate_up, down, routes[token][alone_order],
+                                    torch.zeros(2, dtype=torch.long), weights[token][alone_order])
+            assert torch.equal(together[token], alone[0]), token
+    finally:
+        torch.set_num_threads(previous)
+
+
 GROUP_SIZED = {  # every projection input a multiple of 128, so the fused quantized layer applies
     "mimo": dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2),
     "mimo_v2_flash": dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, head_dim=96,

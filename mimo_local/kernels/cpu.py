@@ -49,10 +49,14 @@ _PER_DTYPE = {
     "rmsnorm": [_POINTER, _POINTER, _POINTER, _INT, _I64, _FLOAT],
     "attention": [_POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER],
     "decoder_layer": [_POINTER, _INT, _I64, _FLOAT] + [_POINTER] * 3 + [_I64] + [_POINTER] * 4 + [_I64] + [_POINTER] * 8,
+    "attention_batch": [_POINTER, _INT] + [_POINTER] * 5,
+    "decoder_layer_batch": [_POINTER, _INT, _POINTER, _I64, _FLOAT] + [_POINTER] * 3 + [_I64] + [_POINTER] * 4 + [_I64]
+    + [_POINTER] * 8,
 }
 # Every entry point of cpu_linear.c: (argtypes, restype), checked against the C source by the tests.
 DECLARATIONS: dict[str, signatures.Declaration] = {
     **{f"{name}_{suffix}": (types, None) for name, types in _PER_DTYPE.items() for suffix in ("f32", "bf16")},
+
     "argmax_rows_f32": ([_POINTER, _INT, _I64, _POINTER], None),
     "kernel_isa": ([], ctypes.c_char_p),
 }
@@ -314,6 +318,78 @@ def decode_attention(qkv, start: int, cos, sin, cache, sinks, scale: float) -> t
     return out
 
 
+class BatchAttention:
+    """The attention arguments of several sequences' rows in one call (a batch step): sequence b has
+    lengths[b] rows at positions starts[b].. of caches[b] (one layer's caches, one spec), tables[b]
+    its (cos, sin); the q and score scratch of all of them in one tensor. `pointers()`: the (rows,
+    keys, values, args) arrays the batch kernels take."""
+
+    def __init__(self, caches: list, starts: list[int], lengths: list[int], qkv_stride: int, tables: list, sinks,
+                 scale: float):
+        spec = caches[0].spec
+        count, rows = len(caches), sum(lengths)
+        q_size = spec.num_heads * spec.head_dim
+        slots = [c.capacity if spec.is_sliding else start + steps for c, start, steps in zip(caches, starts, lengths)]
+        score_sizes = [steps * spec.num_heads * n for steps, n in zip(lengths, slots)]
+        self.scratch = torch.empty(rows * q_size + sum(score_sizes), dtype=torch.float32)
+        base, item = self.scratch.data_ptr(), self.scratch.element_size()
+        q_offset, score_offset = 0, rows * q_size
+        self.args = (AttentionArgs * count)()
+        window = spec.sliding_window if spec.is_sliding else -1
+        for b, (cache, start, steps, (cos, sin)) in enumerate(zip(caches, starts, lengths, tables)):
+            self.args[b] = AttentionArgs(
+                qkv_stride=qkv_stride, start=start, capacity=cache.capacity, window=window, cos=cos.data_ptr(),
+                sin=sin.data_ptr(), sinks=_address(sinks),
+                slot_pos=cache.slot_pos.data_ptr() if spec.is_sliding else None, heads=spec.num_heads,
+                kv_heads=spec.num_kv_heads, dim=spec.head_dim, v_dim=spec.v_head_dim, rope_dim=spec.rope_dim,
+                scale=scale, value_scale=spec.value_scale, q_scratch=base + q_offset * item,
+                score_scratch=base + score_offset * item,
+            )
+            q_offset += steps * q_size
+            score_offset += score_sizes[b]
+        self.rows = (ctypes.c_int * count)(*lengths)
+        self.keys = (ctypes.c_void_p * count)(*(c.keys.data_ptr() for c in caches))
+        self.values = (ctypes.c_void_p * count)(*(c.values.data_ptr() for c in caches))
+        self.count = count
+
+
+def decode_attention_batch(qkv, starts: list[int], lengths: list[int], tables: list, caches: list, sinks,
+                           scale: float) -> torch.Tensor:
+    """decode_attention of several sequences in one call (one thread team for all of them): qkv
+    [rows, q+k+v] holds lengths[b] rows of sequence b at positions starts[b].. of caches[b] (one
+    layer's caches, one spec), tables[b] its (cos, sin). Returns [rows, heads * v_head_dim], each
+    sequence's rows as decode_attention gives them."""
+    spec = caches[0].spec
+    batch = BatchAttention(caches, starts, lengths, qkv.stride(0), tables, sinks, scale)
+    out = torch.empty(qkv.shape[0], spec.num_heads * spec.v_head_dim, dtype=qkv.dtype)
+    _kernel("attention_batch", qkv.dtype)(qkv.data_ptr(), batch.count, batch.rows, batch.keys, batch.values,
+                                          out.data_ptr(), batch.args)
+    return out
+
+
+class BatchLayerBuffers:
+    """LayerBuffers of a decoder layer's batch step: x [1, rows, H] holds the rows of several sequences
+    (see BatchAttention)."""
+
+    def __init__(self, x, caches: list, starts: list[int], lengths: list[int], qkv_out: int, inter: int, tables: list,
+                 sinks, scale: float):
+        spec = caches[0].spec
+        rows = x.shape[1]
+        self.out = x.contiguous().clone()
+        self.normed = torch.empty_like(self.out)
+        self.attention = BatchAttention(caches, starts, lengths, qkv_out, tables, sinks, scale)
+        sizes = (qkv_out, spec.num_heads * spec.v_head_dim, 2 * inter, inter)
+        self.scratch = [torch.empty(rows * size, dtype=x.dtype) for size in sizes]  # qkv, attn, gate|up, act
+
+    def caches(self) -> tuple:
+        """(keys, values, args): the attention arguments of the batch kernels."""
+        return self.attention.keys, self.attention.values, self.attention.args
+
+    def pointers(self) -> tuple:
+        """(normed, qkv, attn, gate_up_out, act): the trailing kernel arguments."""
+        return (self.normed.data_ptr(), *(t.data_ptr() for t in self.scratch))
+
+
 class LayerBuffers:
     """The output and scratch of one fused decoder-layer call, and the attention arguments pointing
     into them: out starts as a copy of x (updated in place), normed receives norm2(out)."""
@@ -351,5 +427,24 @@ def decoder_layer(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, s
         buffers.out.data_ptr(), x.shape[1], x.shape[2], eps, norm1.data_ptr(), qkv_weight.data_ptr(),
         _address(qkv_bias), qkv_out, o_weight.data_ptr(), norm2.data_ptr(), _address(gate_up), _address(down), inter,
         cache.keys.data_ptr(), cache.values.data_ptr(), *buffers.pointers(),
+    )
+    return buffers.out, buffers.normed
+
+
+def decoder_layer_batch(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, starts: list[int],
+                        lengths: list[int], tables: list, caches: list, sinks, scale: float, gate_up=None,
+                        down=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """decoder_layer for the rows of several sequences x [1, rows, H] (lengths[b] rows of sequence b
+    at positions starts[b].. of caches[b], tables[b] its (cos, sin)) in one call: each sequence's
+    rows get the numbers its own decoder_layer call gives them."""
+    if any(torch_is_faster(w) for w in (qkv_weight, o_weight, gate_up, down) if w is not None):
+        return None
+    qkv_out = qkv_weight.shape[0]
+    inter = 0 if down is None else down.shape[1]
+    buffers = BatchLayerBuffers(x, caches, starts, lengths, qkv_out, inter, tables, sinks, scale)
+    _kernel("decoder_layer_batch", x.dtype)(
+        buffers.out.data_ptr(), buffers.attention.count, buffers.attention.rows, x.shape[2], eps, norm1.data_ptr(),
+        qkv_weight.data_ptr(), _address(qkv_bias), qkv_out, o_weight.data_ptr(), norm2.data_ptr(), _address(gate_up),
+        _address(down), inter, *buffers.caches(), *buffers.pointers(),
     )
     return buffers.out, buffers.normed

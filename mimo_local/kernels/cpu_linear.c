@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #else /* a compiler without OpenMP (Apple's clang): the same kernels, on one thread */
@@ -468,62 +469,100 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
             if (a->slot_pos) a->slot_pos[slot] = pos;                                                     \
         }                                                                                                 \
     }                                                                                                     \
-    static void attention_heads_##SUFFIX(int m, const T *keys, const T *values, T *out, const attention_args *a) { \
+    /* one (token, head) task of attention_heads: task = i * heads + h for token i of the m new ones */   \
+    static inline void attention_task_##SUFFIX(int64_t task, int m, const T *keys, const T *values, T *out,\
+                                               const attention_args *a) {                                 \
         int heads = a->heads, dim = a->dim, v_dim = a->v_dim, group = a->heads / a->kv_heads;             \
         const int64_t *slot_pos = a->slot_pos;                                                            \
         int64_t slots = slot_pos ? a->capacity : a->start + m, window = a->window;                        \
-        _Pragma("omp for schedule(static)")                                                               \
-        for (int64_t task = 0; task < (int64_t)m * heads; task++) {                                       \
-            int i = (int)(task / heads), h = (int)(task % heads), g = h / group;                          \
-            int64_t pos = a->start + i;                                                                   \
-            const float *q = a->q_scratch + task * dim;                                                   \
-            float *score = a->score_scratch + task * slots;                                               \
-            float top = a->sinks ? a->sinks[h] : -INFINITY;                                               \
-            for (int64_t j = 0; j < slots; j++) {                                                         \
-                int64_t key_pos = slot_pos ? slot_pos[j] : j;                                             \
-                if (key_pos > pos || key_pos < 0 || (window >= 0 && key_pos < pos - window)) {            \
-                    score[j] = -INFINITY;                                                                 \
-                    continue;                                                                             \
-                }                                                                                         \
-                score[j] = HEAD_DOT(q, keys + ((int64_t)g * a->capacity + j) * dim, dim) * a->scale;      \
-                if (score[j] > top) top = score[j];                                                       \
+        int i = (int)(task / heads), h = (int)(task % heads), g = h / group;                              \
+        int64_t pos = a->start + i;                                                                       \
+        const float *q = a->q_scratch + task * dim;                                                       \
+        float *score = a->score_scratch + task * slots;                                                   \
+        float top = a->sinks ? a->sinks[h] : -INFINITY;                                                   \
+        for (int64_t j = 0; j < slots; j++) {                                                             \
+            int64_t key_pos = slot_pos ? slot_pos[j] : j;                                                 \
+            if (key_pos > pos || key_pos < 0 || (window >= 0 && key_pos < pos - window)) {                \
+                score[j] = -INFINITY;                                                                     \
+                continue;                                                                                 \
             }                                                                                             \
-            float total = a->sinks ? expf(a->sinks[h] - top) : 0.f;                                       \
-            for (int64_t j = 0; j < slots; j++) {                                                         \
-                score[j] = score[j] == -INFINITY ? 0.f : expf(score[j] - top);                            \
-                total += score[j];                                                                        \
-            }                                                                                             \
-            float acc[1024];                                                                              \
-            for (int d = 0; d < v_dim; d++) acc[d] = 0.f;                                                 \
-            for (int64_t j = 0; j < slots; j++)                                                           \
-                if (score[j] != 0.f) HEAD_AXPY(acc, score[j] / total, values + ((int64_t)g * a->capacity + j) * v_dim, v_dim); \
-            T *o = out + ((int64_t)i * heads + h) * v_dim;                                                \
-            for (int d = 0; d < v_dim; d++) o[d] = FROM_F32(acc[d]);                                      \
+            score[j] = HEAD_DOT(q, keys + ((int64_t)g * a->capacity + j) * dim, dim) * a->scale;          \
+            if (score[j] > top) top = score[j];                                                           \
         }                                                                                                 \
+        float total = a->sinks ? expf(a->sinks[h] - top) : 0.f;                                           \
+        for (int64_t j = 0; j < slots; j++) {                                                             \
+            score[j] = score[j] == -INFINITY ? 0.f : expf(score[j] - top);                                \
+            total += score[j];                                                                            \
+        }                                                                                                 \
+        float acc[1024];                                                                                  \
+        for (int d = 0; d < v_dim; d++) acc[d] = 0.f;                                                     \
+        for (int64_t j = 0; j < slots; j++)                                                               \
+            if (score[j] != 0.f) HEAD_AXPY(acc, score[j] / total, values + ((int64_t)g * a->capacity + j) * v_dim, v_dim);\
+        T *o = out + ((int64_t)i * heads + h) * v_dim;                                                    \
+        for (int d = 0; d < v_dim; d++) o[d] = FROM_F32(acc[d]);                                          \
+    }                                                                                                     \
+    static void attention_heads_##SUFFIX(int m, const T *keys, const T *values, T *out, const attention_args *a) {\
+        _Pragma("omp for schedule(static)")                                                               \
+        for (int64_t task = 0; task < (int64_t)m * a->heads; task++) attention_task_##SUFFIX(task, m, keys, values, out, a);\
     }                                                                                                     \
     void attention_##SUFFIX(const T *qkv, int m, T *keys, T *values, T *out, const attention_args *a) {  \
         attention_store_##SUFFIX(qkv, m, keys, values, a);                                                \
         _Pragma("omp parallel") attention_heads_##SUFFIX(m, keys, values, out, a);                        \
     }                                                                                                     \
-                                                                                                          \
-    /* A whole pre-norm decoder layer for M tokens in one parallel region, x [M, H] updated in place:   \
-     * x += o_proj(attention(qkv_proj(norm1(x)))); normed = norm2(x); then, with gate_up given,         \
-     * x += down(swiglu(gate_up(normed))) (without it the caller runs its own FFN, e.g. MoE, on        \
-     * normed). Scratch: qkv [M, qkv_out], attn [M, H * Dv], gate_up_out [M, 2I], act [M, I] of T. */   \
-    void decoder_layer_##SUFFIX(T *x, int m, int64_t hidden, float eps, const T *norm1, const T *qkv_w,   \
-                                const T *qkv_b, int64_t qkv_out, const T *o_w, const T *norm2,            \
-                                const T *gate_up, const T *down, int64_t inter, T *keys, T *values,       \
-                                const attention_args *a, T *normed, T *qkv, T *attn, T *gate_up_out, T *act) { \
+    /* attention_##SUFFIX for several sequences (a batch's decode step), orphaned as the steps above are: \
+     * sequence b has rows[b] consecutive rows of qkv (all with the stride of args[0]) and out, its own   \
+     * cache (keys[b], values[b]) and arguments args[b] (same head counts and sizes for all). One thread  \
+     * stores every sequence's keys and values, then the (row, head) tasks of all of them are shared      \
+     * out; each sequence gets the numbers attention_##SUFFIX gives it alone. */                          \
+    static void attention_all_##SUFFIX(const T *qkv, int sequences, const int *rows, T *const *keys,      \
+                                       T *const *values, T *out, const attention_args *args) {            \
+        int heads = args[0].heads, total = 0;                                                             \
+        int64_t out_row = (int64_t)heads * args[0].v_dim;                                                 \
+        for (int b = 0; b < sequences; b++) total += rows[b];                                             \
+        _Pragma("omp single")                                                                             \
+        for (int b = 0, r = 0; b < sequences; r += rows[b], b++)                                          \
+            attention_store_##SUFFIX(qkv + r * args[0].qkv_stride, rows[b], keys[b], values[b], &args[b]);\
+        _Pragma("omp for schedule(static)")                                                               \
+        for (int64_t task = 0; task < (int64_t)total * heads; task++) {                                   \
+            int r = (int)(task / heads), b = 0, begin = 0;                                                \
+            while (r >= begin + rows[b]) begin += rows[b++];                                              \
+            attention_task_##SUFFIX(task - (int64_t)begin * heads, rows[b], keys[b], values[b], out + begin * out_row,\
+                                    &args[b]);                                                            \
+        }                                                                                                 \
+    }                                                                                                     \
+    void attention_batch_##SUFFIX(const T *qkv, int sequences, const int *rows, T *const *keys, T *const *values,\
+                                  T *out, const attention_args *args) {                                   \
+        _Pragma("omp parallel") attention_all_##SUFFIX(qkv, sequences, rows, keys, values, out, args);    \
+    }                                                                                                     \
+    /* A whole pre-norm decoder layer for M tokens in one parallel region, x [M, H] updated in place:     \
+     * x += o_proj(attention(qkv_proj(norm1(x)))); normed = norm2(x); then, with gate_up given,           \
+     * x += down(swiglu(gate_up(normed))) (without it the caller runs its own FFN, e.g. MoE, on           \
+     * normed). Scratch: qkv [M, qkv_out], attn [M, H * Dv], gate_up_out [M, 2I], act [M, I] of T.        \
+     * The M rows are those of `sequences` sequences, rows[b] each, with caches and attention             \
+     * arguments as attention_all takes them (a batch step; one sequence for decoder_layer_##SUFFIX). */  \
+    void decoder_layer_batch_##SUFFIX(T *x, int sequences, const int *rows, int64_t hidden, float eps,    \
+                                      const T *norm1, const T *qkv_w, const T *qkv_b, int64_t qkv_out, const T *o_w,\
+                                      const T *norm2, const T *gate_up, const T *down, int64_t inter,     \
+                                      T *const *keys, T *const *values, const attention_args *args, T *normed,\
+                                      T *qkv, T *attn, T *gate_up_out, T *act) {                          \
+        int m = 0;                                                                                        \
+        for (int b = 0; b < sequences; b++) m += rows[b];                                                 \
         _Pragma("omp parallel")                                                                           \
         {                                                                                                 \
             rmsnorm_rows_##SUFFIX(x, norm1, normed, m, hidden, eps);                                      \
             linear_rows_##SUFFIX(normed, qkv_w, qkv_b, NULL, qkv, 0, m, qkv_out, hidden);                 \
-            _Pragma("omp single") attention_store_##SUFFIX(qkv, m, keys, values, a);                      \
-            attention_heads_##SUFFIX(m, keys, values, attn, a);                                           \
-            linear_rows_##SUFFIX(attn, o_w, NULL, NULL, x, 1, m, hidden, (int64_t)a->heads * a->v_dim);   \
+            attention_all_##SUFFIX(qkv, sequences, rows, keys, values, attn, args);                       \
+            linear_rows_##SUFFIX(attn, o_w, NULL, NULL, x, 1, m, hidden, (int64_t)args[0].heads * args[0].v_dim);\
             rmsnorm_rows_##SUFFIX(x, norm2, normed, m, hidden, eps);                                      \
-            if (gate_up) mlp_rows_##SUFFIX(normed, gate_up, down, x, 1, gate_up_out, act, m, hidden, inter); \
+            if (gate_up) mlp_rows_##SUFFIX(normed, gate_up, down, x, 1, gate_up_out, act, m, hidden, inter);\
         }                                                                                                 \
+    }                                                                                                     \
+    void decoder_layer_##SUFFIX(T *x, int m, int64_t hidden, float eps, const T *norm1, const T *qkv_w,   \
+                                const T *qkv_b, int64_t qkv_out, const T *o_w, const T *norm2,            \
+                                const T *gate_up, const T *down, int64_t inter, T *keys, T *values,       \
+                                const attention_args *a, T *normed, T *qkv, T *attn, T *gate_up_out, T *act) {\
+        decoder_layer_batch_##SUFFIX(x, 1, &m, hidden, eps, norm1, qkv_w, qkv_b, qkv_out, o_w, norm2, gate_up, down,\
+                                     inter, &keys, &values, a, normed, qkv, attn, gate_up_out, act);      \
     }
 
 DECODE_KERNELS(f32, float, dot_f32, head_dot_f32, head_axpy_f32, identity_f32, identity_f32)

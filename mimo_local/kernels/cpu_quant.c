@@ -1170,6 +1170,71 @@ static inline void prefetch_rows(int format, QuantStack s, int64_t expert, int64
     for (int64_t at = 0; at < count * bytes; at += 64) __builtin_prefetch(start + at, 0, 3);
 }
 
+/* moe_quant's assignments first..last-1 on int4 stacks in groups of a multiple of 128 (the VNNI
+ * path), the consecutive ones of one expert (assignments come sorted by expert) up to
+ * TOKENS_PER_PASS at a time: each weight row is unpacked once for all of their tokens. Every token
+ * gets the sums the one-token path gives it (int4_row_vnni keeps each token's accumulation apart)
+ * and `mine` receives them in the same order. Returns 0, having done nothing, where it cannot
+ * allocate its scratch. */
+static int moe_int4_grouped(QuantStack gu, QuantStack dn, const float *x, const int64_t *experts,
+                            const int64_t *tokens, const float *weights, int first, int last, float *mine,
+                            int64_t hidden, int64_t inter, int64_t group) {
+    const int T = TOKENS_PER_PASS;
+    const int64_t x_groups = hidden / group, act_groups = inter / group;
+    float *gate_up_out = malloc(sizeof(float) * T * (3 * inter + 2 * (x_groups + act_groups)) + (size_t)T * (hidden + inter));
+    if (!gate_up_out) return 0;
+    float *act = gate_up_out + (int64_t)T * 2 * inter;
+    float *x_scales = act + (int64_t)T * inter, *x_sums = x_scales + T * x_groups;
+    float *act_scales = x_sums + T * x_groups, *act_sums = act_scales + T * act_groups;
+    int8_t *x_even = (int8_t *)(act_sums + T * act_groups), *x_odd = x_even + (int64_t)T * hidden / 2;
+    int8_t *act_even = x_odd + (int64_t)T * hidden / 2, *act_odd = act_even + (int64_t)T * inter / 2;
+    int64_t held[TOKENS_PER_PASS]; /* the tokens whose quantized x the buffers hold (one token's run of experts) */
+    int held_count = 0;
+    for (int a = first; a < last;) {
+        int count = 1;
+        while (count < T && a + count < last && experts[a + count] == experts[a]) count++;
+        int same = count == held_count;
+        for (int t = 0; t < count && same; t++) same = tokens[a + t] == held[t];
+        held_count = count;
+        for (int t = 0; t < count; t++) held[t] = tokens[a + t];
+        for (int t = 0; t < count && !same; t++)
+            quantize_x_int8(x + tokens[a + t] * hidden, x_even + t * hidden / 2, x_odd + t * hidden / 2,
+                            x_scales + t * x_groups, x_sums + t * x_groups, hidden, group);
+        float sums[TOKENS_PER_PASS];
+        for (int64_t r = 0; r < 2 * inter; r++) {
+            int64_t row = experts[a] * 2 * inter + r;
+            const uint8_t *w = (const uint8_t *)gu.weights + row * (hidden / 2);
+            const float *sc = (const float *)gu.scales + row * x_groups, *zr = gu.zeros + row * x_groups;
+#define ROW(TOKENS) int4_row_vnni(w, sc, zr, x_even, x_odd, x_scales, x_sums, hidden, x_groups, group / 128, TOKENS, sums)
+            switch (count) { case 1: ROW(1); break; case 2: ROW(2); break; case 3: ROW(3); break; default: ROW(4); }
+#undef ROW
+            for (int t = 0; t < count; t++) gate_up_out[t * 2 * inter + r] = sums[t];
+        }
+        for (int t = 0; t < count; t++) {
+            const float *gt = gate_up_out + t * 2 * inter;
+            float *at = act + t * inter;
+            for (int64_t i = 0; i < inter; i++) {
+                float g = gt[i];
+                at[i] = g / (1.f + expf(-g)) * gt[inter + i];
+            }
+            quantize_x_int8(at, act_even + t * inter / 2, act_odd + t * inter / 2, act_scales + t * act_groups,
+                            act_sums + t * act_groups, inter, group);
+        }
+        for (int64_t r = 0; r < hidden; r++) {
+            int64_t row = experts[a] * hidden + r;
+            const uint8_t *w = (const uint8_t *)dn.weights + row * (inter / 2);
+            const float *sc = (const float *)dn.scales + row * act_groups, *zr = dn.zeros + row * act_groups;
+#define ROW(TOKENS) int4_row_vnni(w, sc, zr, act_even, act_odd, act_scales, act_sums, inter, act_groups, group / 128, TOKENS, sums)
+            switch (count) { case 1: ROW(1); break; case 2: ROW(2); break; case 3: ROW(3); break; default: ROW(4); }
+#undef ROW
+            for (int t = 0; t < count; t++) mine[tokens[a + t] * hidden + r] += weights[a + t] * sums[t];
+        }
+        a += count;
+    }
+    free(gate_up_out);
+    return 1;
+}
+
 void moe_quant(int format, const float *x, const void *gate_up, const void *gate_up_scales,
                const float *gate_up_zeros, const void *down, const void *down_scales, const float *down_zeros,
                const int64_t *experts, const int64_t *tokens, const float *weights, int assignments, int m,
@@ -1195,6 +1260,9 @@ void moe_quant(int format, const float *x, const void *gate_up, const void *gate
         for (int64_t j = 0; j < (int64_t)m * hidden; j++) mine[j] = 0.f;
         int first = (int)((int64_t)assignments * id / threads);
         int last = (int)((int64_t)assignments * (id + 1) / threads);
+        if (format == FORMAT_INT4 && MOE_VNNI(group) && moe_int4_grouped(gu, dn, x, experts, tokens, weights, first,
+                                                                          last, mine, hidden, inter, group))
+            first = last; /* done: the tokens sharing an expert went through its weights together */
         if (first < last) prefetch_rows(format, gu, experts[first], 2 * inter, 0, rows_ahead(format, hidden), hidden);
         for (int a = first; a < last; a++) {
             if (a == first || tokens[a] != tokens[a - 1])
@@ -1292,15 +1360,20 @@ static void projection_rows(const Projection *p, const uint16_t *x, uint16_t *y,
     }
 }
 
-int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, const uint16_t *norm1,
-                             const Projection *qkv_p, int64_t qkv_out, const Projection *o_p, const uint16_t *norm2,
-                             const Projection *gate_up_p, const Projection *down_p, int64_t inter, uint16_t *keys,
-                             uint16_t *values, const attention_args *a, uint16_t *normed, uint16_t *qkv,
-                             uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
-    int64_t attn_width = (int64_t)a->heads * a->v_dim;
+/* The M rows are those of `sequences` sequences, rows[b] each, with caches and attention arguments
+ * as attention_all_bf16 takes them (a batch step); decoder_layer_quant_bf16 is one sequence's. */
+int decoder_layer_quant_batch_bf16(uint16_t *x, int sequences, const int *rows, int64_t hidden, float eps,
+                                   const uint16_t *norm1, const Projection *qkv_p, int64_t qkv_out,
+                                   const Projection *o_p, const uint16_t *norm2, const Projection *gate_up_p,
+                                   const Projection *down_p, int64_t inter, uint16_t *const *keys,
+                                   uint16_t *const *values, const attention_args *args, uint16_t *normed,
+                                   uint16_t *qkv, uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
+    int64_t attn_width = (int64_t)args[0].heads * args[0].v_dim;
     if (!projection_supported(qkv_p, hidden) || !projection_supported(o_p, attn_width) ||
         (gate_up_p && (!projection_supported(gate_up_p, hidden) || !projection_supported(down_p, inter))))
         return 0;
+    int m = 0;
+    for (int b = 0; b < sequences; b++) m += rows[b];
     int64_t widest = hidden > attn_width ? hidden : attn_width;
     widest = widest > inter ? widest : inter;
     void *scratch = malloc((size_t)m * widest * 2 + sizeof(float) * 4 * ((size_t)m * widest / 64 + m));
@@ -1309,9 +1382,7 @@ int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, cons
     {
         rmsnorm_rows_bf16(x, norm1, normed, m, hidden, eps);
         projection_rows(qkv_p, normed, qkv, 0, m, qkv_out, hidden, scratch);
-#pragma omp single
-        attention_store_bf16(qkv, m, keys, values, a);
-        attention_heads_bf16(m, keys, values, attn, a);
+        attention_all_bf16(qkv, sequences, rows, keys, values, attn, args);
         projection_rows(o_p, attn, x, 1, m, hidden, attn_width, scratch);
         rmsnorm_rows_bf16(x, norm2, normed, m, hidden, eps);
         if (gate_up_p) {
@@ -1436,4 +1507,13 @@ int moe_routed(int format, uint16_t *h, const uint16_t *normed, int m, const flo
     free(x);
     free(ids);
     return 1;
+}
+
+int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, const uint16_t *norm1,
+                             const Projection *qkv_p, int64_t qkv_out, const Projection *o_p, const uint16_t *norm2,
+                             const Projection *gate_up_p, const Projection *down_p, int64_t inter, uint16_t *keys,
+                             uint16_t *values, const attention_args *a, uint16_t *normed, uint16_t *qkv,
+                             uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
+    return decoder_layer_quant_batch_bf16(x, 1, &m, hidden, eps, norm1, qkv_p, qkv_out, o_p, norm2, gate_up_p,
+                                          down_p, inter, &keys, &values, a, normed, qkv, attn, gate_up_out, act);
 }

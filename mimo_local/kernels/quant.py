@@ -177,6 +177,8 @@ DECLARATIONS: dict[str, signatures.Declaration] = {
                    + [_POINTER] * 6 + [_I64] * 3, _INT),
     "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
                                  + [_I64] + [_POINTER] * 8, _INT),
+    "decoder_layer_quant_batch_bf16": ([_POINTER, _INT, _POINTER, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64]
+                                       + [_POINTER] * 4 + [_I64] + [_POINTER] * 8, _INT),
 }
 
 
@@ -235,6 +237,25 @@ def decoder_layer(x, eps: float, norm1, qkv, o, norm2, start: int, cos, sin, cac
         ctypes.byref(o[0]), norm2.data_ptr(), None if gate_up is None else ctypes.byref(gate_up[0]),
         None if down is None else ctypes.byref(down[0]), inter, cache.keys.data_ptr(), cache.values.data_ptr(),
         *buffers.pointers(),
+    )
+    return (buffers.out, buffers.normed) if done else None
+
+
+def decoder_layer_batch(x, eps: float, norm1, qkv, o, norm2, starts: list[int], lengths: list[int], tables: list,
+                        caches: list, sinks, scale: float, gate_up=None, down=None, inter: int = 0):
+    """decoder_layer for the rows of several sequences (see cpu.decoder_layer_batch): each sequence's
+    rows get the numbers its own decoder_layer call gives them. None as decoder_layer returns it."""
+    if any(_projection_prefers_torch(p) for p in (qkv, o, gate_up, down) if p is not None):
+        return None
+    spec = caches[0].spec
+    qkv_out = spec.num_heads * spec.head_dim + spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
+    inter = inter if down is not None else 0
+    buffers = cpu.BatchLayerBuffers(x, caches, starts, lengths, qkv_out, inter, tables, sinks, scale)
+    done = library().decoder_layer_quant_batch_bf16(
+        buffers.out.data_ptr(), buffers.attention.count, buffers.attention.rows, x.shape[2], eps, norm1.data_ptr(),
+        ctypes.byref(qkv[0]), qkv_out, ctypes.byref(o[0]), norm2.data_ptr(),
+        None if gate_up is None else ctypes.byref(gate_up[0]), None if down is None else ctypes.byref(down[0]), inter,
+        *buffers.caches(), *buffers.pointers(),
     )
     return (buffers.out, buffers.normed) if done else None
 

@@ -142,7 +142,11 @@ class Attention(nn.Module):
     def forward_batch(self, x: torch.Tensor, starts: list[int], lengths: list[int], caches: list) -> torch.Tensor:
         """Several sequences' rows one after the other (x [1, N, H]: `lengths[b]` rows of sequence b
         at positions starts[b].., in caches[b]): the projections read their weights once for all."""
-        parts = self.qkv_proj(x).split(lengths, dim=1)
+        qkv = self.qkv_proj(x)
+        fused = ops.decode_attention_batch(self, qkv, starts, lengths, caches)  # decode / verify: one call
+        if fused is not None:
+            return self.o_proj(fused)
+        parts = qkv.split(lengths, dim=1)
         outs = [self.attend_projected(part, start, cache) for part, start, cache in zip(parts, starts, caches)]
         return self.o_proj(torch.cat(outs, dim=1))
 
@@ -352,6 +356,9 @@ class DecoderLayer(nn.Module):
 
     def forward_batch(self, x: torch.Tensor, starts: list[int], lengths: list[int], caches: list) -> torch.Tensor:
         """Several sequences' rows (x [1, N, H]); see Attention.forward_batch."""
+        fused = ops.decoder_layer_batch(self, x, starts, lengths, caches)
+        if fused is not None:
+            return fused
         x = x + self.self_attn.forward_batch(self.input_layernorm(x), starts, lengths, caches)
         return x + self.mlp(self.post_attention_layernorm(x))
 
