@@ -226,7 +226,7 @@ class LayerPlan:
         out, normed = result
         if self.dense:
             return out
-        if self.experts is not None and layer.mlp.selection_counts is None and self.experts.add_to(out, normed):
+        if self.experts is not None and self.experts.add_to(out, normed, layer.mlp.selection_counts):
             return out
         return out + layer.mlp(normed)
 

@@ -109,14 +109,17 @@ def test_routed_experts_add_route_then_moe_pairs_rounded_to_bfloat16(kind, token
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("preset", ["mimo_v2.6", "mimo_v2_flash"])
+@pytest.mark.parametrize("recording", [False, True])
 def test_bfloat16_decode_steps_take_the_routed_experts_call_with_the_step_by_step_bits(tmp_path, monkeypatch,
-                                                                                     decode_logits, threads, preset):
+                                                                                     decode_logits, threads, preset,
+                                                                                     recording):
     """Tiny MiMo-V2.6 (MXFP4 experts) and V2-Flash (FP8 experts, bfloat16 once loaded) in bfloat16:
     every MoE layer of every decode and verify step is one RoutedExperts call, and the logits equal
     those of the router and experts run as MoE runs them (route, the experts' kernel, then the
-    bfloat16 add)."""
+    bfloat16 add). With router statistics recorded (as every Engine does), the counts are MoE's too."""
     from mimo_local.dev.tiny import make_checkpoint
     from mimo_local.loader import load_model
+    from mimo_local.offload.hotness import recorded, start_recording
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -124,10 +127,13 @@ def test_bfloat16_decode_steps_take_the_routed_experts_call_with_the_step_by_ste
         model = load_model(make_checkpoint(tmp_path / preset, preset), torch.bfloat16)
         moe_layers = sum(isinstance(layer.mlp, MoE) for layer in model.layers)
         assert moe_layers
+        if recording:
+            start_recording(model)
         calls = []
         real = quant.RoutedExperts.add_to
         monkeypatch.setattr(quant.RoutedExperts, "add_to", lambda *args: calls.append(1) or real(*args))
         fused = decode_logits(model, seed=4)
+        fused_counts = recorded(model).counts if recording else None
         assert len(calls) == 7 * moe_layers  # 6 decode steps and a 4-token verify step
         for layer in model.layers:
             layer.kernel_plan = None
@@ -136,5 +142,8 @@ def test_bfloat16_decode_steps_take_the_routed_experts_call_with_the_step_by_ste
         step_by_step = decode_logits(model, seed=4)
         assert not calls
         assert torch.equal(fused, step_by_step)
+        if recording:
+            assert fused_counts == recorded(model).counts
+            assert sum(sum(layer) for layer in fused_counts.values()) > 0
     finally:
         torch.set_num_threads(before)

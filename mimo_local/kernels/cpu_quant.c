@@ -1469,13 +1469,14 @@ void moe_route(const float *x, const float *weight, const float *bias, int m, in
  * of the MoE [m, H]. The stacks: quantized ones as moe_quant takes them, or with FORMAT_BF16
  * bfloat16 gate_up [E, 2I, H] and down [E, H, I] (moe_bf16; scales and zeros unused). The
  * assignments are ordered by expert, then by token (MoE's grouped order), so the sums are those of
- * moe_quant / moe_bf16 for the same routing. Returns 0 (having done nothing) if its buffers cannot
- * be allocated. */
+ * moe_quant / moe_bf16 for the same routing. chosen_out (or NULL) receives the chosen experts
+ * [m, top_k] (router statistics). Returns 0 (having done nothing) if its buffers cannot be
+ * allocated. */
 int moe_routed(int format, uint16_t *h, const uint16_t *normed, int m, const float *router,
                const float *router_bias, int experts, int top_k, int n_group, int topk_group, int norm,
                float scaling, const void *gate_up, const void *gate_up_scales, const float *gate_up_zeros,
                const void *down, const void *down_scales, const float *down_zeros, int64_t hidden,
-               int64_t inter, int64_t group) {
+               int64_t inter, int64_t group, int64_t *chosen_out) {
     const int threads = omp_get_max_threads(), assignments = m * top_k;
     const size_t floats = (size_t)m * hidden * (2 + threads) + (size_t)threads * (3 * hidden + 5 * inter) +
                           2 * (size_t)assignments;
@@ -1489,6 +1490,7 @@ int moe_routed(int format, uint16_t *h, const uint16_t *normed, int m, const flo
     for (int64_t j = 0; j < (int64_t)m * hidden; j++) x[j] = bf16_to_f32(normed[j]);
     moe_route(x, router, router_bias, m, hidden, experts, top_k, n_group, topk_group, norm, scaling, chosen,
               chosen_weights);
+    if (chosen_out) memcpy(chosen_out, chosen, sizeof(int64_t) * assignments);
     int count = 0; /* ordered by expert, each expert's assignments in token order (a stable sort) */
     for (int e = 0; e < experts; e++)
         for (int a = 0; a < assignments; a++)

@@ -174,7 +174,7 @@ DECLARATIONS: dict[str, signatures.Declaration] = {
     "moe_quant": ([_INT] + [_POINTER] * 10 + [_INT, _INT] + [_POINTER] * 3 + [_I64, _I64, _I64], None),
     "moe_route": ([_POINTER] * 3 + [_INT, _I64, _INT, _INT, _INT, _INT, _INT, ctypes.c_float] + [_POINTER] * 2, None),
     "moe_routed": ([_INT, _POINTER, _POINTER, _INT, _POINTER, _POINTER] + [_INT] * 5 + [ctypes.c_float]
-                   + [_POINTER] * 6 + [_I64] * 3, _INT),
+                   + [_POINTER] * 6 + [_I64] * 3 + [_POINTER], _INT),
     "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
                                  + [_I64] + [_POINTER] * 8, _INT),
     "decoder_layer_quant_batch_bf16": ([_POINTER, _INT, _POINTER, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64]
@@ -573,16 +573,23 @@ class RoutedExperts:
         self._stacks = (gate_up[0].data_ptr(), address(scales[0]), address(zeros[0]), down[0].data_ptr(),
                         address(scales[1]), address(zeros[1]))
 
-    def add_to(self, h: torch.Tensor, normed: torch.Tensor) -> bool:
-        """h [.., M, H] bfloat16 += the experts' output for normed (both contiguous); False where the
-        kernel could not allocate its buffers (h unchanged)."""
+    def add_to(self, h: torch.Tensor, normed: torch.Tensor, counts: torch.Tensor | None = None) -> bool:
+        """h [.., M, H] bfloat16 += the experts' output for normed (both contiguous), and `counts` [E]
+        (router statistics, if given) += how often each expert was chosen; False where the kernel
+        could not allocate its buffers (nothing changed)."""
         spec, hidden = self.spec, h.shape[-1]
-        if h.numel() // hidden > INT8_MAX_ROWS:  # MoE's other path for these (other sums)
+        rows = h.numel() // hidden
+        if rows > INT8_MAX_ROWS:  # MoE's other path for these (other sums)
             return False
-        return bool(library().moe_routed(
-            self.format, h.data_ptr(), normed.data_ptr(), h.numel() // hidden, *self._operands, spec.num_experts,
+        chosen = None if counts is None else torch.empty(rows * spec.experts_per_token, dtype=torch.int64)
+        done = library().moe_routed(
+            self.format, h.data_ptr(), normed.data_ptr(), rows, *self._operands, spec.num_experts,
             spec.experts_per_token, spec.n_group, spec.topk_group, int(spec.norm_topk_prob),
-            spec.routed_scaling_factor, *self._stacks, hidden, self.inter, self.group_size))
+            spec.routed_scaling_factor, *self._stacks, hidden, self.inter, self.group_size,
+            None if chosen is None else chosen.data_ptr())
+        if done and counts is not None:
+            counts += torch.bincount(chosen, minlength=spec.num_experts)
+        return bool(done)
 
 
 def reference_moe_pairs(x, kind, group_size, gate_up, down, pair_experts, pair_tokens, pair_weights,
