@@ -147,3 +147,26 @@ def test_bfloat16_decode_steps_take_the_routed_experts_call_with_the_step_by_ste
             assert sum(sum(layer) for layer in fused_counts.values()) > 0
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_float_experts_shared_by_a_batchs_tokens_give_each_token_its_own_bits(dtype, one_thread):
+    """cpu.moe_pairs runs the tokens that chose one expert through its rows together: each token's
+    output is the one it gets alone."""
+    generator = torch.Generator().manual_seed(7)
+    experts, hidden, inter, top_k, tokens = 8, 256, 128, 3, 6
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=generator) / 8).to(dtype)
+    down = (torch.randn(experts, hidden, inter, generator=generator) / 8).to(dtype)
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    chosen = torch.tensor([[0, 1, 2 + t] for t in range(tokens)])  # experts 0 and 1 shared by all six
+    weights = torch.rand(tokens, top_k, generator=generator)
+
+    def pairs(rows):
+        flat = chosen[rows].reshape(-1)
+        order = flat.argsort(stable=True)
+        return flat[order], order // top_k, weights[rows].reshape(-1)[order]
+
+    together = cpu.moe_pairs(x, gate_up, down, *pairs(list(range(tokens))))
+    for t in range(tokens):
+        alone = cpu.moe_pairs(x[t : t + 1], gate_up, down, *pairs([t]))
+        assert torch.equal(together[t], alone[0]), t

@@ -268,6 +268,12 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
 /* Expert rows are short streams (a V2-shape bfloat16 expert: 1.5 MB in 2 KB and 512 B rows): the next
  * 2 KB ahead of the row being read are prefetched, as cpu_quant.c does for packed experts. */
 #define MOE_PREFETCH_BYTES 2048
+/* Consecutive assignments of one expert (a batch step's tokens that chose it) go through its rows
+ * together, up to MOE_GROUP tokens: each weight row is read once for all of them (dot_*_rows gives
+ * every token the bits dot_* gives it alone, and each token's output gets its additions in the
+ * same order as one assignment at a time). A thread that cannot allocate the group's buffers runs
+ * one token at a time. */
+#define MOE_GROUP 4
 #define MOE_KERNEL(NAME, T, DOT, TO_F32, FROM_F32)                                                      \
     void NAME(const T *x, const T *gate_up, const T *down, const int64_t *experts, const int64_t *tokens,  \
               const float *weights, int assignments, int m, float *out, float *partial, float *scratch,    \
@@ -278,33 +284,51 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
             _Pragma("omp single") threads = omp_get_num_threads();                                        \
             int id = omp_get_thread_num();                                                                \
             float *mine = partial + (int64_t)id * m * hidden;                                             \
-            float *gate_up_out = scratch + (int64_t)id * 3 * inter;                                       \
-            T *act = (T *)(gate_up_out + 2 * inter);                                                      \
+            float *grouped = malloc(sizeof(float) * MOE_GROUP * 2 * inter +                              \
+                                    sizeof(T) * MOE_GROUP * (inter + hidden));                            \
+            /* without it, one token at a time in the caller's scratch: 2I floats + I of T per thread */   \
+            float *gate_up_out = grouped ? grouped : scratch + (int64_t)id * 3 * inter;                   \
+            T *act = (T *)(gate_up_out + (grouped ? MOE_GROUP : 1) * 2 * inter);                          \
+            T *xs = grouped ? act + MOE_GROUP * inter : NULL;                                             \
+            const int group = grouped ? MOE_GROUP : 1;                                                    \
             for (int64_t j = 0; j < (int64_t)m * hidden; j++) mine[j] = 0.f;                              \
             int first = (int)((int64_t)assignments * id / threads);                                       \
             int last = (int)((int64_t)assignments * (id + 1) / threads);                                  \
-            for (int a = first; a < last; a++) {                                                          \
-                const T *xt = x + tokens[a] * hidden;                                                     \
+            for (int a = first; a < last;) {                                                              \
+                int count = 1;                                                                            \
+                while (count < group && a + count < last && experts[a + count] == experts[a]) count++;    \
                 const T *gu = gate_up + experts[a] * 2 * inter * hidden;                                  \
                 const T *dn = down + experts[a] * hidden * inter;                                         \
-                float *ot = mine + tokens[a] * hidden;                                                    \
-                float w = weights[a];                                                                     \
+                const T *xt = x + tokens[a] * hidden;                                                     \
+                if (xs) {                                                                                 \
+                    for (int t = 0; t < count; t++)                                                       \
+                        memcpy(xs + t * hidden, x + tokens[a + t] * hidden, sizeof(T) * hidden);          \
+                    xt = xs;                                                                              \
+                }                                                                                         \
                 const int64_t gu_ahead = MOE_PREFETCH_BYTES / (hidden * (int64_t)sizeof(T)) + 1;          \
                 const int64_t dn_ahead = MOE_PREFETCH_BYTES / (inter * (int64_t)sizeof(T)) + 1;           \
+                float sums[MOE_GROUP];                                                                    \
                 for (int64_t r = 0; r < 2 * inter; r++) {                                                 \
                     if (r + gu_ahead < 2 * inter) prefetch_span(gu + (r + gu_ahead) * hidden, hidden * sizeof(T)); \
-                    gate_up_out[r] = TO_F32(FROM_F32(DOT(gu + r * hidden, xt, hidden)));                  \
+                    DOT##_rows(gu + r * hidden, xt, count, hidden, sums);                                 \
+                    for (int t = 0; t < count; t++) gate_up_out[t * 2 * inter + r] = TO_F32(FROM_F32(sums[t])); \
                 }                                                                                         \
                 prefetch_span(dn, (dn_ahead < hidden ? dn_ahead : hidden) * inter * sizeof(T));           \
-                for (int64_t i = 0; i < inter; i++) {                                                     \
-                    float g = gate_up_out[i];                                                             \
-                    act[i] = FROM_F32(TO_F32(FROM_F32(g / (1.f + expf(-g)))) * gate_up_out[inter + i]);   \
-                }                                                                                         \
+                for (int t = 0; t < count; t++)                                                           \
+                    for (int64_t i = 0; i < inter; i++) {                                                 \
+                        float g = gate_up_out[t * 2 * inter + i];                                         \
+                        act[t * inter + i] =                                                              \
+                            FROM_F32(TO_F32(FROM_F32(g / (1.f + expf(-g)))) * gate_up_out[t * 2 * inter + inter + i]); \
+                    }                                                                                     \
                 for (int64_t r = 0; r < hidden; r++) {                                                    \
                     if (r + dn_ahead < hidden) prefetch_span(dn + (r + dn_ahead) * inter, inter * sizeof(T));  \
-                    ot[r] += w * TO_F32(FROM_F32(DOT(dn + r * inter, act, inter)));                       \
+                    DOT##_rows(dn + r * inter, act, count, inter, sums);                                  \
+                    for (int t = 0; t < count; t++)                                                       \
+                        mine[tokens[a + t] * hidden + r] += weights[a + t] * TO_F32(FROM_F32(sums[t]));   \
                 }                                                                                         \
+                a += count;                                                                               \
             }                                                                                             \
+            free(grouped);                                                                                \
         }                                                                                                 \
         for (int64_t j = 0; j < (int64_t)m * hidden; j++) {                                               \
             float sum = 0.f;                                                                              \
