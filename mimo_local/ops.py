@@ -59,13 +59,7 @@ def mlp(gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def decode_attention(attention: nn.Module, qkv: torch.Tensor, start: int, cache) -> torch.Tensor | None:
     """RoPE, cache write and attention of a few projected tokens qkv [1, T, *] in one kernel call
     ([1, T, heads * v_head_dim]), or None where the kernel does not apply."""
-    batch, steps, _ = qkv.shape
-    if not cpu_kernels.attention_supports(qkv, cache, steps):
-        return None
-    cos, sin = attention.rope.cos_sin(start, steps, torch.float32)
-    sinks = None if attention.sinks is None else attention.sinks.float()
-    out = cpu_kernels.decode_attention(qkv.view(steps, -1), start, cos, sin, cache, sinks, attention.scale)
-    return out.view(batch, steps, -1)
+    return decode_attention_batch(attention, qkv, [start], [qkv.shape[1]], [cache])
 
 
 def route(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -82,13 +76,13 @@ def decode_attention_batch(attention: nn.Module, qkv: torch.Tensor, starts: list
     """decode_attention of several sequences' projected rows (qkv [1, N, *]: lengths[b] rows of sequence
     b at positions starts[b].. in caches[b]) in one kernel call ([1, N, heads * v_head_dim]), each
     sequence's rows as its own call gives them; None where the kernel does not apply to all of them."""
-    if not all(cpu_kernels.attention_supports(qkv, cache, steps) for cache, steps in zip(caches, lengths)):
+    if qkv.shape[0] != 1 or not all(cpu_kernels.attention_supports(qkv, cache, steps)
+                                    for cache, steps in zip(caches, lengths)):
         return None
     tables = [attention.rope.cos_sin(start, steps, torch.float32) for start, steps in zip(starts, lengths)]
     sinks = None if attention.sinks is None else attention.sinks.float()
     rows = qkv.shape[1]
-    out = cpu_kernels.decode_attention_batch(qkv.view(rows, -1), starts, lengths, tables, caches, sinks,
-                                             attention.scale)
+    out = cpu_kernels.decode_attention(qkv.view(rows, -1), starts, lengths, tables, caches, sinks, attention.scale)
     return out.view(1, rows, -1)
 
 
@@ -130,12 +124,7 @@ def expert_linear(stack, x: torch.Tensor, index: int) -> torch.Tensor:
 def decoder_layer(layer: nn.Module, x: torch.Tensor, start: int, cache) -> torch.Tensor | None:
     """A decode or verify step (a few tokens, batch 1) of a whole pre-norm decoder layer in one kernel
     call (its MoE, if any, after it), or None where that cannot run."""
-    if x.shape[0] != 1 or not cpu_kernels.attention_supports(x, cache, x.shape[1]):
-        return None
-    if layer.kernel_plan is None or layer.kernel_plan[0] != x.dtype:
-        layer.kernel_plan = (x.dtype, LayerPlan.make(layer, x))
-    plan = layer.kernel_plan[1]
-    return None if plan is None else plan.run(layer, x, start, cache)
+    return decoder_layer_batch(layer, x, [start], [x.shape[1]], [cache])
 
 
 def decoder_layer_batch(layer: nn.Module, x: torch.Tensor, starts: list[int], lengths: list[int],
@@ -150,7 +139,7 @@ def decoder_layer_batch(layer: nn.Module, x: torch.Tensor, starts: list[int], le
     if layer.kernel_plan is None or layer.kernel_plan[0] != x.dtype:
         layer.kernel_plan = (x.dtype, LayerPlan.make(layer, x))
     plan = layer.kernel_plan[1]
-    return None if plan is None else plan.run_batch(layer, x, starts, lengths, caches)
+    return None if plan is None else plan.run(layer, x, starts, lengths, caches)
 
 
 def projection_operand(module: nn.Module):
@@ -199,28 +188,16 @@ class LayerPlan:
             weights.update(gate_up=described[2], down=described[3], inter=mlp_module.intermediate_size)
         return cls(True, weights, dense, sinks, experts)
 
-    def run(self, layer: nn.Module, x: torch.Tensor, start: int, cache) -> torch.Tensor | None:
-        """The layer's output, or None where the kernel declined (nothing was changed then)."""
-        attention = layer.self_attn
-        cos, sin = attention.rope.cos_sin(start, x.shape[1], torch.float32)
-        kernel = quant_kernels.decoder_layer if self.quantized else cpu_kernels.decoder_layer
-        result = kernel(x, layer.input_layernorm.eps, norm1=layer.input_layernorm.weight,
-                        norm2=layer.post_attention_layernorm.weight, start=start, cos=cos, sin=sin, cache=cache,
-                        sinks=self.sinks, scale=attention.scale, **self.weights)
-        return self._finish(layer, result)
-
-    def run_batch(self, layer: nn.Module, x: torch.Tensor, starts: list[int], lengths: list[int],
-                  caches: list) -> torch.Tensor | None:
-        """`run` for the rows of several sequences (ops.decoder_layer_batch)."""
+    def run(self, layer: nn.Module, x: torch.Tensor, starts: list[int], lengths: list[int],
+            caches: list) -> torch.Tensor | None:
+        """The layer's output for the rows of one or more sequences (see decoder_layer_batch), or None
+        where the kernel declined (nothing was changed then)."""
         attention = layer.self_attn
         tables = [attention.rope.cos_sin(start, steps, torch.float32) for start, steps in zip(starts, lengths)]
-        kernel = quant_kernels.decoder_layer_batch if self.quantized else cpu_kernels.decoder_layer_batch
+        kernel = quant_kernels.decoder_layer if self.quantized else cpu_kernels.decoder_layer
         result = kernel(x, layer.input_layernorm.eps, norm1=layer.input_layernorm.weight,
                         norm2=layer.post_attention_layernorm.weight, starts=starts, lengths=lengths, tables=tables,
                         caches=caches, sinks=self.sinks, scale=attention.scale, **self.weights)
-        return self._finish(layer, result)
-
-    def _finish(self, layer: nn.Module, result) -> torch.Tensor | None:
         if result is None:
             return None
         out, normed = result

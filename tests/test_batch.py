@@ -244,15 +244,15 @@ def test_a_batch_step_runs_each_layer_in_one_call_with_the_step_by_step_numbers(
             caches[fused].append(model.new_cache(256))
             model(ids, caches[fused][-1])
     calls = []
-    real = LayerPlan.run_batch
+    real = LayerPlan.run
 
     def step(fused: bool):
-        def run_batch(self, *args):
+        def run(self, *args):
             out = real(self, *args) if fused else None
             calls.append(out is not None)
             return out
 
-        monkeypatch.setattr(LayerPlan, "run_batch", run_batch)
+        monkeypatch.setattr(LayerPlan, "run", run)
         tokens = [torch.tensor([11]), torch.tensor([22, 23, 24, 25]), torch.tensor([33, 34])]  # a decode, two verifies
         return model.forward_batch(tokens, caches[fused])
 

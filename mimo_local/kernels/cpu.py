@@ -47,8 +47,6 @@ _PER_DTYPE = {
     "swiglu": [_POINTER, _POINTER, _INT, _I64],
     "mlp": [_POINTER] * 6 + [_INT, _I64, _I64],
     "rmsnorm": [_POINTER, _POINTER, _POINTER, _INT, _I64, _FLOAT],
-    "attention": [_POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER],
-    "decoder_layer": [_POINTER, _INT, _I64, _FLOAT] + [_POINTER] * 3 + [_I64] + [_POINTER] * 4 + [_I64] + [_POINTER] * 8,
     "attention_batch": [_POINTER, _INT] + [_POINTER] * 5,
     "decoder_layer_batch": [_POINTER, _INT, _POINTER, _I64, _FLOAT] + [_POINTER] * 3 + [_I64] + [_POINTER] * 4 + [_I64]
     + [_POINTER] * 8,
@@ -56,7 +54,6 @@ _PER_DTYPE = {
 # Every entry point of cpu_linear.c: (argtypes, restype), checked against the C source by the tests.
 DECLARATIONS: dict[str, signatures.Declaration] = {
     **{f"{name}_{suffix}": (types, None) for name, types in _PER_DTYPE.items() for suffix in ("f32", "bf16")},
-
     "argmax_rows_f32": ([_POINTER, _INT, _I64, _POINTER], None),
     "kernel_isa": ([], ctypes.c_char_p),
 }
@@ -290,39 +287,11 @@ def attention_supports(qkv: torch.Tensor, cache, steps: int) -> bool:
     )
 
 
-def _attention_args(spec, cache, start: int, steps: int, qkv_stride: int, cos, sin, sinks, scale: float):
-    """AttentionArgs and the scratch tensors they point to (kept alive by the caller)."""
-    slots = cache.capacity if spec.is_sliding else start + steps
-    q_scratch = torch.empty(steps * spec.num_heads * spec.head_dim, dtype=torch.float32)
-    score_scratch = torch.empty(steps * spec.num_heads * slots, dtype=torch.float32)
-    args = AttentionArgs(
-        qkv_stride=qkv_stride, start=start, capacity=cache.capacity,
-        window=spec.sliding_window if spec.is_sliding else -1, cos=cos.data_ptr(), sin=sin.data_ptr(),
-        sinks=_address(sinks), slot_pos=cache.slot_pos.data_ptr() if spec.is_sliding else None,
-        heads=spec.num_heads, kv_heads=spec.num_kv_heads, dim=spec.head_dim, v_dim=spec.v_head_dim,
-        rope_dim=spec.rope_dim, scale=scale, value_scale=spec.value_scale, q_scratch=q_scratch.data_ptr(),
-        score_scratch=score_scratch.data_ptr(),
-    )
-    return args, (q_scratch, score_scratch)
-
-
-def decode_attention(qkv, start: int, cos, sin, cache, sinks, scale: float) -> torch.Tensor:
-    """Rotate, cache and attend for `steps` new tokens in one call. qkv [steps, q+k+v] (row-strided
-    view allowed); cos/sin float32 [steps, rope_dim]. Returns [steps, heads * v_head_dim]."""
-    spec = cache.spec
-    steps = qkv.shape[0]
-    args, _scratch = _attention_args(spec, cache, start, steps, qkv.stride(0), cos, sin, sinks, scale)
-    out = torch.empty(steps, spec.num_heads * spec.v_head_dim, dtype=qkv.dtype)
-    _kernel("attention", qkv.dtype)(qkv.data_ptr(), steps, cache.keys.data_ptr(), cache.values.data_ptr(),
-                                    out.data_ptr(), ctypes.byref(args))
-    return out
-
-
 class BatchAttention:
-    """The attention arguments of several sequences' rows in one call (a batch step): sequence b has
-    lengths[b] rows at positions starts[b].. of caches[b] (one layer's caches, one spec), tables[b]
-    its (cos, sin); the q and score scratch of all of them in one tensor. `pointers()`: the (rows,
-    keys, values, args) arrays the batch kernels take."""
+    """The attention arguments of one or more sequences' rows in one call (a decode or verify step, or
+    a batch step's): sequence b has lengths[b] rows at positions starts[b].. of caches[b] (one layer's
+    caches, one spec), tables[b] its (cos, sin); the q and score scratch of all of them in one tensor.
+    `rows`, `keys`, `values` and `args`: the arrays the kernels take, `count` their length."""
 
     def __init__(self, caches: list, starts: list[int], lengths: list[int], qkv_stride: int, tables: list, sinks,
                  scale: float):
@@ -353,12 +322,13 @@ class BatchAttention:
         self.count = count
 
 
-def decode_attention_batch(qkv, starts: list[int], lengths: list[int], tables: list, caches: list, sinks,
-                           scale: float) -> torch.Tensor:
-    """decode_attention of several sequences in one call (one thread team for all of them): qkv
-    [rows, q+k+v] holds lengths[b] rows of sequence b at positions starts[b].. of caches[b] (one
-    layer's caches, one spec), tables[b] its (cos, sin). Returns [rows, heads * v_head_dim], each
-    sequence's rows as decode_attention gives them."""
+def decode_attention(qkv, starts: list[int], lengths: list[int], tables: list, caches: list, sinks,
+                     scale: float) -> torch.Tensor:
+    """Rotate, cache and attend the new rows of one or more sequences in one call (one thread team for
+    all of them): qkv [rows, q+k+v] (row-strided view allowed) holds lengths[b] rows of sequence b at
+    positions starts[b].. of caches[b] (one layer's caches, one spec), tables[b] its float32 (cos, sin)
+    [lengths[b], rope_dim]. Returns [rows, heads * v_head_dim]; each sequence gets the numbers it
+    gets alone."""
     spec = caches[0].spec
     batch = BatchAttention(caches, starts, lengths, qkv.stride(0), tables, sinks, scale)
     out = torch.empty(qkv.shape[0], spec.num_heads * spec.v_head_dim, dtype=qkv.dtype)
@@ -367,9 +337,10 @@ def decode_attention_batch(qkv, starts: list[int], lengths: list[int], tables: l
     return out
 
 
-class BatchLayerBuffers:
-    """LayerBuffers of a decoder layer's batch step: x [1, rows, H] holds the rows of several sequences
-    (see BatchAttention)."""
+class LayerBuffers:
+    """The output and scratch of one fused decoder-layer call for the rows x [1, rows, H] of one or more
+    sequences (see BatchAttention): out starts as a copy of x (updated in place), normed receives
+    norm2(out)."""
 
     def __init__(self, x, caches: list, starts: list[int], lengths: list[int], qkv_out: int, inter: int, tables: list,
                  sinks, scale: float):
@@ -390,58 +361,22 @@ class BatchLayerBuffers:
         return (self.normed.data_ptr(), *(t.data_ptr() for t in self.scratch))
 
 
-class LayerBuffers:
-    """The output and scratch of one fused decoder-layer call, and the attention arguments pointing
-    into them: out starts as a copy of x (updated in place), normed receives norm2(out)."""
-
-    def __init__(self, x, cache, start: int, qkv_out: int, inter: int, cos, sin, sinks, scale: float):
-        spec = cache.spec
-        steps = x.shape[1]
-        self.out = x.contiguous().clone()
-        self.normed = torch.empty_like(self.out)
-        self.attention, self._attention_scratch = _attention_args(spec, cache, start, steps, qkv_out, cos, sin, sinks,
-                                                                  scale)
-        sizes = (qkv_out, spec.num_heads * spec.v_head_dim, 2 * inter, inter)
-        self.scratch = [torch.empty(steps * size, dtype=x.dtype) for size in sizes]  # qkv, attn, gate|up, act
-
-    def pointers(self) -> tuple:
-        """(attention args, normed, qkv, attn, gate_up_out, act): the trailing kernel arguments."""
-        return (ctypes.byref(self.attention), self.normed.data_ptr(), *(t.data_ptr() for t in self.scratch))
-
-
-def decoder_layer(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, start: int, cos, sin, cache, sinks,
-                  scale: float, gate_up=None, down=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A pre-norm decoder layer for the few tokens x [1, steps, H] in one call (one thread team
-    for all of it): h = x + o_proj(attention(qkv_proj(norm1(x)))), then, with gate_up/down,
-    h + down(swiglu(gate_up(norm2(h)))). Returns (that, norm2(h)): without gate_up the caller
-    adds its own FFN (MoE) of norm2(h) to h. Callers check `attention_supports` and
-    `supports_contiguous` for every weight first. None (nothing done) where torch's op is faster
-    on one of the projections: the caller runs the layer step by step, the same arithmetic as here
-    for every other step."""
-    if any(torch_is_faster(w) for w in (qkv_weight, o_weight, gate_up, down) if w is not None):
-        return None
-    qkv_out = qkv_weight.shape[0]
-    inter = 0 if down is None else down.shape[1]
-    buffers = LayerBuffers(x, cache, start, qkv_out, inter, cos, sin, sinks, scale)
-    _kernel("decoder_layer", x.dtype)(
-        buffers.out.data_ptr(), x.shape[1], x.shape[2], eps, norm1.data_ptr(), qkv_weight.data_ptr(),
-        _address(qkv_bias), qkv_out, o_weight.data_ptr(), norm2.data_ptr(), _address(gate_up), _address(down), inter,
-        cache.keys.data_ptr(), cache.values.data_ptr(), *buffers.pointers(),
-    )
-    return buffers.out, buffers.normed
-
-
-def decoder_layer_batch(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, starts: list[int],
+def decoder_layer(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, starts: list[int],
                         lengths: list[int], tables: list, caches: list, sinks, scale: float, gate_up=None,
                         down=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """decoder_layer for the rows of several sequences x [1, rows, H] (lengths[b] rows of sequence b
-    at positions starts[b].. of caches[b], tables[b] its (cos, sin)) in one call: each sequence's
-    rows get the numbers its own decoder_layer call gives them."""
+    """A pre-norm decoder layer for the few rows x [1, rows, H] of one or more sequences (lengths[b]
+    rows of sequence b at positions starts[b].. of caches[b], tables[b] its (cos, sin)) in one call
+    (one thread team for all of it): h = x + o_proj(attention(qkv_proj(norm1(x)))), then, with
+    gate_up/down, h + down(swiglu(gate_up(norm2(h)))). Returns (that, norm2(h)): without gate_up the
+    caller adds its own FFN (MoE) of norm2(h) to h. Each sequence's rows get the numbers they get
+    alone. Callers check `attention_supports` and `supports_contiguous` for every weight first. None
+    (nothing done) where torch's op is faster on one of the projections: the caller runs the layer
+    step by step, the same arithmetic as here for every other step."""
     if any(torch_is_faster(w) for w in (qkv_weight, o_weight, gate_up, down) if w is not None):
         return None
     qkv_out = qkv_weight.shape[0]
     inter = 0 if down is None else down.shape[1]
-    buffers = BatchLayerBuffers(x, caches, starts, lengths, qkv_out, inter, tables, sinks, scale)
+    buffers = LayerBuffers(x, caches, starts, lengths, qkv_out, inter, tables, sinks, scale)
     _kernel("decoder_layer_batch", x.dtype)(
         buffers.out.data_ptr(), buffers.attention.count, buffers.attention.rows, x.shape[2], eps, norm1.data_ptr(),
         qkv_weight.data_ptr(), _address(qkv_bias), qkv_out, o_weight.data_ptr(), norm2.data_ptr(), _address(gate_up),

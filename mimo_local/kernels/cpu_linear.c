@@ -265,8 +265,9 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
     for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char *)p + at, 0, 3);
 }
 
-/* Expert rows are short streams (a V2-shape bfloat16 expert: 1.5 MB in 2 KB and 512 B rows): the next
- * 2 KB ahead of the row being read are prefetched, as cpu_quant.c does for packed experts. */
+/* Expert rows are short streams (a V2-shape bfloat16 expert: 1.5 MB in 2 KB and 512 B rows), too short
+ * for the hardware prefetcher to ramp up on: the next 2 KB ahead of the row being read are prefetched
+ * (here and for cpu_quant.c's packed experts). */
 #define MOE_PREFETCH_BYTES 2048
 /* Consecutive assignments of one expert (a batch step's tokens that chose it) go through its rows
  * together, up to MOE_GROUP tokens: each weight row is read once for all of them (dot_*_rows gives
@@ -534,19 +535,11 @@ typedef struct {
         T *o = out + ((int64_t)i * heads + h) * v_dim;                                                    \
         for (int d = 0; d < v_dim; d++) o[d] = FROM_F32(acc[d]);                                          \
     }                                                                                                     \
-    static void attention_heads_##SUFFIX(int m, const T *keys, const T *values, T *out, const attention_args *a) {\
-        _Pragma("omp for schedule(static)")                                                               \
-        for (int64_t task = 0; task < (int64_t)m * a->heads; task++) attention_task_##SUFFIX(task, m, keys, values, out, a);\
-    }                                                                                                     \
-    void attention_##SUFFIX(const T *qkv, int m, T *keys, T *values, T *out, const attention_args *a) {  \
-        attention_store_##SUFFIX(qkv, m, keys, values, a);                                                \
-        _Pragma("omp parallel") attention_heads_##SUFFIX(m, keys, values, out, a);                        \
-    }                                                                                                     \
-    /* attention_##SUFFIX for several sequences (a batch's decode step), orphaned as the steps above are: \
-     * sequence b has rows[b] consecutive rows of qkv (all with the stride of args[0]) and out, its own   \
-     * cache (keys[b], values[b]) and arguments args[b] (same head counts and sizes for all). One thread  \
-     * stores every sequence's keys and values, then the (row, head) tasks of all of them are shared      \
-     * out; each sequence gets the numbers attention_##SUFFIX gives it alone. */                          \
+    /* RoPE, cache write and attention of one or more sequences (a decode or verify step, or a batch's), \
+     * orphaned as the steps above are: sequence b has rows[b] consecutive rows of qkv (all with the      \
+     * stride of args[0]) and out, its own cache (keys[b], values[b]) and arguments args[b] (same head    \
+     * counts and sizes for all). One thread stores every sequence's keys and values, then the (row,     \
+     * head) tasks of all of them are shared out; each sequence gets the numbers it gets alone. */        \
     static void attention_all_##SUFFIX(const T *qkv, int sequences, const int *rows, T *const *keys,      \
                                        T *const *values, T *out, const attention_args *args) {            \
         int heads = args[0].heads, total = 0;                                                             \
@@ -572,7 +565,7 @@ typedef struct {
      * x += down(swiglu(gate_up(normed))) (without it the caller runs its own FFN, e.g. MoE, on           \
      * normed). Scratch: qkv [M, qkv_out], attn [M, H * Dv], gate_up_out [M, 2I], act [M, I] of T.        \
      * The M rows are those of `sequences` sequences, rows[b] each, with caches and attention             \
-     * arguments as attention_all takes them (a batch step; one sequence for decoder_layer_##SUFFIX). */  \
+     * arguments as attention_all takes them (a batch step, or one sequence's decode or verify step). */ \
     void decoder_layer_batch_##SUFFIX(T *x, int sequences, const int *rows, int64_t hidden, float eps,    \
                                       const T *norm1, const T *qkv_w, const T *qkv_b, int64_t qkv_out, const T *o_w,\
                                       const T *norm2, const T *gate_up, const T *down, int64_t inter,     \
@@ -589,13 +582,6 @@ typedef struct {
             rmsnorm_rows_##SUFFIX(x, norm2, normed, m, hidden, eps);                                      \
             if (gate_up) mlp_rows_##SUFFIX(normed, gate_up, down, x, 1, gate_up_out, act, m, hidden, inter);\
         }                                                                                                 \
-    }                                                                                                     \
-    void decoder_layer_##SUFFIX(T *x, int m, int64_t hidden, float eps, const T *norm1, const T *qkv_w,   \
-                                const T *qkv_b, int64_t qkv_out, const T *o_w, const T *norm2,            \
-                                const T *gate_up, const T *down, int64_t inter, T *keys, T *values,       \
-                                const attention_args *a, T *normed, T *qkv, T *attn, T *gate_up_out, T *act) {\
-        decoder_layer_batch_##SUFFIX(x, 1, &m, hidden, eps, norm1, qkv_w, qkv_b, qkv_out, o_w, norm2, gate_up, down,\
-                                     inter, &keys, &values, a, normed, qkv, attn, gate_up_out, act);      \
     }
 
 DECODE_KERNELS(f32, float, dot_f32, head_dot_f32, head_axpy_f32, identity_f32, identity_f32)

@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-/* decoder_layer_bf16 and its per-step functions, the vector helpers (vsum...) and the ISA macros
+/* decoder_layer_batch_bf16 and its per-step functions, the vector helpers (vsum...) and the ISA macros
  * (MIMO_AVX2...): one compilation unit with the kernels below. */
 #include "cpu_linear.c"
 
@@ -1151,14 +1151,11 @@ ALWAYS_INLINE float quant_row(int format, QuantStack s, int64_t expert, int64_t 
     return sum;
 }
 
-/* Software prefetch of the expert rows about to be read: each expert's rows are a short stream
- * (a V2-shape MXFP4 expert: 384 KB), too short for the hardware prefetcher to ramp up on; measured
- * 1.1x on the V2-shape MXFP4 experts of 12 layers (out of cache), 1 thread. */
-#define PREFETCH_BYTES 2048
-
+/* Expert rows are prefetched MOE_PREFETCH_BYTES ahead (cpu_linear.c), as the float experts are:
+ * measured 1.1x on the V2-shape MXFP4 experts of 12 layers (out of cache), 1 thread. */
 static inline int64_t row_bytes(int format, int64_t k) { return format == FORMAT_INT8 ? k : k / 2; }
 
-static inline int64_t rows_ahead(int format, int64_t k) { return PREFETCH_BYTES / row_bytes(format, k); }
+static inline int64_t rows_ahead(int format, int64_t k) { return MOE_PREFETCH_BYTES / row_bytes(format, k); }
 
 /* The packed bytes of rows [first, first + count) of an expert's stack (clipped to the stack) */
 static inline void prefetch_rows(int format, QuantStack s, int64_t expert, int64_t rows, int64_t first,
@@ -1166,8 +1163,7 @@ static inline void prefetch_rows(int format, QuantStack s, int64_t expert, int64
     if (first >= rows) return;
     if (first + count > rows) count = rows - first;
     const int64_t bytes = row_bytes(format, k);
-    const char *start = (const char *)s.weights + (expert * rows + first) * bytes;
-    for (int64_t at = 0; at < count * bytes; at += 64) __builtin_prefetch(start + at, 0, 3);
+    prefetch_span((const char *)s.weights + (expert * rows + first) * bytes, count * bytes);
 }
 
 /* moe_quant's assignments first..last-1 on int4 stacks in groups of a multiple of 128 (the VNNI
@@ -1295,7 +1291,7 @@ void moe_quant(int format, const float *x, const void *gate_up, const void *gate
 }
 
 /* ---------------------------------------------------------------- a decoder layer, quantized
- * decoder_layer_bf16 of cpu_linear.c (included below: one compilation unit, so its per-step
+ * decoder_layer_batch_bf16 of cpu_linear.c (included below: one compilation unit, so its per-step
  * functions serve here too) with projections in any of the runtime layouts: bfloat16, int8 (one
  * scale per row) or int4 (groups). Activations are bfloat16; each projection's input is quantized
  * once per call for all its rows (int16 per token for int8 weights, int8 per group for int4) by one
@@ -1361,7 +1357,7 @@ static void projection_rows(const Projection *p, const uint16_t *x, uint16_t *y,
 }
 
 /* The M rows are those of `sequences` sequences, rows[b] each, with caches and attention arguments
- * as attention_all_bf16 takes them (a batch step); decoder_layer_quant_bf16 is one sequence's. */
+ * as attention_all_bf16 takes them (a batch step, or one sequence's decode or verify step). */
 int decoder_layer_quant_batch_bf16(uint16_t *x, int sequences, const int *rows, int64_t hidden, float eps,
                                    const uint16_t *norm1, const Projection *qkv_p, int64_t qkv_out,
                                    const Projection *o_p, const uint16_t *norm2, const Projection *gate_up_p,
@@ -1509,13 +1505,4 @@ int moe_routed(int format, uint16_t *h, const uint16_t *normed, int m, const flo
     free(x);
     free(ids);
     return 1;
-}
-
-int decoder_layer_quant_bf16(uint16_t *x, int m, int64_t hidden, float eps, const uint16_t *norm1,
-                             const Projection *qkv_p, int64_t qkv_out, const Projection *o_p, const uint16_t *norm2,
-                             const Projection *gate_up_p, const Projection *down_p, int64_t inter, uint16_t *keys,
-                             uint16_t *values, const attention_args *a, uint16_t *normed, uint16_t *qkv,
-                             uint16_t *attn, uint16_t *gate_up_out, uint16_t *act) {
-    return decoder_layer_quant_batch_bf16(x, 1, &m, hidden, eps, norm1, qkv_p, qkv_out, o_p, norm2, gate_up_p,
-                                          down_p, inter, &keys, &values, a, normed, qkv, attn, gate_up_out, act);
 }

@@ -175,8 +175,6 @@ DECLARATIONS: dict[str, signatures.Declaration] = {
     "moe_route": ([_POINTER] * 3 + [_INT, _I64, _INT, _INT, _INT, _INT, _INT, ctypes.c_float] + [_POINTER] * 2, None),
     "moe_routed": ([_INT, _POINTER, _POINTER, _INT, _POINTER, _POINTER] + [_INT] * 5 + [ctypes.c_float]
                    + [_POINTER] * 6 + [_I64] * 3 + [_POINTER], _INT),
-    "decoder_layer_quant_bf16": ([_POINTER, _INT, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64] + [_POINTER] * 4
-                                 + [_I64] + [_POINTER] * 8, _INT),
     "decoder_layer_quant_batch_bf16": ([_POINTER, _INT, _POINTER, _I64, ctypes.c_float] + [_POINTER] * 2 + [_I64]
                                        + [_POINTER] * 4 + [_I64] + [_POINTER] * 8, _INT),
 }
@@ -219,38 +217,18 @@ def decoder_layer_supports(x: torch.Tensor, projections) -> bool:
     )
 
 
-def decoder_layer(x, eps: float, norm1, qkv, o, norm2, start: int, cos, sin, cache, sinks, scale: float,
-                  gate_up=None, down=None, inter: int = 0):
+def decoder_layer(x, eps: float, norm1, qkv, o, norm2, starts: list[int], lengths: list[int], tables: list,
+                  caches: list, sinks, scale: float, gate_up=None, down=None, inter: int = 0):
     """cpu.decoder_layer with projections from `projection` (any mix of bfloat16, int8 and int4;
-    `inter` the MLP's intermediate size).
-    Returns (h, norm2(h)) as cpu.decoder_layer does, or None where the kernel does not apply or
-    torch's op is faster on one of the projections (the caller then runs the layer step by step;
-    nothing was changed)."""
-    if any(_projection_prefers_torch(p) for p in (qkv, o, gate_up, down) if p is not None):
-        return None
-    spec = cache.spec
-    qkv_out = spec.num_heads * spec.head_dim + spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
-    inter = inter if down is not None else 0
-    buffers = cpu.LayerBuffers(x, cache, start, qkv_out, inter, cos, sin, sinks, scale)
-    done = library().decoder_layer_quant_bf16(
-        buffers.out.data_ptr(), x.shape[1], x.shape[2], eps, norm1.data_ptr(), ctypes.byref(qkv[0]), qkv_out,
-        ctypes.byref(o[0]), norm2.data_ptr(), None if gate_up is None else ctypes.byref(gate_up[0]),
-        None if down is None else ctypes.byref(down[0]), inter, cache.keys.data_ptr(), cache.values.data_ptr(),
-        *buffers.pointers(),
-    )
-    return (buffers.out, buffers.normed) if done else None
-
-
-def decoder_layer_batch(x, eps: float, norm1, qkv, o, norm2, starts: list[int], lengths: list[int], tables: list,
-                        caches: list, sinks, scale: float, gate_up=None, down=None, inter: int = 0):
-    """decoder_layer for the rows of several sequences (see cpu.decoder_layer_batch): each sequence's
-    rows get the numbers its own decoder_layer call gives them. None as decoder_layer returns it."""
+    `inter` the MLP's intermediate size). Returns (h, norm2(h)) as cpu.decoder_layer does, or None
+    where the kernel does not apply or torch's op is faster on one of the projections (the caller
+    then runs the layer step by step; nothing was changed)."""
     if any(_projection_prefers_torch(p) for p in (qkv, o, gate_up, down) if p is not None):
         return None
     spec = caches[0].spec
     qkv_out = spec.num_heads * spec.head_dim + spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
     inter = inter if down is not None else 0
-    buffers = cpu.BatchLayerBuffers(x, caches, starts, lengths, qkv_out, inter, tables, sinks, scale)
+    buffers = cpu.LayerBuffers(x, caches, starts, lengths, qkv_out, inter, tables, sinks, scale)
     done = library().decoder_layer_quant_batch_bf16(
         buffers.out.data_ptr(), buffers.attention.count, buffers.attention.rows, x.shape[2], eps, norm1.data_ptr(),
         ctypes.byref(qkv[0]), qkv_out, ctypes.byref(o[0]), norm2.data_ptr(),
@@ -426,10 +404,9 @@ def gemm(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor,
     flat = x.reshape(-1, in_features).contiguous()
     out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32 if float32_out else torch.bfloat16)
     scales, zeros, bias = _float32(scales), _float32(zeros), _float32(bias)
-    address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     y_f32, y = (out.data_ptr(), None) if float32_out else (None, out.data_ptr())
-    if not library().gemm_quant_bf16(flat.data_ptr(), bits, weight.data_ptr(), scales.data_ptr(), address(zeros),
-                                      address(bias), y_f32, y, flat.shape[0], weight.shape[0], in_features, group):
+    if not library().gemm_quant_bf16(flat.data_ptr(), bits, weight.data_ptr(), scales.data_ptr(), cpu._address(zeros),
+                                      cpu._address(bias), y_f32, y, flat.shape[0], weight.shape[0], in_features, group):
         return None
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -521,10 +498,10 @@ def moe_pairs(
     down_zeros = _float32(down[2]) if kind == "int4" else None
     experts, token_ids = pair_experts.contiguous(), pair_tokens.contiguous()
     weights = pair_weights.float().contiguous()
-    address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     library().moe_quant(
-        MOE_FORMATS[kind], x.data_ptr(), gate_up[0].data_ptr(), gate_up_scales.data_ptr(), address(gate_up_zeros),
-        down[0].data_ptr(), down_scales.data_ptr(), address(down_zeros), experts.data_ptr(), token_ids.data_ptr(),
+        MOE_FORMATS[kind], x.data_ptr(), gate_up[0].data_ptr(), gate_up_scales.data_ptr(),
+        cpu._address(gate_up_zeros), down[0].data_ptr(), down_scales.data_ptr(), cpu._address(down_zeros),
+        experts.data_ptr(), token_ids.data_ptr(),
         weights.data_ptr(), experts.numel(), tokens, out.data_ptr(), partial.data_ptr(), scratch.data_ptr(),
         hidden, inter, group_size,
     )
@@ -568,10 +545,9 @@ class RoutedExperts:
             scales = _float32(gate_up[1]), _float32(down[1])
             zeros = (_float32(gate_up[2]), _float32(down[2])) if kind == "int4" else (None, None)
         self._tensors = (router_weight, bias, gate_up[0], down[0], *scales, *zeros)  # kept alive
-        address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        self._operands = (address(router_weight), address(bias))
-        self._stacks = (gate_up[0].data_ptr(), address(scales[0]), address(zeros[0]), down[0].data_ptr(),
-                        address(scales[1]), address(zeros[1]))
+        self._operands = (cpu._address(router_weight), cpu._address(bias))
+        self._stacks = (gate_up[0].data_ptr(), cpu._address(scales[0]), cpu._address(zeros[0]), down[0].data_ptr(),
+                        cpu._address(scales[1]), cpu._address(zeros[1]))
 
     def add_to(self, h: torch.Tensor, normed: torch.Tensor, counts: torch.Tensor | None = None) -> bool:
         """h [.., M, H] bfloat16 += the experts' output for normed (both contiguous), and `counts` [E]
