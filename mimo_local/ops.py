@@ -71,6 +71,16 @@ def route(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return quant_kernels.route(x, router.weight, router.e_score_correction_bias, router.spec)
 
 
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, before: int, scale: float,
+                      sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """Causal attention of a prefill chunk's queries q [1, H, T, D] over every key up to each of them
+    (keys/values [1, Hkv, before + T, *]) with the sinks in the denominator, in one kernel call; None
+    where the kernel does not apply (chunk_attention composes torch's flash kernel then)."""
+    if not cpu_kernels.prefill_attention_supports(q, keys, values):
+        return None
+    return cpu_kernels.prefill_attention(q, keys, values, before, scale, sinks)
+
+
 def decode_attention_batch(attention: nn.Module, qkv: torch.Tensor, starts: list[int], lengths: list[int],
                            caches: list) -> torch.Tensor | None:
     """decode_attention of several sequences' projected rows (qkv [1, N, *]: lengths[b] rows of sequence

@@ -1,10 +1,13 @@
 """Chunked prefill attention against dense attention: windows, sinks, ring holes, chunk boundaries."""
 
+import kernel_builds
 import pytest
 import torch
 
+from mimo_local import ops
 from mimo_local.cache import FullKVCache, KeyView, SlidingWindowKVCache
 from mimo_local.config import AttentionSpec
+from mimo_local.kernels import cpu
 from mimo_local.models import chunk_attention as chunked
 from mimo_local.models.layers import attend
 
@@ -111,3 +114,65 @@ def test_rope_equals_the_rotate_half_formula(rope_dim):
     rotate_half = torch.cat([-rotated[..., half:], rotated[..., :half]], dim=-1)
     expected = torch.cat([rotated * cos + rotate_half * sin, x[..., rope_dim:]], dim=-1)
     assert torch.equal(rope.apply(x, cos, sin), expected)
+
+
+def grouped_causal_reference(q, keys, values, before, scale, sinks):
+    """float32 softmax attention of q [1,H,T,D] at positions before.. over keys/values [1,Hkv,S,*]."""
+    heads, steps = q.shape[1], q.shape[2]
+    group = heads // keys.shape[1]
+    mask = torch.ones(steps, keys.shape[2], dtype=torch.bool).tril(before)
+    return attend(q.float(), keys.float().repeat_interleave(group, 1), values.float().repeat_interleave(group, 1),
+                  mask, scale, sinks)
+
+
+def cache_layout(kv_heads, length, dim, generator):
+    """bfloat16 keys as a cache holds them: a view of positions 0..length-1 of a longer buffer."""
+    return torch.randn(1, kv_heads, length + 37, dim, generator=generator).to(torch.bfloat16)[:, :, :length]
+
+
+@pytest.mark.skipif(not kernel_builds.LEVELS or "avx512" not in kernel_builds.LEVELS,
+                    reason="the vectorized prefill attention needs an AVX-512 CPU")
+@pytest.mark.parametrize("heads, kv_heads, dim, v_dim", [(16, 2, 96, 64), (8, 4, 128, 128), (4, 1, 32, 80)])
+@pytest.mark.parametrize("before, steps", [(0, 1), (0, 3), (70, 65), (1000, 300), (0, 512)])
+@pytest.mark.parametrize("with_sinks", [True, False])
+def test_prefill_attention_kernel_equals_float32_attention(heads, kv_heads, dim, v_dim, before, steps, with_sinks):
+    """The one-call causal attention of a global layer's chunk (AVX512-BF16 products, online softmax
+    over 64-key blocks) against float32 attention: query rows off the 4-row tiles, key counts off the
+    blocks, grouped heads, sinks, values of 64 dimensions and of a 16-dimension tail. Its error is
+    that of bfloat16 probabilities, like torch's flash kernel's on the same inputs."""
+    if cpu.library() is None or not cpu.library().attention_prefill_vectorized():
+        pytest.skip("this CPU has no AVX512-BF16")
+    generator = torch.Generator().manual_seed(before + steps + dim)
+    length = before + steps
+    qkv = torch.randn(1, steps, heads + kv_heads, dim, generator=generator).to(torch.bfloat16)
+    q = qkv[:, :, :heads].transpose(1, 2)  # the projection's layout: rows strided, as layers.py hands it over
+    keys, values = cache_layout(kv_heads, length, dim, generator), cache_layout(kv_heads, length, v_dim, generator)
+    sinks = torch.randn(heads, generator=generator) if with_sinks else None
+    assert ops.prefill_attention(q, keys, values, before, dim**-0.5, sinks) is not None
+    out = cpu.prefill_attention(q, keys, values, before, dim**-0.5, sinks)
+    expected = grouped_causal_reference(q, keys, values, before, dim**-0.5, sinks)
+    torch_flash = chunked._fused_part(q, keys, values, dim**-0.5, torch.ones(steps, length, dtype=torch.bool).tril(before),
+                                      False) if steps > chunked.MANUAL_ATTENTION_STEPS and v_dim <= dim else None
+    error = (out.float() - expected).abs().max().item()
+    assert error < 2e-2
+    if torch_flash is not None:
+        torch_error = (chunked.single(torch_flash, sinks, torch.bfloat16).float() - expected).abs().max().item()
+        assert error <= 1.5 * torch_error + 1e-3
+
+
+@pytest.mark.parametrize("level", [level for level in kernel_builds.LEVELS if level != "avx512"])
+def test_prefill_attention_plain_c_build_computes_the_same(level):
+    """Builds without AVX512-BF16 keep the entry point in plain C (the layers use torch's kernel there,
+    since the build says it is not vectorized): the same attention."""
+    generator = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, v_dim, before, steps = 4, 2, 32, 16, 40, 30
+    q = torch.randn(1, heads, steps, dim, generator=generator).to(torch.bfloat16)
+    keys = cache_layout(kv_heads, before + steps, dim, generator)
+    values = cache_layout(kv_heads, before + steps, v_dim, generator)
+    sinks = torch.randn(heads, generator=generator)
+    with kernel_builds.kernels(level):
+        assert cpu.library().attention_prefill_vectorized() == 0
+        assert ops.prefill_attention(q, keys, values, before, dim**-0.5, sinks) is None
+        out = cpu.prefill_attention(q, keys, values, before, dim**-0.5, sinks)
+    expected = grouped_causal_reference(q, keys, values, before, dim**-0.5, sinks)
+    assert (out.float() - expected).abs().max().item() < 1e-2

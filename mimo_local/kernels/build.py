@@ -155,10 +155,14 @@ def openmp_flags(cc: str) -> tuple[str, ...]:
     return ()
 
 
-def _sources(source_path: Path) -> list[Path]:
-    """A kernel source and the sources it includes with `#include "file"` (one level)."""
+def sources(source_path: Path) -> list[Path]:
+    """A kernel source and the sources it includes with `#include "file"`, and theirs (cpu_quant.c
+    includes cpu_linear.c, which includes prefill_attention.c)."""
     included = re.findall(r'^#include "([^"]+)"', source_path.read_text(), flags=re.MULTILINE)
-    return [source_path] + [source_path.with_name(name) for name in included]
+    found = [source_path]
+    for name in included:
+        found += [path for path in sources(source_path.with_name(name)) if path not in found]
+    return found
 
 
 def build(source_path: Path, isa: IsaLevel, flags: frozenset[str] | None = None, directory: Path | None = None,
@@ -171,7 +175,7 @@ def build(source_path: Path, isa: IsaLevel, flags: frozenset[str] | None = None,
         raise BuildError(f"no C compiler found ({os.environ.get('CC', 'gcc')}; set CC to use another)")
     isa_flags = isa.compiler_flags(cpu_flags() if flags is None else flags)
     key = hashlib.sha256()
-    for path in _sources(source_path):
+    for path in sources(source_path):
         key.update(path.read_bytes())
     key.update(_compiler_identity(cc).encode())
     key.update(" ".join([*COMMON_FLAGS, *([OPENMP_FLAG] if openmp else []), *isa_flags]).encode())

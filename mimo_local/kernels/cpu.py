@@ -55,6 +55,9 @@ _PER_DTYPE = {
 DECLARATIONS: dict[str, signatures.Declaration] = {
     **{f"{name}_{suffix}": (types, None) for name, types in _PER_DTYPE.items() for suffix in ("f32", "bf16")},
     "argmax_rows_f32": ([_POINTER, _INT, _I64, _POINTER], None),
+    "attention_prefill_bf16": ([_POINTER, _I64, _I64, _POINTER, _I64, _POINTER, _I64, _POINTER, _POINTER, _INT, _INT,
+                                _INT, _I64, _INT, _INT, _FLOAT], None),
+    "attention_prefill_vectorized": ([], _INT),
     "kernel_isa": ([], ctypes.c_char_p),
 }
 
@@ -285,6 +288,40 @@ def attention_supports(qkv: torch.Tensor, cache, steps: int) -> bool:
         and (not spec.is_sliding or steps <= cache.capacity - cache.window)
         and library() is not None
     )
+
+
+def prefill_attention_supports(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `prefill_attention` takes these: bfloat16 CPU tensors of batch 1, key and value rows
+    contiguous, and a build with the vectorized kernel (AVX512-BF16; torch's flash kernel elsewhere)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == keys.dtype == values.dtype == torch.bfloat16
+        and q.shape[0] == 1
+        and q.stride(-1) == 1
+        and keys.stride(-1) == values.stride(-1) == 1
+        and keys.stride(-2) == keys.shape[-1]
+        and values.stride(-2) == values.shape[-1]
+        and q.shape[-1] % 2 == 0
+        and values.shape[-1] % 16 == 0
+        and q.shape[1] % keys.shape[1] == 0
+        and library() is not None
+        and library().attention_prefill_vectorized() == 1
+    )
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, before: int, scale: float,
+                      sinks: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention of q [1, H, T, D] at positions before..before+T-1 over keys [1, Hkv, S, D] and
+    values [1, Hkv, S, Dv] (S = before + T, grouped-query), with a per-head sink term in the softmax
+    denominator: [1, H, T, Dv] (a view of a [1, T, H, Dv] tensor)."""
+    _, heads, steps, dim = q.shape
+    kv_heads, v_dim = keys.shape[1], values.shape[-1]
+    out = torch.empty(1, steps, heads, v_dim, dtype=q.dtype)
+    sink_values = None if sinks is None else sinks.float().contiguous()
+    library().attention_prefill_bf16(q.data_ptr(), q.stride(1), q.stride(2), keys.data_ptr(), keys.stride(1),
+                                     values.data_ptr(), values.stride(1), _address(sink_values), out.data_ptr(),
+                                     heads, kv_heads, steps, before, dim, v_dim, scale)
+    return out.transpose(1, 2)
 
 
 class BatchAttention:

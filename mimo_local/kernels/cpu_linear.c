@@ -642,3 +642,6 @@ void argmax_rows_f32(const float *x, int rows, int64_t n, int64_t *out) {
         out[r] = best;
     }
 }
+
+/* ---------------------------------------------------------------- prefill attention (global layers) */
+#include "prefill_attention.c"

@@ -39,16 +39,18 @@ def c_kind(declaration: str) -> str:
 
 
 def prototypes(source: Path, flags: list[str]) -> dict[str, tuple[list[str], str]]:
-    """name -> (parameter kinds, result kind) of every non-static function `source` defines."""
+    """name -> (parameter kinds, result kind) of every non-static function `source` (or a file it
+    includes with `#include "file"`) defines."""
     with tempfile.TemporaryDirectory() as folder:
         listing = Path(folder) / "prototypes"
         subprocess.run([build.compiler(), *flags, "-fsyntax-only", "-aux-info", str(listing), str(source)],
                        check=True, capture_output=True)
         lines = listing.read_text().splitlines()
     found = {}
+    own_files = {path.name for path in build.sources(source)}
     for line in lines:
         match = _PROTOTYPE.match(line)
-        if match and Path(match["file"]).name == source.name:
+        if match and Path(match["file"]).name in own_files:
             params = [] if match["params"] in ("", "void") else match["params"].split(", ")
             found[match["name"]] = ([c_kind(p) for p in params], c_kind(match["result"]))
     return found

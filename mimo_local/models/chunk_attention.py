@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..cache import KeyView
 
 KEY_TILE = 2048  # positions per tile where keys are dequantized or scored without the fused kernel
@@ -118,12 +119,18 @@ def chunk_attention(q: torch.Tensor, view: KeyView, start: int, window: int | No
 
 
 def _global(q, view: KeyView, start: int, scale: float, sinks):
-    """Causal attention over every entry up to each query. The fused kernel takes bfloat16 or
-    float32 keys of the queries' head size whole (_causal_blocks); other keys (quantized, narrower
-    values to pad, no fused kernel) come a tile at a time: everything before the chunk without a
-    mask, then the chunk's own keys causally."""
+    """Causal attention over every entry up to each query: bfloat16 keys in one call of our kernel
+    where the CPU has it (ops.prefill_attention: AVX512-BF16, sinks included). Otherwise torch's
+    fused kernel takes bfloat16 or float32 keys of the queries' head size whole (_causal_blocks);
+    other keys (quantized, narrower values to pad, no fused kernel) come a tile at a time: everything
+    before the chunk without a mask, then the chunk's own keys causally."""
     steps = q.shape[2]
     before = start - view.first
+    if not view.quantized:
+        keys, values = view.span(0, before + steps)
+        out = ops.prefill_attention(q, keys, values, before, scale, sinks)
+        if out is not None:
+            return out
     if _uses_fused(q) and not view.quantized and view.values.shape[-1] == q.shape[-1]:
         return _causal_blocks(q, view, before, scale, sinks)
     merged = Merged()
