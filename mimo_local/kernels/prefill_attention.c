@@ -13,6 +13,7 @@
 #define KEY_BLOCK 64   /* keys per softmax update: 4 vectors of scores per query row */
 #define QUERY_BLOCK 64 /* query rows per work item (a head's rows share each key block while in cache) */
 #define ROW_GROUP 4    /* query rows per register tile */
+#define PACK_KEYS 2048 /* keys repacked at a time (a multiple of KEY_BLOCK) */
 
 /* 1 where this build has the vectorized kernel (the caller uses torch's otherwise). */
 int attention_prefill_vectorized(void) {
@@ -80,21 +81,18 @@ static void pack_values(const uint16_t *v, int64_t keys, int64_t padded, int v_d
     }
 }
 
-/* One work item: query rows [first, first + rows) of one head over its keys, into out rows. */
-static void attend_block(const uint16_t *q, int64_t q_row_stride, const uint16_t *packed_k, const uint16_t *packed_v,
-                         uint16_t *out, int64_t out_row_stride, int64_t first, int rows, int64_t before, int dim,
-                         int v_dim, float scale_log2, float sink_log2, int has_sink, float *acc, float *row_max,
-                         float *row_sum, uint16_t *probs) {
+/* One work item over one span of keys: query rows [first, first + rows) of one head take the keys
+ * span_begin..span_end-1 (packed from span_begin) into their running softmax state: acc [rows][v_dim]
+ * (unnormalized outputs), row_max and row_sum (log2 units). */
+static void attend_span(const uint16_t *q, int64_t q_row_stride, const uint16_t *packed_k, const uint16_t *packed_v,
+                        int64_t span_begin, int64_t span_end, int64_t first, int rows, int64_t before, int dim,
+                        int v_dim, float scale_log2, float *acc, float *row_max, float *row_sum, uint16_t *probs) {
     const int pairs = dim / 2;
-    const int64_t key_end = before + first + rows; /* keys the block's last row sees, exclusive */
-    for (int r = 0; r < rows; r++) {
-        row_max[r] = -INFINITY;
-        row_sum[r] = 0.f;
-    }
-    memset(acc, 0, sizeof(float) * rows * v_dim);
-    for (int64_t k0 = 0; k0 < key_end; k0 += KEY_BLOCK) {
-        const uint16_t *kb = packed_k + k0 * dim;
-        const uint16_t *vb = packed_v + k0 * v_dim;
+    int64_t key_end = before + first + rows; /* keys the block's last row sees, exclusive */
+    key_end = key_end < span_end ? key_end : span_end;
+    for (int64_t k0 = span_begin; k0 < key_end; k0 += KEY_BLOCK) {
+        const uint16_t *kb = packed_k + (k0 - span_begin) * dim;
+        const uint16_t *vb = packed_v + (k0 - span_begin) * v_dim;
         for (int g = 0; g < rows; g += ROW_GROUP) {
             const int64_t last_key[ROW_GROUP] = {before + first + g, before + first + g + 1, before + first + g + 2,
                                                  before + first + g + 3};
@@ -181,11 +179,6 @@ static void attend_block(const uint16_t *q, int64_t q_row_stride, const uint16_t
             }
         }
     }
-    for (int r = 0; r < rows; r++) {
-        float denominator = row_sum[r] + (has_sink ? exp2f(sink_log2 - row_max[r]) : 0.f);
-        float inverse = 1.f / denominator;
-        for (int d = 0; d < v_dim; d++) out[(first + r) * out_row_stride + d] = float_to_bf16(acc[r * v_dim + d] * inverse);
-    }
 }
 #endif
 
@@ -200,38 +193,57 @@ void attention_prefill_bf16(const uint16_t *q, int64_t q_head_stride, int64_t q_
     const int64_t keys = before + steps;
     const int group = heads / kv_heads;
 #if defined(MIMO_AVX512BF16)
-    const int64_t padded = (keys + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
-    uint16_t *packed_k = malloc(sizeof(uint16_t) * kv_heads * padded * dim);
-    uint16_t *packed_v = malloc(sizeof(uint16_t) * kv_heads * padded * v_dim);
-    if (!packed_k || !packed_v) abort();
-    const int64_t chunks = padded / KEY_BLOCK;
-#pragma omp parallel for schedule(static)
-    for (int64_t item = 0; item < kv_heads * chunks; item++) {
-        int64_t h = item / chunks, c = item % chunks, lo = c * KEY_BLOCK;
-        int64_t valid = keys - lo < KEY_BLOCK ? keys - lo : KEY_BLOCK;
-        pack_keys(k + h * k_head_stride + lo * dim, valid, KEY_BLOCK, dim, packed_k + (h * padded + lo) * dim);
-        pack_values(v + h * v_head_stride + lo * v_dim, valid, KEY_BLOCK, v_dim, packed_v + (h * padded + lo) * v_dim);
-    }
+    /* keys are repacked PACK_KEYS at a time (memory bounded whatever the context); each (head, query
+     * block) keeps its softmax state across the spans */
     const int blocks = (steps + QUERY_BLOCK - 1) / QUERY_BLOCK;
-#pragma omp parallel
-    {
-        float *acc = malloc(sizeof(float) * QUERY_BLOCK * v_dim);
-        float row_max[QUERY_BLOCK], row_sum[QUERY_BLOCK];
-        uint16_t probs[ROW_GROUP * KEY_BLOCK] __attribute__((aligned(64)));
-        if (!acc) abort();
-        /* the last query blocks see the most keys: handed out first */
-#pragma omp for schedule(dynamic, 1)
-        for (int item = 0; item < heads * blocks; item++) {
-            int block = blocks - 1 - item / heads, h = item % heads, kv = h / group;
-            int64_t first = (int64_t)block * QUERY_BLOCK;
-            int rows = steps - first < QUERY_BLOCK ? (int)(steps - first) : QUERY_BLOCK;
-            attend_block(q + h * q_head_stride, q_row_stride, packed_k + kv * padded * dim,
-                         packed_v + kv * padded * v_dim, out + (int64_t)h * v_dim, (int64_t)heads * v_dim, first, rows,
-                         before, dim, v_dim, scale * log2e, sinks ? sinks[h] * log2e : 0.f, sinks != NULL, acc,
-                         row_max, row_sum, probs);
-        }
-        free(acc);
+    float *acc = malloc(sizeof(float) * heads * steps * v_dim);
+    float *row_max = malloc(sizeof(float) * heads * steps), *row_sum = malloc(sizeof(float) * heads * steps);
+    uint16_t *packed_k = malloc(sizeof(uint16_t) * kv_heads * PACK_KEYS * dim);
+    uint16_t *packed_v = malloc(sizeof(uint16_t) * kv_heads * PACK_KEYS * v_dim);
+    if (!acc || !row_max || !row_sum || !packed_k || !packed_v) abort();
+    memset(acc, 0, sizeof(float) * heads * steps * v_dim);
+    for (int64_t i = 0; i < (int64_t)heads * steps; i++) {
+        row_max[i] = -INFINITY;
+        row_sum[i] = 0.f;
     }
+    for (int64_t span = 0; span < keys; span += PACK_KEYS) {
+        const int64_t span_end = keys - span < PACK_KEYS ? keys : span + PACK_KEYS;
+        const int chunks = (int)((span_end - span + KEY_BLOCK - 1) / KEY_BLOCK);
+#pragma omp parallel for schedule(static)
+        for (int item = 0; item < kv_heads * chunks; item++) {
+            int h = item / chunks;
+            int64_t lo = span + (int64_t)(item % chunks) * KEY_BLOCK;
+            int64_t valid = span_end - lo < KEY_BLOCK ? span_end - lo : KEY_BLOCK;
+            pack_keys(k + h * k_head_stride + lo * dim, valid, KEY_BLOCK, dim,
+                      packed_k + ((int64_t)h * PACK_KEYS + lo - span) * dim);
+            pack_values(v + h * v_head_stride + lo * v_dim, valid, KEY_BLOCK, v_dim,
+                        packed_v + ((int64_t)h * PACK_KEYS + lo - span) * v_dim);
+        }
+#pragma omp parallel
+        {
+            uint16_t probs[ROW_GROUP * KEY_BLOCK] __attribute__((aligned(64)));
+            /* the last query blocks see the most keys: handed out first */
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < heads * blocks; item++) {
+                int block = blocks - 1 - item / heads, h = item % heads, kv = h / group;
+                int64_t first = (int64_t)block * QUERY_BLOCK, state = (int64_t)h * steps + first;
+                int rows = steps - first < QUERY_BLOCK ? (int)(steps - first) : QUERY_BLOCK;
+                attend_span(q + h * q_head_stride, q_row_stride, packed_k + (int64_t)kv * PACK_KEYS * dim,
+                            packed_v + (int64_t)kv * PACK_KEYS * v_dim, span, span_end, first, rows, before, dim, v_dim,
+                            scale * log2e, acc + state * v_dim, row_max + state, row_sum + state, probs);
+            }
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < (int64_t)heads * steps; i++) {
+        int64_t h = i / steps, t = i % steps;
+        float denominator = row_sum[i] + (sinks ? exp2f(sinks[h] * log2e - row_max[i]) : 0.f);
+        uint16_t *o = out + (t * heads + h) * v_dim;
+        for (int d = 0; d < v_dim; d++) o[d] = float_to_bf16(acc[i * v_dim + d] / denominator);
+    }
+    free(acc);
+    free(row_max);
+    free(row_sum);
     free(packed_k);
     free(packed_v);
 #else

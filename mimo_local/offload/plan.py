@@ -229,7 +229,9 @@ def workspace_bytes(config: MiMoConfig, ctx: int, itemsize: int, mtp_layers: int
 def attention_workspace_bytes(spec, steps: int, itemsize: int) -> int:
     """What chunk_attention holds at once for `steps` queries: a part's output (values padded to
     the key size for the fused kernel), the float32 merge, and the keys it copies: a tile of the
-    context (dequantized or padded), or a sliding window's band with its block mask."""
+    context (dequantized or padded), or a sliding window's band with its block mask. This also
+    covers the global layers' C kernel (prefill_attention.c): float32 outputs and softmax state per
+    query and head, and KEY_TILE (= its PACK_KEYS) positions of keys and values repacked."""
     padded = max(spec.head_dim, spec.v_head_dim)
     heads, kv_heads = spec.num_heads, spec.num_kv_heads
     total = steps * heads * (padded * itemsize + spec.v_head_dim * (8 + itemsize))
