@@ -4,6 +4,7 @@ for bit, and MiMo-V2.6's MXFP4 experts load as they are stored and compute what 
 import json
 
 import kernel_builds
+from near_greedy import assert_near_greedy
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -96,12 +97,11 @@ def test_v26_experts_load_as_stored_and_compute_like_the_float_twin(v26, decode_
 
 def test_v26_runs_plans_and_shows_its_parameters(v26):
     hub, twin = v26
-    # "Hi" in the V2.5 template has a 0.004 top-2 tie at its third step, where MTP's batched
-    # verification may go either way: a prompt without one
-    runs = [CliRunner().invoke(app, ["run", "-m", str(path), "--temperature", "0", "-n", "8", "--json", "Hello"])
-            for path in (hub, twin)]
-    assert all(run.exit_code == 0 for run in runs), [run.output for run in runs]
-    assert json.loads(runs[0].stdout)["token_ids"] == json.loads(runs[1].stdout)["token_ids"]
+    run = CliRunner().invoke(app, ["run", "-m", str(hub), "--temperature", "0", "-n", "8", "--json", "Hello"])
+    assert run.exit_code == 0, run.output
+    tokens = json.loads(run.stdout)["token_ids"]
+    assert len(tokens) == 8
+    assert_near_greedy(twin, "Hello", tokens)  # MXFP4 activations round to int8: tokens near the twin's best
     assert model_facts(hub).parameters == model_facts(twin).parameters  # packed bytes count two weights each
     plan = CliRunner().invoke(app, ["plan", str(hub), "--gpu-mem", "0", "--cpu-mem", "8GiB", "--ctx", "256", "--json"])
     report = json.loads(plan.stdout)

@@ -4,6 +4,7 @@ experts are copied as stored, the recipe quantizes the rest, and the output runs
 import json
 
 import kernel_builds
+from near_greedy import assert_near_greedy
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -79,7 +80,7 @@ def test_output_computes_like_the_same_quantization_of_the_float_twin(v26, tmp_p
     """The twin holds the same weights in the V2-Flash layout with the experts dequantized: quantized
     alike (int8 rows, experts untouched), both outputs give the same logits on torch's float matmuls
     (the MXFP4 kernels round activations to int8, which the twin's float experts do not: its effect
-    is bounded in tests/test_mxfp4_kernels.py) and the same greedy ids."""
+    is bounded in tests/test_mxfp4_kernels.py) and greedy ids the twin scores within the MXFP4 rounding of its best (near_greedy.py)."""
     hub, twin = v26
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(INT8_BUT_EXPERTS)
@@ -88,11 +89,11 @@ def test_output_computes_like_the_same_quantization_of_the_float_twin(v26, tmp_p
         assert result.exit_code == 0, result.output
     with kernel_builds.kernels(enabled=False):
         torch.testing.assert_close(logits(tmp_path / "hub-q"), logits(tmp_path / "twin-q"), atol=2e-4, rtol=1e-4)
-    runs = [invoke("run", "-m", tmp_path / out, "--temperature", "0", "-n", "12", "--json", "--no-mtp", "Hello")
-            for out in ("hub-q", "twin-q")]
-    assert all(run.exit_code == 0 for run in runs), [run.output for run in runs]
-    ours, reference = (json.loads(run.stdout)["token_ids"] for run in runs)
-    assert ours == reference
+    run = invoke("run", "-m", tmp_path / "hub-q", "--temperature", "0", "-n", "12", "--json", "--no-mtp", "Hello")
+    assert run.exit_code == 0, run.output
+    tokens = json.loads(run.stdout)["token_ids"]
+    assert len(tokens) == 12
+    assert_near_greedy(tmp_path / "twin-q", "Hello", tokens)
 
 
 def test_keeping_the_experts_is_no_worse_than_requantizing_them(v26, tmp_path):
