@@ -103,19 +103,7 @@ def create_app(service: Service, load=None, on_load_error=None) -> FastAPI:
     app = FastAPI(title="mimo-local", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     settings = service.settings
 
-    @app.middleware("http")
-    async def authorize_and_log(request: Request, call_next):
-        started = time.perf_counter()
-        path = request.url.path
-        if settings.api_key and path != "/health":
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                response = error_response(request, 401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                          "authentication_error", code="invalid_api_key")
-                return _logged(service, request, response, started)
-        response = await call_next(request)
-        return _logged(service, request, response, started)
+    app.add_middleware(AuthorizeAndLog, service=service)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
@@ -175,9 +163,37 @@ def create_app(service: Service, load=None, on_load_error=None) -> FastAPI:
     return BodyLimit(app, settings.max_body_bytes)
 
 
-def _logged(service: Service, request: Request, response, started: float):
-    route = request.scope.get("route")  # the route's template: no label per made-up path
-    service.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
-    log.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code,
-             (time.perf_counter() - started) * 1000)
-    return response
+class AuthorizeAndLog:
+    """The API key check (401 without it, /health excepted), and one log line and request count per
+    response, at its status line. Plain ASGI: a streamed answer's chunks pass through untouched
+    (starlette's BaseHTTPMiddleware moved each one through a task and a memory stream)."""
+
+    def __init__(self, app: ASGIApp, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        request = Request(scope)
+        api_key = self.service.settings.api_key
+        if api_key and scope["path"] != "/health":
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                response = error_response(request, 401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                          "authentication_error", code="invalid_api_key")
+                self._log(request, response.status_code, started)
+                return await response(scope, receive, send)
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                self._log(request, message["status"], started)
+            await send(message)
+
+        await self.app(scope, receive, logged_send)
+
+    def _log(self, request: Request, status: int, started: float) -> None:
+        route = request.scope.get("route")  # the route's template: no label per made-up path
+        self.service.metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
+        log.info("%s %s %d %.1f ms", request.method, request.url.path, status, (time.perf_counter() - started) * 1000)

@@ -165,20 +165,16 @@ class Loading(MimoError):
 
 async def events(output: Output, is_disconnected=None):
     """(TokenEvent | DoneEvent) of a job; raises the job's error. `is_disconnected`: an async
-    callable polled while waiting, so a client that went away cancels its generation. Leaving
-    early (a closed stream) cancels it too."""
+    callable polled every DISCONNECT_POLL_SECONDS by a watchdog task, so a client that went away
+    cancels its generation even while it waits for its first token. Leaving early (a closed
+    stream) cancels it too. Each event is a plain queue get: no task or timer per token."""
     job = output.job
-    getter = None
+    watchdog = None if is_disconnected is None else asyncio.ensure_future(_watch(job, is_disconnected))
     try:
         while True:
-            if job.events.empty():
-                getter = asyncio.ensure_future(job.events.get())
-                while not (await asyncio.wait({getter}, timeout=DISCONNECT_POLL_SECONDS))[0]:
-                    if is_disconnected is not None and await is_disconnected():
-                        return
-                item, getter = getter.result(), None
-            else:  # a step handed over several events: no waiting for the ones already there
-                item = job.events.get_nowait()
+            item = await job.events.get()
+            if item is _CLIENT_GONE:
+                return
             if isinstance(item, Failed):
                 raise item.error
             yield item
@@ -186,8 +182,19 @@ async def events(output: Output, is_disconnected=None):
                 return
     finally:
         job.cancelled.set()
-        if getter is not None:
-            getter.cancel()
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+_CLIENT_GONE = object()  # queued by the watchdog: the reader stops
+
+
+async def _watch(job, is_disconnected) -> None:
+    while not job.cancelled.is_set():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        if await is_disconnected():
+            job.events.put_nowait(_CLIENT_GONE)
+            return
 
 
 def usage(output: Output, stats) -> dict:
