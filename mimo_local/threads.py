@@ -5,7 +5,8 @@ takes a core, one of our threads waits in the run queue and every barrier waits 
 on two cores with one of them shared run slower than one thread on the free core (measured: a 7B
 shape fell to 0.27x of its idle speed with one `yes` running). So the step's thread count is not
 fixed: `ThreadTuner` times the steps, tries a neighbouring thread count now and then, and keeps
-the fastest. It tries at once when steps suddenly slow down (a program started) and, while its
+the fastest: a try's best step against the median of the chosen count's latest steps, so that one
+noisy step (a server's event loop, a client on the same cores) does not move the choice. It tries at once when steps suddenly slow down (a program started) and, while its
 choice keeps winning, less and less often (a try costs a step or two at the slower count).
 Prefill and everything outside decode steps run with all threads."""
 
@@ -21,17 +22,23 @@ class ThreadTuner:
     FIRST_TRY_AFTER = 8  # steps at the full count first: a short answer never pays for a try
     RETRY_EVERY = 32  # steps between tries of the neighbouring thread counts, doubled while the choice keeps winning
     MOST_PATIENT = 512
-    SLOWER = 1.3  # two steps in a row this much slower than the average try the neighbours at once
+    SLOWER = 1.5  # two steps in a row this much slower than the average try the neighbours at once
     SMOOTHING = 0.3
+    TRY_STEPS = 3  # steps of a try: the first warms the new count up, the best of the others counts
+    RECENT = 3  # the chosen count's latest steps, whose median a try is held against
+    MARGIN = 0.9  # a neighbour wins when its best step takes under this share of the chosen count's median
 
     def __init__(self, most: int):
         self.most = most
         self.threads = most  # the choice for steps that are not tries
         self.seconds: dict[tuple[int, int], float] = {}  # (rows, threads) -> moving average of a step's seconds
-        self._trial: list[int] = []  # thread counts of the coming trial steps; the last of each count is timed
+        self._recent: dict[int, list[float]] = {}  # rows -> the chosen count's latest step seconds
+        self._trial: list[int] = []  # thread counts of the coming trial steps
+        self._tried: dict[int, list[float]] = {}  # thread count -> the timed seconds of this try
         self._patience = self.RETRY_EVERY
         self._since_trial = 0
         self._slow_steps = 0
+        self._previous = most  # the count of the step before (a try's first step at a new count is not timed)
 
     @contextmanager
     def step(self, rows: int):
@@ -44,7 +51,8 @@ class ThreadTuner:
             yield
             return
         threads = self._trial.pop(0) if self._trial else self.threads
-        timed = not self._trial or self._trial[0] != threads  # a count's first trial step warms it up
+        warming = threads != self._previous
+        self._previous = threads
         torch.set_num_threads(threads)
         started = time.perf_counter()
         try:
@@ -52,40 +60,45 @@ class ThreadTuner:
         finally:
             seconds = time.perf_counter() - started
             torch.set_num_threads(self.most)
-        if timed:
-            self._record(rows, threads, seconds)
+        self._record(rows, threads, seconds, warming)
 
-    def _record(self, rows: int, threads: int, seconds: float) -> None:
+    def _record(self, rows: int, threads: int, seconds: float, warming: bool) -> None:
         key = (rows, threads)
         average = self.seconds.get(key)
-        tried = threads != self.threads
-        if average is None or tried:
-            self.seconds[key] = seconds  # a try replaces what may be an old figure
-        else:
-            self.seconds[key] = average + self.SMOOTHING * (seconds - average)
-        if self._trial:
+        if threads != self.threads:  # a try
+            if not warming:
+                self._tried.setdefault(threads, []).append(seconds)
+                self.seconds[key] = min(self._tried[threads])
+            if not self._trial:
+                self._decide(rows)
             return
-        if tried:
-            self._decide(rows)
-            return
+        self.seconds[key] = seconds if average is None else average + self.SMOOTHING * (seconds - average)
+        recent = self._recent.setdefault(rows, [])
+        recent[:] = (recent + [seconds])[-self.RECENT :]
         self._slow_steps = self._slow_steps + 1 if average is not None and seconds > self.SLOWER * average else 0
-        if self._slow_steps >= 2:
-            self.seconds[key] = seconds  # the new level, for the comparison with the tries
         self._since_trial += 1
         untried = any((rows, n) not in self.seconds for n in self._neighbours())
         first_try = untried and self._since_trial >= self.FIRST_TRY_AFTER
         if first_try or self._slow_steps >= 2 or self._since_trial >= self._patience:
             for n in self._neighbours():
-                self._trial += [n, n]
+                self._trial += [n] * self.TRY_STEPS
+            self._tried = {}
             self._since_trial = self._slow_steps = 0
 
     def _decide(self, rows: int) -> None:
-        candidates = [n for n in [self.threads, *self._neighbours()] if (rows, n) in self.seconds]
-        best = min(candidates, key=lambda n: self.seconds[(rows, n)])
-        if best == self.threads:
-            self._patience = min(2 * self._patience, self.MOST_PATIENT)
-        else:
+        """After a try: the fastest neighbour takes over if it beat the chosen count's recent median
+        by the margin (one noisy step does not move the choice)."""
+        recent = sorted(self._recent.get(rows, []))
+        if not recent or not self._tried:
+            return
+        current = recent[len(recent) // 2]
+        best, best_seconds = min(((n, min(times)) for n, times in self._tried.items()), key=lambda pair: pair[1])
+        if best_seconds < self.MARGIN * current:
             self.threads, self._patience = best, self.RETRY_EVERY
+            self._recent = {}
+            self.seconds[(rows, best)] = best_seconds
+        else:
+            self._patience = min(2 * self._patience, self.MOST_PATIENT)
 
     def _neighbours(self) -> list[int]:
         return [n for n in (self.threads - 1, self.threads + 1) if 1 <= n <= self.most]
