@@ -5,9 +5,10 @@ takes a core, one of our threads waits in the run queue and every barrier waits 
 on two cores with one of them shared run slower than one thread on the free core (measured: a 7B
 shape fell to 0.27x of its idle speed with one `yes` running). So the step's thread count is not
 fixed: `ThreadTuner` times the steps, tries a neighbouring thread count now and then, and keeps
-the fastest: a try's best step against the median of the chosen count's latest steps, so that one
-noisy step (a server's event loop, a client on the same cores) does not move the choice. It tries at once when steps suddenly slow down (a program started) and, while its
-choice keeps winning, less and less often (a try costs a step or two at the slower count).
+the fastest (a try's best step against the median of the chosen count's latest steps, so that one
+noisy step, e.g. a server's event loop or a client on the same cores, does not move the choice).
+It tries at once when steps suddenly slow down (a program started) and, while its choice keeps
+winning, less and less often (a try costs a few steps at the slower count).
 Prefill and everything outside decode steps run with all threads."""
 
 from __future__ import annotations
