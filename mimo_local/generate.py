@@ -322,6 +322,20 @@ class Generation:
             self.decode_started = time.perf_counter()
         return done
 
+    @property
+    def prefills_in_one_forward(self) -> bool:
+        """Whether prefill_together may run its whole prompt: one chunk, not started, no MTP layers
+        to catch up on the prompt's hidden states."""
+        return not self.speculative and self._prefill is None and len(self.prompt_ids) <= PREFILL_CHUNK
+
+    def prefilled(self, logits: torch.Tensor, seconds: float) -> None:
+        """The prompt was run (prefill_together): pick the first token from its last `logits`."""
+        self.pending = self.decoder.pick(logits, self.history)
+        self.stats.prefill_seconds += seconds
+        if self.on_prefill is not None:
+            self.on_prefill(len(self.prompt_ids), len(self.prompt_ids))
+        self.decode_started = time.perf_counter()
+
     def decode_step(self) -> None:
         """This sequence alone: one decoder step (a target forward, or a draft and verify)."""
         self.pending = self.decoder.next(self.history)
@@ -418,6 +432,13 @@ class Batch:
         and one decode step of the others; returns the events of every sequence that produced some."""
         results = []
         budget = PREFILL_STEP
+        together = self._prompts_together()
+        if len(together) > 1:
+            prefill_together(together)
+            for generation in together:
+                self.prefilling.remove(generation)
+                results.append((generation, self._taken(generation)))
+            budget -= sum(len(generation.prompt_ids) for generation in together)
         while self.prefilling and (budget == PREFILL_STEP or self.prefilling[0].next_chunk <= budget):
             generation = self.prefilling[0]
             budget -= generation.next_chunk
@@ -437,6 +458,17 @@ class Batch:
                 self.active.remove(generation)
         return results
 
+    def _prompts_together(self) -> list[Generation]:
+        """The waiting prompts at the head of the queue that one forward can run: whole prompts of
+        plain sequences, PREFILL_CHUNK tokens in all (the activation memory the plan counts)."""
+        together, tokens = [], 0
+        for generation in self.prefilling:
+            tokens += len(generation.prompt_ids)
+            if not generation.prefills_in_one_forward or tokens > PREFILL_CHUNK:
+                break
+            together.append(generation)
+        return together
+
     def _decode(self, decoding: list[Generation]) -> None:
         switch = self.switch if any(g.speculative and g.decoder.may_pause for g in decoding) else None
         drafting = switch is None or switch.drafts(len(decoding))
@@ -453,6 +485,19 @@ class Batch:
     def _taken(generation: Generation) -> list[TokenEvent | DoneEvent]:
         events = list(generation.take())
         return events + list(generation.finish()) if generation.finished else events
+
+
+def prefill_together(generations: list[Generation]) -> None:
+    """The whole prompts of several sequences (Generation.prefills_in_one_forward) in one forward,
+    each weight read once for all, as llama.cpp's server batches its slots' prompts; each picks its
+    first token."""
+    started = time.perf_counter()
+    model = generations[0].model
+    outs = model.forward_batch([torch.tensor(g.prompt_ids, device=model.device) for g in generations],
+                               [g.cache for g in generations], last_only=True)
+    seconds = time.perf_counter() - started
+    for generation, out in zip(generations, outs):
+        generation.prefilled(out.logits[0, -1], seconds)
 
 
 def drafts_this_step(generation: Generation, drafting: bool) -> bool:

@@ -263,3 +263,31 @@ def test_a_batch_step_runs_each_layer_in_one_call_with_the_step_by_step_numbers(
     for got, expected in zip(caches[True], caches[False]):
         for layer, other in zip(got.layers, expected.layers):
             assert torch.equal(layer.keys, other.keys) and torch.equal(layer.values, other.values)
+
+
+def test_short_prompts_arriving_together_run_in_one_forward(checkpoints, monkeypatch):
+    """Whole prompts of plain sequences waiting together go through one forward (each weight read once
+    for all, the logits of their last positions only), up to PREFILL_CHUNK tokens in all; a prompt of
+    a speculative sequence, or past that total, is prefilled on its own. Each sequence still gets
+    the tokens it gets alone."""
+    engine = Engine.load(checkpoints("mimo_v2_flash"), device="cpu", dtype="float32")
+    generator = torch.Generator().manual_seed(4)
+    lengths = [5, 40, 9, PREFILL_CHUNK - 50, 6]
+    prompts = [torch.randint(5, 900, (length,), generator=generator).tolist() for length in lengths]
+    settings = SamplingSettings(temperature=0, max_tokens=6)
+    batched = []
+    original = engine.model.forward_batch
+
+    def recording(tokens, caches, last_only=False):
+        if last_only:
+            batched.append([len(ids) for ids in tokens])
+        return original(tokens, caches, last_only)
+
+    monkeypatch.setattr(engine.model, "forward_batch", recording)
+    produced, _ = run_batched(engine, [(prompt, settings) for prompt in prompts], joins=[0] * len(prompts))
+    assert batched[0] == [5, 40, 9]  # the fourth would pass PREFILL_CHUNK tokens in all
+    for index, prompt in enumerate(prompts):
+        assert produced[index] == alone(engine, prompt, settings)[0], index
+    batched.clear()
+    run_batched(engine, [(prompts[0], settings), (prompts[2], settings)], joins=[0, 0], draft_tokens=1)
+    assert batched == []  # MTP layers catch up on each prompt's hidden states: one forward each

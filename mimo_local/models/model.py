@@ -103,13 +103,15 @@ class MiMoForCausalLM(nn.Module):
         return ForwardOutput(logits=self.lm_head(self.norm(last), float32_out=True), hidden=x)
 
     @torch.inference_mode()
-    def forward_batch(self, tokens: list[torch.Tensor], caches: list[ModelCache]) -> list[ForwardOutput]:
+    def forward_batch(self, tokens: list[torch.Tensor], caches: list[ModelCache],
+                      last_only: bool = False) -> list[ForwardOutput]:
         """Several sequences in one forward, each its own tokens ([T_b]: one for a decode step, the
-        last one and the drafts for a verify step) at its own positions in its own cache (its own
-        length, sliding windows, sinks): each weight is read once for all of them. Returns each
-        sequence's output, with the logits of all its positions."""
+        last one and the drafts for a verify step, a whole prompt) at its own positions in its own
+        cache (its own length, sliding windows, sinks): each weight is read once for all of them.
+        Returns each sequence's output, with the logits of all its positions (`last_only`: of its
+        last one, as a prefill needs)."""
         if len(tokens) == 1:
-            return [self.forward(tokens[0].view(1, -1), caches[0], all_logits=True)]
+            return [self.forward(tokens[0].view(1, -1), caches[0], all_logits=not last_only)]
         lengths = [len(ids) for ids in tokens]
         for cache, steps in zip(caches, lengths):
             if cache.length + steps > cache.max_tokens:
@@ -122,9 +124,12 @@ class MiMoForCausalLM(nn.Module):
             if cache.token_ids is not None:
                 cache.token_ids[start : start + len(ids)] = ids
             cache.length = start + len(ids)
-        logits = self.lm_head(self.norm(x), float32_out=True)
-        return [ForwardOutput(logits=rows, hidden=hidden)
-                for rows, hidden in zip(logits.split(lengths, dim=1), x.split(lengths, dim=1))]
+        if last_only:
+            ends = torch.tensor(lengths).cumsum(0) - 1
+            logits = self.lm_head(self.norm(x[:, ends]), float32_out=True).split(1, dim=1)
+        else:
+            logits = self.lm_head(self.norm(x), float32_out=True).split(lengths, dim=1)
+        return [ForwardOutput(logits=rows, hidden=hidden) for rows, hidden in zip(logits, x.split(lengths, dim=1))]
 
     @torch.inference_mode()
     def mtp_hidden(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor, start: int, cache) -> torch.Tensor:
