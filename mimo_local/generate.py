@@ -432,14 +432,15 @@ class Batch:
         and one decode step of the others; returns the events of every sequence that produced some."""
         results = []
         budget = PREFILL_STEP
-        together = self._prompts_together()
-        if len(together) > 1:
-            prefill_together(together)
-            for generation in together:
-                self.prefilling.remove(generation)
-                results.append((generation, self._taken(generation)))
-            budget -= sum(len(generation.prompt_ids) for generation in together)
         while self.prefilling and (budget == PREFILL_STEP or self.prefilling[0].next_chunk <= budget):
+            together = self._prompts_together(budget)
+            if len(together) > 1:
+                prefill_together(together)
+                for generation in together:
+                    self.prefilling.remove(generation)
+                    results.append((generation, self._taken(generation)))
+                budget -= sum(len(generation.prompt_ids) for generation in together)
+                continue
             generation = self.prefilling[0]
             budget -= generation.next_chunk
             if generation.prefill_chunk():
@@ -458,13 +459,14 @@ class Batch:
                 self.active.remove(generation)
         return results
 
-    def _prompts_together(self) -> list[Generation]:
+    def _prompts_together(self, budget: int) -> list[Generation]:
         """The waiting prompts at the head of the queue that one forward can run: whole prompts of
-        plain sequences, PREFILL_CHUNK tokens in all (the activation memory the plan counts)."""
+        plain sequences, PREFILL_CHUNK tokens in all (the activation memory the plan counts) and
+        within the step's `budget`."""
         together, tokens = [], 0
         for generation in self.prefilling:
             tokens += len(generation.prompt_ids)
-            if not generation.prefills_in_one_forward or tokens > PREFILL_CHUNK:
+            if not generation.prefills_in_one_forward or tokens > min(PREFILL_CHUNK, budget):
                 break
             together.append(generation)
         return together

@@ -272,7 +272,7 @@ def test_short_prompts_arriving_together_run_in_one_forward(checkpoints, monkeyp
     the tokens it gets alone."""
     engine = Engine.load(checkpoints("mimo_v2_flash"), device="cpu", dtype="float32")
     generator = torch.Generator().manual_seed(4)
-    lengths = [5, 40, 9, PREFILL_CHUNK - 50, 6]
+    lengths = [5, 40, 9, PREFILL_CHUNK - 50, 6, 30]
     prompts = [torch.randint(5, 900, (length,), generator=generator).tolist() for length in lengths]
     settings = SamplingSettings(temperature=0, max_tokens=6)
     batched = []
@@ -285,7 +285,7 @@ def test_short_prompts_arriving_together_run_in_one_forward(checkpoints, monkeyp
 
     monkeypatch.setattr(engine.model, "forward_batch", recording)
     produced, _ = run_batched(engine, [(prompt, settings) for prompt in prompts], joins=[0] * len(prompts))
-    assert batched[0] == [5, 40, 9]  # the fourth would pass PREFILL_CHUNK tokens in all
+    assert batched == [[5, 40, 9], [PREFILL_CHUNK - 50, 6, 30]]  # at most PREFILL_CHUNK tokens a forward
     for index, prompt in enumerate(prompts):
         assert produced[index] == alone(engine, prompt, settings)[0], index
     batched.clear()
