@@ -4,7 +4,7 @@
  * a sink per head in the softmax denominator), the way flash attention does it: key blocks of
  * KEY_BLOCK positions, an online softmax per query row, nothing of size T x S ever stored.
  * With AVX512-BF16 the two products run on vdpbf16ps, which multiplies bfloat16 pairs into float32:
- * the keys are repacked once per call so that a pair of head dimensions of 16 keys is one vector
+ * the keys are repacked (PACK_KEYS at a time) so that a pair of head dimensions of 16 keys is one vector
  * (scores: 16 keys per instruction), and the values so that a pair of keys of 16 value dimensions is
  * one (outputs: 16 dimensions per instruction), the probabilities rounded to bfloat16 for it as torch's
  * flash kernel does. Other builds run the same math in plain C (the caller prefers torch there).
@@ -22,19 +22,6 @@ int attention_prefill_vectorized(void) {
 #else
     return 0;
 #endif
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even (finite values) */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
 #if defined(MIMO_AVX512BF16)
@@ -239,7 +226,7 @@ void attention_prefill_bf16(const uint16_t *q, int64_t q_head_stride, int64_t q_
         int64_t h = i / steps, t = i % steps;
         float denominator = row_sum[i] + (sinks ? exp2f(sinks[h] * log2e - row_max[i]) : 0.f);
         uint16_t *o = out + (t * heads + h) * v_dim;
-        for (int d = 0; d < v_dim; d++) o[d] = float_to_bf16(acc[i * v_dim + d] / denominator);
+        for (int d = 0; d < v_dim; d++) o[d] = f32_to_bf16(acc[i * v_dim + d] / denominator);
     }
     free(acc);
     free(row_max);
@@ -261,7 +248,7 @@ void attention_prefill_bf16(const uint16_t *q, int64_t q_head_stride, int64_t q_
             float peak = sinks ? sinks[h] : -INFINITY;
             for (int64_t s = 0; s < seen; s++) {
                 float dot = 0.f;
-                for (int d = 0; d < dim; d++) dot += bf16_to_float(qr[d]) * bf16_to_float(kh[s * dim + d]);
+                for (int d = 0; d < dim; d++) dot += bf16_to_f32(qr[d]) * bf16_to_f32(kh[s * dim + d]);
                 scores[s] = dot * scale;
                 peak = scores[s] > peak ? scores[s] : peak;
             }
@@ -270,10 +257,10 @@ void attention_prefill_bf16(const uint16_t *q, int64_t q_head_stride, int64_t q_
             for (int64_t s = 0; s < seen; s++) {
                 float p = expf(scores[s] - peak);
                 total += p;
-                for (int d = 0; d < v_dim; d++) acc[d] += p * bf16_to_float(vh[s * v_dim + d]);
+                for (int d = 0; d < v_dim; d++) acc[d] += p * bf16_to_f32(vh[s * v_dim + d]);
             }
             uint16_t *o = out + t * heads * v_dim + (int64_t)h * v_dim;
-            for (int d = 0; d < v_dim; d++) o[d] = float_to_bf16(acc[d] / total);
+            for (int d = 0; d < v_dim; d++) o[d] = f32_to_bf16(acc[d] / total);
         }
         free(scores);
         free(acc);
