@@ -315,12 +315,17 @@ class Generation:
             done = False
         except StopIteration as finished:
             self.pending, done = finished.value, True
-        self.stats.prefill_seconds += time.perf_counter() - started
+        self._prefill_ran(time.perf_counter() - started, done)
+        return done
+
+    def _prefill_ran(self, seconds: float, done: bool) -> None:
+        """After a prompt chunk (or the whole prompt): its time, the progress callback, and the
+        decode clock's start once the first token is picked."""
+        self.stats.prefill_seconds += seconds
         if self.on_prefill is not None:
             self.on_prefill(self.cache.length - self._prefill_base, len(self.prompt_ids))
         if done:
             self.decode_started = time.perf_counter()
-        return done
 
     @property
     def prefills_in_one_forward(self) -> bool:
@@ -331,10 +336,7 @@ class Generation:
     def prefilled(self, logits: torch.Tensor, seconds: float) -> None:
         """The prompt was run (prefill_together): pick the first token from its last `logits`."""
         self.pending = self.decoder.pick(logits, self.history)
-        self.stats.prefill_seconds += seconds
-        if self.on_prefill is not None:
-            self.on_prefill(len(self.prompt_ids), len(self.prompt_ids))
-        self.decode_started = time.perf_counter()
+        self._prefill_ran(seconds, done=True)
 
     def decode_step(self) -> None:
         """This sequence alone: one decoder step (a target forward, or a draft and verify)."""

@@ -75,7 +75,8 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       sinks: torch.Tensor | None) -> torch.Tensor | None:
     """Causal attention of a prefill chunk's queries q [1, H, T, D] over every key up to each of them
     (keys/values [1, Hkv, before + T, *]) with the sinks in the denominator, in one kernel call; None
-    where the kernel does not apply (chunk_attention composes torch's flash kernel then)."""
+    where the kernel does not apply or could not allocate its buffers (chunk_attention composes
+    torch's flash kernel then)."""
     if not cpu_kernels.prefill_attention_supports(q, keys, values):
         return None
     return cpu_kernels.prefill_attention(q, keys, values, before, scale, sinks)

@@ -97,7 +97,6 @@ class ThreadTuner:
         if best_seconds < self.MARGIN * current:
             self.threads, self._patience = best, self.RETRY_EVERY
             self._recent = {}
-            self.seconds[(rows, best)] = best_seconds
         else:
             self._patience = min(2 * self._patience, self.MOST_PATIENT)
 

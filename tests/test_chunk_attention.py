@@ -160,6 +160,25 @@ def test_prefill_attention_kernel_equals_float32_attention(heads, kv_heads, dim,
         assert error <= 1.5 * torch_error + 1e-3
 
 
+def test_a_bfloat16_global_chunk_goes_to_the_kernel():
+    """chunk_attention hands a global layer's bfloat16 chunk over its cache to the one-call kernel
+    (its numbers, bit for bit), where the build has it."""
+    if cpu.library() is None or not cpu.library().attention_prefill_vectorized():
+        pytest.skip("this CPU has no AVX512-BF16")
+    generator = torch.Generator().manual_seed(2)
+    s = spec(None, dim=32, v_dim=16)
+    cache = FullKVCache(s, 700, 1, torch.bfloat16, "cpu")
+    start, steps = 300, 200
+    q = torch.randn(1, s.num_heads, steps, s.head_dim, generator=generator).bfloat16()
+    cache.update(cache_layout(s.num_kv_heads, start, 32, generator), cache_layout(s.num_kv_heads, start, 16, generator), 0)
+    view = cache.update(cache_layout(s.num_kv_heads, steps, 32, generator),
+                        cache_layout(s.num_kv_heads, steps, 16, generator), start)
+    sinks = torch.randn(s.num_heads, generator=generator)
+    keys, values = view.span(0, start + steps)
+    assert torch.equal(chunked.chunk_attention(q, view, start, None, 32**-0.5, sinks),
+                       cpu.prefill_attention(q, keys, values, start, 32**-0.5, sinks))
+
+
 @pytest.mark.parametrize("level", [level for level in kernel_builds.LEVELS if level != "avx512"])
 def test_prefill_attention_plain_c_build_computes_the_same(level):
     """Builds without AVX512-BF16 keep the entry point in plain C (the layers use torch's kernel there,

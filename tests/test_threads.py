@@ -46,6 +46,28 @@ def test_a_busy_core_moves_decode_to_fewer_threads_and_back(two_threads):
     assert torch.get_num_threads() == 2  # outside a step: every thread, for prefill and the rest
 
 
+def test_a_neighbour_must_win_by_the_margin(two_threads):
+    """A count only a little faster than the chosen one (within the noise of a busy machine) does not
+    take over: switching back and forth would cost more tries than it gains."""
+    tuner = ThreadTuner(2)
+    run_steps(tuner, 40, {2: 0.004, 1: 0.0038})  # one thread 5% faster
+    assert tuner.threads == 2
+
+
+def test_one_slow_step_before_a_try_does_not_hand_the_choice_over(two_threads):
+    """A try is held against the median of the chosen count's latest steps: one outlier among them
+    (an event loop, a client on the same cores) does not make the slower count look faster."""
+    tuner = ThreadTuner(2)
+    idle = {2: 0.004, 1: 0.006}
+    used = []
+    for step in range(20):
+        with tuner.step(rows=1):
+            used.append(torch.get_num_threads())
+            time.sleep(0.03 if step == ThreadTuner.FIRST_TRY_AFTER - 1 else idle[used[-1]])
+    assert 1 in used  # the first try ran right after the slow step
+    assert tuner.threads == 2 and used[-4:] == [2] * 4
+
+
 def test_tries_grow_rarer_while_the_choice_keeps_winning(two_threads):
     tuner = ThreadTuner(2)
     used = run_steps(tuner, 300, {2: 0.003, 1: 0.009})

@@ -55,8 +55,9 @@ _PER_DTYPE = {
 DECLARATIONS: dict[str, signatures.Declaration] = {
     **{f"{name}_{suffix}": (types, None) for name, types in _PER_DTYPE.items() for suffix in ("f32", "bf16")},
     "argmax_rows_f32": ([_POINTER, _INT, _I64, _POINTER], None),
+    "moe_scratch_floats": ([_I64, _I64], _I64),
     "attention_prefill_bf16": ([_POINTER, _I64, _I64, _POINTER, _I64, _POINTER, _I64, _POINTER, _POINTER, _INT, _INT,
-                                _INT, _I64, _INT, _INT, _FLOAT], None),
+                                _INT, _I64, _INT, _INT, _FLOAT], _INT),
     "attention_prefill_vectorized": ([], _INT),
     "kernel_isa": ([], ctypes.c_char_p),
 }
@@ -219,7 +220,7 @@ def moe_pairs(
     threads = torch.get_num_threads()
     out = torch.empty(tokens, hidden, dtype=torch.float32)
     partial = torch.empty(threads, tokens, hidden, dtype=torch.float32)
-    scratch = torch.empty(threads, 3 * inter, dtype=torch.float32)  # 2I floats + I activations each
+    scratch = torch.empty(threads, library().moe_scratch_floats(hidden, inter), dtype=torch.float32)
     _kernel("moe", x.dtype)(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), flat_experts.data_ptr(),
                             flat_tokens.data_ptr(), flat_weights.data_ptr(), flat_experts.numel(), tokens,
                             out.data_ptr(), partial.data_ptr(), scratch.data_ptr(), hidden, inter)
@@ -310,18 +311,19 @@ def prefill_attention_supports(q: torch.Tensor, keys: torch.Tensor, values: torc
 
 
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, before: int, scale: float,
-                      sinks: torch.Tensor | None) -> torch.Tensor:
+                      sinks: torch.Tensor | None) -> torch.Tensor | None:
     """Causal attention of q [1, H, T, D] at positions before..before+T-1 over keys [1, Hkv, S, D] and
     values [1, Hkv, S, Dv] (S = before + T, grouped-query), with a per-head sink term in the softmax
-    denominator: [1, H, T, Dv] (a view of a [1, T, H, Dv] tensor)."""
+    denominator: [1, H, T, Dv] (a view of a [1, T, H, Dv] tensor); None where the kernel could not
+    allocate its buffers."""
     _, heads, steps, dim = q.shape
     kv_heads, v_dim = keys.shape[1], values.shape[-1]
     out = torch.empty(1, steps, heads, v_dim, dtype=q.dtype)
     sink_values = None if sinks is None else sinks.float().contiguous()
-    library().attention_prefill_bf16(q.data_ptr(), q.stride(1), q.stride(2), keys.data_ptr(), keys.stride(1),
-                                     values.data_ptr(), values.stride(1), _address(sink_values), out.data_ptr(),
-                                     heads, kv_heads, steps, before, dim, v_dim, scale)
-    return out.transpose(1, 2)
+    done = library().attention_prefill_bf16(q.data_ptr(), q.stride(1), q.stride(2), keys.data_ptr(), keys.stride(1),
+                                            values.data_ptr(), values.stride(1), _address(sink_values), out.data_ptr(),
+                                            heads, kv_heads, steps, before, dim, v_dim, scale)
+    return out.transpose(1, 2) if done else None
 
 
 class BatchAttention:
@@ -398,9 +400,9 @@ class LayerBuffers:
         return (self.normed.data_ptr(), *(t.data_ptr() for t in self.scratch))
 
 
-def decoder_layer(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, starts: list[int],
-                        lengths: list[int], tables: list, caches: list, sinks, scale: float, gate_up=None,
-                        down=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def decoder_layer(x, eps: float, norm1, qkv_weight, qkv_bias, o_weight, norm2, starts: list[int], lengths: list[int],
+                  tables: list, caches: list, sinks, scale: float, gate_up=None,
+                  down=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A pre-norm decoder layer for the few rows x [1, rows, H] of one or more sequences (lengths[b]
     rows of sequence b at positions starts[b].. of caches[b], tables[b] its (cos, sin)) in one call
     (one thread team for all of it): h = x + o_proj(attention(qkv_proj(norm1(x)))), then, with

@@ -260,7 +260,7 @@ static void dot_f32_rows(const float *w, const float *x, int m, int64_t k, float
  * assignment. gate_up is [E, 2I, H] (gate rows first), down is [E, H, I]; out is float32 [M, H].
  * Experts are small, so threads split the assignments (each streams whole experts, one parallel
  * region per layer) and add into their own partial output; the partials are summed at the end.
- * scratch: per thread, I activations (T) + 2I floats; partial: threads * M * H floats. */
+ * scratch: moe_scratch_floats(H, I) floats per thread; partial: threads * M * H floats. */
 static inline void prefetch_span(const void *p, int64_t bytes) {
     for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char *)p + at, 0, 3);
 }
@@ -272,9 +272,13 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
 /* Consecutive assignments of one expert (a batch step's tokens that chose it) go through its rows
  * together, up to MOE_GROUP tokens: each weight row is read once for all of them (dot_*_rows gives
  * every token the bits dot_* gives it alone, and each token's output gets its additions in the
- * same order as one assignment at a time). A thread that cannot allocate the group's buffers runs
- * one token at a time. */
+ * same order as one assignment at a time). */
 #define MOE_GROUP 4
+
+/* A thread's scratch for the experts' kernel: MOE_GROUP tokens' gate|up outputs (2I floats each),
+ * activations (I) and inputs (H) of up to float32 each. */
+int64_t moe_scratch_floats(int64_t hidden, int64_t inter) { return MOE_GROUP * (3 * inter + hidden); }
+
 #define MOE_KERNEL(NAME, T, DOT, TO_F32, FROM_F32)                                                      \
     void NAME(const T *x, const T *gate_up, const T *down, const int64_t *experts, const int64_t *tokens,  \
               const float *weights, int assignments, int m, float *out, float *partial, float *scratch,    \
@@ -285,23 +289,19 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
             _Pragma("omp single") threads = omp_get_num_threads();                                        \
             int id = omp_get_thread_num();                                                                \
             float *mine = partial + (int64_t)id * m * hidden;                                             \
-            float *grouped = malloc(sizeof(float) * MOE_GROUP * 2 * inter +                              \
-                                    sizeof(T) * MOE_GROUP * (inter + hidden));                            \
-            /* without it, one token at a time in the caller's scratch: 2I floats + I of T per thread */   \
-            float *gate_up_out = grouped ? grouped : scratch + (int64_t)id * 3 * inter;                   \
-            T *act = (T *)(gate_up_out + (grouped ? MOE_GROUP : 1) * 2 * inter);                          \
-            T *xs = grouped ? act + MOE_GROUP * inter : NULL;                                             \
-            const int group = grouped ? MOE_GROUP : 1;                                                    \
+            float *gate_up_out = scratch + (int64_t)id * moe_scratch_floats(hidden, inter);              \
+            T *act = (T *)(gate_up_out + MOE_GROUP * 2 * inter);                                          \
+            T *xs = act + MOE_GROUP * inter; /* the group's inputs, one row after the other */            \
             for (int64_t j = 0; j < (int64_t)m * hidden; j++) mine[j] = 0.f;                              \
             int first = (int)((int64_t)assignments * id / threads);                                       \
             int last = (int)((int64_t)assignments * (id + 1) / threads);                                  \
             for (int a = first; a < last;) {                                                              \
                 int count = 1;                                                                            \
-                while (count < group && a + count < last && experts[a + count] == experts[a]) count++;    \
+                while (count < MOE_GROUP && a + count < last && experts[a + count] == experts[a]) count++;\
                 const T *gu = gate_up + experts[a] * 2 * inter * hidden;                                  \
                 const T *dn = down + experts[a] * hidden * inter;                                         \
                 const T *xt = x + tokens[a] * hidden;                                                     \
-                if (xs) {                                                                                 \
+                if (count > 1) {                                                                          \
                     for (int t = 0; t < count; t++)                                                       \
                         memcpy(xs + t * hidden, x + tokens[a + t] * hidden, sizeof(T) * hidden);          \
                     xt = xs;                                                                              \
@@ -329,7 +329,6 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
                 }                                                                                         \
                 a += count;                                                                               \
             }                                                                                             \
-            free(grouped);                                                                                \
         }                                                                                                 \
         for (int64_t j = 0; j < (int64_t)m * hidden; j++) {                                               \
             float sum = 0.f;                                                                              \

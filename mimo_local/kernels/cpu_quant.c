@@ -1474,13 +1474,15 @@ int moe_routed(int format, uint16_t *h, const uint16_t *normed, int m, const flo
                const void *down, const void *down_scales, const float *down_zeros, int64_t hidden,
                int64_t inter, int64_t group, int64_t *chosen_out) {
     const int threads = omp_get_max_threads(), assignments = m * top_k;
-    const size_t floats = (size_t)m * hidden * (2 + threads) + (size_t)threads * (3 * hidden + 5 * inter) +
+    /* a thread's scratch: moe_quant's 3H + 5I floats, or moe_bf16's */
+    const int64_t per_thread = format == FORMAT_BF16 ? moe_scratch_floats(hidden, inter) : 3 * hidden + 5 * inter;
+    const size_t floats = (size_t)m * hidden * (2 + threads) + (size_t)threads * per_thread +
                           2 * (size_t)assignments;
     float *x = malloc(sizeof(float) * floats);
     int64_t *ids = malloc(sizeof(int64_t) * 4 * (size_t)assignments);
     if (!x || !ids) { free(x); free(ids); return 0; }
     float *out = x + (int64_t)m * hidden, *partial = out + (int64_t)m * hidden;
-    float *scratch = partial + (int64_t)threads * m * hidden, *chosen_weights = scratch + (int64_t)threads * (3 * hidden + 5 * inter);
+    float *scratch = partial + (int64_t)threads * m * hidden, *chosen_weights = scratch + (int64_t)threads * per_thread;
     float *pair_weights = chosen_weights + assignments;
     int64_t *chosen = ids, *pair_experts = ids + assignments, *pair_tokens = ids + 2 * assignments;
     for (int64_t j = 0; j < (int64_t)m * hidden; j++) x[j] = bf16_to_f32(normed[j]);

@@ -171,8 +171,9 @@ static void attend_span(const uint16_t *q, int64_t q_row_stride, const uint16_t 
 
 /* q: [heads][T][dim] with strides q_head_stride / q_row_stride; k: [kv_heads][S][dim] and
  * v: [kv_heads][S][v_dim] with head strides k_head_stride / v_head_stride (rows contiguous),
- * S = before + T; out: [T][heads][v_dim]; sinks: [heads] or NULL. dim even, v_dim a multiple of 16. */
-void attention_prefill_bf16(const uint16_t *q, int64_t q_head_stride, int64_t q_row_stride, const uint16_t *k,
+ * S = before + T; out: [T][heads][v_dim]; sinks: [heads] or NULL. dim even, v_dim a multiple of 16.
+ * Returns 0, having done nothing, where its buffers cannot be allocated. */
+int attention_prefill_bf16(const uint16_t *q, int64_t q_head_stride, int64_t q_row_stride, const uint16_t *k,
                             int64_t k_head_stride, const uint16_t *v, int64_t v_head_stride, const float *sinks,
                             uint16_t *out, int heads, int kv_heads, int steps, int64_t before, int dim, int v_dim,
                             float scale) {
@@ -183,13 +184,13 @@ void attention_prefill_bf16(const uint16_t *q, int64_t q_head_stride, int64_t q_
     /* keys are repacked PACK_KEYS at a time (memory bounded whatever the context); each (head, query
      * block) keeps its softmax state across the spans */
     const int blocks = (steps + QUERY_BLOCK - 1) / QUERY_BLOCK;
-    float *acc = malloc(sizeof(float) * heads * steps * v_dim);
-    float *row_max = malloc(sizeof(float) * heads * steps), *row_sum = malloc(sizeof(float) * heads * steps);
-    uint16_t *packed_k = malloc(sizeof(uint16_t) * kv_heads * PACK_KEYS * dim);
-    uint16_t *packed_v = malloc(sizeof(uint16_t) * kv_heads * PACK_KEYS * v_dim);
-    if (!acc || !row_max || !row_sum || !packed_k || !packed_v) abort();
-    memset(acc, 0, sizeof(float) * heads * steps * v_dim);
-    for (int64_t i = 0; i < (int64_t)heads * steps; i++) {
+    const int64_t states = (int64_t)heads * steps;
+    float *acc = malloc(sizeof(float) * states * (v_dim + 2) + sizeof(uint16_t) * kv_heads * PACK_KEYS * (dim + v_dim));
+    if (!acc) return 0;
+    float *row_max = acc + states * v_dim, *row_sum = row_max + states;
+    uint16_t *packed_k = (uint16_t *)(row_sum + states), *packed_v = packed_k + (int64_t)kv_heads * PACK_KEYS * dim;
+    memset(acc, 0, sizeof(float) * states * v_dim);
+    for (int64_t i = 0; i < states; i++) {
         row_max[i] = -INFINITY;
         row_sum[i] = 0.f;
     }
@@ -222,23 +223,19 @@ void attention_prefill_bf16(const uint16_t *q, int64_t q_head_stride, int64_t q_
         }
     }
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < (int64_t)heads * steps; i++) {
+    for (int64_t i = 0; i < states; i++) {
         int64_t h = i / steps, t = i % steps;
         float denominator = row_sum[i] + (sinks ? exp2f(sinks[h] * log2e - row_max[i]) : 0.f);
         uint16_t *o = out + (t * heads + h) * v_dim;
         for (int d = 0; d < v_dim; d++) o[d] = f32_to_bf16(acc[i * v_dim + d] / denominator);
     }
     free(acc);
-    free(row_max);
-    free(row_sum);
-    free(packed_k);
-    free(packed_v);
 #else
+    float *scratch = malloc(sizeof(float) * omp_get_max_threads() * (keys + v_dim));
+    if (!scratch) return 0;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * keys);
-        float *acc = malloc(sizeof(float) * v_dim);
-        if (!scores || !acc) abort();
+        float *scores = scratch + (int64_t)omp_get_thread_num() * (keys + v_dim), *acc = scores + keys;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < (int64_t)heads * steps; item++) {
             int h = (int)(item % heads);
@@ -262,8 +259,8 @@ void attention_prefill_bf16(const uint16_t *q, int64_t q_head_stride, int64_t q_
             uint16_t *o = out + t * heads * v_dim + (int64_t)h * v_dim;
             for (int d = 0; d < v_dim; d++) o[d] = f32_to_bf16(acc[d] / total);
         }
-        free(scores);
-        free(acc);
     }
+    free(scratch);
 #endif
+    return 1;
 }
