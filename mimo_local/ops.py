@@ -14,7 +14,6 @@ plain torch composition, which computes the same thing.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .kernels import cpu as cpu_kernels
@@ -126,9 +125,10 @@ def expert_pairs(group: nn.Module, x, pair_tokens, pair_experts, pair_weights) -
 
 
 def expert_linear(stack, x: torch.Tensor, index: int) -> torch.Tensor:
-    """x @ W[index].T for a stacked [E, out, in] weight, or for a quantized stack."""
+    """x @ W[index].T for a stacked [E, out, in] weight (cpu.linear: the kernels, or float32 panels for a
+    bfloat16 prefill on CPUs without bfloat16 instructions), or for a quantized stack."""
     if isinstance(stack, torch.Tensor):
-        return F.linear(x, stack[index])
+        return cpu_kernels.linear(x, stack[index])
     return stack.linear(x, index)
 
 

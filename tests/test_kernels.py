@@ -54,6 +54,33 @@ def test_linear_falls_back_for_many_rows():
     assert torch.allclose(cpu.linear(x, weight), x @ weight.T, atol=1e-5)
 
 
+@pytest.mark.parametrize("flags,emulated", [({"avx2", "fma"}, True), ({"avx512f", "avx512_bf16"}, False),
+                                            ({"asimd"}, True), ({"asimd", "bf16"}, False)])
+def test_bfloat16_prefill_goes_through_float32_where_the_cpu_has_no_bfloat16_instructions(monkeypatch, flags,
+                                                                                          emulated):
+    """Many-row bfloat16 matmuls (prefill) take float32 panels of the weight where torch's bfloat16 GEMM
+    would be emulated; the result is the bfloat16 GEMM's arithmetic: float32 sums rounded once."""
+    monkeypatch.setattr(cpu.build, "cpu_flags", lambda: frozenset(flags))
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 40, 300, generator=generator).bfloat16()
+    weight = (torch.randn(cpu.PANEL_ROWS + 70, 300, generator=generator) / 300**0.5).bfloat16()
+    bias = torch.randn(weight.shape[0], generator=generator).bfloat16()
+    assert cpu.bfloat16_gemm_is_emulated(x, weight) == emulated
+    assert not cpu.bfloat16_gemm_is_emulated(x.float(), weight.float())
+    panels = cpu.bfloat16_linear_in_float32
+    calls = []
+    monkeypatch.setattr(cpu, "bfloat16_linear_in_float32", lambda *args, **kwargs: calls.append(1) or panels(*args, **kwargs))
+    out, logits = cpu.linear(x, weight, bias), cpu.linear(x, weight, bias, float32_out=True)
+    assert len(calls) == (2 if emulated else 0)
+    exact = x.double() @ weight.double().T + bias.double()
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 40, weight.shape[0])
+    assert logits.dtype == torch.float32
+    if emulated:  # float32 results are the float32 sums, not rounded to bfloat16 first
+        assert torch.allclose(logits.double(), exact, rtol=1e-5, atol=1e-5)
+    # one rounding of float32 sums: at most half a bfloat16 step from the exact value, plus the sums' error
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_matches_reference(dtype):
     generator = torch.Generator().manual_seed(0)

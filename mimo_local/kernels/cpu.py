@@ -136,12 +136,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), through the bandwidth-bound kernel when it applies. With
     `float32_out` the result is float32 (the bfloat16 kernel then skips the rounding: logits)."""
     if not supports(x, weight):
+        if bfloat16_gemm_is_emulated(x, weight):
+            return bfloat16_linear_in_float32(x, weight, bias, float32_out)
         out = F.linear(x, weight, bias)
         return out.float() if float32_out else out
     if torch_is_faster(weight):
         out = torch_rows(F.linear, x, weight, bias)
         return out.float() if float32_out else out
     return _kernel_linear(x, weight, bias, float32_out)
+
+
+# Weight rows converted to float32 at a time (1-4 MB): the panel stays in cache while torch's GEMM reads it.
+PANEL_ROWS = 256
+# CPU features with which torch's bfloat16 GEMM has bfloat16 dot-product instructions to run on.
+NATIVE_BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def bfloat16_gemm_is_emulated(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether F.linear on these bfloat16 CPU tensors would run torch's bfloat16 GEMM without bfloat16
+    instructions (AVX2, or ARM without BF16): measured 5.3 GMAC/s a core against 36 for float32."""
+    return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
+            and not NATIVE_BFLOAT16_FLAGS & build.cpu_flags() and choice.mode() != "torch")
+
+
+def bfloat16_linear_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                               float32_out: bool = False) -> torch.Tensor:
+    """F.linear of bfloat16 tensors as torch's float32 GEMM computes it, the weight converted PANEL_ROWS
+    rows at a time: the same arithmetic as a bfloat16 GEMM (exact products, float32 sums, one rounding
+    at the end), 7x faster where the CPU has no bfloat16 instructions (prefill on AVX2)."""
+    out_features, in_features = weight.shape
+    flat = x.reshape(-1, in_features).float()
+    out = torch.empty(flat.shape[0], out_features, dtype=torch.float32 if float32_out else x.dtype)
+    panel = torch.empty(min(PANEL_ROWS, out_features), in_features)
+    for begin in range(0, out_features, PANEL_ROWS):
+        end = min(begin + PANEL_ROWS, out_features)
+        rows = panel[: end - begin]
+        rows.copy_(weight[begin:end])
+        out[:, begin:end] = F.linear(flat, rows, None if bias is None else bias[begin:end].float())
+    return out.view(*x.shape[:-1], out_features)
 
 
 def _kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, float32_out: bool):
