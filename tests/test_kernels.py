@@ -35,13 +35,15 @@ def test_linear_matches_reference(dtype, rows, out_features, in_features):
     assert ulp_close(cpu.linear(x, weight), cpu.reference_linear(x, weight), dtype)
 
 
-@pytest.mark.parametrize("rows", [4, 5, 8, 11])
-def test_rows_of_a_batch_equal_their_single_row_results_bit_for_bit(rows):
-    """Several decode rows share each weight load (bfloat16, widths a multiple of 128): every row's
-    result is the one it gets alone, so a request's output does not depend on its batch."""
+@pytest.mark.parametrize("rows", [2, 4, 5, 8, 11])
+@pytest.mark.parametrize("width", [384, 200, 1003])
+def test_rows_of_a_batch_equal_their_single_row_results_bit_for_bit(rows, width):
+    """Several decode rows share each weight load (bfloat16; four rows a time with AVX512-BF16 at widths
+    a multiple of 128, two elsewhere, tails included): every row's result is the one it gets alone,
+    so a request's output does not depend on its batch."""
     generator = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 384, generator=generator).bfloat16()
-    weight = (torch.randn(96, 384, generator=generator) / 384**0.5).bfloat16()
+    x = torch.randn(rows, width, generator=generator).bfloat16()
+    weight = (torch.randn(96, width, generator=generator) / width**0.5).bfloat16()
     together = cpu.linear(x, weight, float32_out=True)
     alone = torch.cat([cpu.linear(x[i : i + 1], weight, float32_out=True) for i in range(rows)])
     assert torch.equal(together, alone)

@@ -247,6 +247,50 @@ static void dot_bf16_rows(const uint16_t *w, const uint16_t *x, int m, int64_t k
                                                             _mm512_add_ps(acc[r][2], acc[r][3])));
     }
 #undef BF
+#elif defined(VLANES)
+    /* Two rows at a time: each piece of w is widened once for both (x's twice as before), with
+     * dot_bf16's lanes, accumulators and order of additions for each row. */
+    const int L = VLANES;
+    for (; i + 2 <= m; i += 2) {
+        const uint16_t *x0 = x + i * k, *x1 = x0 + k;
+        vfloat a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+        vfloat b0 = vzero(), b1 = vzero(), b2 = vzero(), b3 = vzero();
+        vfloat w0, w1, w2, w3, u0, u1;
+        int64_t j = 0;
+        for (; j + 4 * L <= k; j += 4 * L) {
+            vload_bf16_pair(w + j, &w0, &w1);
+            vload_bf16_pair(w + j + 2 * L, &w2, &w3);
+            vload_bf16_pair(x0 + j, &u0, &u1);
+            a0 = vfmadd(w0, u0, a0);
+            a1 = vfmadd(w1, u1, a1);
+            vload_bf16_pair(x0 + j + 2 * L, &u0, &u1);
+            a2 = vfmadd(w2, u0, a2);
+            a3 = vfmadd(w3, u1, a3);
+            vload_bf16_pair(x1 + j, &u0, &u1);
+            b0 = vfmadd(w0, u0, b0);
+            b1 = vfmadd(w1, u1, b1);
+            vload_bf16_pair(x1 + j + 2 * L, &u0, &u1);
+            b2 = vfmadd(w2, u0, b2);
+            b3 = vfmadd(w3, u1, b3);
+        }
+        for (; j + 2 * L <= k; j += 2 * L) {
+            vload_bf16_pair(w + j, &w0, &w1);
+            vload_bf16_pair(x0 + j, &u0, &u1);
+            a0 = vfmadd(w0, u0, a0);
+            a1 = vfmadd(w1, u1, a1);
+            vload_bf16_pair(x1 + j, &u0, &u1);
+            b0 = vfmadd(w0, u0, b0);
+            b1 = vfmadd(w1, u1, b1);
+        }
+        float s0 = vsum(vadd(vadd(a0, a1), vadd(a2, a3))), s1 = vsum(vadd(vadd(b0, b1), vadd(b2, b3)));
+        for (; j < k; j++) {
+            float wj = bf16_to_f32(w[j]);
+            s0 += wj * bf16_to_f32(x0[j]);
+            s1 += wj * bf16_to_f32(x1[j]);
+        }
+        out[i] = s0;
+        out[i + 1] = s1;
+    }
 #endif
     for (; i < m; i++) out[i] = dot_bf16(w, x + i * k, k);
 }
