@@ -211,11 +211,16 @@ def warn_once(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def kernels_enabled() -> bool:
+    """False where MIMO_CPU_KERNELS=0 asks for torch's own ops throughout."""
+    return os.environ.get("MIMO_CPU_KERNELS", "1") != "0"
+
+
 def load(source_path: Path) -> tuple[ctypes.CDLL, IsaLevel] | None:
     """Build (or reuse) and load `source_path` for the best level this CPU runs (MIMO_CPU_ISA: the
     one named), falling back to lower levels if that build fails. None where the kernels are off
     (MIMO_CPU_KERNELS=0) or nothing could be built (one line to stderr says why)."""
-    if os.environ.get("MIMO_CPU_KERNELS", "1") == "0":
+    if not kernels_enabled():
         return None
     wanted, forced = chosen_level()
     candidates = [wanted] if forced else [c for c in runnable_levels() if LEVELS.index(c) >= LEVELS.index(wanted)]

@@ -154,9 +154,11 @@ NATIVE_BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 def bfloat16_gemm_is_emulated(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether F.linear on these bfloat16 CPU tensors would run torch's bfloat16 GEMM without bfloat16
-    instructions (AVX2, or ARM without BF16): measured 5.3 GMAC/s a core against 36 for float32."""
+    instructions (AVX2, or ARM without BF16): measured 5.3 GMAC/s a core against 36 for float32.
+    MIMO_CPU_KERNELS=0 and MIMO_CPU_MATMUL=torch keep torch's own op."""
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
-            and not NATIVE_BFLOAT16_FLAGS & build.cpu_flags() and choice.mode() != "torch")
+            and not NATIVE_BFLOAT16_FLAGS & build.cpu_flags() and build.kernels_enabled()
+            and choice.mode() != "torch")
 
 
 def bfloat16_linear_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
