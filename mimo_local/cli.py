@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from . import early_read
 from .budget import DEFAULT_CACHE_RAM
 from .errors import MimoError
 from .offload import options as offload_options
@@ -154,11 +155,7 @@ def run(
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
     from .budget import context_estimate
-    from .engine import Engine
-    from .offload.hotness import save_recorded
-    from .generate import DoneEvent
-    from .sampling import SamplingSettings
-    from .prefill_bar import PrefillBar
+    from .sampling_settings import SamplingSettings
 
     settings = SamplingSettings(
         temperature=temperature,
@@ -179,11 +176,21 @@ def run(
         if server:
             return _run_on_server(server, text, settings, model, system, raw, think, ignore_eos, api_key, as_json)
         model_dir = _resolve_model_for_run(model, yes)
+        load_options = json.dumps([device, dtype, quant, gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor])
+        if mmap:  # the disk reads the weights while torch is imported below
+            early_read.start(model_dir, load_options)
+        from .engine import Engine
+        from .generate import DoneEvent
+        from .offload.hotness import save_recorded
+        from .prefill_bar import PrefillBar
+
         context = context_estimate(text + (system or ""), max_tokens)
         placement = offload_options.placement_request(gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, ctx=context,
                                                       mtp=mtp, clamp_ctx=True, ctx_flag=None, cache_type=cache_type)
         engine = Engine.load(model_dir, device=device, dtype=dtype, show_progress=sys.stderr.isatty(), quant=quant,
                              placement=placement, mmap=mmap, mlock=mlock)
+        if getattr(engine.model, "mapped_files", None) is not None:
+            early_read.record(model_dir, load_options, engine.model.mapped_files.used_spans())
         front.plan = engine.plan
         speculation = engine.speculation(mtp, draft_tokens, draft_vocab)
         with PrefillBar() as bar:

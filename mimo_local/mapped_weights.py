@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from .checkpoint import DTYPE_NAMES, DTYPES, Checkpoint, read_header
+from .early_read import runtime_folder
 from .errors import MimoError
 
 LAYOUT_VERSION = 1
-FOLDER = ".mimo-runtime"
 ALIGNMENT = 64  # every tensor starts on a cache line
 PAGE = 4096
 RESIDENCY_STRIDE = 1 << 20
@@ -88,6 +88,9 @@ class MappedFiles:
             else:
                 merged.append((begin, end))
         return merged
+
+    def used_spans(self) -> dict[Path, list[tuple[int, int]]]:
+        return {path: self.spans(path) for path in self.maps}
 
     def _each_span(self):
         for path, mapped in self.maps.items():
@@ -237,7 +240,7 @@ class RuntimeLayout:
         files = [_file_identity(path) for path in sources if path.exists()]
         self.variant = _digest(variant)
         self.key = f"{self.variant}-{_digest(files)}"
-        self.folder = _writable_folder(model_dir)
+        self.folder = runtime_folder(model_dir)
         self.path = self.folder / f"{self.key}.safetensors"
 
     def exists(self) -> bool:
@@ -315,16 +318,6 @@ def _digest(value) -> str:
 def _file_identity(path: Path) -> list:
     status = path.stat()
     return [path.name, status.st_size, status.st_mtime_ns, status.st_ino]
-
-
-def _writable_folder(model_dir: Path) -> Path:
-    """`.mimo-runtime` in the model directory, or under the user's cache where that is not writable
-    (a shared, read-only model folder)."""
-    if os.access(model_dir, os.W_OK):
-        return model_dir / FOLDER
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    digest = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
-    return Path(base) / "mimo-local" / "runtime" / digest
 
 
 def _gib(size: int) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mimo_local import mapped_weights
+from mimo_local import early_read, mapped_weights
 from mimo_local.checkpoint import Checkpoint
 from mimo_local.cli import app
 from mimo_local.loader import load_model
@@ -23,7 +23,7 @@ def logits(model) -> torch.Tensor:
 
 
 def layout_files(model_dir):
-    return sorted((model_dir / mapped_weights.FOLDER).glob("*.safetensors"))
+    return sorted((model_dir / early_read.FOLDER).glob("*.safetensors"))
 
 
 def mapped_storage(model) -> set[int]:
@@ -41,7 +41,7 @@ def fresh(checkpoints, tmp_path):
     """A private copy of a tiny checkpoint (the tests write its runtime layout and touch its files)."""
     def copy(preset: str, fp8: bool = False):
         target = tmp_path / f"{preset}-{fp8}"
-        shutil.copytree(checkpoints(preset, fp8=fp8), target, ignore=shutil.ignore_patterns(mapped_weights.FOLDER))
+        shutil.copytree(checkpoints(preset, fp8=fp8), target, ignore=shutil.ignore_patterns(early_read.FOLDER))
         return target
     return copy
 
