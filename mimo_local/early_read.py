@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from pathlib import Path
+
+from .jsonfile import write_json_atomic
 
 FOLDER = ".mimo-runtime"
 ADVICE_BYTES = 64 << 20  # ranges are handed over in pieces: a warm start's pages are skipped quickly
@@ -50,10 +51,7 @@ def record(model_dir: Path, options: str, spans: dict[Path, list[tuple[int, int]
         target = record_path(model_dir, options)
         if target.exists() and json.loads(target.read_text()) == entries:
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".tmp", delete=False) as handle:
-            json.dump(entries, handle)
-        os.replace(handle.name, target)
+        write_json_atomic(target, entries)
     except (OSError, ValueError):
         pass  # a hint for the next start: never worth failing this one
 
