@@ -85,6 +85,10 @@ def start(model_dir: Path, options: str) -> threading.Thread | None:
     memory = available_memory()
     if not total or not hasattr(os, "posix_fadvise") or (memory is not None and total > MEMORY_SHARE * memory):
         return None
+    return read_in_background(spans)
+
+
+def read_in_background(spans: dict[Path, list[tuple[int, int]]]) -> threading.Thread:
     thread = threading.Thread(target=_advise, args=(spans,), name="mimo-early-read", daemon=True)
     thread.start()
     return thread
