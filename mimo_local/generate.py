@@ -438,9 +438,8 @@ class Batch:
             together = self._prompts_together(budget)
             if len(together) > 1:
                 prefill_together(together)
-                for generation in together:
-                    self.prefilling.remove(generation)
-                    results.append((generation, self._taken(generation)))
+                del self.prefilling[: len(together)]  # the head of the queue
+                results += [(generation, self._taken(generation)) for generation in together]
                 budget -= sum(len(generation.prompt_ids) for generation in together)
                 continue
             generation = self.prefilling[0]

@@ -4,6 +4,7 @@ import kernel_builds
 import pytest
 import torch
 
+from mimo_local import ops
 from mimo_local.kernels import cpu
 from mimo_local.loader import load_model
 
@@ -74,6 +75,9 @@ def test_bfloat16_prefill_goes_through_float32_where_the_cpu_has_no_bfloat16_ins
     monkeypatch.setattr(cpu, "bfloat16_linear_in_float32", lambda *args, **kwargs: calls.append(1) or panels(*args, **kwargs))
     out, logits = cpu.linear(x, weight, bias), cpu.linear(x, weight, bias, float32_out=True)
     assert len(calls) == (2 if emulated else 0)
+    expert = ops.expert_linear(weight[None], x[0], 0)  # a routed expert's tokens in a prefill: the same path
+    assert len(calls) == (3 if emulated else 0)
+    assert torch.equal(expert, cpu.linear(x[0], weight))
     exact = x.double() @ weight.double().T + bias.double()
     assert out.dtype == torch.bfloat16 and out.shape == (2, 40, weight.shape[0])
     assert logits.dtype == torch.float32

@@ -169,12 +169,13 @@ def bfloat16_linear_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torc
     out_features, in_features = weight.shape
     flat = x.reshape(-1, in_features).float()
     out = torch.empty(flat.shape[0], out_features, dtype=torch.float32 if float32_out else x.dtype)
+    bias = None if bias is None else bias.float()
     panel = torch.empty(min(PANEL_ROWS, out_features), in_features)
     for begin in range(0, out_features, PANEL_ROWS):
         end = min(begin + PANEL_ROWS, out_features)
         rows = panel[: end - begin]
         rows.copy_(weight[begin:end])
-        out[:, begin:end] = F.linear(flat, rows, None if bias is None else bias[begin:end].float())
+        out[:, begin:end] = F.linear(flat, rows, None if bias is None else bias[begin:end])
     return out.view(*x.shape[:-1], out_features)
 
 

@@ -183,6 +183,18 @@ static float dot_f32(const float *w, const float *x, int64_t k) {
 }
 
 /* ---------------------------------------------------------------- bfloat16 weights, bfloat16 x */
+#if defined(VLANES) && !defined(MIMO_AVX512BF16)
+/* acc_a += wa * x's first VLANES, acc_b += wb * x's second, x's 2 * VLANES bfloat16 widened in
+ * vload_bf16_pair's order (wa, wb: the weight's, widened the same way). dot_bf16 and dot_bf16_rows
+ * both go through this: a row's sums are the same alone and in a pair of rows. */
+static inline void fma_bf16_pair(const uint16_t *x, vfloat wa, vfloat wb, vfloat *acc_a, vfloat *acc_b) {
+    vfloat first, second;
+    vload_bf16_pair(x, &first, &second);
+    *acc_a = vfmadd(wa, first, *acc_a);
+    *acc_b = vfmadd(wb, second, *acc_b);
+}
+#endif
+
 static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t k) {
     int64_t j = 0;
     float s = 0.f;
@@ -200,22 +212,16 @@ static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t k) {
     s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 #elif defined(VLANES) /* widen by a shift, then float32 FMAs (AVX2, or AVX-512 without BF16) */
     const int L = VLANES;
-    vfloat a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero(), w0, w1, x0, x1;
+    vfloat a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero(), w0, w1;
     for (; j + 4 * L <= k; j += 4 * L) {
         vload_bf16_pair(w + j, &w0, &w1);
-        vload_bf16_pair(x + j, &x0, &x1);
-        a0 = vfmadd(w0, x0, a0);
-        a1 = vfmadd(w1, x1, a1);
+        fma_bf16_pair(x + j, w0, w1, &a0, &a1);
         vload_bf16_pair(w + j + 2 * L, &w0, &w1);
-        vload_bf16_pair(x + j + 2 * L, &x0, &x1);
-        a2 = vfmadd(w0, x0, a2);
-        a3 = vfmadd(w1, x1, a3);
+        fma_bf16_pair(x + j + 2 * L, w0, w1, &a2, &a3);
     }
     for (; j + 2 * L <= k; j += 2 * L) {
         vload_bf16_pair(w + j, &w0, &w1);
-        vload_bf16_pair(x + j, &x0, &x1);
-        a0 = vfmadd(w0, x0, a0);
-        a1 = vfmadd(w1, x1, a1);
+        fma_bf16_pair(x + j, w0, w1, &a0, &a1);
     }
     s = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
 #endif
@@ -248,39 +254,27 @@ static void dot_bf16_rows(const uint16_t *w, const uint16_t *x, int m, int64_t k
     }
 #undef BF
 #elif defined(VLANES)
-    /* Two rows at a time: each piece of w is widened once for both (x's twice as before), with
-     * dot_bf16's lanes, accumulators and order of additions for each row. */
+    /* Two rows at a time: each piece of w is widened once for both, each row's accumulators fed as
+     * in dot_bf16 (fma_bf16_pair), so its sums are dot_bf16's. */
     const int L = VLANES;
     for (; i + 2 <= m; i += 2) {
         const uint16_t *x0 = x + i * k, *x1 = x0 + k;
         vfloat a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
         vfloat b0 = vzero(), b1 = vzero(), b2 = vzero(), b3 = vzero();
-        vfloat w0, w1, w2, w3, u0, u1;
+        vfloat w0, w1, w2, w3;
         int64_t j = 0;
         for (; j + 4 * L <= k; j += 4 * L) {
             vload_bf16_pair(w + j, &w0, &w1);
             vload_bf16_pair(w + j + 2 * L, &w2, &w3);
-            vload_bf16_pair(x0 + j, &u0, &u1);
-            a0 = vfmadd(w0, u0, a0);
-            a1 = vfmadd(w1, u1, a1);
-            vload_bf16_pair(x0 + j + 2 * L, &u0, &u1);
-            a2 = vfmadd(w2, u0, a2);
-            a3 = vfmadd(w3, u1, a3);
-            vload_bf16_pair(x1 + j, &u0, &u1);
-            b0 = vfmadd(w0, u0, b0);
-            b1 = vfmadd(w1, u1, b1);
-            vload_bf16_pair(x1 + j + 2 * L, &u0, &u1);
-            b2 = vfmadd(w2, u0, b2);
-            b3 = vfmadd(w3, u1, b3);
+            fma_bf16_pair(x0 + j, w0, w1, &a0, &a1);
+            fma_bf16_pair(x0 + j + 2 * L, w2, w3, &a2, &a3);
+            fma_bf16_pair(x1 + j, w0, w1, &b0, &b1);
+            fma_bf16_pair(x1 + j + 2 * L, w2, w3, &b2, &b3);
         }
         for (; j + 2 * L <= k; j += 2 * L) {
             vload_bf16_pair(w + j, &w0, &w1);
-            vload_bf16_pair(x0 + j, &u0, &u1);
-            a0 = vfmadd(w0, u0, a0);
-            a1 = vfmadd(w1, u1, a1);
-            vload_bf16_pair(x1 + j, &u0, &u1);
-            b0 = vfmadd(w0, u0, b0);
-            b1 = vfmadd(w1, u1, b1);
+            fma_bf16_pair(x0 + j, w0, w1, &a0, &a1);
+            fma_bf16_pair(x1 + j, w0, w1, &b0, &b1);
         }
         float s0 = vsum(vadd(vadd(a0, a1), vadd(a2, a3))), s1 = vsum(vadd(vadd(b0, b1), vadd(b2, b3)));
         for (; j < k; j++) {
