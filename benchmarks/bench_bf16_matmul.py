@@ -9,22 +9,20 @@ Prints GMAC/s per row count, best of --repeats calls.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mimo_local.kernels import build, cpu
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mxfp4 import best_time  # noqa: E402
+
+from mimo_local.kernels import build, cpu  # noqa: E402
 
 
 def best_rate(function, macs: int, repeats: int) -> float:
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - started)
-    return macs / best / 1e9
+    return macs / best_time(function, repeats) / 1e9
 
 
 def main() -> None:
