@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,7 +19,8 @@ from .offload import options as offload_options
 from .options import (debug_option, device_option, draft_tokens_option, dtype_option, min_p_option, mtp_option,
                       repetition_penalty_option, seed_option, temperature_option, top_k_option, top_p_option,
                       quant_option, mmap_option, mlock_option, server_option, api_key_option, yes_option,
-                      cache_type_option)
+                      cache_type_option, keep_alive_option)
+from .sizes import parse_duration, parse_size
 
 app = typer.Typer(
     help="Run Xiaomi MiMo models locally.",
@@ -151,6 +153,7 @@ def run(
     cache_type: str = cache_type_option(),
     server: Optional[str] = server_option(),
     api_key: Optional[str] = api_key_option(),
+    keep_alive: Optional[str] = keep_alive_option(),
     debug: bool = debug_option(),
 ):
     """Generate a completion for PROMPT and stream it to stdout."""
@@ -173,9 +176,18 @@ def run(
         _check_raw(raw, system, think)
         if draft_tokens < 0 or (draft_vocab or 0) < 0:
             raise MimoError("--draft-tokens and --draft-vocab must be >= 0")
+        keep_seconds = parse_duration(keep_alive, "--keep-alive") if keep_alive and not server else 0
         if server:
             return _run_on_server(server, text, settings, model, system, raw, think, ignore_eos, api_key, as_json)
         model_dir = _resolve_model_for_run(model, yes)
+        if keep_seconds:
+            if draft_vocab is not None:
+                raise MimoError("--draft-vocab cannot go with --keep-alive (the background server drafts with its default)")
+            serve_flags = _serve_flags(device, dtype, quant, mmap, mlock, gpu_mem, cpu_mem, cpu_moe, n_cpu_moe,
+                                       override_tensor, cache_type, mtp, draft_tokens)
+            kept = _kept_server(model_dir, serve_flags, keep_seconds)
+            return _run_on_server(kept.url, text, settings, kept.model, system, raw, think, ignore_eos, kept.api_key,
+                                  as_json, label=f"{model_dir.name}, kept loaded by pid {kept.pid}")
         load_options = json.dumps([device, dtype, quant, gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor])
         if mmap:  # the disk reads the weights while torch is imported below
             early_read.start(model_dir, load_options)
@@ -220,7 +232,39 @@ def _check_raw(raw: bool, system: Optional[str], think: Optional[bool]) -> None:
         raise MimoError("--raw sends the prompt as it is, without the chat template: --think/--no-think cannot go with it")
 
 
-def _run_on_server(url, text, settings, model, system, raw, think, ignore_eos, api_key, as_json) -> None:
+def _serve_flags(device, dtype, quant, mmap, mlock, gpu_mem, cpu_mem, cpu_moe, n_cpu_moe, override_tensor, cache_type,
+                 mtp, draft_tokens) -> list[str]:
+    """`mimo run`'s load flags as `mimo serve` takes them (a kept server is found by them)."""
+    flags = ["--device", device, "--dtype", dtype, "--cache-type", cache_type, "--draft-tokens", str(draft_tokens)]
+    flags += ["--quant", quant] if quant else []
+    flags += [] if mmap else ["--no-mmap"]
+    flags += ["--mlock"] if mlock else []
+    flags += ["--gpu-mem", gpu_mem] if gpu_mem else []
+    flags += ["--cpu-mem", cpu_mem] if cpu_mem else []
+    flags += ["--cpu-moe"] if cpu_moe else []
+    flags += ["--n-cpu-moe", str(n_cpu_moe)] if n_cpu_moe else []
+    flags += [flag for pattern in override_tensor for flag in ("--override-tensor", pattern)]
+    flags += [] if mtp is None else ["--mtp" if mtp else "--no-mtp"]
+    return flags
+
+
+def _kept_server(model_dir: Path, serve_flags: list[str], keep_seconds: float):
+    from rich.console import Console
+
+    from .serve.keep_alive import find_or_start
+
+    console = Console(stderr=True)
+    with contextlib.ExitStack() as waiting:
+        def on_wait(message: str) -> None:
+            if console.is_terminal:
+                waiting.enter_context(console.status(message))
+            else:
+                console.print(message, highlight=False)
+
+        return find_or_start(model_dir, serve_flags, keep_seconds, on_wait=on_wait)
+
+
+def _run_on_server(url, text, settings, model, system, raw, think, ignore_eos, api_key, as_json, label=None) -> None:
     from .serve.client import remote_run
 
     for piece in remote_run(url, text, settings, model=model, system=system, raw=raw, thinking=think,
@@ -234,7 +278,7 @@ def _run_on_server(url, text, settings, model, system, raw, think, ignore_eos, a
         sys.stdout.write(json.dumps(stats, ensure_ascii=False) + "\n")
     else:
         sys.stdout.write("\n")
-        typer.echo(f"[{url}] prompt {stats['prompt_tokens']} tok {stats['prefill_tokens_per_s']:.1f} tok/s | "
+        typer.echo(f"[{label or url}] prompt {stats['prompt_tokens']} tok {stats['prefill_tokens_per_s']:.1f} tok/s | "
                    f"generated {stats['completion_tokens']} tok {stats['decode_tokens_per_s']:.1f} tok/s | "
                    f"finish: {stats['finish_reason']}", err=True)
     sys.stdout.flush()
@@ -412,6 +456,47 @@ def rm(
                 raise typer.Exit(1)
         remove(ref)
         typer.echo(f"removed {ref.name}", err=True)
+    except (MimoError, OSError) as error:
+        _fail(error, debug)
+
+
+@app.command()
+def ps(debug: bool = debug_option()):
+    """Models kept loaded by `mimo run --keep-alive`: their servers, flags and idle timeouts."""
+    from .serve.keep_alive import running_servers, table
+
+    try:
+        servers = running_servers()
+        if servers:
+            _console().print(table(servers))
+        else:
+            typer.echo("no model is kept loaded (`mimo run --keep-alive 5m` keeps one)", err=True)
+    except (MimoError, OSError) as error:
+        _fail(error, debug)
+
+
+@app.command()
+def stop(
+    name: Optional[str] = typer.Argument(None, help="Model whose kept servers to end (as for --model)."),
+    every: bool = typer.Option(False, "--all", help="End every kept server."),
+    debug: bool = debug_option(),
+):
+    """End the background servers `mimo run --keep-alive` started (they finish the answer in progress)."""
+    from .serve.keep_alive import running_servers, stop as stop_server
+    from .store.names import parse_name
+
+    try:
+        if (name is None) != every:
+            raise MimoError("name a model, or pass --all")
+        servers = running_servers()
+        if name is not None:
+            model_dir = parse_name(name).path.resolve()
+            servers = [server for server in servers if Path(server.model) == model_dir]
+            if not servers:
+                raise MimoError(f"{name} is not kept loaded (`mimo ps` lists what is)")
+        for server in servers:
+            stop_server(server)
+            typer.echo(f"stopped {Path(server.model).name} (pid {server.pid})", err=True)
     except (MimoError, OSError) as error:
         _fail(error, debug)
 
@@ -732,6 +817,8 @@ def serve(
     reasoning_format: str = typer.Option("auto", "--reasoning-format",
                                          help="auto: <think> blocks go to reasoning_content; none: raw tags in content."),
     log_prompts: bool = typer.Option(False, "--log-prompts", help="Log prompts and answers (never logged otherwise)."),
+    idle_timeout: Optional[str] = typer.Option(None, "--idle-timeout", help="Exit after this long without requests "
+                                               "(e.g. 5m; default: never). `mimo run --keep-alive` starts servers so."),
     max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="Default most tokens per answer (requests set theirs)."),
     temperature: float = temperature_option(),
     top_p: float = top_p_option(),
@@ -758,11 +845,11 @@ def serve(
     Ollama's (/api/chat, /api/generate, /api/tags, ...), plus /health and /metrics."""
     from .serve.launch import ServeOptions, auto_parallel, serve as serve_model
     from .sampling import SamplingSettings
-    from .sizes import parse_size
 
     with FrontEnd(debug):
         if reasoning_format not in ("auto", "none"):
             raise MimoError("--reasoning-format must be auto or none")
+        idle_seconds = parse_duration(idle_timeout, "--idle-timeout") if idle_timeout else None
         if max_queue < 0 or draft_tokens < 0 or not 0 < port < 65536 or not 1 <= (parallel or 1) <= 64:
             raise MimoError("--max-queue and --draft-tokens must be >= 0, --parallel in 1..64, --port in 1..65535")
         defaults = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -779,7 +866,8 @@ def serve(
                                max_body_bytes=parse_size(max_body, "--max-body"),
                                reasoning_format=reasoning_format, log_prompts=log_prompts, defaults=defaults, mtp=mtp,
                                draft_tokens=draft_tokens, device=device, dtype=dtype, quant=quant, placement=placement,
-                               mmap=mmap, mlock=mlock)
+                               mmap=mmap, mlock=mlock,
+                               idle_timeout=idle_seconds)
         code = serve_model(options, on_message=lambda line: typer.echo(line, err=True))
     if code:
         raise typer.Exit(code)

@@ -71,6 +71,12 @@ def api_key_option():
     return typer.Option(None, "--api-key", envvar="MIMO_API_KEY", help="Key for --server.")
 
 
+def keep_alive_option():
+    return typer.Option(None, "--keep-alive", envvar="MIMO_KEEP_ALIVE", help="Keep the model loaded in a background "
+                        "server for this long after its last use (e.g. 5m, 1h; 0: no): later calls with the same "
+                        "model and load flags answer without loading it. `mimo ps` lists them, `mimo stop` ends them.")
+
+
 def mmap_option():
     return typer.Option(True, "--mmap/--no-mmap", help="Map the weights from the model's files instead of copying them "
                         "(CPU only; converted weights are cached once in the model's .mimo-runtime folder): fast "

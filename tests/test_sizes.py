@@ -54,3 +54,20 @@ def test_plan_reads_budgets_in_binary_units(tmp_path):
 def test_help_says_what_the_units_mean():
     result = runner.invoke(app, ["plan", "--help"], env={"COLUMNS": "200"})
     assert "power of 1024" in result.stdout and "2^30" in result.stdout
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("5m", 300), ("30s", 30), ("30", 30), ("1.5h", 5400), ("250ms", 0.25), (" 2M ", 120), ("0", 0), (".5s", 0.5),
+])
+def test_durations_parse_as_ollama_takes_them(text, seconds):
+    from mimo_local.sizes import parse_duration
+
+    assert parse_duration(text, "--keep-alive") == seconds
+
+
+@pytest.mark.parametrize("text", ["5x", "-1m", "m", "five minutes", ""])
+def test_a_bad_duration_names_the_flag(text):
+    from mimo_local.sizes import parse_duration
+
+    with pytest.raises(MimoError, match="--keep-alive .*not a duration"):
+        parse_duration(text, "--keep-alive")

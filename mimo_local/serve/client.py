@@ -10,7 +10,7 @@ from typing import Iterator
 import httpx
 
 from ..errors import MimoError
-from ..sampling import SamplingSettings
+from ..sampling_settings import SamplingSettings
 
 CONNECT_TIMEOUT_SECONDS = 10
 

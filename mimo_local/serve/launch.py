@@ -21,6 +21,7 @@ from ..errors import MimoError
 from ..sampling import SamplingSettings
 from ..sizes import parse_size
 from .app import create_app
+from .idle import IdleClock, exit_when_idle
 from .service import ServeSettings, Service
 
 DEFAULT_CONTEXT = 32768
@@ -51,6 +52,7 @@ class ServeOptions:
     placement: object | None = None  # an offload PlanRequest
     mmap: bool = True
     mlock: bool = False
+    idle_timeout: float | None = None  # seconds without requests before the server exits
 
 
 class Server(uvicorn.Server):
@@ -139,6 +141,14 @@ def serve(options: ServeOptions, on_message: Callable[[str], None] = print) -> i
         server.should_exit = True
 
     service, app = build(options, on_load_error=stop_on_load_error)
+    if options.idle_timeout:
+        app = clock = IdleClock(app)
+
+        def stop_when_idle() -> None:
+            on_message(f"mimo serve: no request for {options.idle_timeout:g} s (--idle-timeout): exiting")
+            server.should_exit = True
+
+        exit_when_idle(clock, options.idle_timeout, lambda: service.ready, stop_when_idle)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     server = Server(config)
