@@ -668,3 +668,39 @@ def test_hand_over_wakes_each_event_loop_once_and_keeps_each_jobs_order():
     calls, queued = asyncio.run(main())
     assert len(calls) == 1
     assert queued == [["0.0"], ["1.0", "1.1"], ["2.0", "2.1", "2.2"]]
+
+
+def test_requests_sent_together_to_an_idle_server_are_prefilled_together(monkeypatch):
+    """The first request to an idle worker waits for those that follow it within a few milliseconds,
+    and all their prompts go through one forward (not the first alone, the others a prefill later)."""
+    import asyncio
+
+    from mimo_local import generate
+    from mimo_local.engine import Engine
+    from mimo_local.generate import DoneEvent
+    from mimo_local.sampling import SamplingSettings
+    from mimo_local.serve.worker import GenerationRequest, GenerationWorker, Job
+
+    forwards = []
+    prefill_together = generate.prefill_together
+    monkeypatch.setattr(generate, "prefill_together", lambda gs: forwards.append(len(gs)) or prefill_together(gs))
+    engine = Engine.load(resolve_model("mimo-nano"), device="cpu", dtype="float32")
+    worker = GenerationWorker(engine, 256, 8, {"draft_tokens": 0}, parallel=4)
+    settings = SamplingSettings(temperature=0.0, max_tokens=6)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(GenerationRequest(engine.prompt_ids(f"Chapter {n}. It is a truth"), settings), loop)
+                for n in range(4)]
+        for job in jobs:
+            worker.submit(job)
+            time.sleep(0.001)  # as an event loop hands over requests it parsed one after the other
+        for job in jobs:
+            while not isinstance(await job.events.get(), DoneEvent):
+                pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        worker.stop()
+    assert forwards == [4], forwards

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..budget import spare_slots
@@ -20,6 +21,11 @@ from ..speculative import SpeculationSwitch
 from .prompt_cache import PromptCache, worth_saving
 
 log = logging.getLogger("mimo.serve")
+
+# Clients that fan out (a chat asking for its title, an agent's sub-agents, a script) send their
+# requests within a few milliseconds; the event loop takes that long to parse and tokenize each.
+GATHER_SECONDS = 0.005
+GATHER_LIMIT_SECONDS = 0.05
 
 
 class QueueFull(Exception):
@@ -129,10 +135,19 @@ class GenerationWorker:
                 self._step()
 
     def _admit(self, block: bool) -> None:
-        """Start queued requests while slots are free (waiting for one when nothing runs)."""
+        """Start queued requests while slots are free. When nothing runs: wait for one, then for
+        those that follow it closely (GATHER_SECONDS apart, GATHER_LIMIT_SECONDS in all), so that
+        requests sent together are prefilled together instead of the first one alone."""
+        gather_until = None
         while any(slot.job is None for slot in self.slots):
             try:
-                job = self.jobs.get(block=block)
+                if block:
+                    job = self.jobs.get()
+                    gather_until = time.monotonic() + GATHER_LIMIT_SECONDS
+                elif gather_until is not None:
+                    job = self.jobs.get(timeout=max(0.0, min(GATHER_SECONDS, gather_until - time.monotonic())))
+                else:
+                    job = self.jobs.get_nowait()
             except queue.Empty:
                 return
             block = False
