@@ -9,6 +9,8 @@ that a write of up to that many speculative tokens never overwrites a key a roll
 from __future__ import annotations
 
 import copy
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,17 @@ from .config import AttentionSpec, MiMoConfig
 from .errors import MimoError
 
 EMPTY_SLOT = -(2**40)
+ON_DEMAND_BYTES = 1 << 20  # CPU caches from this size take their memory as positions are written
+
+
+def zeros_on_demand(*shape: int, dtype, device) -> torch.Tensor:
+    """torch.zeros, except that on the CPU a large one is anonymous memory, which the kernel hands
+    out already zero as it is first written: a server's 32k-token slot neither spends seconds
+    clearing gigabytes nor holds more memory than the positions it has used."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes < ON_DEMAND_BYTES:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(*shape)  # the tensor keeps the mapping
 
 
 @dataclass
@@ -59,8 +72,8 @@ class FullKVCache:
     def __init__(self, spec: AttentionSpec, capacity: int, batch: int, dtype, device):
         self.spec = spec
         self.capacity = capacity
-        self.keys = torch.zeros(batch, spec.num_kv_heads, capacity, spec.head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros(batch, spec.num_kv_heads, capacity, spec.v_head_dim, dtype=dtype, device=device)
+        self.keys = zeros_on_demand(batch, spec.num_kv_heads, capacity, spec.head_dim, dtype=dtype, device=device)
+        self.values = zeros_on_demand(batch, spec.num_kv_heads, capacity, spec.v_head_dim, dtype=dtype, device=device)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> "KeyView":
         """Store keys/values of positions start..start+T-1; return every position up to them."""
@@ -105,10 +118,10 @@ class QuantizedKVCache(FullKVCache):
     def __init__(self, spec: AttentionSpec, capacity: int, batch: int, dtype, device):
         self.spec, self.capacity, self.dtype = spec, capacity, dtype
         shape = (batch, spec.num_kv_heads, capacity)
-        self.keys = torch.zeros(*shape, spec.head_dim, dtype=torch.int8, device=device)
-        self.values = torch.zeros(*shape, spec.v_head_dim, dtype=torch.int8, device=device)
-        self.key_scales = torch.zeros(*shape, 1, dtype=SCALE_DTYPE, device=device)
-        self.value_scales = torch.zeros(*shape, 1, dtype=SCALE_DTYPE, device=device)
+        self.keys = zeros_on_demand(*shape, spec.head_dim, dtype=torch.int8, device=device)
+        self.values = zeros_on_demand(*shape, spec.v_head_dim, dtype=torch.int8, device=device)
+        self.key_scales = zeros_on_demand(*shape, 1, dtype=SCALE_DTYPE, device=device)
+        self.value_scales = zeros_on_demand(*shape, 1, dtype=SCALE_DTYPE, device=device)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> "QuantizedKeyView":
         end = start + keys.shape[2]
